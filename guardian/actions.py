@@ -1,0 +1,107 @@
+"""The actions a rule can ask for, and how several of them merge into one plan for a step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class ActionKind(str, Enum):
+    """What Guardian can do to a run. Ordered here from mildest to strongest."""
+
+    ALERT = "alert"
+    SKIP_UPDATE = "skip_update"
+    REDUCE_LR = "reduce_lr"
+    ROLLBACK = "rollback"
+    STOP = "stop"
+
+
+# Parameters each action accepts: name -> (type, default, check, what the check means).
+ACTION_PARAMS: dict[ActionKind, dict[str, tuple[type, Any]]] = {
+    ActionKind.ALERT: {},
+    ActionKind.SKIP_UPDATE: {},
+    ActionKind.REDUCE_LR: {"factor": (float, 0.5), "min_lr": (float, 0.0)},
+    ActionKind.ROLLBACK: {},
+    ActionKind.STOP: {"restore_best": (bool, False)},
+}
+
+
+def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str]:
+    """Return one message per bad parameter of an action (empty when all are fine)."""
+    problems = []
+    allowed = ACTION_PARAMS[kind]
+    for name, value in params.items():
+        if name not in allowed:
+            valid = ", ".join(allowed) or "none"
+            problems.append(f"action '{kind.value}' has no parameter '{name}' (valid: {valid})")
+            continue
+        expected, _ = allowed[name]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is float and isinstance(value, bool)):
+            problems.append(
+                f"action '{kind.value}' parameter '{name}' must be a {expected.__name__}, got {value!r}"
+            )
+            continue
+        if kind is ActionKind.REDUCE_LR and name == "factor" and not 0.0 < value < 1.0:
+            problems.append(f"reduce_lr factor must be between 0 and 1 (exclusive), got {value!r}")
+        if kind is ActionKind.REDUCE_LR and name == "min_lr" and value < 0.0:
+            problems.append(f"reduce_lr min_lr must be >= 0, got {value!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One action with its parameters, as written in a rule file."""
+
+    kind: ActionKind
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Any:
+        """The parameter's value, or its documented default."""
+        return self.params.get(name, ACTION_PARAMS[self.kind][name][1])
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.kind.value
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.kind.value}({args})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything to do at one step, merged from all decisions made at that step."""
+
+    skip_update: bool = False
+    rollback: bool = False
+    lr_factor: float = 1.0
+    min_lr: float = 0.0
+    stop: bool = False
+    restore_best: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self == Plan()
+
+
+def merge(actions: Iterable[ActionSpec]) -> Plan:
+    """Merge actions into one plan: the strongest LR cut wins; a rollback also skips the update."""
+    skip = rollback = stop = restore_best = False
+    lr_factor, min_lr = 1.0, 0.0
+    for action in actions:
+        if action.kind is ActionKind.SKIP_UPDATE:
+            skip = True
+        elif action.kind is ActionKind.ROLLBACK:
+            rollback = skip = True
+        elif action.kind is ActionKind.REDUCE_LR:
+            lr_factor = min(lr_factor, action.param("factor"))
+            min_lr = max(min_lr, action.param("min_lr"))
+        elif action.kind is ActionKind.STOP:
+            stop = True
+            restore_best = restore_best or action.param("restore_best")
+    return Plan(skip, rollback, lr_factor, min_lr, stop, restore_best)

@@ -1,0 +1,35 @@
+"""Streaming detectors: each turns a metric stream into findings, with state that survives a restart."""
+
+from __future__ import annotations
+
+from guardian.detectors.base import Detector, Finding
+from guardian.detectors.jump import JumpDetector
+from guardian.detectors.non_finite import NonFiniteDetector
+from guardian.detectors.overfitting import OverfittingDetector
+from guardian.detectors.plateau import PlateauDetector
+from guardian.detectors.robust_zscore import RobustZScoreDetector
+from guardian.detectors.threshold import ThresholdDetector
+
+DETECTORS: dict[str, type] = {
+    cls.kind: cls
+    for cls in (
+        NonFiniteDetector,
+        ThresholdDetector,
+        RobustZScoreDetector,
+        OverfittingDetector,
+        PlateauDetector,
+        JumpDetector,
+    )
+}
+
+__all__ = [
+    "DETECTORS",
+    "Detector",
+    "Finding",
+    "JumpDetector",
+    "NonFiniteDetector",
+    "OverfittingDetector",
+    "PlateauDetector",
+    "RobustZScoreDetector",
+    "ThresholdDetector",
+]

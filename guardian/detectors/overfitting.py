@@ -1,0 +1,162 @@
+"""Eval loss rising past its best while the train loss keeps falling."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from guardian.detectors.base import Finding, JSONValue
+from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
+
+TRAIN_EMA_ALPHA = 0.1
+
+
+@dataclass
+class OverfittingDetector:
+    """Detects overfitting: the eval metric stays above its best while the train metric keeps improving.
+
+    Lower is better for both metrics. The best (lowest) finite eval value and its step are tracked; an
+    evaluation is "past its best" when eval > best + min_delta * |best|. Evaluations between the best and
+    that tolerance neither count nor reset the count; a new best resets it. The train metric is smoothed by
+    an EMA (alpha 0.1) over its finite values; it is "improving" when the EMA now is below the EMA at the
+    step of the best eval. Non-finite values are ignored. onset_step of a finding is the step of the best eval.
+
+    Parameters:
+        eval_metric: the evaluation metric, e.g. "eval_loss".
+        train_metric: the training metric, e.g. "loss".
+        patience_evals: fire when this many evaluations since the best have been past it (and on each further
+            one while that holds); at least 1. The seeds' early-stopping example uses 3.
+        min_delta: relative tolerance: an eval counts as past its best only when above best * (1 + min_delta)
+            (for a positive best); 0 or more. 0.01 ignores rises under 1 %.
+        require_train_improving: only fire while the train EMA is below its value at the best eval, i.e. the
+            model still fits the training data better (the signature of overfitting, not divergence). With
+            true, no finding is made before any train value has been seen.
+        gap_growth_evals: if above 0, also fire when the gap (eval - train EMA) grew at each of the last this
+            many evaluations while the current eval is past its best; 0 disables this earlier warning.
+        warmup_evals: no firing until this many evaluations have been seen; 0 or more.
+    """
+
+    kind: ClassVar[str] = "overfitting"
+
+    eval_metric: str = "eval_loss"
+    train_metric: str = "loss"
+    patience_evals: int = 3
+    min_delta: float = 0.0
+    require_train_improving: bool = True
+    gap_growth_evals: int = 0
+    warmup_evals: int = 1
+    _best: float | None = field(init=False, default=None, repr=False)
+    _best_step: int | None = field(init=False, default=None, repr=False)
+    _evals_seen: int = field(init=False, default=0, repr=False)
+    _evals_past_best: int = field(init=False, default=0, repr=False)
+    _train_ema: float | None = field(init=False, default=None, repr=False)
+    _train_ema_at_best: float | None = field(init=False, default=None, repr=False)
+    _gaps: deque[float] = field(init=False, repr=False, default_factory=deque)
+
+    def __post_init__(self) -> None:
+        check_metric("eval_metric", self.eval_metric)
+        check_metric("train_metric", self.train_metric)
+        if self.eval_metric == self.train_metric:
+            raise ValueError(f"eval_metric and train_metric must differ, both are {self.eval_metric!r}")
+        check_positive_int("patience_evals", self.patience_evals, 1)
+        check_finite("min_delta", self.min_delta, 0.0)
+        if not isinstance(self.require_train_improving, bool):
+            raise ValueError(f"require_train_improving must be true or false, got {self.require_train_improving!r}")
+        check_positive_int("gap_growth_evals", self.gap_growth_evals, 0)
+        check_positive_int("warmup_evals", self.warmup_evals, 0)
+        self._gaps = deque(maxlen=self.gap_growth_evals + 1)
+
+    @property
+    def warming_up(self) -> bool:
+        return self._evals_seen < self.warmup_evals
+
+    def update(self, step: int, values: Mapping[str, float]) -> Finding | None:
+        train = finite_value(values, self.train_metric)
+        if train is not None:
+            ema = self._train_ema
+            self._train_ema = train if ema is None else ema + TRAIN_EMA_ALPHA * (train - ema)
+        value = finite_value(values, self.eval_metric)
+        if value is None:
+            return None
+        self._evals_seen += 1
+        if self._train_ema is not None:
+            self._gaps.append(value - self._train_ema)
+        if self._best is None or value < self._best:
+            self._best, self._best_step, self._evals_past_best = value, step, 0
+            self._train_ema_at_best = self._train_ema
+            return None
+        if value <= self._best + self.min_delta * abs(self._best):
+            return None
+        self._evals_past_best += 1
+        return self._judge(step, value)
+
+    def _judge(self, step: int, value: float) -> Finding | None:
+        """Called for an eval past its best: a finding if a rule holds."""
+        if self.warming_up or (self.require_train_improving and not self._train_improving()):
+            return None
+        if self._evals_past_best >= self.patience_evals:
+            return self._finding(step, value, "patience")
+        if self.gap_growth_evals > 0 and self._gap_growing():
+            return self._finding(step, value, "gap_growth")
+        return None
+
+    def _train_improving(self) -> bool:
+        now, then = self._train_ema, self._train_ema_at_best
+        return now is not None and then is not None and now < then
+
+    def _gap_growing(self) -> bool:
+        gaps = list(self._gaps)
+        if len(gaps) <= self.gap_growth_evals:
+            return False
+        return all(later > earlier for earlier, later in zip(gaps, gaps[1:]))
+
+    def _finding(self, step: int, value: float, rule: str) -> Finding:
+        best, best_step = float(self._best or 0.0), int(self._best_step or 0)
+        limit = best + self.min_delta * abs(best)
+        train = self._train_text()
+        why = (
+            f"for {self._evals_past_best} evaluations (patience {self.patience_evals})"
+            if rule == "patience"
+            else f"and its gap to {self.train_metric} grew over the last {self.gap_growth_evals} evaluations"
+        )
+        return Finding(
+            metric=self.eval_metric,
+            value=value,
+            threshold=limit,
+            onset_step=best_step,
+            message=f"{self.eval_metric} {value:.4g} at step {step} is above its best {best:.4g} "
+            f"(step {best_step}) {why}{train}",
+            evidence={
+                "rule": rule, "best": best, "best_step": best_step, "evals_since_best": self._evals_past_best,
+                "train_ema_at_best": self._train_ema_at_best, "train_ema_now": self._train_ema,
+                "gaps": list(self._gaps),
+            },
+        )
+
+    def _train_text(self) -> str:
+        if self._train_ema is None or self._train_ema_at_best is None:
+            return ""
+        verb = "fell" if self._train_ema < self._train_ema_at_best else "went"
+        return f" while {self.train_metric} (EMA) {verb} from {self._train_ema_at_best:.4g} to {self._train_ema:.4g}"
+
+    def state_dict(self) -> dict[str, JSONValue]:
+        return {
+            "best": self._best, "best_step": self._best_step, "evals_seen": self._evals_seen,
+            "evals_past_best": self._evals_past_best, "train_ema": self._train_ema,
+            "train_ema_at_best": self._train_ema_at_best, "gaps": list(self._gaps),
+        }
+
+    def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
+        self._best = _opt_float(state["best"])
+        self._best_step = None if state["best_step"] is None else int(state["best_step"])
+        self._evals_seen = int(state["evals_seen"])
+        self._evals_past_best = int(state["evals_past_best"])
+        self._train_ema = _opt_float(state["train_ema"])
+        self._train_ema_at_best = _opt_float(state["train_ema_at_best"])
+        self._gaps = deque((float(g) for g in state["gaps"]), maxlen=self.gap_growth_evals + 1)
+
+
+def _opt_float(value: JSONValue) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,225 @@
+"""Spikes and drops measured in robust z-scores against a rolling median."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from guardian.detectors.base import Finding, JSONValue
+from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
+
+MAD_SCALE = 1.4826  # makes the MAD of normally distributed data estimate its standard deviation
+DIRECTIONS = ("up", "down", "both")
+NOISE_ESTIMATES = ("mad", "diff_mad")
+
+
+@dataclass
+class RobustZScoreDetector:
+    """Detects a value far from the rolling median of recent values, in robust z-scores (spikes or drops).
+
+    z = (x - median) / max(1.4826 * MAD, eps) over the last `window_steps` accepted observations, where
+    eps = max(1e-12, 1e-3 * |median|) (so a flat window does not turn tiny changes into huge z). With
+    log_scale the window holds log(x) and eps = 1e-3, i.e. a 0.1 % relative change. Anomalous observations
+    are kept out of the window so a spike does not contaminate its own baseline; if more than
+    window_steps // 2 consecutive observations are anomalous, the level has genuinely moved and the window
+    restarts from those recent values. Non-finite values (and values <= 0 with log_scale) are ignored.
+
+    Parameters:
+        metric: the metric to watch, e.g. "loss" or "grad_norm".
+        window_steps: how many recent accepted observations (logged values, not optimizer steps) form the
+            baseline; at least 3.
+        warmup_steps: no firing until the window holds this many observations; between 1 and window_steps.
+        z_threshold: an observation is anomalous when its robust z is beyond this; greater than 0.
+        direction: "up" flags values above the median (loss spikes), "down" values below it, "both" either.
+        consecutive_steps: fire once this many consecutive observations are anomalous, then on each further
+            anomalous one; between 1 and window_steps // 2.
+        min_relative_change: also require |x - median| >= min_relative_change * |median| (original units), so
+            a very quiet window does not flag changes too small to matter; 0 or more (0 disables).
+        log_scale: judge log(x) instead of x (for metrics spanning orders of magnitude, like grad_norm).
+        baseline_steps: the median is taken over only the newest `baseline_steps` accepted values, so the
+            baseline follows a falling loss closely; 0 (the default) uses the whole window.
+        noise: how the spread is estimated. "mad": the MAD of the window's values. "diff_mad": the MAD of
+            successive differences divided by sqrt(2), which a trend (a loss still falling fast early in a
+            run) does not inflate; use it with `baseline_steps` for losses.
+    """
+
+    kind: ClassVar[str] = "robust_zscore"
+
+    metric: str
+    window_steps: int = 100
+    warmup_steps: int = 20
+    z_threshold: float = 6.0
+    direction: Literal["up", "down", "both"] = "up"
+    consecutive_steps: int = 1
+    min_relative_change: float = 0.0
+    log_scale: bool = False
+    baseline_steps: int = 0
+    noise: Literal["mad", "diff_mad"] = "mad"
+    _window: deque[float] = field(init=False, repr=False, default_factory=deque)
+    _sorted: list[float] = field(init=False, repr=False, default_factory=list)
+    _recent: deque[float] = field(init=False, repr=False, default_factory=deque)
+    _run: int = field(init=False, default=0, repr=False)
+    _run_start: int | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_metric("metric", self.metric)
+        check_positive_int("window_steps", self.window_steps, 3)
+        check_positive_int("warmup_steps", self.warmup_steps, 1)
+        if self.warmup_steps > self.window_steps:
+            raise ValueError(
+                f"warmup_steps must be between 1 and window_steps ({self.window_steps}), got {self.warmup_steps}"
+            )
+        check_finite("z_threshold", self.z_threshold, 0.0, strict=True)
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of 'up', 'down', 'both', got {self.direction!r}")
+        check_positive_int("consecutive_steps", self.consecutive_steps, 1)
+        if self.consecutive_steps > self.window_steps // 2:
+            raise ValueError(
+                f"consecutive_steps must be between 1 and window_steps // 2 ({self.window_steps // 2}), "
+                f"got {self.consecutive_steps}"
+            )
+        check_finite("min_relative_change", self.min_relative_change, 0.0)
+        if not isinstance(self.log_scale, bool):
+            raise ValueError(f"log_scale must be true or false, got {self.log_scale!r}")
+        check_positive_int("baseline_steps", self.baseline_steps, 0)
+        if self.baseline_steps > self.window_steps:
+            raise ValueError(
+                f"baseline_steps must be between 0 and window_steps ({self.window_steps}), got {self.baseline_steps}"
+            )
+        if self.noise not in NOISE_ESTIMATES:
+            raise ValueError(f"noise must be 'mad' or 'diff_mad', got {self.noise!r}")
+        self._window = deque(maxlen=self.window_steps)
+        self._recent = deque(maxlen=self.window_steps // 2 + 1)
+
+    @property
+    def warming_up(self) -> bool:
+        return len(self._window) < self.warmup_steps
+
+    def update(self, step: int, values: Mapping[str, float]) -> Finding | None:
+        x = self._transform(finite_value(values, self.metric))
+        if x is None:
+            return None
+        if self.warming_up:
+            self._accept(x)
+            return None
+        median, mad = self._stats()
+        z = (x - median) / max(MAD_SCALE * mad, self._eps(median))
+        if not self._anomalous(x, median, z):
+            self._accept(x)
+            self._run, self._run_start = 0, None
+            self._recent.clear()
+            return None
+        if self._run == 0:
+            self._run_start = step
+        self._run += 1
+        self._recent.append(x)
+        finding = self._finding(step, x, median, mad, z) if self._run >= self.consecutive_steps else None
+        if self._run > self.window_steps // 2:
+            self._rebaseline()
+        return finding
+
+    def _transform(self, value: float | None) -> float | None:
+        if value is None or not self.log_scale:
+            return value
+        return math.log(value) if value > 0 else None
+
+    def _original(self, x: float) -> float:
+        return math.exp(x) if self.log_scale else x
+
+    def _eps(self, median: float) -> float:
+        return 1e-3 if self.log_scale else max(1e-12, 1e-3 * abs(median))
+
+    def _accept(self, x: float) -> None:
+        if len(self._window) == self._window.maxlen:
+            old = self._window.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._window.append(x)
+        bisect.insort(self._sorted, x)
+
+    def _stats(self) -> tuple[float, float]:
+        """The baseline median and the (unscaled) MAD that measures the window's noise."""
+        s, n = self._sorted, len(self._sorted)
+        median = (s[(n - 1) // 2] + s[n // 2]) / 2
+        if self.baseline_steps:
+            median = float(np.median(list(self._window)[-self.baseline_steps:]))
+        if self.noise == "diff_mad" and n >= 3:
+            diffs = np.diff(np.asarray(self._window))
+            return median, _mad(diffs, float(np.median(diffs))) / math.sqrt(2)
+        return median, _mad(np.asarray(s), median)
+
+    def _anomalous(self, x: float, median: float, z: float) -> bool:
+        if self.direction == "up":
+            beyond = z > self.z_threshold
+        elif self.direction == "down":
+            beyond = z < -self.z_threshold
+        else:
+            beyond = abs(z) > self.z_threshold
+        if not beyond:
+            return False
+        base = self._original(median)
+        return abs(self._original(x) - base) >= self.min_relative_change * abs(base)
+
+    def _rebaseline(self) -> None:
+        """The level has moved for good: restart the window from the recent anomalous values."""
+        self._window.clear()
+        self._sorted.clear()
+        for x in self._recent:
+            self._accept(x)
+        self._recent.clear()
+        self._run, self._run_start = 0, None
+
+    def _finding(self, step: int, x: float, median: float, mad: float, z: float) -> Finding:
+        scale = max(MAD_SCALE * mad, self._eps(median))
+        limit = median + math.copysign(self.z_threshold, z) * scale
+        value, base = self._original(x), self._original(median)
+        side = "above" if z > 0 else "below"
+        onset = self._run_start if self._run_start is not None else step
+        run = "" if self._run == 1 else f", {self._run} consecutive since step {onset}"
+        log = " (log scale)" if self.log_scale else ""
+        return Finding(
+            metric=self.metric,
+            value=value,
+            threshold=self._original(limit),
+            onset_step=onset,
+            message=(
+                f"{self.metric} {value:.4g} at step {step} is {abs(z):.3g} robust z {side} its rolling median "
+                f"{base:.4g}{log} (limit {self.z_threshold:g}{run})"
+            ),
+            evidence={
+                "median": base, "mad": mad, "z": z, "z_threshold": self.z_threshold,
+                "window_size": len(self._window), "consecutive": self._run, "log_scale": self.log_scale,
+            },
+        )
+
+    def state_dict(self) -> dict[str, JSONValue]:
+        return {
+            "window": list(self._window),
+            "recent": list(self._recent),
+            "run": self._run,
+            "run_start": self._run_start,
+        }
+
+    def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
+        self._window.clear()
+        self._sorted.clear()
+        for x in state["window"]:
+            self._accept(float(x))
+        self._recent = deque((float(x) for x in state["recent"]), maxlen=self.window_steps // 2 + 1)
+        self._run = int(state["run"])
+        self._run_start = None if state["run_start"] is None else int(state["run_start"])
+
+
+def _mad(values: np.ndarray, center: float) -> float:
+    """Median absolute deviation of `values` around `center` (not scaled)."""
+    dev = np.abs(values - center)
+    k = len(dev) // 2
+    if len(dev) % 2:
+        return float(np.partition(dev, k)[k])
+    part = np.partition(dev, (k - 1, k))
+    return float(part[k - 1] + part[k]) / 2

@@ -1,0 +1,383 @@
+"""Rule files: YAML in, validated `Rule`s out, with one clear problem per mistake (file, line, rule)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from guardian.actions import ActionKind, ActionSpec, check_action_params
+from guardian.detectors import DETECTORS
+from guardian.detectors.base import Detector
+from guardian.errors import Problem, RuleFileError
+from guardian.yamlfile import Located, load_yaml
+
+SCHEMA_VERSION = 1
+# Detector fields that name the metrics a rule watches; set from the rule's `metric`/`metrics`.
+METRIC_FIELDS = ("metric", "metrics", "eval_metric")
+
+
+class Severity(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """Stronger actions once a rule has fired `after_firings` times within `within_steps` steps."""
+
+    after_firings: int
+    within_steps: int
+    actions: tuple[ActionSpec, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validated rule: what to watch, how to judge it, and what to do when it fires."""
+
+    name: str
+    detector: str
+    params: Mapping[str, Any]
+    watches: tuple[str, ...]
+    severity: Severity
+    actions: tuple[ActionSpec, ...]
+    cooldown_steps: int = 0
+    escalation: tuple[Escalation, ...] = ()
+    description: str = ""
+    diagnosis: str = ""
+    fix: str = ""
+
+    def build_detector(self) -> Detector:
+        return DETECTORS[self.detector](**self.params)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """All rules of a rule file plus the run-wide policy."""
+
+    rules: tuple[Rule, ...]
+    rollback_budget: int = 3
+    source: str = "<memory>"
+
+    def by_name(self, name: str) -> Rule:
+        return next(rule for rule in self.rules if rule.name == name)
+
+
+def default_rules_path() -> Path:
+    """Where the shipped `default.yaml` is, in a source checkout or an installed package."""
+    return Path(str(resources.files("guardian.shipped_rules").joinpath("default.yaml")))
+
+
+def load_rules(path: str | Path | None = None) -> RuleSet:
+    """Load and validate a rule file (the shipped defaults when `path` is None)."""
+    path = Path(path) if path is not None else default_rules_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RuleFileError([Problem(str(path), None, None, f"cannot read the file: {exc.strerror}")]) from None
+    return parse_rules(text, str(path))
+
+
+def parse_rules(text: str, source: str = "<string>") -> RuleSet:
+    """Validate rule-file text; raise `RuleFileError` listing every problem found."""
+    data, problems = load_yaml(text, source)
+    if data is not None or not problems:
+        ruleset = _RuleFileReader(source, problems).read(data)
+        if not problems:
+            return ruleset
+    raise RuleFileError(problems)
+
+
+class _RuleFileReader:
+    """Walks the parsed YAML once, collecting problems instead of stopping at the first."""
+
+    TOP_KEYS = {"version", "rules", "policy"}
+    RULE_KEYS = {
+        "name", "description", "metric", "metrics", "detector", "severity", "actions",
+        "cooldown_steps", "escalation", "diagnosis", "fix", "enabled",
+    }
+    ESCALATION_KEYS = {"after_firings", "within_steps", "actions"}
+    POLICY_KEYS = {"rollback_budget"}
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+
+    def problem(self, line: int | None, rule: str | None, message: str) -> None:
+        self.problems.append(Problem(self.source, line, rule, message))
+
+    def read(self, data: Any) -> RuleSet:
+        if not isinstance(data, Located):
+            self.problem(1, None, "a rule file is a mapping with 'version: 1' and a 'rules:' list")
+            return RuleSet(())
+        self.unknown_keys(data, self.TOP_KEYS, None, "top level")
+        version = data.get("version")
+        if version != SCHEMA_VERSION:
+            self.problem(data.line_of("version"), None,
+                         f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {version!r}")
+        budget = self.read_policy(data.get("policy", Located()), data.line_of("policy"))
+        rules_data = data.get("rules")
+        if not isinstance(rules_data, list) or not rules_data:
+            self.problem(data.line_of("rules"), None, "'rules' must be a non-empty list of rules")
+            return RuleSet((), budget, self.source)
+        rules = [self.read_rule(item, data.line_of("rules")) for item in rules_data]
+        kept = tuple(rule for rule in rules if rule is not None)
+        self.check_unique_names(kept, rules_data)
+        return RuleSet(kept, budget, self.source)
+
+    def read_policy(self, policy: Any, line: int) -> int:
+        if not isinstance(policy, Located):
+            self.problem(line, None, "'policy' must be a mapping, e.g. 'policy: {rollback_budget: 3}'")
+            return 3
+        self.unknown_keys(policy, self.POLICY_KEYS, None, "policy")
+        budget = policy.get("rollback_budget", 3)
+        if not _is_int(budget) or budget < 0:
+            self.problem(policy.line_of("rollback_budget"), None,
+                         f"policy.rollback_budget must be an integer >= 0, got {budget!r}")
+            return 3
+        return int(budget)
+
+    def check_unique_names(self, rules: tuple[Rule, ...], items: list[Any]) -> None:
+        seen: set[str] = set()
+        for rule, item in zip(rules, items):
+            if rule.name in seen:
+                self.problem(item.line_of("name"), rule.name, "another rule already has this name; names must be unique")
+            seen.add(rule.name)
+
+    def unknown_keys(self, mapping: Located, allowed: set[str], rule: str | None, where: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(sorted(allowed))}"
+                self.problem(mapping.line_of(key), rule, f"unknown key '{key}' in {where}; {fix}")
+
+    def read_rule(self, item: Any, line: int) -> Rule | None:
+        if not isinstance(item, Located):
+            self.problem(line, None, f"each rule must be a mapping with name, detector and actions, got {item!r}")
+            return None
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            self.problem(item.line, None, "every rule needs a 'name' (a non-empty string)")
+            name = None
+        if item.get("enabled", True) is False:
+            return None
+        before = len(self.problems)
+        self.unknown_keys(item, self.RULE_KEYS, name, "a rule")
+        severity = self.read_severity(item, name)
+        detector, params, watches = self.read_detector(item, name)
+        actions = self.read_actions(item.get("actions"), item.line_of("actions"), name, required=True)
+        cooldown = self.read_count(item, "cooldown_steps", name, default=0)
+        escalation = self.read_escalation(item, name)
+        texts = {key: self.read_text(item, key, name) for key in ("description", "diagnosis", "fix")}
+        if len(self.problems) > before or name is None or detector is None:
+            return None
+        return Rule(name, detector, params, watches, severity, actions, cooldown, escalation, **texts)
+
+    def read_text(self, item: Located, key: str, rule: str | None) -> str:
+        value = item.get(key, "")
+        if not isinstance(value, str):
+            self.problem(item.line_of(key), rule, f"'{key}' must be text, got {value!r}")
+            return ""
+        return " ".join(value.split())
+
+    def read_count(self, item: Located, key: str, rule: str | None, default: int, minimum: int = 0) -> int:
+        value = item.get(key, default)
+        if not _is_int(value) or value < minimum:
+            self.problem(item.line_of(key), rule, f"'{key}' must be an integer >= {minimum}, got {value!r}")
+            return default
+        return int(value)
+
+    def read_severity(self, item: Located, rule: str | None) -> Severity:
+        value = item.get("severity", "warning")
+        try:
+            return Severity(value)
+        except ValueError:
+            valid = ", ".join(s.value for s in Severity)
+            self.problem(item.line_of("severity"), rule, f"severity must be one of {valid}, got {value!r}")
+            return Severity.WARNING
+
+    def read_detector(self, item: Located, rule: str | None) -> tuple[str | None, dict[str, Any], tuple[str, ...]]:
+        spec = item.get("detector")
+        line = item.line_of("detector")
+        if not isinstance(spec, Located) or "kind" not in spec:
+            kinds = ", ".join(sorted(DETECTORS))
+            self.problem(line, rule, f"'detector' must be a mapping with a 'kind' ({kinds}) and its parameters")
+            return None, {}, ()
+        kind = spec["kind"]
+        if kind not in DETECTORS:
+            hint = difflib.get_close_matches(str(kind), DETECTORS, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"valid kinds: {', '.join(sorted(DETECTORS))}"
+            self.problem(spec.line_of("kind"), rule, f"unknown detector kind '{kind}'; {fix}")
+            return None, {}, ()
+        params = {key: value for key, value in spec.items() if key != "kind"}
+        params.update(self.metric_params(item, kind, rule))
+        checked = _DetectorParams(DETECTORS[kind]).check(params)
+        for key, message in checked.problems:
+            self.problem(spec.line_of(key) if key in spec else item.line_of(key) if key in item else line, rule, message)
+        if checked.problems:
+            return None, {}, ()
+        try:
+            detector = DETECTORS[kind](**checked.values)
+        except ValueError as exc:
+            self.problem(line, rule, f"detector '{kind}': {exc}")
+            return None, {}, ()
+        return kind, checked.values, _watched_metrics(detector, checked.values)
+
+    def metric_params(self, item: Located, kind: str, rule: str | None) -> dict[str, Any]:
+        """Map the rule's `metric`/`metrics` onto the detector's metric field."""
+        names = {f.name for f in dataclasses.fields(DETECTORS[kind])}
+        if "metric" in item and "metrics" in item:
+            self.problem(item.line_of("metrics"), rule, "give either 'metric' or 'metrics', not both")
+        value = item.get("metric", item.get("metrics"))
+        if value is None:
+            return {}
+        if "metrics" in names:
+            return {"metrics": [value] if isinstance(value, str) else value}
+        field_name = "metric" if "metric" in names else "eval_metric" if "eval_metric" in names else None
+        if field_name is None:
+            self.problem(item.line_of("metric"), rule, f"detector '{kind}' does not take a metric")
+            return {}
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        return {field_name: value}
+
+    def read_actions(self, value: Any, line: int, rule: str | None, required: bool) -> tuple[ActionSpec, ...]:
+        if value is None and not required:
+            return ()
+        if isinstance(value, (str, Located)):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            self.problem(line, rule, "'actions' must be a list, e.g. [skip_update] or [{reduce_lr: {factor: 0.5}}]")
+            return ()
+        return tuple(spec for spec in (self.read_action(v, line, rule) for v in value) if spec is not None)
+
+    def read_action(self, value: Any, line: int, rule: str | None) -> ActionSpec | None:
+        params: Any = {}
+        if isinstance(value, Located) and len(value) == 1:
+            line = value.line
+            (value, params), = value.items()
+            params = params if params is not None else {}
+        valid = ", ".join(kind.value for kind in ActionKind)
+        if not isinstance(value, str):
+            self.problem(line, rule, f"an action is a name ({valid}) or a one-key mapping like {{reduce_lr: {{factor: 0.5}}}}")
+            return None
+        try:
+            kind = ActionKind(value)
+        except ValueError:
+            hint = difflib.get_close_matches(value, [k.value for k in ActionKind], n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"valid actions: {valid}"
+            self.problem(line, rule, f"unknown action '{value}'; {fix}")
+            return None
+        if not isinstance(params, Mapping):
+            self.problem(line, rule, f"parameters of action '{value}' must be a mapping, got {params!r}")
+            return None
+        messages = check_action_params(kind, params)
+        for message in messages:
+            self.problem(line, rule, message)
+        clean = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
+        return None if messages else ActionSpec(kind, clean)
+
+    def read_escalation(self, item: Located, rule: str | None) -> tuple[Escalation, ...]:
+        value = item.get("escalation", [])
+        if not isinstance(value, list):
+            self.problem(item.line_of("escalation"), rule, "'escalation' must be a list of {after_firings, within_steps, actions}")
+            return ()
+        steps = []
+        for entry in value:
+            if not isinstance(entry, Located):
+                self.problem(item.line_of("escalation"), rule, f"each escalation entry must be a mapping, got {entry!r}")
+                continue
+            self.unknown_keys(entry, self.ESCALATION_KEYS, rule, "an escalation entry")
+            after = self.read_count(entry, "after_firings", rule, default=2, minimum=2)
+            within = self.read_count(entry, "within_steps", rule, default=100, minimum=1)
+            actions = self.read_actions(entry.get("actions"), entry.line_of("actions"), rule, required=True)
+            steps.append(Escalation(after, within, actions))
+        for earlier, later in zip(steps, steps[1:]):
+            if later.after_firings <= earlier.after_firings:
+                self.problem(item.line_of("escalation"), rule, "escalation entries must have increasing 'after_firings'")
+        return tuple(steps)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:
+    names: list[str] = []
+    for key in (*METRIC_FIELDS, "train_metric"):
+        value = getattr(detector, key, None)
+        if isinstance(value, str):
+            names.append(value)
+        elif isinstance(value, (tuple, list)):
+            names.extend(value)
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass
+class _Checked:
+    values: dict[str, Any]
+    problems: list[tuple[str, str]]
+
+
+class _DetectorParams:
+    """Checks parameters against a detector dataclass's annotated init fields."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        hints = typing.get_type_hints(cls)
+        self.fields = {f.name: (hints[f.name], f) for f in dataclasses.fields(cls) if f.init}
+
+    def check(self, params: Mapping[str, Any]) -> _Checked:
+        result = _Checked({}, [])
+        kind = self.cls.kind
+        for key, value in params.items():
+            if key not in self.fields:
+                hint = difflib.get_close_matches(str(key), self.fields, n=1)
+                fix = f"did you mean '{hint[0]}'?" if hint else f"valid parameters: {', '.join(self.fields)}"
+                result.problems.append((key, f"detector '{kind}' has no parameter '{key}'; {fix}"))
+                continue
+            ok, coerced, expected = _coerce(value, self.fields[key][0])
+            if ok:
+                result.values[key] = coerced
+            else:
+                result.problems.append((key, f"detector '{kind}' parameter '{key}' must be {expected}, got {value!r}"))
+        for name, (_, f) in self.fields.items():
+            missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if missing and name not in result.values and not any(k == name for k, _ in result.problems):
+                where = "'metric'" if name in METRIC_FIELDS else f"'{name}'"
+                result.problems.append((name, f"detector '{kind}' needs {where}"))
+        return result
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
+    """Check a YAML value against a type hint; return (ok, value as the detector wants it, what was expected)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args, value, "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if value is None and type(None) in args:
+            return True, None, "null"
+        inner = next(a for a in args if a is not type(None))
+        ok, coerced, expected = _coerce(value, inner)
+        return ok, coerced, f"{expected} or null"
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        ok = isinstance(items, list) and items and all(isinstance(v, str) for v in items)
+        return bool(ok), tuple(items) if ok else value, "a metric name or a list of metric names"
+    if hint is bool:
+        return isinstance(value, bool), value, "true or false"
+    if hint is int:
+        return _is_int(value), value, "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if hint is str:
+        return isinstance(value, str), value, "a string"
+    return False, value, str(hint)

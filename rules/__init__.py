@@ -1,0 +1,1 @@
+"""Guardian's shipped rule files (data, not code); installed as `guardian.shipped_rules`."""
