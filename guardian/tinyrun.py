@@ -87,9 +87,10 @@ class TinyRun:
     train_size: int = 2000
     eval_size: int = 128
     max_grad_norm: float = 1.0
+    quiet: bool = True  # no printing of every log line
 
     def trainer(self, callbacks: list[Any] | None = None, model: Any = None) -> Any:
-        from transformers import Trainer, TrainingArguments
+        from transformers import PrinterCallback, Trainer, TrainingArguments
 
         args = TrainingArguments(
             output_dir=self.output_dir, max_steps=self.max_steps, seed=self.seed,
@@ -102,9 +103,12 @@ class TinyRun:
             max_grad_norm=self.max_grad_norm, report_to=[], use_cpu=True, disable_tqdm=True,
             dataloader_num_workers=0,
         )
-        return Trainer(
+        trainer = Trainer(
             model=model if model is not None else build_model(self.seed), args=args,
             train_dataset=TextDataset(make_texts(self.train_size, seed=self.seed)),
             eval_dataset=TextDataset(make_texts(self.eval_size, seed=10_000 + self.seed)),
             callbacks=callbacks or [],
         )
+        if self.quiet:
+            trainer.remove_callback(PrinterCallback)
+        return trainer
