@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -44,6 +45,9 @@ def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str
             problems.append(
                 f"action '{kind.value}' parameter '{name}' must be a {expected.__name__}, got {value!r}"
             )
+            continue
+        if expected is float and not math.isfinite(value):
+            problems.append(f"action '{kind.value}' parameter '{name}' must be a finite number, got {value!r}")
             continue
         if kind is ActionKind.REDUCE_LR and name == "factor" and not 0.0 < value < 1.0:
             problems.append(f"reduce_lr factor must be between 0 and 1 (exclusive), got {value!r}")

@@ -118,7 +118,7 @@ def _replay(args: argparse.Namespace) -> int:
         for decision in result.decisions:
             actions = ", ".join(map(str, decision.actions))
             console.print(f"  step {decision.step:>7}  {decision.rule:<22} {actions:<28} {decision.finding.message}",
-                          highlight=False, markup=False)
+                          highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

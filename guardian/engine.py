@@ -7,6 +7,7 @@ over a saved log in replay.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,14 +56,15 @@ class Decision:
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        """The decision as strict-JSON types: non-finite floats anywhere become "nan", "inf" or "-inf"."""
         f = self.finding
-        return {
+        return _json_safe({
             "step": self.step, "rule": self.rule, "severity": self.severity.value,
             "actions": [a.to_dict() for a in self.actions], "level": self.level,
-            "metric": f.metric, "value": _json_float(f.value), "threshold": _json_float(f.threshold),
+            "metric": f.metric, "value": f.value, "threshold": f.threshold,
             "onset_step": f.onset_step, "message": f.message, "evidence": f.evidence,
             "diagnosis": self.diagnosis, "fix": self.fix, "note": self.note,
-        }
+        })
 
 
 @dataclass
@@ -186,7 +188,17 @@ class Engine:
             rt.suppressed_total = saved["suppressed_total"]
 
 
-def _json_float(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as strings, numpy scalars as Python numbers and tuples as lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
-    return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,7 +93,23 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
         ruleset = _RuleFileReader(source, problems).read(data)
         if not problems:
             return ruleset
-    raise RuleFileError(problems)
+    else:  # the YAML did not parse: name the rule the error is in from the text
+        problems = [dataclasses.replace(p, rule=p.rule or _rule_at_line(text, p.line)) for p in problems]
+    raise RuleFileError(sorted(problems, key=lambda p: p.line or 0))
+
+
+_RULE_START = re.compile(r"""^\s*-\s+name:\s*['"]?([^'"#\s]+)""")
+
+
+def _rule_at_line(text: str, line: int | None) -> str | None:
+    """The name of the rule whose text holds `line`, found by its '- name:' line; None at top level."""
+    name = None
+    for row in text.splitlines()[: line or 0]:
+        if row[:1].strip() and not row.startswith("#"):
+            name = None  # a top-level key ends the rules list
+        if match := _RULE_START.match(row):
+            name = match.group(1)
+    return name
 
 
 class _RuleFileReader:
@@ -109,6 +126,7 @@ class _RuleFileReader:
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
+        self.yaml_problems = len(problems)  # duplicate keys found while parsing; named after their rule later
 
     def problem(self, line: int | None, rule: str | None, message: str) -> None:
         self.problems.append(Problem(self.source, line, rule, message))
@@ -119,7 +137,7 @@ class _RuleFileReader:
             return RuleSet(())
         self.unknown_keys(data, self.TOP_KEYS, None, "top level")
         version = data.get("version")
-        if version != SCHEMA_VERSION:
+        if not _is_int(version) or version != SCHEMA_VERSION:
             self.problem(data.line_of("version"), None,
                          f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {version!r}")
         budget = self.read_policy(data.get("policy", Located()), data.line_of("policy"))
@@ -129,7 +147,8 @@ class _RuleFileReader:
             return RuleSet((), budget, self.source)
         rules = [self.read_rule(item, data.line_of("rules")) for item in rules_data]
         kept = tuple(rule for rule in rules if rule is not None)
-        self.check_unique_names(kept, rules_data)
+        self.check_unique_names(rules_data)
+        self.name_yaml_problems(rules_data)
         return RuleSet(kept, budget, self.source)
 
     def read_policy(self, policy: Any, line: int) -> int:
@@ -144,12 +163,26 @@ class _RuleFileReader:
             return 3
         return int(budget)
 
-    def check_unique_names(self, rules: tuple[Rule, ...], items: list[Any]) -> None:
+    def check_unique_names(self, items: list[Any]) -> None:
+        """Report every enabled rule whose name an earlier enabled rule already has (valid or not)."""
         seen: set[str] = set()
-        for rule, item in zip(rules, items):
-            if rule.name in seen:
-                self.problem(item.line_of("name"), rule.name, "another rule already has this name; names must be unique")
-            seen.add(rule.name)
+        for item in items:
+            if not isinstance(item, Located) or item.get("enabled", True) is False:
+                continue
+            name = item.get("name")
+            if not isinstance(name, str):
+                continue
+            if name in seen:
+                self.problem(item.line_of("name"), name, "another rule already has this name; names must be unique")
+            seen.add(name)
+
+    def name_yaml_problems(self, items: list[Any]) -> None:
+        """Give problems found while parsing (duplicate keys) the name of the rule they are in."""
+        spans = [(item.line, _last_line(item), item.get("name")) for item in items if isinstance(item, Located)]
+        for i, p in enumerate(self.problems[: self.yaml_problems]):
+            for first, last, name in spans:
+                if p.rule is None and p.line is not None and first <= p.line <= last and isinstance(name, str):
+                    self.problems[i] = dataclasses.replace(p, rule=name)
 
     def unknown_keys(self, mapping: Located, allowed: set[str], rule: str | None, where: str) -> None:
         for key in mapping:
@@ -166,7 +199,10 @@ class _RuleFileReader:
         if not isinstance(name, str) or not name.strip():
             self.problem(item.line, None, "every rule needs a 'name' (a non-empty string)")
             name = None
-        if item.get("enabled", True) is False:
+        enabled = item.get("enabled", True)
+        if not isinstance(enabled, bool):
+            self.problem(item.line_of("enabled"), name, f"'enabled' must be true or false, got {enabled!r}")
+        elif not enabled:
             return None
         before = len(self.problems)
         self.unknown_keys(item, self.RULE_KEYS, name, "a rule")
@@ -211,13 +247,17 @@ class _RuleFileReader:
             self.problem(line, rule, f"'detector' must be a mapping with a 'kind' ({kinds}) and its parameters")
             return None, {}, ()
         kind = spec["kind"]
-        if kind not in DETECTORS:
+        if not isinstance(kind, str) or kind not in DETECTORS:
             hint = difflib.get_close_matches(str(kind), DETECTORS, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"valid kinds: {', '.join(sorted(DETECTORS))}"
             self.problem(spec.line_of("kind"), rule, f"unknown detector kind '{kind}'; {fix}")
             return None, {}, ()
         params = {key: value for key, value in spec.items() if key != "kind"}
-        params.update(self.metric_params(item, kind, rule))
+        from_rule = self.metric_params(item, kind, rule)
+        for key in sorted(from_rule.keys() & params.keys()):
+            self.problem(spec.line_of(key), rule,
+                         f"the metric is given twice, as the rule's 'metric' and as detector '{key}'; keep one")
+        params.update(from_rule)
         checked = _DetectorParams(DETECTORS[kind]).check(params)
         for key, message in checked.problems:
             self.problem(spec.line_of(key) if key in spec else item.line_of(key) if key in item else line, rule, message)
@@ -307,6 +347,15 @@ class _RuleFileReader:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _last_line(value: Any) -> int:
+    """The last line any key of a parsed mapping (or the mappings inside it) is on; 0 for plain values."""
+    if isinstance(value, Located):
+        return max([value.line, *value.key_lines.values(), *(_last_line(v) for v in value.values())])
+    if isinstance(value, list):
+        return max((_last_line(v) for v in value), default=0)
+    return 0
 
 
 def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:

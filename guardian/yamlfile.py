@@ -8,6 +8,7 @@ at the line to fix.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
@@ -31,7 +32,7 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str, source: str) -> None:
         super().__init__(stream)
         self.source = source
-        self.duplicates: list[Problem] = []
+        self.problems: list[Problem] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Located:
         mapping = Located()
@@ -40,8 +41,13 @@ class _Loader(yaml.SafeLoader):
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                self.problems.append(
+                    Problem(self.source, line, None, f"a key must be plain text, got {key!r}; write 'name: value'")
+                )
+                continue
             if key in mapping.key_lines:
-                self.duplicates.append(
+                self.problems.append(
                     Problem(self.source, line, None, f"key '{key}' appears twice in the same mapping; keep one")
                 )
             mapping.key_lines[key] = line
@@ -66,10 +72,19 @@ def load_yaml(text: str, source: str) -> tuple[Any, list[Problem]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        reason = exc.problem or str(exc)
-        return None, [Problem(source, line, None, f"YAML syntax error: {reason}")]
+        return None, [Problem(source, line, None, _explain(exc))]
     except yaml.YAMLError as exc:
-        return None, [Problem(source, None, None, f"YAML error: {exc}")]
+        return None, [Problem(source, None, None, f"YAML error: {exc}; fix the YAML syntax")]
     finally:
         loader.dispose()
-    return data, loader.duplicates
+    return data, loader.problems
+
+
+def _explain(exc: yaml.MarkedYAMLError) -> str:
+    """Say what is wrong and what to do: a refused tag (rule files are data) or a syntax error."""
+    reason = exc.problem or str(exc)
+    tag = re.search(r"for the tag '([^']+)'", reason)
+    if isinstance(exc, yaml.constructor.ConstructorError) and tag:
+        return (f"the YAML tag '{tag.group(1)}' is not allowed: rule files are plain data (text, numbers, "
+                f"lists, mappings); remove the tag")
+    return f"YAML syntax error: {reason}; check the indentation, brackets and quotes on this line and the one before"

@@ -15,18 +15,7 @@ from guardian.errors import LogFormatError
 from guardian.logs import LogReport, Observation, read_log, read_log_with_report
 
 
-def _real_logs_dir() -> Path:
-    """GUARDIAN_FIXTURES (the fixtures root, or real-logs itself) or the repo's sibling shared/ folder."""
-    override = os.environ.get("GUARDIAN_FIXTURES")
-    if override:
-        root = Path(override)
-        return root / "real-logs" if (root / "real-logs").is_dir() else root
-    return Path(__file__).resolve().parents[1].parent / "shared/fixtures/real-logs"
-
-
-REAL_LOGS = _real_logs_dir()
-NO_FIXTURES = f"real-log fixtures not found at {REAL_LOGS} (set GUARDIAN_FIXTURES to the fixtures folder)"
-needs_fixtures = pytest.mark.skipif(not (REAL_LOGS / "SOURCES.tsv").is_file(), reason=NO_FIXTURES)
+from realpaths import REAL_LOGS, needs_fixtures
 
 
 def _sources() -> dict[str, dict[str, str]]:

@@ -1,0 +1,99 @@
+"""Helpers shared by the benchmark scripts: machine description, statistics, JSON output."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - only describing the environment
+        return None
+    return getattr(mod, "__version__", None)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and how a benchmark ran: enough to tell whether two result files are comparable."""
+    import torch
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        mem_gb = None
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "cwd": os.getcwd(),
+        "uname": platform.uname()._asdict(),
+        "processor": platform.processor(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "safetensors": _version("safetensors"),
+        "accelerate": _version("accelerate"),
+    }
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    return (f"{info['cpu_model'] or info['processor'] or info['uname']['machine']}, {info['cpu_count']} CPUs "
+            f"({info['torch_threads']} torch threads), {info['memory_gb']} GB; python {info['python']}, "
+            f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}; {info['date_utc']}")
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median, min, max, quartiles and mean of a list of numbers."""
+    ordered = sorted(values)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else (ordered[0],) * 3
+    return {"n": len(ordered), "median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+            "q1": q1, "q3": q3, "mean": statistics.fmean(ordered)}
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with right-aligned columns (the first one left-aligned)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
