@@ -137,7 +137,9 @@ class _RuleFileReader:
             return RuleSet(())
         self.unknown_keys(data, self.TOP_KEYS, None, "top level")
         version = data.get("version")
-        if not _is_int(version) or version != SCHEMA_VERSION:
+        if "version" not in data:
+            self.problem(1, None, f"'version' is missing; add 'version: {SCHEMA_VERSION}' at the top of the file")
+        elif not _is_int(version) or version != SCHEMA_VERSION:
             self.problem(data.line_of("version"), None,
                          f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {version!r}")
         budget = self.read_policy(data.get("policy", Located()), data.line_of("policy"))

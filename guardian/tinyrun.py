@@ -89,7 +89,7 @@ class TinyRun:
     max_grad_norm: float = 1.0
     quiet: bool = True  # no printing of every log line
 
-    def trainer(self, callbacks: list[Any] | None = None, model: Any = None) -> Any:
+    def trainer(self, callbacks: list[Any] | None = None, model: Any = None, optimizers: tuple[Any, Any] = (None, None)) -> Any:
         from transformers import PrinterCallback, Trainer, TrainingArguments
 
         args = TrainingArguments(
@@ -107,7 +107,7 @@ class TinyRun:
             model=model if model is not None else build_model(self.seed), args=args,
             train_dataset=TextDataset(make_texts(self.train_size, seed=self.seed)),
             eval_dataset=TextDataset(make_texts(self.eval_size, seed=10_000 + self.seed)),
-            callbacks=callbacks or [],
+            callbacks=callbacks or [], optimizers=optimizers,
         )
         if self.quiet:
             trainer.remove_callback(PrinterCallback)

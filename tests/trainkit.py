@@ -1,0 +1,72 @@
+"""Helpers for tests that train a real tiny Trainer + LoRA run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from guardian.callbacks.snapshots import trainable_parameters
+from guardian.ruleset import RuleSet, parse_rules
+
+
+@dataclass
+class Recorder(TrainerCallback):
+    """Records each step's learning rates, and copies of the trainable state at chosen steps."""
+
+    copy_at: set[int] = field(default_factory=set)
+    copy_on_save: bool = False
+    rates: dict[int, list[float]] = field(default_factory=dict)
+    copies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    params_at_end: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                    lr_scheduler: Any = None, **kwargs: Any) -> None:
+        step = state.global_step
+        self.rates[step] = [g["lr"] for g in optimizer.param_groups]
+        self.params_at_end[step] = {k: p.detach().clone() for k, p in trainable_parameters(model).items()}
+        if step in self.copy_at and not self.copy_on_save:
+            self.copies[step] = _copy_state(model, optimizer)
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                **kwargs: Any) -> None:
+        if self.copy_on_save and state.global_step in self.copy_at:
+            self.copies[state.global_step] = _copy_state(model, optimizer)
+
+
+def _copy_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    return {
+        "params": {k: p.detach().clone() for k, p in trainable_parameters(model).items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
+
+
+def assert_same_state(model: Any, optimizer: Any, saved: dict[str, Any]) -> None:
+    """Trainable parameters and optimizer state equal the saved ones bit for bit."""
+    params = trainable_parameters(model)
+    assert params.keys() == saved["params"].keys()
+    for name, param in params.items():
+        assert torch.equal(param.detach(), saved["params"][name]), name
+    now, then = optimizer.state_dict()["state"], saved["optimizer"]["state"]
+    assert now.keys() == then.keys()
+    for index in now:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(now[index][key], then[index][key]), (index, key)
+
+
+def rules(text: str) -> RuleSet:
+    return parse_rules(text, "test-rules.yaml")
+
+
+def events(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "guardian" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def all_finite(model: Any) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
