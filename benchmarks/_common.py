@@ -33,6 +33,23 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", None)
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: other work on the machine makes timings noisy."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def busy_warning(info: dict[str, Any]) -> str | None:
+    """A warning line when the machine was busy when the benchmark started."""
+    load = info.get("load_average_1_5_15min")
+    if load and load[0] > 0.5:
+        return (f"WARNING: load average {load[0]:.2f} at start on {info['cpu_count']} CPUs: other processes are "
+                "running; timings will be noisy")
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     """Where and how a benchmark ran: enough to tell whether two result files are comparable."""
     import torch
@@ -55,6 +72,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "load_average_1_5_15min": load_average(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -69,7 +87,8 @@ def machine_info() -> dict[str, Any]:
 def describe_machine(info: dict[str, Any]) -> str:
     return (f"{info['cpu_model'] or info['processor'] or info['uname']['machine']}, {info['cpu_count']} CPUs "
             f"({info['torch_threads']} torch threads), {info['memory_gb']} GB; python {info['python']}, "
-            f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}; {info['date_utc']}")
+            f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}; {info['date_utc']}; "
+            f"load average {info['load_average_1_5_15min']}")
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     show = rules.add_parser("show", help="list the rules of a file (default: the shipped rules)")
     show.add_argument("file", nargs="?", type=Path)
     show.set_defaults(func=_rules_show)
+    detectors = rules.add_parser("detectors", help="document every detector kind and its parameters")
+    detectors.set_defaults(func=_rules_detectors)
 
     replay = sub.add_parser("replay", help="what would the rules have done on a past run's log?")
     replay.add_argument("paths", nargs="+", type=Path, help="trainer_state.json, trainer_log.jsonl or a run directory")
@@ -94,6 +96,19 @@ def _rules_show(args: argparse.Namespace) -> int:
         table.add_row(rule.name, ", ".join(rule.watches), rule.detector, rule.severity.value,
                       ", ".join(map(str, rule.actions)), escalation or "—")
     Console().print(table)
+    return 0
+
+
+def _rules_detectors(args: argparse.Namespace) -> int:
+    import inspect
+
+    from guardian.detectors import DETECTORS
+
+    console = Console()
+    for kind, cls in sorted(DETECTORS.items()):
+        console.print(f"[bold]{kind}[/]")
+        console.print(inspect.cleandoc(cls.__doc__ or ""), markup=False, highlight=False)
+        console.print()
     return 0
 
 

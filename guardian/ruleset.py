@@ -150,7 +150,7 @@ class _RuleFileReader:
         rules = [self.read_rule(item, data.line_of("rules")) for item in rules_data]
         kept = tuple(rule for rule in rules if rule is not None)
         self.check_unique_names(rules_data)
-        self.name_yaml_problems(rules_data)
+        self.name_yaml_problems(rules_data, data)
         return RuleSet(kept, budget, self.source)
 
     def read_policy(self, policy: Any, line: int) -> int:
@@ -178,12 +178,18 @@ class _RuleFileReader:
                 self.problem(item.line_of("name"), name, "another rule already has this name; names must be unique")
             seen.add(name)
 
-    def name_yaml_problems(self, items: list[Any]) -> None:
-        """Give problems found while parsing (duplicate keys) the name of the rule they are in."""
-        spans = [(item.line, _last_line(item), item.get("name")) for item in items if isinstance(item, Located)]
+    def name_yaml_problems(self, items: list[Any], data: Located) -> None:
+        """Give problems found while parsing (duplicate keys) the name of the rule they are in.
+
+        A rule's lines run from its start to the line before the next rule or the next top-level key.
+        """
+        rules = [item for item in items if isinstance(item, Located)]
+        later_keys = [line for line in data.key_lines.values() if line > data.line_of("rules")]
+        ends = [item.line - 1 for item in rules[1:]] + [min(later_keys, default=10**9) - 1]
         for i, p in enumerate(self.problems[: self.yaml_problems]):
-            for first, last, name in spans:
-                if p.rule is None and p.line is not None and first <= p.line <= last and isinstance(name, str):
+            for item, last in zip(rules, ends):
+                name = item.get("name")
+                if p.rule is None and p.line is not None and item.line <= p.line <= last and isinstance(name, str):
                     self.problems[i] = dataclasses.replace(p, rule=name)
 
     def unknown_keys(self, mapping: Located, allowed: set[str], rule: str | None, where: str) -> None:
@@ -349,15 +355,6 @@ class _RuleFileReader:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _last_line(value: Any) -> int:
-    """The last line any key of a parsed mapping (or the mappings inside it) is on; 0 for plain values."""
-    if isinstance(value, Located):
-        return max([value.line, *value.key_lines.values(), *(_last_line(v) for v in value.values())])
-    if isinstance(value, list):
-        return max((_last_line(v) for v in value), default=0)
-    return 0
 
 
 def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:
