@@ -32,11 +32,13 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, describe_machine, machine_info, summary, table, write_json  # noqa: E402
+from _common import (RESULTS_DIR, busy_warning, describe_machine, load_average, machine_info,  # noqa: E402
+                     summary, table, write_json)
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -193,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("guardian").setLevel(logging.WARNING)
     info = machine_info()
     print(f"machine: {describe_machine(info)}")
+    if busy_warning(info):
+        print(busy_warning(info))
     print(f"rounds={args.rounds} steps={args.steps} (first {args.warmup} dropped) variants={variants} "
           f"guardian_kwargs={guardian_kwargs}")
     started = time.perf_counter()
@@ -210,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             res["median_step_s"] = statistics.median(res["step_s"])
             res["median_cycle_s"] = statistics.median(res["cycle_s"])
             per[variant] = res
-        rounds.append({"round": r, "order": order, "runs": per})
+        rounds.append({"round": r, "order": order, "runs": per, "load_average": load_average()})
         print(f"round {r + 1}/{args.rounds} ({', '.join(order)}): " + ", ".join(
             f"{v} {per[v]['median_step_s'] * 1e3:.2f} ms" for v in variants)
-            + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+            + f"  [{time.perf_counter() - started:.0f} s, load {load_average()}]", flush=True)
 
     results: dict[str, Any] = {}
     for metric in ("step", "cycle"):
@@ -260,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         profile = profile_guardian(profile_variant, args, guardian_kwargs, Path(args.out))
 
     total = time.perf_counter() - started
-    print(f"\ntotal runtime {total:.1f} s")
+    info["load_average_at_end"] = load_average()
+    print(f"\ntotal runtime {total:.1f} s; load average at end {info['load_average_at_end']}")
     data = {
         "benchmark": "overhead", "machine": info,
         "settings": {**{k: v for k, v in vars(args).items()}, "variants": variants, "guardian_kwargs": guardian_kwargs,
                      "variant_meaning": {v: VARIANTS[v] for v in variants}},
         "results": results,
-        "rounds": [{"round": rd["round"], "order": rd["order"],
+        "rounds": [{"round": rd["round"], "order": rd["order"], "load_average": rd["load_average"],
                     "runs": {v: {k: x for k, x in run.items()} for v, run in rd["runs"].items()}} for rd in rounds],
         "profile": profile, "table": "\n".join(text), "total_runtime_s": total,
     }

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, describe_machine, machine_info, summary, table, write_json  # noqa: E402
+from _common import (RESULTS_DIR, busy_warning, describe_machine, load_average, machine_info,  # noqa: E402
+                     summary, table, write_json)
 
 import torch  # noqa: E402
 
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="peft")
     info = machine_info()
     print(f"machine: {describe_machine(info)}")
+    if busy_warning(info):
+        print(busy_warning(info))
     started = time.perf_counter()
 
     own_tmp = None
@@ -445,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     text.append(f"peak RSS: {max(r['peak_rss_gb'] for r in results.values()):.2f} GB")
     print("\n".join(text))
     total = time.perf_counter() - started
-    print(f"\ntotal runtime {total:.1f} s")
+    info["load_average_at_end"] = load_average()
+    print(f"\ntotal runtime {total:.1f} s; load average at end {info['load_average_at_end']}")
     data = {"benchmark": "rollback", "machine": info, "settings": {**vars(args), "sizes": sizes},
             "results": results, "table": "\n".join(text), "total_runtime_s": total}
     print(f"wrote {write_json(args.out, data)}")

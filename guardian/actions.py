@@ -46,7 +46,7 @@ def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str
                 f"action '{kind.value}' parameter '{name}' must be a {expected.__name__}, got {value!r}"
             )
             continue
-        if expected is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"action '{kind.value}' parameter '{name}' must be a finite number, got {value!r}")
             continue
         if kind is ActionKind.REDUCE_LR and name == "factor" and not 0.0 < value < 1.0:

@@ -107,7 +107,7 @@ def _rules_detectors(args: argparse.Namespace) -> int:
     console = Console()
     for kind, cls in sorted(DETECTORS.items()):
         console.print(f"[bold]{kind}[/]")
-        console.print(inspect.cleandoc(cls.__doc__ or ""), markup=False, highlight=False)
+        console.print(inspect.cleandoc(cls.__doc__ or ""), markup=False, highlight=False, soft_wrap=True)
         console.print()
     return 0
 
