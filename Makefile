@@ -8,6 +8,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/guardian demo
 
 test: $(VENV)/.installed
+	$(PY) -m mypy guardian callbacks
 	$(PY) -m pytest -q
 
 # Static checks: the type checker over the package.

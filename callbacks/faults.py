@@ -65,7 +65,7 @@ class FaultInjector(TrainerCallback):
                 kwargs["labels"] = torch.full_like(kwargs["labels"], 7)
                 self.injected.append((self._step, str(fault)))
             elif fault.kind == "nan" and "input_ids" in kwargs:
-                embed = module.get_input_embeddings()
+                embed: Any = module.get_input_embeddings()  # type: ignore[operator]
                 kwargs["inputs_embeds"] = embed(kwargs.pop("input_ids")) * float("nan")
                 self.injected.append((self._step, str(fault)))
         return args, kwargs

@@ -36,11 +36,9 @@ def scale_lr(optimizer: Any, scheduler: Any | None, factor: float, min_lr: float
         group["lr"] = group["lr"] * factor
         if "initial_lr" in group:
             group["initial_lr"] = group["initial_lr"] * factor
-    inner = unwrap_scheduler(scheduler) if scheduler is not None else None
-    base_lrs = getattr(inner, "base_lrs", None)
-    if base_lrs is not None:
-        inner.base_lrs = [base * factor for base in base_lrs]
-    last_lrs = getattr(inner, "_last_lr", None)
-    if last_lrs is not None:
+    inner: Any = unwrap_scheduler(scheduler) if scheduler is not None else None
+    if getattr(inner, "base_lrs", None) is not None:
+        inner.base_lrs = [base * factor for base in inner.base_lrs]
+    if getattr(inner, "_last_lr", None) is not None:
         inner._last_lr = [group["lr"] for group in optimizer.param_groups]
     return factor

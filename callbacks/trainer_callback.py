@@ -78,7 +78,7 @@ class GuardianCallback(TrainerCallback):
         protect_checkpoints: int = 2,
         event_log: bool = True,
     ) -> None:
-        self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(rules)
+        self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
         self.snapshot_max_bytes = snapshot_max_bytes
         self.rollback_margin_steps = rollback_margin_steps

@@ -49,9 +49,10 @@ def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"action '{kind.value}' parameter '{name}' must be a finite number, got {value!r}")
             continue
-        if kind is ActionKind.REDUCE_LR and name == "factor" and not 0.0 < value < 1.0:
+        number = float(value)  # type: ignore[arg-type]  # checked to be a float just above
+        if kind is ActionKind.REDUCE_LR and name == "factor" and not 0.0 < number < 1.0:
             problems.append(f"reduce_lr factor must be between 0 and 1 (exclusive), got {value!r}")
-        if kind is ActionKind.REDUCE_LR and name == "min_lr" and value < 0.0:
+        if kind is ActionKind.REDUCE_LR and name == "min_lr" and number < 0.0:
             problems.append(f"reduce_lr min_lr must be >= 0, got {value!r}")
     return problems
 

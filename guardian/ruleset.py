@@ -384,7 +384,7 @@ class _DetectorParams:
 
     def check(self, params: Mapping[str, Any]) -> _Checked:
         result = _Checked({}, [])
-        kind = self.cls.kind
+        kind = getattr(self.cls, "kind", self.cls.__name__)
         for key, value in params.items():
             if key not in self.fields:
                 hint = difflib.get_close_matches(str(key), self.fields, n=1)
@@ -417,8 +417,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return ok, coerced, f"{expected} or null"
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
-        ok = isinstance(items, list) and items and all(isinstance(v, str) for v in items)
-        return bool(ok), tuple(items) if ok else value, "a metric name or a list of metric names"
+        ok = isinstance(items, list) and bool(items) and all(isinstance(v, str) for v in items)
+        return ok, tuple(items) if ok else value, "a metric name or a list of metric names"
     if hint is bool:
         return isinstance(value, bool), value, "true or false"
     if hint is int:

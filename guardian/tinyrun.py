@@ -26,7 +26,7 @@ def make_texts(n: int, seed: int, length: int = 62) -> list[str]:
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
     texts = []
     for _ in range(n):
-        parts = []
+        parts: list[str] = []
         while sum(len(p) for p in parts) < length:
             if rng.random() < 0.5:
                 a, b = rng.randint(0, 49), rng.randint(0, 49)
