@@ -116,3 +116,42 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+class CpuMonitor:
+    """How much CPU other processes (and the hypervisor, as steal) used while a measurement ran.
+
+    Reads /proc/stat (all CPUs) and /proc/self/stat (this process, all threads) at `start()` and `stop()`;
+    `stop()` returns the average number of cores the rest of the machine kept busy. Linux only; elsewhere
+    the figures are None.
+    """
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._t0: tuple[float, int, int, int] | None = None
+
+    def _read(self) -> tuple[float, int, int, int] | None:
+        import time
+
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        # user nice system idle iowait irq softirq steal guest guest_nice (guest time is inside user)
+        busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+        steal = fields[7] if len(fields) > 7 else 0
+        mine = int(own[11]) + int(own[12])  # utime, stime of this process (all threads)
+        return time.perf_counter(), busy, steal, mine
+
+    def start(self) -> None:
+        self._t0 = self._read()
+
+    def stop(self) -> dict[str, float | None]:
+        t1 = self._read()
+        if self._t0 is None or t1 is None:
+            return {"wall_s": None, "self_cores": None, "other_cores": None, "steal_cores": None}
+        wall = t1[0] - self._t0[0]
+        busy, steal, mine = ((t1[i] - self._t0[i]) / self._tick for i in (1, 2, 3))
+        return {"wall_s": wall, "self_cores": mine / wall, "other_cores": max(0.0, busy - mine) / wall,
+                "steal_cores": steal / wall}

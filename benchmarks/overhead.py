@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS_DIR, busy_warning, describe_machine, load_average, machine_info,  # noqa: E402
-                     summary, table, write_json)
+from _common import (RESULTS_DIR, CpuMonitor, busy_warning, describe_machine, load_average,  # noqa: E402
+                     machine_info, summary, table, write_json)
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -107,6 +107,8 @@ def run_once(variant: str, args: argparse.Namespace, guardian_kwargs: dict[str, 
         trainer.add_callback(clock.end)  # last of all, after Guardian and Trainer's printer
         order = [type(c).__name__ for c in trainer.callback_handler.callbacks]
         sink = open(os.devnull, "w")  # Trainer prints a dict per logged step; same cost in every variant
+        monitor = CpuMonitor()
+        monitor.start()
         started = time.perf_counter()
         try:
             with contextlib.redirect_stdout(sink):
@@ -120,11 +122,12 @@ def run_once(variant: str, args: argparse.Namespace, guardian_kwargs: dict[str, 
         finally:
             sink.close()
         wall = time.perf_counter() - started
+        cpu = monitor.stop()
         if len(clock.begins) != args.steps or len(clock.ends) != args.steps:
             raise RuntimeError(f"{variant}: timed {len(clock.begins)}/{len(clock.ends)} steps, expected {args.steps}")
         steps = [e - b for b, e in zip(clock.begins, clock.ends)]
         cycles = [b2 - b1 for b1, b2 in zip(clock.begins, clock.begins[1:])]
-        result: dict[str, Any] = {"variant": variant, "wall_s": wall, "callback_order": order,
+        result: dict[str, Any] = {"variant": variant, "wall_s": wall, "cpu": cpu, "callback_order": order,
                                   "step_s": steps[args.warmup:], "cycle_s": cycles[args.warmup:]}
         if guardian is not None:
             events = Path(out) / "guardian" / "events.jsonl"
@@ -171,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, from: " + ", ".join(VARIANTS) + " (default none,guardian,guardian-nolog)")
     parser.add_argument("--guardian-kwargs", default="{}", help="JSON object of GuardianCallback options for every "
                         "guardian variant, e.g. '{\"snapshot_every_steps\": 0}'")
+    parser.add_argument("--max-other-cores", type=float, default=0.15, help="a round during which other processes "
+                        "kept more than this many cores busy on average (from /proc/stat) is run again (default 0.15)")
+    parser.add_argument("--max-retries", type=int, default=4, help="re-runs of a contended round (default 4)")
+    parser.add_argument("--retry-wait", type=float, default=15.0, help="seconds to wait before a re-run (default 15)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave torch's choice)")
+    parser.add_argument("--no-hook-timing", action="store_true", help="skip the extra run that times each of "
+                        "Guardian's hooks directly (the most precise figure for a small overhead)")
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
-                        help="after the rounds, time Guardian's hooks and cProfile one 'guardian' run: "
-                             "always, never, or auto = when guardian/none > --profile-threshold (default auto)")
+                        help="after the rounds, cProfile one 'guardian' run: always, never, or "
+                             "auto = when a guardian variant's ratio to none exceeds --profile-threshold (default auto)")
     parser.add_argument("--profile-threshold", type=float, default=1.05)
     parser.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"), help="JSON result file "
                         "(default benchmarks/results/overhead.json)")
@@ -206,19 +215,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     rounds: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
     for r in range(args.rounds):
         shift = r % len(variants)
         order = variants[shift:] + variants[:shift]
-        per: dict[str, Any] = {}
-        for variant in order:
-            res = run_once(variant, args, guardian_kwargs)
-            res["median_step_s"] = statistics.median(res["step_s"])
-            res["median_cycle_s"] = statistics.median(res["cycle_s"])
-            per[variant] = res
-        rounds.append({"round": r, "order": order, "runs": per, "load_average": load_average()})
-        print(f"round {r + 1}/{args.rounds} ({', '.join(order)}): " + ", ".join(
-            f"{v} {per[v]['median_step_s'] * 1e3:.2f} ms" for v in variants)
-            + f"  [{time.perf_counter() - started:.0f} s, load {load_average()}]", flush=True)
+        for attempt in range(args.max_retries + 1):
+            per: dict[str, Any] = {}
+            for variant in order:
+                res = run_once(variant, args, guardian_kwargs)
+                res["median_step_s"] = statistics.median(res["step_s"])
+                res["median_cycle_s"] = statistics.median(res["cycle_s"])
+                per[variant] = res
+            others = max((run["cpu"]["other_cores"] or 0.0) + (run["cpu"]["steal_cores"] or 0.0) for run in per.values())
+            record = {"round": r, "attempt": attempt, "order": order, "runs": per, "load_average": load_average(),
+                      "max_other_cores": others, "contended": others > args.max_other_cores}
+            print(f"round {r + 1}/{args.rounds} ({', '.join(order)}): " + ", ".join(
+                f"{v} {per[v]['median_step_s'] * 1e3:.2f} ms" for v in variants)
+                + f"  [{time.perf_counter() - started:.0f} s; other processes used up to {others:.2f} cores]", flush=True)
+            if not record["contended"]:
+                break
+            if attempt < args.max_retries:
+                discarded.append(record)
+                print(f"  other processes were busy (> {args.max_other_cores} cores); discarding this round, "
+                      f"retrying in {args.retry_wait:g} s", flush=True)
+                time.sleep(args.retry_wait)
+            else:
+                print("  other processes were busy; out of retries, keeping this round (flagged in the JSON)", flush=True)
+        rounds.append(record)
 
     results: dict[str, Any] = {}
     for metric in ("step", "cycle"):
@@ -251,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                           ("cycle", "cycle time (on_step_begin -> next on_step_begin: + batch loading, logging)")):
         text.append(f"\n{title}; {args.rounds} rounds x {args.steps - args.warmup} timed steps")
         text.append(table(headers, [fmt_row(v, metric) for v in variants]))
+    kept_busy = sum(rd["contended"] for rd in rounds)
+    text.append(f"rounds discarded because other processes were busy: {len(discarded)}; contended rounds kept: "
+                f"{kept_busy}; most cores used by others in a kept round: "
+                f"{max(rd['max_other_cores'] for rd in rounds):.2f}")
     g_info = {v: rounds[-1]["runs"][v].get("guardian") for v in variants if v != "none"}
     for v, gi in g_info.items():
         text.append(f"{v}: last round: {gi['decisions']} decisions {gi['rules_fired']}, snapshots in ring "
@@ -259,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(text))
 
     profile: dict[str, Any] | None = None
+    hooks: dict[str, Any] | None = None
     worst = max((results[v]["step"]["ratio_of_medians"] for v in variants if v != "none"), default=1.0)
     profile_variant = "guardian" if "guardian" in variants else next((v for v in variants if v != "none"), None)
+    if profile_variant and not args.no_hook_timing:
+        hooks = hook_times(profile_variant, args, guardian_kwargs)
     if profile_variant and (args.profile == "always" or (args.profile == "auto" and worst > args.profile_threshold)):
-        profile = profile_guardian(profile_variant, args, guardian_kwargs, Path(args.out))
+        profile = cprofile_run(profile_variant, args, guardian_kwargs, Path(args.out))
 
     total = time.perf_counter() - started
     info["load_average_at_end"] = load_average()
@@ -272,44 +302,52 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**{k: v for k, v in vars(args).items()}, "variants": variants, "guardian_kwargs": guardian_kwargs,
                      "variant_meaning": {v: VARIANTS[v] for v in variants}},
         "results": results,
-        "rounds": [{"round": rd["round"], "order": rd["order"], "load_average": rd["load_average"],
-                    "runs": {v: {k: x for k, x in run.items()} for v, run in rd["runs"].items()}} for rd in rounds],
-        "profile": profile, "table": "\n".join(text), "total_runtime_s": total,
+        "rounds": rounds, "discarded_rounds": discarded,
+        "contended_rounds_kept": sum(rd["contended"] for rd in rounds),
+        "hook_times": hooks, "profile": profile, "table": "\n".join(text + ([hooks["table"]] if hooks else [])),
+        "total_runtime_s": total,
     }
     print(f"wrote {write_json(args.out, data)}")
     return 0
 
 
-def profile_guardian(variant: str, args: argparse.Namespace, guardian_kwargs: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Per-hook wall time of one run (perf_counter wrappers), then a cProfile of another run."""
+def hook_times(variant: str, args: argparse.Namespace, guardian_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Wall time spent inside each of Guardian's hooks during one run (perf_counter around each call)."""
     hooks: dict[str, list[float]] = {}
     run_once(variant, args, guardian_kwargs, hook_timer=hooks)
-    rows = []
-    hook_stats = {}
-    per_step_total = 0.0
+    rows, stats = [], {}
+    per_step = 0.0
     for name, times in hooks.items():
-        hook_stats[name] = {"calls": len(times), "total_s": sum(times), "median_s": statistics.median(times),
-                            "max_s": max(times)}
+        timed = times[args.warmup:] if len(times) > args.warmup + 2 else times
+        stats[name] = {"calls": len(times), "total_s": sum(times), "median_s": statistics.median(timed),
+                       "mean_s": statistics.fmean(timed), "max_s": max(times)}
         if name in ("on_pre_optimizer_step", "on_step_end", "on_log"):
-            per_step_total += sum(times) / args.steps
-        rows.append([name, str(len(times)), f"{statistics.median(times) * 1e6:.1f}", f"{statistics.fmean(times) * 1e6:.1f}",
+            per_step += statistics.fmean(timed)
+        rows.append([name, str(len(times)), f"{statistics.median(timed) * 1e6:.1f}", f"{statistics.fmean(timed) * 1e6:.1f}",
                      f"{max(times) * 1e3:.2f}", f"{sum(times) * 1e3:.1f}"])
-    print(f"\nGuardian hook times, one '{variant}' run of {args.steps} steps (perf_counter around each hook)")
-    print(table(["hook", "calls", "median us", "mean us", "max ms", "total ms"], rows))
-    print(f"per-step hooks (pre_optimizer_step + step_end + log): {per_step_total * 1e6:.1f} us per step on average")
+    lines = [f"\nGuardian's hooks, one '{variant}' run of {args.steps} steps (perf_counter around each call; "
+             f"median/mean after the first {args.warmup} calls)",
+             table(["hook", "calls", "median us", "mean us", "max ms", "total ms"], rows),
+             f"per optimizer step (on_pre_optimizer_step + on_step_end + on_log, means): {per_step * 1e6:.0f} us"]
+    print("\n".join(lines))
+    return {"variant": variant, "hooks": stats, "per_step_s": per_step, "table": "\n".join(lines)}
 
+
+def cprofile_run(variant: str, args: argparse.Namespace, guardian_kwargs: dict[str, Any], out: Path) -> dict[str, Any]:
+    """cProfile of one run; the report goes next to the JSON file, as <name>_profile.txt."""
     profiler = cProfile.Profile()
     run_once(variant, args, guardian_kwargs, profiler=profiler)
     buf = io.StringIO()
     stats = pstats.Stats(profiler, stream=buf)
+    buf.write("==== Guardian's code, by cumulative time ====\n")
     stats.sort_stats("cumulative").print_stats(r"guardian|callbacks|eventlog|engine|detectors", 40)
-    buf.write("\n\n==== by own time (tottime), whole run ====\n")
+    buf.write("\n\n==== whole run, by own time (tottime) ====\n")
     stats.sort_stats("tottime").print_stats(25)
     prof_path = out.with_name(out.stem + "_profile.txt")
     prof_path.parent.mkdir(parents=True, exist_ok=True)
     prof_path.write_text(buf.getvalue())
     print(f"cProfile of one '{variant}' run written to {prof_path}")
-    return {"variant": variant, "hooks": hook_stats, "per_step_hooks_s": per_step_total, "cprofile_file": str(prof_path)}
+    return {"variant": variant, "cprofile_file": str(prof_path)}
 
 
 if __name__ == "__main__":

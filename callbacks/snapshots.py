@@ -89,6 +89,12 @@ class SnapshotRing:
     def newest_before(self, step: int) -> Snapshot | None:
         return next((s for s in reversed(self._ring) if s.step < step), None)
 
+    def drop_from(self, step: int) -> None:
+        """Forget snapshots taken at `step` or later (suspect after an anomaly that began before them)."""
+        kept = [s for s in self._ring if s.step < step]
+        self._ring.clear()
+        self._ring.extend(kept)
+
     def steps(self) -> list[int]:
         return [s.step for s in self._ring]
 

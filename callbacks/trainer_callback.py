@@ -5,29 +5,36 @@
 Per optimizer step it reads the step's loss and pre-clip gradient norm (one host sync), feeds the engine,
 and before `optimizer.step()` carries out what the rules decided: skip the update, roll back to the newest
 good snapshot or checkpoint, cut the learning rate, or stop. Evaluations feed the overfitting rules.
+
+With a daemon (`GuardianCallback(url=...)` or `GUARDIAN_URL`), events stream to it in the background and its
+decisions about step N are carried out before the update of step N+1, if it answers within
+`deadline_seconds`; otherwise the embedded engine, which sees the same stream, decides. A skip of the
+update being made right now cannot wait for a round trip, so the embedded engine always makes those.
 A failure inside Guardian is logged and training goes on.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
-import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from transformers import TrainerCallback
 
-from guardian.actions import Plan, merge
+from guardian.actions import ActionKind, ActionSpec, describe_outcome as describe, merge
 from guardian.callbacks import checkpoints, snapshots
-from guardian.callbacks.lr import current_lr, scale_lr
+from guardian.callbacks.actuator import Actuator
+from guardian.callbacks.lr import current_lr
 from guardian.callbacks.probe import StepProbe, find_trainer
-from guardian.engine import Decision, Engine
+from guardian.client import DaemonLink
+from guardian.engine import Decision, Engine, decision_from_dict
 from guardian.eventlog import EventLog
 from guardian.ruleset import RuleSet, load_rules
 
@@ -51,6 +58,13 @@ def _never_raises(hook: F) -> F:
     return safe  # type: ignore[return-value]
 
 
+def default_run_id(output_dir: str, run_name: str | None = None) -> str:
+    """Stable across resumes of the same run: the output folder's name and a hash of its full path."""
+    path = os.path.abspath(output_dir)
+    digest = hashlib.sha1(f"{socket.gethostname()}:{path}".encode()).hexdigest()[:8]
+    return f"{run_name or os.path.basename(path.rstrip('/')) or 'run'}-{digest}"
+
+
 class GuardianCallback(TrainerCallback):
     """Applies Guardian's rules to a Trainer run from inside the training process.
 
@@ -64,6 +78,12 @@ class GuardianCallback(TrainerCallback):
         quiet_steps: a snapshot or checkpoint counts as good only if no rule fired in this many steps.
         protect_checkpoints: how many good checkpoints to keep safe from `save_total_limit` rotation.
         event_log: write metrics and decisions to `<output_dir>/guardian/events.jsonl`.
+        url: the guardian daemon to report to (default: the `GUARDIAN_URL` environment variable; none =
+            embedded only).
+        run_id: the run's id at the daemon (default: from the output folder; stable across resumes).
+        rule_set: the name of the daemon's rule set for this run.
+        token: the daemon's token, needed when it listens beyond loopback (default: `GUARDIAN_TOKEN`).
+        deadline_seconds: the longest a step waits for the daemon's verdict on the previous step.
     """
 
     def __init__(
@@ -77,28 +97,52 @@ class GuardianCallback(TrainerCallback):
         quiet_steps: int = 10,
         protect_checkpoints: int = 2,
         event_log: bool = True,
+        url: str | None = None,
+        run_id: str | None = None,
+        rule_set: str = "default",
+        token: str | None = None,
+        deadline_seconds: float = 0.5,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
         self.snapshot_max_bytes = snapshot_max_bytes
-        self.rollback_margin_steps = rollback_margin_steps
         self.quiet_steps = quiet_steps
         self.protect_checkpoints = protect_checkpoints
         self.event_log_enabled = event_log
+        self.url = url if url is not None else os.environ.get("GUARDIAN_URL") or None
+        self.run_id = run_id
+        self.rule_set = rule_set
+        self.token = token if token is not None else os.environ.get("GUARDIAN_TOKEN") or None
+        self.deadline_seconds = deadline_seconds
         self.engine = Engine(self.ruleset)
-        self.snapshots = snapshots.SnapshotRing(snapshots_kept)
+        self.actuator = Actuator(snapshots_kept=snapshots_kept, rollback_margin_steps=rollback_margin_steps,
+                                 use_snapshots=snapshot_every_steps > 0)
         self.decisions: list[Decision] = []
         self.interventions: list[dict[str, Any]] = []
-        self.counts = {"skipped_updates": 0, "rollbacks": 0, "lr_cuts": 0, "stops": 0}
-        self.lr_scale = 1.0
         self.errors = 0
+        self.verdicts = {"daemon": 0, "local_fallback": 0}
+        self.link: DaemonLink | None = None
         self._trainer: Any = None
         self._probe: StepProbe | None = None
         self._events: EventLog | None = None
-        self._good: checkpoints.GoodCheckpoints | None = None
         self._last_decision_step = -(10**9)
-        self._best_eval: tuple[float, snapshots.Snapshot] | None = None
-        self._use_snapshots = snapshot_every_steps > 0
+        self._pending: list[tuple[int, int, list[Decision]]] = []  # (seq, step, local decisions) awaiting a verdict
+        self._pending_since = 0.0
+        self._acted_early: set[tuple[int, str]] = set()  # (step, rule) of skips made before the verdict
+
+    # ---- read-only views kept for callers ---------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.actuator.counts
+
+    @property
+    def lr_scale(self) -> float:
+        return self.actuator.lr_scale
+
+    @property
+    def snapshots(self) -> snapshots.SnapshotRing:
+        return self.actuator.snapshots
 
     # ---- hooks -------------------------------------------------------------------------------------
 
@@ -111,17 +155,25 @@ class GuardianCallback(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._trainer = self._trainer or find_trainer()
         self._probe = StepProbe(self._trainer)
-        self._good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
-        if state.is_world_process_zero and self.event_log_enabled:
-            self._events = EventLog(Path(args.output_dir) / "guardian" / "events.jsonl")
+        self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
+        events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
+        if state.is_world_process_zero and (self.event_log_enabled or self.url):
+            self._events = EventLog(events_path)
+        if state.is_world_process_zero and self.url:
+            self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
+            meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
+                    "host": socket.gethostname(), "pid": os.getpid()}
+            self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
+                                   spool=events_path)
+            log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
         self._resume(args, state)
         size = snapshots.trainable_nbytes(model)
-        if self._use_snapshots and size > self.snapshot_max_bytes:
-            self._use_snapshots = False
+        if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
+            self.actuator.use_snapshots = False
             log.warning("Guardian: trainable weights are %.1f GB, over snapshot_max_bytes; rollbacks will use "
                         "good checkpoints on disk only", size / 1e9)
-        if self._use_snapshots:
-            self._snapshot(state.global_step, model, optimizer, lr_scheduler)
+        if self.actuator.use_snapshots:
+            self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler)
         self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],
                              "source": self.ruleset.source, "trainable_bytes": size,
                              "max_steps": state.max_steps}, flush=True)
@@ -131,41 +183,57 @@ class GuardianCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                               optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         step = state.global_step + 1
-        metrics = self._probe.read(model) if self._probe else {}
+        kit = (control, model, optimizer, lr_scheduler)
+        if self.link is not None:
+            self._settle_pending(step, *kit, wait=True)
+            self._run_commands(step, *kit)
+        values = self._probe.read(model) if self._probe else {}
         if optimizer is not None:
-            metrics["learning_rate"] = current_lr(optimizer)
-        self._emit("metrics", {"step": step, "phase": "train", "epoch": state.epoch, "lr_scale": self.lr_scale, **metrics})
-        decisions = self.engine.observe(step, metrics)
-        if decisions:
-            self._act(step, decisions, control, model, optimizer, lr_scheduler, pre_update=True)
+            values["learning_rate"] = current_lr(optimizer)
+        event = self._emit("metrics", {"step": step, "phase": "train", "epoch": state.epoch,
+                                       "lr_scale": self.lr_scale, "values": values})
+        decisions = self.engine.observe(step, values)
+        if self.link is None:
+            self._act(step, decisions, *kit, pre_update=True)
+            return
+        # The daemon decides, but the update being made now cannot wait for it: skips happen here.
+        skips = [d for d in decisions if any(a.kind is ActionKind.SKIP_UPDATE for a in d.actions)]
+        if skips:
+            self._act(step, skips, *kit, pre_update=True, only=(ActionKind.SKIP_UPDATE,))
+            self._acted_early.update((d.step, d.rule) for d in skips)
+        self._await_verdict(event, step, decisions)
 
     @_never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                     lr_scheduler: Any = None, **kwargs: Any) -> None:
         step = state.global_step
-        if self._use_snapshots and step % self.snapshot_every_steps == 0 and self._healthy(step):
-            self._snapshot(step, model, optimizer, lr_scheduler)
+        if self.actuator.use_snapshots and step % self.snapshot_every_steps == 0 and self._healthy(step):
+            self.actuator.snapshot(step, model, optimizer, lr_scheduler)
 
     @_never_raises
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                model: Any = None, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         if not logs or (self._probe and self._probe.wrapped) or "loss" not in logs:
             return
-        metrics = {k: float(v) for k, v in logs.items() if k in ("loss", "grad_norm") and isinstance(v, (int, float))}
-        decisions = self.engine.observe(state.global_step, metrics)
-        if decisions:
-            self._act(state.global_step, decisions, control, model, optimizer, lr_scheduler, pre_update=False)
+        values = {k: float(v) for k, v in logs.items() if k in ("loss", "grad_norm") and isinstance(v, (int, float))}
+        self._emit("metrics", {"step": state.global_step, "phase": "train", "values": values})
+        decisions = self.engine.observe(state.global_step, values)
+        self._act(state.global_step, decisions, control, model, optimizer, lr_scheduler, pre_update=False)
 
     @_never_raises
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     model: Any = None, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         step = state.global_step
-        self._emit("metrics", {"step": step, "phase": "eval", **values}, flush=True)
-        self._remember_best(step, values, model, optimizer, lr_scheduler)
+        kit = (control, model, optimizer, lr_scheduler)
+        event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)
+        self.actuator.remember_best(step, values.get("eval_loss"), model, optimizer, lr_scheduler)
         decisions = self.engine.observe(step, values)
-        if decisions:
-            self._act(step, decisions, control, model, optimizer, lr_scheduler, pre_update=False)
+        if self.link is None:
+            self._act(step, decisions, *kit, pre_update=False)
+            return
+        self._await_verdict(event, step, decisions)
+        self._settle_pending(step, *kit, wait=True)  # evaluation is slow anyway: settle now
 
     @_never_raises
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -173,124 +241,109 @@ class GuardianCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         if folder.is_dir() and state.is_world_process_zero:
             _write_json(folder / STATE_FILE, self._state())
-            if self._healthy(step) and self._good is not None:
-                where = self._good.protect(folder, step, {"lr_scale": self.lr_scale})
+            if self._healthy(step) and self.actuator.good is not None:
+                where = self.actuator.good.protect(folder, step, {"lr_scale": self.lr_scale})
                 self._emit("checkpoint", {"step": step, "protected": str(where)}, flush=True)
 
     @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         summary = {"step": state.global_step, **self.counts, "decisions": len(self.decisions),
-                   "lr_scale": self.lr_scale, "guardian_errors": self.errors}
+                   "lr_scale": self.lr_scale, "guardian_errors": self.errors, "verdicts": self.verdicts}
         self._emit("end", summary, flush=True)
+        if self.link is not None:
+            self.link.close()
         if self._events:
             self._events.close()
         log.info("Guardian: run ended at step %d: %d decisions, %d updates skipped, %d rollbacks, "
                  "%d LR cuts (scale %.3g)", state.global_step, len(self.decisions), self.counts["skipped_updates"],
                  self.counts["rollbacks"], self.counts["lr_cuts"], self.lr_scale)
 
-    # ---- actions -----------------------------------------------------------------------------------
+    # ---- the daemon's verdicts ---------------------------------------------------------------------
 
-    def _act(self, step: int, decisions: list[Decision], control: Any, model: Any, optimizer: Any,
-             scheduler: Any, *, pre_update: bool) -> None:
+    def _await_verdict(self, event: dict[str, Any] | None, step: int, local: list[Decision]) -> None:
+        if event is None or self.link is None:
+            return
+        if not self._pending:
+            self._pending_since = time.monotonic()
+            self.link.want_decisions_from(step)
+        self._pending.append((event["seq"], step, local))
+
+    def _settle_pending(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any,
+                        *, wait: bool) -> None:
+        """Act on the verdicts for earlier steps: the daemon's if it answered in time, else our own."""
+        if not self._pending or self.link is None:
+            return
+        last_seq, last_step = self._pending[-1][0], self._pending[-1][1]
+        left = self.deadline_seconds - (time.monotonic() - self._pending_since) if wait else 0.0
+        answered = self.link.wait_for(last_seq, max(0.0, left))
+        if answered:
+            decisions = [decision_from_dict(d) for d in self.link.take_decisions(last_step)]
+            self.verdicts["daemon"] += 1
+        else:
+            self.link.take_decisions(last_step)  # a late answer about these steps is not acted on
+            decisions = [d for _, _, local in self._pending for d in local]
+            self.verdicts["local_fallback"] += 1
+        self._pending.clear()
+        decisions = [d for d in decisions if (d.step, d.rule) not in self._acted_early]
+        self._acted_early.clear()
+        # The skips were already made when those steps' updates happened.
+        self._act(step, decisions, control, model, optimizer, scheduler, pre_update=True,
+                  skip_kinds=(ActionKind.SKIP_UPDATE,), source="daemon" if answered else "local (daemon late)")
+
+    def _run_commands(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
+        assert self.link is not None
+        commands = self.link.take_commands()
+        if not commands:
+            return
+        actions = [ActionSpec(ActionKind(c["action"]), c.get("params", {})) for c in commands]
+        outcome = self.actuator.carry_out(merge(actions), step, step, control, model, optimizer, scheduler,
+                                          pre_update=True)
+        self._last_decision_step = step
+        record = {"step": step, "rules": [f"manual:{c['action']}" for c in commands],
+                  "command_ids": [c["id"] for c in commands], "source": "command", **outcome}
+        self.interventions.append(record)
+        log.warning("Guardian: step %d: manual %s: %s", step, ", ".join(map(str, actions)), describe(outcome))
+        self._emit("action", record, flush=True)
+
+    # ---- acting ------------------------------------------------------------------------------------
+
+    def _act(self, step: int, decisions: list[Decision], control: Any, model: Any, optimizer: Any, scheduler: Any,
+             *, pre_update: bool, only: tuple[ActionKind, ...] = (), skip_kinds: tuple[ActionKind, ...] = (),
+             source: str = "local") -> None:
+        if not decisions:
+            return
         self._last_decision_step = step
         for decision in decisions:
             self.decisions.append(decision)
             (log.error if decision.severity.value == "critical" else log.warning)("Guardian: %s", decision.message)
-            self._emit("decision", decision.to_dict(), flush=True)
-        plan = merge(a for d in decisions for a in d.actions)
+            if self.link is None or source != "local" or only:
+                self._emit("decision", {**decision.to_dict(), "source": source}, flush=True)
+        actions = [a for d in decisions for a in d.actions
+                   if (not only or a.kind in only) and a.kind not in skip_kinds]
+        plan = merge(actions)
+        if plan.empty:
+            return
         onset = min(d.finding.onset_step for d in decisions)
-        outcome = self._carry_out(plan, step, onset, control, model, optimizer, scheduler, pre_update)
+        outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler,
+                                          pre_update=pre_update)
         if outcome:
-            outcome = {"step": step, "rules": [d.rule for d in decisions], **outcome}
-            self.interventions.append(outcome)
-            log.warning("Guardian: step %d: %s", step, _describe(outcome))
-            self._emit("action", outcome, flush=True)
-
-    def _carry_out(self, plan: Plan, step: int, onset: int, control: Any, model: Any, optimizer: Any,
-                   scheduler: Any, pre_update: bool) -> dict[str, Any]:
-        outcome: dict[str, Any] = {}
-        if plan.rollback:
-            outcome.update(self._rollback(onset, model, optimizer, scheduler))
-        if plan.skip_update and pre_update and optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-            self.counts["skipped_updates"] += 1
-            outcome["skipped_update"] = True
-        if plan.lr_factor < 1.0 and optimizer is not None:
-            applied = scale_lr(optimizer, scheduler, plan.lr_factor, plan.min_lr)
-            if applied < 1.0:
-                self.lr_scale *= applied
-                self.counts["lr_cuts"] += 1
-            outcome.update(lr_factor=applied, lr=current_lr(optimizer), lr_scale=self.lr_scale)
-        if plan.stop:
-            if plan.restore_best:
-                outcome["restored_best"] = self._restore_best(model)
-            control.should_training_stop = True
-            self.counts["stops"] += 1
-            outcome["stopped"] = True
-        return outcome
-
-    def _rollback(self, onset: int, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-        before = onset - self.rollback_margin_steps
-        started = time.perf_counter()
-        snap = self.snapshots.newest_before(before) if self._use_snapshots else None
-        if snap is not None:
-            snapshots.restore(snap, model, optimizer, scheduler)
-            self._drop_snapshots_from(before)
-            source, target = "memory", snap.step
-            self._rescale_after_restore(snap.lr_scale, optimizer, scheduler)
-        else:
-            folder = self._good.newest_before(before) if self._good else None
-            if folder is None:
-                return {"rollback": "impossible", "reason": f"no good snapshot or checkpoint before step {before}"}
-            checkpoints.load_into(folder, model, optimizer, scheduler)
-            info = json.loads((folder / checkpoints.MARKER).read_text())
-            self._rescale_after_restore(float(info.get("lr_scale", 1.0)), optimizer, scheduler)
-            source, target = str(folder), int(info["step"])
-        self.counts["rollbacks"] += 1
-        seconds = time.perf_counter() - started
-        return {"rollback": source, "rollback_to_step": target, "rollback_seconds": round(seconds, 4)}
-
-    def _rescale_after_restore(self, saved_scale: float, optimizer: Any, scheduler: Any) -> None:
-        """A restore brings back the LR scale of its time; cuts made since then must stay in force."""
-        ratio = self.lr_scale / saved_scale
-        if ratio < 1.0:
-            scale_lr(optimizer, scheduler, ratio)
-
-    def _drop_snapshots_from(self, step: int) -> None:
-        kept = [s for s in self.snapshots._ring if s.step < step]
-        self.snapshots._ring.clear()
-        self.snapshots._ring.extend(kept)
-
-    def _restore_best(self, model: Any) -> str:
-        if self._best_eval is not None:
-            with torch.no_grad():
-                for name, param in snapshots.trainable_parameters(model).items():
-                    param.copy_(self._best_eval[1].params[name])
-            return f"best evaluation at step {self._best_eval[1].step}"
-        return "no best weights kept (enable evaluation and snapshots)"
+            record = {"step": step, "rules": [d.rule for d in decisions], "source": source, **outcome}
+            self.interventions.append(record)
+            log.warning("Guardian: step %d: %s", step, describe(outcome))
+            self._emit("action", record, flush=True)
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 
     def _healthy(self, step: int) -> bool:
         return step - self._last_decision_step > self.quiet_steps
 
-    def _snapshot(self, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
-        params = list(snapshots.trainable_parameters(model).values())
-        if not snapshots.all_finite(params):
-            log.warning("Guardian: weights at step %d are not finite; no snapshot taken", step)
-            return
-        self.snapshots.add(snapshots.capture(step, model, optimizer, scheduler, self.lr_scale))
-
-    def _remember_best(self, step: int, values: dict[str, float], model: Any, optimizer: Any, scheduler: Any) -> None:
-        value = values.get("eval_loss")
-        if value is None or not math.isfinite(value) or not self._use_snapshots or model is None:
-            return
-        if self._best_eval is None or value < self._best_eval[0]:
-            self._best_eval = (value, snapshots.capture(step, model, optimizer, scheduler, self.lr_scale))
-
-    def _emit(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> None:
-        if self._events is not None:
-            self._events.write(kind, payload, flush=flush)
+    def _emit(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any] | None:
+        if self._events is None:
+            return None
+        event = self._events.write(kind, payload, flush=flush)
+        if self.link is not None:
+            self.link.send(event)
+        return event
 
     def _state(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict(), "lr_scale": self.lr_scale, "counts": self.counts}
@@ -304,8 +357,8 @@ class GuardianCallback(TrainerCallback):
             self.engine.load_state_dict(data["engine"])
         except (KeyError, ValueError) as exc:
             log.warning("Guardian: %s: could not restore rule state (%s); rules start fresh", saved, exc)
-        self.lr_scale = float(data.get("lr_scale", 1.0))
-        self.counts.update(data.get("counts", {}))
+        self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
+        self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
 
 
@@ -313,20 +366,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
-
-
-def _describe(outcome: dict[str, Any]) -> str:
-    parts = []
-    if "rollback" in outcome:
-        if outcome["rollback"] == "impossible":
-            parts.append(f"could not roll back ({outcome['reason']})")
-        else:
-            parts.append(f"rolled back to step {outcome['rollback_to_step']} from {outcome['rollback']} "
-                         f"in {outcome['rollback_seconds'] * 1000:.1f} ms")
-    if outcome.get("skipped_update"):
-        parts.append("skipped this update")
-    if "lr_factor" in outcome:
-        parts.append(f"learning rate x{outcome['lr_factor']:.3g} -> {outcome['lr']:.3g} (scale {outcome['lr_scale']:.3g})")
-    if outcome.get("stopped"):
-        parts.append("stopping training" + (f", restored {outcome['restored_best']}" if "restored_best" in outcome else ""))
-    return "; ".join(parts) or "recorded"

@@ -110,3 +110,22 @@ def merge(actions: Iterable[ActionSpec]) -> Plan:
             stop = True
             restore_best = restore_best or action.param("restore_best")
     return Plan(skip, rollback, lr_factor, min_lr, stop, restore_best)
+
+
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    """One line saying what an intervention did."""
+    parts = []
+    if "rollback" in outcome:
+        if outcome["rollback"] == "impossible":
+            parts.append(f"could not roll back ({outcome['reason']})")
+        else:
+            parts.append(f"rolled back to step {outcome['rollback_to_step']} from {outcome['rollback']} "
+                         f"in {outcome['rollback_seconds'] * 1000:.1f} ms")
+    if outcome.get("skipped_update"):
+        parts.append("skipped this update")
+    if "lr_factor" in outcome:
+        parts.append(f"learning rate x{outcome['lr_factor']:.3g} -> {outcome['lr']:.3g} (scale {outcome['lr_scale']:.3g})")
+    if outcome.get("stopped"):
+        restored = f", restored {outcome['restored_best']}" if "restored_best" in outcome else ""
+        parts.append("stopping training" + restored)
+    return "; ".join(parts) or "recorded"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from guardian import __version__
+from guardian.client import DaemonError
 from guardian.errors import GuardianError, RuleFileError
 from guardian.ruleset import RuleSet, default_rules_path, load_rules
 
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except GuardianError as exc:
+    except (GuardianError, DaemonError) as exc:
         Console(stderr=True).print("[red]error:[/] " + escape(str(exc)), highlight=False)
         return 2
     except KeyboardInterrupt:
@@ -51,11 +54,125 @@ def _parser() -> argparse.ArgumentParser:
     detectors = rules.add_parser("detectors", help="document every detector kind and its parameters")
     detectors.set_defaults(func=_rules_detectors)
 
+    serve = sub.add_parser("serve", help="run the guardian daemon that many runs report to")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need the token)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--state-dir", type=Path, default=_default_state_dir(),
+                       help="database, token and rules (default $GUARDIAN_HOME or ~/.guardian)")
+    serve.add_argument("--rules-dir", type=Path, help="rule files, one rule set per NAME.yaml (default STATE_DIR/rules)")
+    serve.set_defaults(func=_serve)
+
+    runs = sub.add_parser("runs", help="the runs the daemon knows: running, stalled, firing, ended")
+    _client_args(runs)
+    runs.set_defaults(func=_runs)
+
+    events = sub.add_parser("events", help="the decisions and actions of one run, with their evidence")
+    events.add_argument("run")
+    events.add_argument("--all", action="store_true", help="also list every metrics event")
+    _client_args(events)
+    events.set_defaults(func=_events)
+
+    ctl = sub.add_parser("ctl", help="act on a run by hand (needs the daemon's token)")
+    ctl.add_argument("action", choices=["stop", "rollback", "reduce-lr", "skip-update"])
+    ctl.add_argument("run")
+    ctl.add_argument("--factor", type=float, default=0.5, help="for reduce-lr (default 0.5)")
+    _client_args(ctl)
+    ctl.set_defaults(func=_ctl)
+
     replay = sub.add_parser("replay", help="what would the rules have done on a past run's log?")
     replay.add_argument("paths", nargs="+", type=Path, help="trainer_state.json, trainer_log.jsonl or a run directory")
     replay.add_argument("--rules", type=Path, help="rule file (default: the shipped rules)")
     replay.set_defaults(func=_replay)
     return parser
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("GUARDIAN_HOME", Path.home() / ".guardian"))
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("GUARDIAN_URL", "http://127.0.0.1:8765"),
+                        help="the daemon (default $GUARDIAN_URL or http://127.0.0.1:8765)")
+    parser.add_argument("--token", default=os.environ.get("GUARDIAN_TOKEN"),
+                        help="the daemon's token (default $GUARDIAN_TOKEN, else read from the state dir)")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token:
+        return str(args.token)
+    path = _default_state_dir() / "token"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from guardian.daemon import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from guardian.client import request
+
+    runs = request(args.url, "GET", "/v1/runs", token=_token(args))["runs"]
+    if not runs:
+        Console().print(f"no runs have reported to {args.url} yet")
+        return 0
+    table = Table()
+    for column in ("run", "status", "step", "last report", "decisions", "firing rules", "rules"):
+        table.add_column(column)
+    colours = {"running": "green", "firing": "yellow", "stalled": "red", "ended": "dim"}
+    for run in runs:
+        firing = [name for name, status in run["rule_status"].items() if status == "firing"]
+        table.add_row(run["id"], f"[{colours.get(run['status'], 'white')}]{run['status']}[/]",
+                      str(run["last_step"]), f"{run['seconds_since_report']:.0f} s ago", str(run["decisions"]),
+                      ", ".join(firing) or "—", run["rules"])
+    Console().print(table)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    from guardian.actions import describe_outcome
+    from guardian.client import request
+
+    kinds = "" if args.all else "?kinds=decision,action,start,end,checkpoint"
+    data = request(args.url, "GET", f"/v1/runs/{args.run}/events{kinds}", token=_token(args))
+    console = Console()
+    console.print(f"[bold]Decisions of the daemon for {args.run}[/]")
+    for d in data["decisions"]:
+        actions = ", ".join(a["kind"] for a in d["actions"])
+        console.print(f"  step {d['step']:>7}  {d['rule']:<22} {actions:<24} {d['message']}", markup=False,
+                      highlight=False, soft_wrap=True)
+        if d.get("diagnosis"):
+            console.print(f"  {'':>12}  likely cause: {d['diagnosis']}; usual fix: {d['fix']}", markup=False,
+                          highlight=False, soft_wrap=True)
+    console.print(f"[bold]What the run did[/]")
+    for e in data["events"]:
+        if e["kind"] == "action":
+            source = f" [{e['source']}]" if e.get("source") else ""
+            console.print(f"  step {e['step']:>7}  {describe_outcome(e)} ({', '.join(e.get('rules', []))}){source}", markup=False, highlight=False, soft_wrap=True)
+        elif e["kind"] != "decision":
+            console.print(f"  seq {e['seq']:>7}  {e['kind']} {json.dumps({k: v for k, v in e.items() if k not in ('seq', 'kind', 'time')})}",
+                          markup=False, highlight=False, soft_wrap=True)
+    for c in data["commands"]:
+        state = "applied" if c["applied"] else "delivered" if c["delivered"] else "queued"
+        console.print(f"  command {c['id']}: {c['action']} {c['params']} ({c['source']}) {state}", markup=False)
+    return 0
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from guardian.client import request
+
+    action = args.action.replace("-", "_")
+    params = {"factor": args.factor} if action == "reduce_lr" else {}
+    reply = request(args.url, "POST", f"/v1/runs/{args.run}/control", {"action": action, "params": params},
+                    token=_token(args))
+    Console().print(f"queued {action} for {args.run} (command {reply['command_id']}); it is carried out at the "
+                    "run's next step", highlight=False)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

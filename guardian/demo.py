@@ -59,9 +59,9 @@ def train_once(name: str, out_dir: Path, steps: int, seed: int, faults: list[Any
 
 
 def _summarise(outcome: dict[str, Any]) -> str:
-    from guardian.callbacks.trainer_callback import _describe
+    from guardian.actions import describe_outcome as describe
 
-    return f"step {outcome['step']}: {_describe(outcome)} ({', '.join(outcome['rules'])})"
+    return f"step {outcome['step']}: {describe(outcome)} ({', '.join(outcome['rules'])})"
 
 
 def run_demo(out_dir: Path, *, steps: int = 400, seed: int = 0, console: Console | None = None) -> bool:

@@ -78,7 +78,8 @@ class _RuleRuntime:
     suppressed_total: int = 0
 
     def in_cooldown(self, step: int) -> bool:
-        return self.last_fired is not None and step - self.last_fired <= self.rule.cooldown_steps and step != self.last_fired
+        """Within `cooldown_steps` after the last firing; a second firing at the same step is always held back."""
+        return self.last_fired is not None and 0 <= step - self.last_fired <= self.rule.cooldown_steps
 
     def status(self, step: int | None) -> RuleStatus:
         if step is not None and self.last_fired is not None:
@@ -148,6 +149,22 @@ class Engine:
         kept = tuple(a for a in actions if a.kind is not ActionKind.ROLLBACK)
         return (*kept, ActionSpec(ActionKind.STOP)), f"rollback budget of {budget} used up, stopping instead"
 
+    def replace_rules(self, ruleset: RuleSet) -> list[str]:
+        """Switch to a new rule set; rules whose definition did not change keep their state.
+
+        Returns the names of the rules that start fresh."""
+        old = {rt.rule.name: rt for rt in self._rules}
+        fresh: list[str] = []
+        runtimes = []
+        for rule in ruleset.rules:
+            kept = old.get(rule.name)
+            if kept is None or kept.rule != rule:
+                kept = _RuleRuntime(rule, rule.build_detector())
+                fresh.append(rule.name)
+            runtimes.append(kept)
+        self.ruleset, self._rules = ruleset, runtimes
+        return fresh
+
     def rule_status(self) -> dict[str, RuleStatus]:
         return {rt.rule.name: rt.status(self.last_step) for rt in self._rules}
 
@@ -202,3 +219,18 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def decision_from_dict(data: Mapping[str, Any]) -> Decision:
+    """Rebuild a Decision from `Decision.to_dict()` (as it travels on the wire or sits in the store)."""
+    def number(value: Any) -> float:
+        return float(value) if value is not None else math.nan
+
+    finding = Finding(
+        metric=data["metric"], value=number(data["value"]),
+        threshold=None if data.get("threshold") is None else number(data["threshold"]),
+        onset_step=int(data["onset_step"]), message=data["message"], evidence=dict(data.get("evidence", {})),
+    )
+    actions = tuple(ActionSpec(ActionKind(a["kind"]), dict(a.get("params", {}))) for a in data["actions"])
+    return Decision(int(data["step"]), data["rule"], Severity(data["severity"]), actions, finding,
+                    int(data.get("level", 0)), data.get("diagnosis", ""), data.get("fix", ""), data.get("note", ""))

@@ -1,43 +1,54 @@
-"""An append-only JSON-lines file of a run's metrics and decisions (one object per line)."""
+"""A run's events as JSON lines: the record of what happened and the spool for the daemon.
+
+Each event gets the next sequence number of the run (continuing across a resumed run, read back from the
+file), so the daemon can store every (run, seq) exactly once however often it is resent.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 from typing import IO, Any
 
-SCHEMA_VERSION = 1
+from guardian.wire import encode_value
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or inf; write them as the strings Python's float() reads back."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+def _last_seq(path: Path) -> int:
+    """The highest sequence number in an existing event file (reads only its tail)."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 65536))
+        tail = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
 
 
 class EventLog:
-    """Writes events as JSON lines; buffered, flushed on `flush()` and on important events."""
+    """Appends events; buffered, flushed on `flush()` and on important events."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.seq = _last_seq(self.path)
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
-    def write(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> None:
-        if self._file is None:
-            return
-        record = {"v": SCHEMA_VERSION, "kind": kind, "time": round(time.time(), 3), **_clean(payload)}
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        if flush:
-            self._file.flush()
+    def write(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any]:
+        """Record an event; return it as written (with its `seq`, `kind` and `time`)."""
+        self.seq += 1
+        event = encode_value({"seq": self.seq, "kind": kind, "time": round(time.time(), 3), **payload})
+        if self._file is not None:
+            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+            if flush:
+                self._file.flush()
+        return dict(event)
 
     def flush(self) -> None:
         if self._file is not None:

@@ -53,7 +53,7 @@ def test_nan_update_is_skipped_and_never_reaches_the_weights(tmp_path: Path) -> 
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(x) for x in logged)
     nan_metrics = [e for e in events(tmp_path) if e["kind"] == "metrics" and e["step"] == 20]
-    assert nan_metrics[0]["loss"] == "nan"
+    assert nan_metrics[0]["values"]["loss"] == "nan"
 
 
 def test_poisoned_batches_are_skipped(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ rules:
 def test_gradient_accumulation_loss_matches_what_trainer_logs(tmp_path: Path) -> None:
     guardian = GuardianCallback()
     trainer = run(tmp_path, [guardian], max_steps=12, logging_steps=1, gradient_accumulation_steps=3, batch_size=4)
-    seen = {e["step"]: e["loss"] for e in events(tmp_path) if e["kind"] == "metrics" and e.get("phase") == "train"}
+    seen = {e["step"]: e["values"]["loss"] for e in events(tmp_path) if e["kind"] == "metrics" and e.get("phase") == "train"}
     logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     assert logged.keys() == seen.keys()
     for step, loss in logged.items():
@@ -161,7 +161,8 @@ def test_added_after_construction_still_reads_every_step(tmp_path: Path) -> None
     assert guardian._probe is not None and guardian._probe.wrapped
     train = [e for e in events(tmp_path) if e["kind"] == "metrics" and e.get("phase") == "train"]
     assert [e["step"] for e in train] == list(range(1, 16))
-    assert all(isinstance(e["loss"], float) and isinstance(e["grad_norm"], float) for e in train)
+    assert all(isinstance(e["values"]["loss"], float) and isinstance(e["values"]["grad_norm"], float) for e in train)
+    assert [e["seq"] for e in events(tmp_path)] == list(range(1, len(events(tmp_path)) + 1))
 
 
 def test_a_failure_inside_guardian_never_stops_training(tmp_path: Path) -> None:

@@ -1,0 +1,344 @@
+"""The guardian daemon: many runs report to it; it applies their rule sets and answers with decisions.
+
+`Guardian` is the core (no HTTP): runs, their engines and the store. `serve()` wires it to an HTTP server,
+the rule-file watcher and the stall ticker. Bind to loopback by default; a token (created on first start,
+mode 0600) is required for control actions, and for everything when listening beyond loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from guardian import wire
+from guardian.engine import Engine
+from guardian.errors import RuleFileError
+from guardian.reload import RuleLibrary
+from guardian.ruleset import RuleSet
+from guardian.store import Store
+
+log = logging.getLogger("guardian.daemon")
+DEFAULT_PORT = 8765
+CONTROL_ACTIONS = {"stop", "rollback", "reduce_lr", "skip_update"}
+
+
+def load_or_create_token(state_dir: Path) -> str:
+    """The daemon's token, created on first start in `state_dir/token` with mode 0600."""
+    path = state_dir / "token"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+@dataclass
+class RunState:
+    id: str
+    rules: str
+    engine: Engine
+    last_seq: int = 0
+    last_step: int | None = None
+    last_seen: float = field(default_factory=time.time)
+    ended: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Guardian:
+    """Runs, their engines and the store; thread-safe; knows nothing of HTTP."""
+
+    def __init__(self, store: Store, library: RuleLibrary, *, stall_check: bool = True) -> None:
+        self.store = store
+        self.library = library
+        self.stall_check = stall_check
+        self.counters = {"events_ingested": 0, "events_duplicate": 0, "reports": 0, "reports_rejected": 0}
+        self._runs: dict[str, RunState] = {}
+        self._lock = threading.Lock()
+        library.on_change = self._rules_changed
+        library.on_error = self._rules_failed
+
+    # ---- runs --------------------------------------------------------------------------------------
+
+    def _state(self, run_id: str, rules: str) -> RunState:
+        with self._lock:
+            state = self._runs.get(run_id)
+            if state is not None:
+                return state
+            row = self.store.run(run_id)
+            name = rules if row is None else row.rules
+            ruleset = self.library.get(name)
+            if ruleset is None:
+                raise wire.WireError(f"no rule set named '{name}'; available: {', '.join(self.library.names())}", 404)
+            engine = Engine(ruleset)
+            state = RunState(run_id, name, engine)
+            if row is not None:
+                state.last_seq, state.last_step, state.ended = row.last_seq, row.last_step, row.ended
+                if row.engine_state:
+                    try:
+                        engine.load_state_dict(row.engine_state)
+                    except (KeyError, ValueError) as exc:
+                        log.warning("run %s: stored rule state unusable (%s); rules start fresh", run_id, exc)
+            self._runs[run_id] = state
+            return state
+
+    def report(self, report: wire.Report, decisions_since_step: int | None = None) -> dict[str, Any]:
+        """Ingest a report; return the reply body (ack, decisions, commands)."""
+        state = self._state(report.run_id, report.rules)
+        with state.lock:
+            new = sorted((e for e in report.events if e["seq"] > state.last_seq), key=lambda e: e["seq"])
+            decisions: list[dict[str, Any]] = []
+            applied: list[int] = []
+            for event in new:
+                if event["kind"] == "metrics":
+                    for decision in state.engine.observe(event["step"], wire.metric_values(event)):
+                        decisions.append(decision.to_dict())
+                    state.last_step = event["step"]
+                elif event["kind"] == "action":
+                    applied.extend(int(i) for i in event.get("command_ids", []))
+                elif event["kind"] == "end":
+                    state.ended = True
+                elif event["kind"] == "start":
+                    state.ended = False
+            state.last_seq = max([state.last_seq] + [e["seq"] for e in new])
+            state.last_seen = time.time()
+            self.store.commit_report(report.run_id, state.rules, report.meta, new, decisions,
+                                     state.engine.state_dict(), state.last_seq, state.last_step, state.ended)
+            if applied:
+                self.store.mark_applied(applied)
+            self.counters["events_ingested"] += len(new)
+            self.counters["events_duplicate"] += len(report.events) - len(new)
+            self.counters["reports"] += 1
+            if decisions_since_step is not None:
+                decisions = [d for d in self.store.decisions(report.run_id) if d["step"] >= decisions_since_step]
+            return {"ack_seq": state.last_seq, "decided_through_step": state.last_step, "decisions": decisions,
+                    "commands": self.store.take_commands(report.run_id)}
+
+    def control(self, run_id: str, action: str, params: dict[str, Any], source: str) -> int:
+        """Queue a manual action for a run; it is delivered with the run's next report."""
+        if action not in CONTROL_ACTIONS:
+            raise wire.WireError(f"unknown action '{action}'; valid: {', '.join(sorted(CONTROL_ACTIONS))}")
+        if self.store.run(run_id) is None:
+            raise wire.WireError(f"no run '{run_id}'; `guardian runs` lists them", 404)
+        factor = params.get("factor", 0.5)
+        if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
+            raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")
+        return self.store.add_command(run_id, action, params, source)
+
+    def tick(self, now: float | None = None) -> None:
+        """Feed `seconds_since_report` to every live run, so a `stalled` rule can fire."""
+        now = time.time() if now is None else now
+        with self._lock:
+            states = [s for s in self._runs.values() if not s.ended and s.last_step is not None]
+        for state in states:
+            with state.lock:
+                decisions = state.engine.observe(state.last_step or 0, {"seconds_since_report": now - state.last_seen})
+                if decisions:
+                    self.store.commit_report(state.id, state.rules, {}, [], [d.to_dict() for d in decisions],
+                                             state.engine.state_dict(), state.last_seq, state.last_step, state.ended)
+
+    def runs(self) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        for row in self.store.runs():
+            with self._lock:
+                state = self._runs.get(row.id)
+            status = {k: v.value for k, v in state.engine.rule_status().items()} if state else {}
+            stalled = status.get("stalled") == "firing"
+            phase = "ended" if row.ended else "stalled" if stalled else (
+                "firing" if "firing" in status.values() else "running")
+            out.append({"id": row.id, "rules": row.rules, "status": phase, "last_step": row.last_step,
+                        "last_seen": row.last_seen, "seconds_since_report": round(now - row.last_seen, 1),
+                        "rule_status": status, "meta": row.meta, "decisions": len(self.store.decisions(row.id))})
+        return out
+
+    # ---- hot reload --------------------------------------------------------------------------------
+
+    def _rules_changed(self, name: str, ruleset: RuleSet) -> None:
+        with self._lock:
+            states = [s for s in self._runs.values() if s.rules == name]
+        for state in states:
+            with state.lock:
+                fresh = state.engine.replace_rules(ruleset)
+            log.info("run %s: rules '%s' reloaded (%d rules start fresh: %s)", state.id, name, len(fresh), fresh)
+        self.store.record_reload(name, True, f"{len(ruleset.rules)} rules from {ruleset.source}")
+
+    def _rules_failed(self, name: str, error: RuleFileError) -> None:
+        self.store.record_reload(name, False, str(error))
+
+
+# ---- HTTP --------------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _reply(self, status: int, body: dict[str, Any]) -> None:
+        data = wire.dumps(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > wire.MAX_BODY_BYTES:
+            self.close_connection = True
+            while length > 0:  # drain (in bounded chunks) so the sender reads our answer, not a broken pipe
+                length -= len(self.rfile.read(min(length, 1 << 20)) or b"x" * length)
+            raise wire.WireError(f"message is over the limit of {wire.MAX_BODY_BYTES} bytes; send smaller batches", 413)
+        return self.rfile.read(length)
+
+    def _authorized(self) -> bool:
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.server.token.encode())
+
+    def _dispatch(self, method: str) -> None:
+        url = urlparse(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
+        try:
+            needs_token = self.server.require_token or (method == "POST" and parts[-1:] == ["control"])
+            if needs_token and not self._authorized():
+                raise wire.WireError("a valid token is required: send 'Authorization: Bearer <token>' "
+                                     f"(the token is in {self.server.token_path})", 401)
+            status, body = self._route(method, parts, parse_qs(url.query))
+        except wire.WireError as exc:
+            self.server.core.counters["reports_rejected"] += method == "POST" and parts[-1:] == ["report"]
+            status, body = exc.status, {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
+            log.exception("error handling %s %s", method, self.path)
+            status, body = 500, {"error": f"internal error: {exc}"}
+        self._reply(status, body)
+
+    def _route(self, method: str, parts: list[str], query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        core = self.server.core
+        if method == "GET" and parts == ["healthz"]:
+            return 200, {"ok": True}
+        if method == "GET" and parts == ["metrics"] and self.server.metrics is not None:
+            raise _RawReply(self.server.metrics())
+        if parts[:1] != ["v1"]:
+            raise wire.WireError(f"no such endpoint: {method} {self.path}", 404)
+        if method == "POST" and parts == ["v1", "report"]:
+            message = wire.loads(self._body())
+            since = message.get("decisions_since_step")
+            return 200, core.report(wire.parse_report(message), since if isinstance(since, int) else None)
+        if method == "GET" and parts == ["v1", "runs"]:
+            return 200, {"runs": core.runs()}
+        if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "events":
+            kinds = tuple(query.get("kinds", [""])[0].split(",")) if query.get("kinds") else ()
+            return 200, {"events": core.store.events(parts[2], kinds), "decisions": core.store.decisions(parts[2]),
+                         "commands": core.store.commands(parts[2])}
+        if method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "control":
+            message = wire.loads(self._body())
+            params = message.get("params", {})
+            if not isinstance(params, dict) or not isinstance(message.get("action"), str):
+                raise wire.WireError("body must be {\"v\": 1, \"action\": \"stop|rollback|reduce_lr\", \"params\": {}}")
+            command_id = core.control(parts[2], message["action"], params, source="ctl")
+            return 200, {"command_id": command_id}
+        if method == "GET" and parts == ["v1", "rules"]:
+            return 200, {"rule_sets": core.library.names(), "errors": core.library.errors,
+                         "reloads": core.store.reloads()}
+        raise wire.WireError(f"no such endpoint: {method} {self.path}", 404)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        try:
+            self._dispatch("GET")
+        except _RawReply as raw:
+            self.send_response(200)
+            self.send_header("Content-Type", raw.content_type)
+            self.send_header("Content-Length", str(len(raw.data)))
+            self.end_headers()
+            self.wfile.write(raw.data)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+
+class _RawReply(Exception):
+    def __init__(self, payload: tuple[bytes, str]) -> None:
+        self.data, self.content_type = payload
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    core: Guardian
+    token: str
+    token_path: Path
+    require_token: bool
+    metrics: Any = None
+
+
+def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path) -> _Server:
+    server = _Server((host, port), _Handler)
+    server.core, server.token, server.token_path = core, token, token_path
+    server.require_token = not _is_loopback(host)
+    return server
+
+
+def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
+          tick_seconds: float = 1.0, ready: threading.Event | None = None) -> None:
+    """Run the daemon until SIGINT/SIGTERM."""
+    token_path = state_dir / "token"
+    token = load_or_create_token(state_dir)
+    store = Store(state_dir / "guardian.db")
+    library = RuleLibrary(rules_dir if rules_dir is not None else state_dir / "rules")
+    core = Guardian(store, library)
+    library.watch()
+    server = make_server(core, host, port, token, token_path)
+    stopping = threading.Event()
+
+    def ticker() -> None:
+        while not stopping.wait(tick_seconds):
+            try:
+                core.tick()
+            except Exception:  # noqa: BLE001
+                log.exception("stall check failed")
+
+    threading.Thread(target=ticker, daemon=True, name="guardian-ticker").start()
+
+    def stop(*_: Any) -> None:
+        stopping.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    bound = server.server_address
+    log.warning("guardian daemon listening on http://%s:%s (state in %s, rules in %s)", bound[0], bound[1],
+                state_dir, library.rules_dir)
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        library.stop()
+        server.server_close()
+        store.close()

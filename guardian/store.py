@@ -1,0 +1,227 @@
+"""The daemon's store: SQLite in WAL mode, one file, every run's events, decisions and commands.
+
+Each report is committed in one transaction together with the run's engine state and the sequence number
+it has processed up to, so after a crash (even SIGKILL) the stored events, the decisions and the rule state
+agree, and a resent event is recognised by its (run, seq) and stored once.
+
+Growth is bounded: a run keeps its newest `metrics_kept` metrics events in full; older ones are thinned to
+every `thin_every`-th step (decisions, actions and commands are never thinned); runs not heard from in
+`retain_days` are deleted by `prune()`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, rules TEXT NOT NULL, meta TEXT NOT NULL, first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, last_step INTEGER,
+    engine_state TEXT, ended INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step INTEGER, time REAL,
+    body TEXT NOT NULL, PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (run_id, kind, step);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, rule TEXT NOT NULL,
+    severity TEXT NOT NULL, time REAL NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_run ON decisions (run_id, step);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, action TEXT NOT NULL, params TEXT NOT NULL,
+    source TEXT NOT NULL, created REAL NOT NULL, delivered REAL, applied REAL
+);
+CREATE TABLE IF NOT EXISTS reloads (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, source TEXT NOT NULL, ok INTEGER NOT NULL, message TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    rules: str
+    meta: dict[str, Any]
+    first_seen: float
+    last_seen: float
+    last_seq: int
+    last_step: int | None
+    engine_state: dict[str, Any] | None
+    ended: bool
+
+
+class Store:
+    """Thread-safe access to the daemon's SQLite file."""
+
+    def __init__(self, path: str | Path, *, metrics_kept: int = 100_000, thin_every: int = 10) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.metrics_kept = metrics_kept
+        self.thin_every = thin_every
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; fsync per checkpoint
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- runs --------------------------------------------------------------------------------------
+
+    def run(self, run_id: str) -> RunRow | None:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return _run_row(rows[0]) if rows else None
+
+    def runs(self) -> list[RunRow]:
+        return [_run_row(r) for r in self._query("SELECT * FROM runs ORDER BY last_seen DESC")]
+
+    def commit_report(self, run_id: str, rules: str, meta: dict[str, Any], events: list[dict[str, Any]],
+                      decisions: list[dict[str, Any]], engine_state: dict[str, Any], last_seq: int,
+                      last_step: int | None, ended: bool) -> int:
+        """Store new events, the decisions they caused and the engine state, atomically; return rows added."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (id, rules, meta, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, rules = excluded.rules",
+                (run_id, rules, json.dumps(meta), now, now),
+            )
+            added = db.executemany(
+                "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, e["seq"], e["kind"], e.get("step"), e.get("time"), json.dumps(e)) for e in events],
+            ).rowcount
+            db.executemany(
+                "INSERT INTO decisions (run_id, step, rule, severity, time, body) VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, d["step"], d["rule"], d["severity"], now, json.dumps(d)) for d in decisions],
+            )
+            db.execute(
+                "UPDATE runs SET last_seq = MAX(last_seq, ?), last_step = COALESCE(?, last_step), engine_state = ?,"
+                " ended = MAX(ended, ?), meta = CASE WHEN ? = '{}' THEN meta ELSE ? END WHERE id = ?",
+                (last_seq, last_step, json.dumps(engine_state), int(ended), json.dumps(meta), json.dumps(meta), run_id),
+            )
+        return added
+
+    def touch(self, run_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE runs SET last_seen = ? WHERE id = ?", (time.time(), run_id))
+
+    # ---- events and decisions ----------------------------------------------------------------------
+
+    def events(self, run_id: str, kinds: tuple[str, ...] = (), since_seq: int = 0, limit: int = 100_000) -> list[dict[str, Any]]:
+        sql = "SELECT body FROM events WHERE run_id = ? AND seq > ?"
+        args: list[Any] = [run_id, since_seq]
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args.extend(kinds)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [json.loads(row[0]) for row in self._query(sql, tuple(args))]
+
+    def event_seqs(self, run_id: str) -> list[int]:
+        return [row[0] for row in self._query("SELECT seq FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
+
+    def decisions(self, run_id: str, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = self._query("SELECT body FROM decisions WHERE run_id = ? ORDER BY id DESC LIMIT ?", (run_id, limit))
+        return [json.loads(row[0]) for row in reversed(rows)]
+
+    # ---- commands ----------------------------------------------------------------------------------
+
+    def add_command(self, run_id: str, action: str, params: dict[str, Any], source: str) -> int:
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO commands (run_id, action, params, source, created) VALUES (?, ?, ?, ?, ?)",
+                (run_id, action, json.dumps(params), source, time.time()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def take_commands(self, run_id: str) -> list[dict[str, Any]]:
+        """Commands not yet delivered to the run; marks them delivered."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, action, params, source FROM commands WHERE run_id = ? AND delivered IS NULL ORDER BY id",
+                (run_id,),
+            ).fetchall()
+            db.executemany("UPDATE commands SET delivered = ? WHERE id = ?", [(time.time(), r[0]) for r in rows])
+        return [{"id": r[0], "action": r[1], "params": json.loads(r[2]), "source": r[3]} for r in rows]
+
+    def mark_applied(self, command_ids: list[int]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(time.time(), i) for i in command_ids])
+
+    def commands(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT id, action, params, source, created, delivered, applied FROM commands "
+                           "WHERE run_id = ? ORDER BY id", (run_id,))
+        keys = ("id", "action", "params", "source", "created", "delivered", "applied")
+        return [dict(zip(keys, (*r[:2], json.loads(r[2]), *r[3:]))) for r in rows]
+
+    # ---- rule reloads ------------------------------------------------------------------------------
+
+    def record_reload(self, source: str, ok: bool, message: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO reloads (time, source, ok, message) VALUES (?, ?, ?, ?)",
+                       (time.time(), source, int(ok), message))
+
+    def reloads(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._query("SELECT time, source, ok, message FROM reloads ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"time": r[0], "source": r[1], "ok": bool(r[2]), "message": r[3]} for r in reversed(rows)]
+
+    # ---- growth ------------------------------------------------------------------------------------
+
+    def thin(self, run_id: str) -> int:
+        """Thin a run's oldest metrics events beyond `metrics_kept`; return how many were deleted."""
+        count = self._query("SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = 'metrics'", (run_id,))[0][0]
+        if count <= self.metrics_kept:
+            return 0
+        cutoff = self._query(
+            "SELECT seq FROM events WHERE run_id = ? AND kind = 'metrics' ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (run_id, self.metrics_kept),
+        )[0][0]
+        with self._tx() as db:
+            return db.execute(
+                "DELETE FROM events WHERE run_id = ? AND kind = 'metrics' AND seq <= ? AND step % ? != 0",
+                (run_id, cutoff, self.thin_every),
+            ).rowcount
+
+    def prune(self, retain_days: float) -> int:
+        """Delete runs not heard from in `retain_days`, with all their rows; return how many runs."""
+        cutoff = time.time() - retain_days * 86400
+        with self._tx() as db:
+            old = [r[0] for r in db.execute("SELECT id FROM runs WHERE last_seen < ?", (cutoff,)).fetchall()]
+            for table, column in (("events", "run_id"), ("decisions", "run_id"), ("commands", "run_id"), ("runs", "id")):
+                db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(r,) for r in old])
+        return len(old)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _run_row(row: tuple[Any, ...]) -> RunRow:
+    return RunRow(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
+                  json.loads(row[7]) if row[7] else None, bool(row[8]))

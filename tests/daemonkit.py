@@ -1,0 +1,64 @@
+"""Start a real `guardian serve` process for a test, and talk to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from guardian.client import DaemonError, request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonProcess:
+    """`guardian serve` in a child process, on a port of its own, with its state in `state_dir`."""
+
+    def __init__(self, state_dir: Path, port: int | None = None, rules_dir: Path | None = None) -> None:
+        self.state_dir, self.port, self.rules_dir = state_dir, port or free_port(), rules_dir
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state_dir / "daemon.log"
+
+    def start(self) -> DaemonProcess:
+        args = [sys.executable, "-m", "guardian.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir)]
+        if self.rules_dir is not None:
+            args += ["--rules-dir", str(self.rules_dir)]
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                request(self.url, "GET", "/healthz", timeout=1)
+                return self
+            except DaemonError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: {self.log.read_text()}") from None
+                time.sleep(0.1)
+        raise RuntimeError(f"daemon did not come up: {self.log.read_text()}")
+
+    @property
+    def token(self) -> str:
+        return (self.state_dir / "token").read_text().strip()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

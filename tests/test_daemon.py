@@ -1,0 +1,232 @@
+"""The daemon over real HTTP: protocol checks, decisions, exactly-once storage, control, stalls, reloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemonkit import DaemonProcess, free_port
+
+from guardian import wire
+from guardian.client import DaemonError, request
+from guardian.daemon import Guardian, _is_loopback, load_or_create_token, make_server
+from guardian.reload import RuleLibrary
+from guardian.store import Store
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Guardian, str, str]]:
+    """An in-process daemon on a free loopback port: (core, url, token)."""
+    token = load_or_create_token(tmp_path)
+    core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
+    server = make_server(core, "127.0.0.1", 0, token, tmp_path / "token")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield core, f"http://127.0.0.1:{server.server_address[1]}", token
+    server.shutdown()
+    server.server_close()
+
+
+def metrics(seq: int, step: int, **values: float | str) -> dict[str, object]:
+    return {"seq": seq, "kind": "metrics", "step": step, "phase": "train", "values": values}
+
+
+def report(url: str, events: list[dict[str, object]], run: str = "r1", **extra: object) -> dict[str, object]:
+    return request(url, "POST", "/v1/report", {"run": {"id": run, "rules": "default"}, "events": events, **extra})
+
+
+def raw_post(url: str, body: bytes, path: str = "/v1/report") -> tuple[int, dict[str, object]]:
+    import http.client
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "body is not valid JSON"),
+        (b"[1, 2]", 400, "body must be a JSON object"),
+        (b'{"v": 2, "run": {"id": "x"}, "events": []}', 409, "unsupported protocol version 2; this guardian speaks version 1"),
+        (b'{"v": 1, "events": []}', 400, "'run' must be an object with a non-empty string 'id'"),
+        (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 0, "kind": "metrics"}]}', 400, "events[0].seq must be an integer >= 1"),
+        (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 1, "kind": "weird"}]}', 400, "events[0].kind must be one of"),
+        (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": "high"}}]}',
+         400, "events[0].values.loss must be a number"),
+        (b'{"v": 1, "run": {"id": "x", "rules": "nope"}, "events": []}', 404, "no rule set named 'nope'"),
+    ],
+)
+def test_bad_messages_get_a_clear_error(daemon: tuple[Guardian, str, str], body: bytes, status: int, message: str) -> None:
+    _, url, _ = daemon
+    code, reply = raw_post(url, body)
+    assert code == status
+    assert message in str(reply["error"])
+
+
+def test_oversized_message_is_refused(daemon: tuple[Guardian, str, str]) -> None:
+    _, url, _ = daemon
+    code, reply = raw_post(url, b" " * (wire.MAX_BODY_BYTES + 1))
+    assert code == 413 and "over the limit" in str(reply["error"])
+
+
+def test_decisions_come_back_and_events_are_stored_once(daemon: tuple[Guardian, str, str]) -> None:
+    core, url, _ = daemon
+    events = [metrics(i, i, loss=2.0, grad_norm=1.0, learning_rate=1e-4) for i in range(1, 6)]
+    events.append(metrics(6, 6, loss="nan", grad_norm="nan", learning_rate=1e-4))
+    reply = report(url, events)
+    assert reply["ack_seq"] == 6
+    assert [(d["step"], d["rule"]) for d in reply["decisions"]] == [(6, "non_finite_loss")]
+    again = report(url, events)  # a sender that never saw the answer resends: nothing is stored twice
+    assert again["ack_seq"] == 6 and again["decisions"] == []
+    assert core.store.event_seqs("r1") == [1, 2, 3, 4, 5, 6]
+    assert core.counters["events_duplicate"] == 6
+
+
+def test_stored_decisions_are_resent_on_request(daemon: tuple[Guardian, str, str]) -> None:
+    _, url, _ = daemon
+    report(url, [metrics(1, 1, loss="nan")])
+    reply = report(url, [], decisions_since_step=1)
+    assert [d["rule"] for d in reply["decisions"]] == ["non_finite_loss"]
+
+
+def test_control_needs_the_token_and_reaches_the_run(daemon: tuple[Guardian, str, str]) -> None:
+    core, url, token = daemon
+    report(url, [metrics(1, 1, loss=1.0)])
+    with pytest.raises(DaemonError, match="a valid token is required"):
+        request(url, "POST", "/v1/runs/r1/control", {"action": "stop"})
+    with pytest.raises(DaemonError, match="a valid token is required"):
+        request(url, "POST", "/v1/runs/r1/control", {"action": "stop"}, token="wrong")
+    with pytest.raises(DaemonError, match="unknown action 'explode'"):
+        request(url, "POST", "/v1/runs/r1/control", {"action": "explode"}, token=token)
+    with pytest.raises(DaemonError, match="no run 'r9'"):
+        request(url, "POST", "/v1/runs/r9/control", {"action": "stop"}, token=token)
+    command = request(url, "POST", "/v1/runs/r1/control", {"action": "reduce_lr", "params": {"factor": 0.3}}, token=token)
+    reply = report(url, [metrics(2, 2, loss=1.0)])
+    assert reply["commands"] == [{"id": command["command_id"], "action": "reduce_lr", "params": {"factor": 0.3},
+                                  "source": "ctl"}]
+    assert report(url, [metrics(3, 3, loss=1.0)])["commands"] == []  # delivered once
+    report(url, [{"seq": 4, "kind": "action", "step": 3, "command_ids": [command["command_id"]]}])
+    [stored] = core.store.commands("r1")
+    assert stored["applied"] is not None
+
+
+def test_token_file_is_private(tmp_path: Path) -> None:
+    load_or_create_token(tmp_path / "state")
+    mode = stat.S_IMODE(os.stat(tmp_path / "state" / "token").st_mode)
+    assert mode == 0o600
+
+
+def test_non_loopback_listener_requires_the_token_for_everything(tmp_path: Path) -> None:
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.0.0.1")
+    token = load_or_create_token(tmp_path)
+    core = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
+    server = make_server(core, "0.0.0.0", 0, token, tmp_path / "token")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(DaemonError, match="a valid token is required"):
+            report(url, [metrics(1, 1, loss=1.0)])
+        ok = request(url, "POST", "/v1/report", {"run": {"id": "r"}, "events": [metrics(1, 1, loss=1.0)]}, token=token)
+        assert ok["ack_seq"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_run_that_stops_reporting_is_marked_stalled(daemon: tuple[Guardian, str, str]) -> None:
+    core, url, _ = daemon
+    report(url, [metrics(1, 1, loss=1.0)])
+    core.tick(now=time.time() + 10)
+    assert core.runs()[0]["status"] == "running"
+    core.tick(now=time.time() + 301)
+    assert core.runs()[0]["status"] == "stalled"
+    core.tick(now=time.time() + 302)  # one decision per stall, not one per tick
+    assert [d["rule"] for d in core.store.decisions("r1")] == ["stalled"]
+
+
+def test_rule_state_survives_a_daemon_restart(tmp_path: Path) -> None:
+    store = Store(tmp_path / "g.db")
+    first = Guardian(store, RuleLibrary(None))
+    events = [metrics(i, i, loss=2.0 + 0.01 * (i % 3), grad_norm=1.0) for i in range(1, 40)]
+    first.report(wire.Report("r", "default", {}, events))
+    saved = first._state("r", "default").engine.state_dict()
+    store.close()
+    second = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
+    restored = second._state("r", "default")
+    assert restored.engine.state_dict() == json.loads(json.dumps(saved))
+    assert restored.last_seq == 39
+
+
+def test_hot_reload_reaches_live_runs_and_keeps_the_last_good_rules(tmp_path: Path) -> None:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    spike = ("  - name: spike\n    metric: loss\n    detector: {kind: robust_zscore, window_steps: 20, warmup_steps: 5}\n"
+             "    actions: [skip_update]\n")
+    high = "  - name: high\n    metric: loss\n    detector: {kind: threshold, above: THRESHOLD}\n    actions: [alert]\n"
+    (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n" + spike + high.replace("THRESHOLD", "100"))
+    store = Store(tmp_path / "g.db")
+    core = Guardian(store, RuleLibrary(rules_dir, debounce_seconds=0.05))
+    core.library.watch()
+    try:
+        core.report(wire.Report("r", "mine", {}, [metrics(i, i, loss=1.0 + 0.01 * (i % 2)) for i in range(1, 11)]))
+        spike_state = core._state("r", "mine").engine.state_dict()["rules"]["spike"]
+        (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n" + spike + high.replace("THRESHOLD", "5"))
+        _wait(lambda: core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0)
+        engine = core._state("r", "mine").engine
+        assert engine.state_dict()["rules"]["spike"] == spike_state  # unchanged rule kept its state
+        reply = core.report(wire.Report("r", "mine", {}, [metrics(11, 11, loss=6.0)]))
+        assert "high" in [d["rule"] for d in reply["decisions"]]
+
+        (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n  - name: broken\n    detector: {kind: nope}\n")
+        _wait(lambda: "mine" in core.library.errors)
+        assert "mine.yaml:4: rule 'broken': unknown detector kind 'nope'" in core.library.errors["mine"]
+        assert core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0
+        failed = [r for r in store.reloads() if not r["ok"]]
+        assert failed and "unknown detector kind 'nope'" in failed[-1]["message"]
+    finally:
+        core.library.stop()
+
+
+def _wait(condition: object, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def test_cli_talks_to_a_real_daemon_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = DaemonProcess(tmp_path / "state").start()
+    try:
+        report(proc.url, [metrics(1, 1, loss=1.0), metrics(2, 2, loss="nan")], run="cli-run")
+        env = {**os.environ, "GUARDIAN_URL": proc.url, "GUARDIAN_HOME": str(tmp_path / "state"), "COLUMNS": "200"}
+        cli = [sys.executable, "-m", "guardian.cli"]
+        runs = subprocess.run([*cli, "runs"], capture_output=True, text=True, env=env)
+        assert runs.returncode == 0 and "cli-run" in runs.stdout and "non_finite_loss" in runs.stdout
+        events = subprocess.run([*cli, "events", "cli-run"], capture_output=True, text=True, env=env)
+        assert "non_finite_loss" in events.stdout and "likely cause" in events.stdout
+        ctl = subprocess.run([*cli, "ctl", "stop", "cli-run"], capture_output=True, text=True, env=env)
+        assert ctl.returncode == 0 and "queued stop for cli-run" in ctl.stdout
+        no_token = subprocess.run([*cli, "ctl", "stop", "cli-run"], capture_output=True, text=True,
+                                  env={**env, "GUARDIAN_HOME": str(tmp_path / "elsewhere")})
+        assert no_token.returncode == 2 and "a valid token is required" in no_token.stderr
+        down = subprocess.run([*cli, "runs", "--url", f"http://127.0.0.1:{free_port()}"], capture_output=True,
+                              text=True, env=env)
+        assert down.returncode == 2 and "is `guardian serve` running?" in down.stderr
+    finally:
+        proc.stop()
