@@ -126,7 +126,7 @@ class DaemonLink:
         deadline = time.monotonic() + flush_seconds
         with self._cond:
             self._cond.notify()
-            while self._queue and time.monotonic() < deadline and self.connected:
+            while self._queue and time.monotonic() < deadline:
                 self._cond.wait(0.05)
             self._stop = True
             self._cond.notify()
