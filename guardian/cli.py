@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from guardian import __version__
 from guardian.client import DaemonError
-from guardian.errors import GuardianError, RuleFileError
+from guardian.errors import ConfigError, GuardianError, RuleFileError
 from guardian.ruleset import RuleSet, default_rules_path, load_rules
 
 
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path, default=_default_state_dir(),
                        help="database, token and rules (default $GUARDIAN_HOME or ~/.guardian)")
     serve.add_argument("--rules-dir", type=Path, help="rule files, one rule set per NAME.yaml (default STATE_DIR/rules)")
+    serve.add_argument("--retain-days", type=float, help="delete runs not heard from in this many days")
     serve.set_defaults(func=_serve)
 
     runs = sub.add_parser("runs", help="the runs the daemon knows: running, stalled, firing, ended")
@@ -80,8 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     ctl.set_defaults(func=_ctl)
 
     replay = sub.add_parser("replay", help="what would the rules have done on a past run's log?")
-    replay.add_argument("paths", nargs="+", type=Path, help="trainer_state.json, trainer_log.jsonl or a run directory")
+    replay.add_argument("paths", nargs="*", type=Path,
+                        help="trainer_state.json, trainer_log.jsonl, Guardian's events.jsonl or a run directory")
     replay.add_argument("--rules", type=Path, help="rule file (default: the shipped rules)")
+    replay.add_argument("--run", action="append", default=[], help="a run stored by the daemon (repeatable)")
+    replay.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="the daemon's state dir")
     replay.set_defaults(func=_replay)
     return parser
 
@@ -108,7 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
     from guardian.daemon import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir)
+    serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir,
+          retain_days=args.retain_days)
     return 0
 
 
@@ -230,12 +235,16 @@ def _rules_detectors(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from guardian.replay import replay
+    from guardian.replay import replay, replay_stored
 
     ruleset: RuleSet = load_rules(args.rules)
     console = Console()
-    for path in args.paths:
-        result = replay(path, ruleset)
+    if not args.paths and not args.run:
+        raise ConfigError("give a log file or run directory to replay, or --run RUN_ID for a run the daemon stored")
+    results = [replay(path, ruleset) for path in args.paths]
+    results += [replay_stored(args.state_dir, run_id, ruleset) for run_id in args.run]
+    for result in results:
+        path = result.path
         report = result.report
         notes = [f"{report.format}", f"{result.observations} observations"]
         if report.duplicates_dropped:

@@ -152,6 +152,15 @@ class Guardian:
                     self.store.commit_report(state.id, state.rules, {}, [], [d.to_dict() for d in decisions],
                                              state.engine.state_dict(), state.last_seq, state.last_step, state.ended)
 
+    def maintain(self, retain_days: float | None) -> None:
+        """Keep the store bounded: thin old metrics of every run, delete runs past retention."""
+        for row in self.store.runs():
+            self.store.thin(row.id)
+        if retain_days is not None:
+            pruned = self.store.prune(retain_days)
+            if pruned:
+                log.info("deleted %d runs not heard from in %g days", pruned, retain_days)
+
     def runs(self) -> list[dict[str, Any]]:
         now = time.time()
         out = []
@@ -305,7 +314,8 @@ def make_server(core: Guardian, host: str, port: int, token: str, token_path: Pa
 
 
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
-          tick_seconds: float = 1.0, ready: threading.Event | None = None) -> None:
+          tick_seconds: float = 1.0, maintain_seconds: float = 600.0, retain_days: float | None = None,
+          ready: threading.Event | None = None) -> None:
     """Run the daemon until SIGINT/SIGTERM."""
     token_path = state_dir / "token"
     token = load_or_create_token(state_dir)
@@ -317,11 +327,15 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
     stopping = threading.Event()
 
     def ticker() -> None:
+        last_maintained = time.monotonic()
         while not stopping.wait(tick_seconds):
             try:
                 core.tick()
-            except Exception:  # noqa: BLE001
-                log.exception("stall check failed")
+                if time.monotonic() - last_maintained > maintain_seconds:
+                    core.maintain(retain_days)
+                    last_maintained = time.monotonic()
+            except Exception:  # noqa: BLE001 - the ticker must outlive one bad pass
+                log.exception("stall check or store maintenance failed")
 
     threading.Thread(target=ticker, daemon=True, name="guardian-ticker").start()
 

@@ -1,13 +1,25 @@
-"""Offline: what would these rules have done on a past run?"""
+"""Offline: what would these rules have done on a past run?
+
+Sources: a Hugging Face `trainer_state.json`, a LLaMA-Factory `trainer_log.jsonl`, a run or checkpoint
+directory (see `guardian.logs`), Guardian's own `events.jsonl`, or a run stored by the daemon.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from guardian import wire
 from guardian.engine import Decision, Engine
-from guardian.logs import LogReport, Observation, read_log_with_report
+from guardian.errors import LogFormatError
+from guardian.logs import EVAL, TRAIN, LogReport, Observation, read_log_with_report
 from guardian.ruleset import RuleSet
+from guardian.store import Store
+
+GUARDIAN_EVENTS = "guardian_events"
+GUARDIAN_STORE = "guardian_store"
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,55 @@ def replay_observations(observations: list[Observation], ruleset: RuleSet) -> li
 
 
 def replay(path: str | os.PathLike[str], ruleset: RuleSet) -> ReplayResult:
-    """Read a trainer_state.json, trainer_log.jsonl or run directory and replay the rules over it."""
-    observations, report = read_log_with_report(path)
+    """Read a log file or run directory and replay the rules over it."""
+    events = _guardian_events_file(Path(path))
+    if events is not None:
+        observations = _observations(json.loads(line) for line in events.read_text().splitlines() if line.strip())
+        report = LogReport(GUARDIAN_EVENTS, str(events), 0, 0, 0)
+    else:
+        observations, report = read_log_with_report(path)
     return ReplayResult(str(path), report, len(observations), replay_observations(observations, ruleset))
+
+
+def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResult:
+    """Replay a run the daemon stored in `state_dir/guardian.db` (the daemon need not be running)."""
+    db = state_dir / "guardian.db"
+    if not db.is_file():
+        raise LogFormatError(f"{db}: no daemon store here; pass the daemon's --state-dir")
+    store = Store(db)
+    try:
+        if store.run(run_id) is None:
+            known = ", ".join(r.id for r in store.runs()[:10]) or "none"
+            raise LogFormatError(f"{db}: no run '{run_id}' (runs: {known})")
+        observations = _observations(store.events(run_id, ("metrics",)))
+    finally:
+        store.close()
+    report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
+    return ReplayResult(f"{db}#{run_id}", report, len(observations), replay_observations(observations, ruleset))
+
+
+def _guardian_events_file(path: Path) -> Path | None:
+    """Guardian's events.jsonl, given the file or a run directory with no Trainer log of its own."""
+    if path.is_dir():
+        has_trainer_log = any((path / name).exists() for name in ("trainer_log.jsonl", "trainer_state.json"))
+        has_checkpoints = any(path.glob("checkpoint-*/trainer_state.json"))
+        candidate = path / "guardian" / "events.jsonl"
+        return candidate if candidate.is_file() and not has_trainer_log and not has_checkpoints else None
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open() as f:
+            first = f.readline()
+        try:
+            head = json.loads(first)
+        except json.JSONDecodeError:
+            return None
+        return path if isinstance(head, dict) and "seq" in head and "kind" in head else None
+    return None
+
+
+def _observations(events: object) -> list[Observation]:
+    out = []
+    for event in events:  # type: ignore[attr-defined]
+        if event.get("kind") == "metrics" and isinstance(event.get("step"), int):
+            kind = EVAL if event.get("phase") == "eval" else TRAIN
+            out.append(Observation(event["step"], wire.metric_values(event), kind))
+    return out

@@ -15,7 +15,7 @@ resend freely. Event kinds: `start`, `metrics` (phase train or eval), `decision`
      "decisions": [<Decision.to_dict()>...], "commands": [{"id": 3, "action": "stop", "params": {}}]}
 
 Errors are `{"v": 1, "error": "<what is wrong and what to do>"}` with status 400 (malformed), 401 (token),
-404, 413 (too large) or 409 (unsupported version). Schema: `schema/wire-v1.json` in the package.
+404, 413 (too large) or 409 (unsupported version). The JSON Schema: `guardian/schema/wire-v1.schema.json`.
 """
 
 from __future__ import annotations

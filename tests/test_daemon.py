@@ -230,3 +230,61 @@ def test_cli_talks_to_a_real_daemon_process(tmp_path: Path) -> None:
         assert down.returncode == 2 and "is `guardian serve` running?" in down.stderr
     finally:
         proc.stop()
+
+
+def test_store_growth_is_bounded(tmp_path: Path) -> None:
+    store = Store(tmp_path / "g.db", metrics_kept=100, thin_every=10)
+    core = Guardian(store, RuleLibrary(None))
+    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=1.0) for i in range(1, 301)]))
+    core.report(wire.Report("r", "default", {}, [{"seq": 301, "kind": "end", "step": 300}]))
+    core.maintain(retain_days=None)
+    seqs = store.event_seqs("r")
+    old, recent = [s for s in seqs if s <= 200], [s for s in seqs if s > 200]
+    assert recent == list(range(201, 302))  # the newest 100 metrics (and the end event) in full
+    assert old == list(range(10, 201, 10))  # older ones thinned to every 10th step
+    core.maintain(retain_days=0)
+    assert store.runs() == []
+
+
+def test_replay_of_a_stored_run_and_of_guardian_events(tmp_path: Path) -> None:
+    from guardian.replay import replay, replay_stored
+    from guardian.ruleset import load_rules
+
+    store = Store(tmp_path / "state" / "guardian.db")
+    core = Guardian(store, RuleLibrary(None))
+    events = [metrics(i, i, loss=1.0, grad_norm=0.5) for i in range(1, 20)] + [metrics(20, 20, loss="inf")]
+    core.report(wire.Report("stored", "default", {}, events))
+    assert [d.rule for d in replay_stored(tmp_path / "state", "stored", load_rules()).decisions] == ["non_finite_loss"]
+    log = tmp_path / "run" / "guardian" / "events.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    for source in (log, tmp_path / "run"):
+        result = replay(source, load_rules())
+        assert result.report.format == "guardian_events" and result.observations == 20
+        assert [d.step for d in result.decisions] == [20]
+
+
+def test_real_messages_follow_the_published_schema(daemon: tuple[Guardian, str, str], tmp_path: Path) -> None:
+    """What the callback writes and the daemon answers matches guardian/schema/wire-v1.schema.json."""
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads(resources.files("guardian").joinpath("schema/wire-v1.schema.json").read_text())
+
+    def check(kind: str, body: dict[str, object]) -> None:
+        jsonschema.validate(body, {**schema, "$ref": f"#/$defs/{kind}"})
+
+    core, url, token = daemon
+    events = [metrics(i, i, loss=2.0, grad_norm=1.0) for i in range(1, 5)] + [metrics(5, 5, loss="nan", grad_norm="inf")]
+    body = {"v": 1, "run": {"id": "s", "rules": "default", "meta": {}}, "events": events}
+    check("report", body)
+    request(url, "POST", "/v1/report", {k: v for k, v in body.items() if k != "v"})
+    control = {"v": 1, "action": "reduce_lr", "params": {"factor": 0.5}}
+    check("control", control)
+    request(url, "POST", "/v1/runs/s/control", {"action": "reduce_lr", "params": {"factor": 0.5}}, token=token)
+    reply = request(url, "POST", "/v1/report", {"run": {"id": "s"}, "events": [], "decisions_since_step": 0})
+    check("reply", reply)
+    assert reply["decisions"] and reply["commands"]
+    with pytest.raises(jsonschema.ValidationError):
+        check("report", {"v": 2, "run": {"id": "s"}, "events": []})
