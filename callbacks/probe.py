@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any
 
 import torch
@@ -38,10 +39,17 @@ def find_trainer(max_depth: int = 12) -> Any | None:
 
 
 class StepProbe:
-    """Collects one optimizer step's loss and gradient norm as tensors; `read()` returns floats."""
+    """Collects one optimizer step's loss, gradient norm and token count; `read()` returns floats.
+
+    Throughput (tokens and samples per second) is measured between consecutive `read()` calls, so it
+    covers everything a step costs, data loading included.
+    """
 
     def __init__(self, trainer: Any | None) -> None:
         self._losses: list[torch.Tensor] = []
+        self._tokens: list[torch.Tensor] = []
+        self._samples = 0
+        self._last_read: float | None = None
         self._grad_norm: Any = None
         self.wrapped = trainer is not None and hasattr(trainer, "_get_grad_norm")
         if self.wrapped:
@@ -54,6 +62,8 @@ class StepProbe:
 
         @functools.wraps(training_step)
         def step_and_keep_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+            inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+            self._count(inputs)
             loss = training_step(*args, **kwargs)
             self._losses.append(loss)
             return loss
@@ -68,10 +78,24 @@ class StepProbe:
         trainer.training_step = step_and_keep_loss
         trainer._get_grad_norm = grad_norm_and_keep
 
+    def _count(self, inputs: Any) -> None:
+        if not isinstance(inputs, dict):
+            return
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and ids.dim() > 0:
+            self._samples += int(ids.shape[0])
+        if isinstance(mask, torch.Tensor):
+            self._tokens.append(mask.sum())  # stays on the device: read with the loss, in one sync
+        elif isinstance(ids, torch.Tensor):
+            self._tokens.append(torch.tensor(ids.numel(), device=ids.device))
+
     def read(self, model: torch.nn.Module | None) -> dict[str, float]:
-        """This step's values (loss, grad_norm) as floats; clears them for the next step."""
+        """This step's values (loss, grad_norm, throughput) as floats; clears them for the next step."""
         values: list[torch.Tensor] = []
         names: list[str] = []
+        if self._tokens:
+            values.append(torch.stack([t.float().reshape(()) for t in self._tokens]).sum())
+            names.append("tokens")
         if self._losses:
             values.append(torch.stack([loss.float().reshape(()) for loss in self._losses]).sum())
             names.append("loss")
@@ -79,12 +103,30 @@ class StepProbe:
         if isinstance(norm, torch.Tensor):
             values.append(norm.detach().float().reshape(()).to(values[0].device if values else norm.device))
             names.append("grad_norm")
-        out = dict(zip(names, torch.stack(values).tolist())) if values else {}
+        if values:
+            device = values[-1].device
+            out = dict(zip(names, torch.stack([v.to(device) for v in values]).tolist()))
+        else:
+            out = {}
         if norm is not None and not isinstance(norm, torch.Tensor):
             out["grad_norm"] = float(norm)
+        self._throughput(out)
         self._losses.clear()
+        self._tokens.clear()
+        self._samples = 0
         self._grad_norm = None
         return out
+
+    def _throughput(self, out: dict[str, float]) -> None:
+        now = time.perf_counter()
+        tokens = out.pop("tokens", None)
+        if self._last_read is not None and now > self._last_read:
+            seconds = now - self._last_read
+            if tokens is not None:
+                out["tokens_per_second"] = tokens / seconds
+            if self._samples:
+                out["samples_per_second"] = self._samples / seconds
+        self._last_read = now
 
 
 def _grad_norm(model: torch.nn.Module | None) -> torch.Tensor | None:

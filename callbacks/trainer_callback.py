@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from transformers import TrainerCallback
 
 from guardian.actions import ActionKind, ActionSpec, describe_outcome as describe, merge
@@ -36,6 +37,8 @@ from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.client import DaemonLink
 from guardian.engine import Decision, Engine, decision_from_dict
 from guardian.eventlog import EventLog
+from guardian.exporter import GuardianCollector, RunTracker, RunView
+from guardian.gpu import GpuReader
 from guardian.ruleset import RuleSet, load_rules
 
 log = logging.getLogger("guardian")
@@ -84,6 +87,9 @@ class GuardianCallback(TrainerCallback):
         rule_set: the name of the daemon's rule set for this run.
         token: the daemon's token, needed when it listens beyond loopback (default: `GUARDIAN_TOKEN`).
         deadline_seconds: the longest a step waits for the daemon's verdict on the previous step.
+        metrics_port: serve Prometheus metrics for this run on 127.0.0.1:PORT (embedded mode; the daemon
+            serves them at its own /metrics otherwise).
+        system_every_seconds: how often to report GPU facts (NVML) from this process.
     """
 
     def __init__(
@@ -102,6 +108,8 @@ class GuardianCallback(TrainerCallback):
         rule_set: str = "default",
         token: str | None = None,
         deadline_seconds: float = 0.5,
+        metrics_port: int | None = None,
+        system_every_seconds: float = 10.0,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
@@ -114,6 +122,13 @@ class GuardianCallback(TrainerCallback):
         self.rule_set = rule_set
         self.token = token if token is not None else os.environ.get("GUARDIAN_TOKEN") or None
         self.deadline_seconds = deadline_seconds
+        self.metrics_port = metrics_port
+        self.system_every_seconds = system_every_seconds
+        self.tracker = RunTracker(run_id or "embedded")
+        self.metrics_server: Any = None
+        self._gpus: GpuReader | None = None
+        self._last_system = 0.0
+        self._rank = 0
         self.engine = Engine(self.ruleset)
         self.actuator = Actuator(snapshots_kept=snapshots_kept, rollback_margin_steps=rollback_margin_steps,
                                  use_snapshots=snapshot_every_steps > 0)
@@ -167,6 +182,11 @@ class GuardianCallback(TrainerCallback):
                                    spool=events_path)
             log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
         self._resume(args, state)
+        self._rank = int(getattr(args, "process_index", 0))
+        self._gpus = _gpu_reader()
+        if self.metrics_port is not None and state.is_world_process_zero:
+            self.tracker.view.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
+            self.metrics_server = serve_run_metrics(self, self.metrics_port)
         size = snapshots.trainable_nbytes(model)
         if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
             self.actuator.use_snapshots = False
@@ -209,6 +229,9 @@ class GuardianCallback(TrainerCallback):
         step = state.global_step
         if self.actuator.use_snapshots and step % self.snapshot_every_steps == 0 and self._healthy(step):
             self.actuator.snapshot(step, model, optimizer, lr_scheduler)
+        if self._gpus is not None and time.monotonic() - self._last_system >= self.system_every_seconds:
+            self._last_system = time.monotonic()
+            self._emit("system", {"step": step, "rank": self._rank, "gpus": self._gpus.read()})
 
     @_never_raises
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
@@ -252,6 +275,8 @@ class GuardianCallback(TrainerCallback):
         self._emit("end", summary, flush=True)
         if self.link is not None:
             self.link.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self._events:
             self._events.close()
         log.info("Guardian: run ended at step %d: %d decisions, %d updates skipped, %d rollbacks, "
@@ -338,6 +363,9 @@ class GuardianCallback(TrainerCallback):
         return step - self._last_decision_step > self.quiet_steps
 
     def _emit(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any] | None:
+        if self.metrics_server is not None:
+            values = payload.get("values", {}) if kind == "metrics" else {}
+            self.tracker.apply({"kind": kind, "time": time.time(), **payload}, values)
         if self._events is None:
             return None
         event = self._events.write(kind, payload, flush=flush)
@@ -360,6 +388,36 @@ class GuardianCallback(TrainerCallback):
         self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
         self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
+
+
+def _gpu_reader() -> GpuReader | None:
+    """NVML for this process's GPU, or None on a machine without one."""
+    if not torch.cuda.is_available():
+        return None
+    props: Any = torch.cuda.get_device_properties(torch.cuda.current_device())
+    try:  # NVML numbers GPUs differently from CUDA under CUDA_VISIBLE_DEVICES: match by PCI bus id
+        reader = GpuReader([f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"])
+    except AttributeError:
+        reader = GpuReader()
+    return reader if reader.available else None
+
+
+def serve_run_metrics(callback: GuardianCallback, port: int, host: str = "127.0.0.1") -> Any:
+    """Prometheus metrics for one embedded run on host:port (loopback by default)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    def views() -> list[RunView]:
+        view = callback.tracker.view
+        view.rule_status = {k: v.value for k, v in callback.engine.rule_status().items()}
+        view.rule_firings = {k: fired for k, (fired, _) in callback.engine.rule_counts().items()}
+        view.last_report = view.last_report or time.time()
+        return [view]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GuardianCollector(views))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    log.info("Guardian: metrics for this run on http://%s:%d/metrics", host, port)
+    return server
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

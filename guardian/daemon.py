@@ -7,6 +7,7 @@ mode 0600) is required for control actions, and for everything when listening be
 
 from __future__ import annotations
 
+import copy
 import hmac
 import ipaddress
 import json
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from guardian import wire
 from guardian.engine import Engine
+from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
 from guardian.ruleset import RuleSet
@@ -57,6 +59,7 @@ class RunState:
     last_step: int | None = None
     last_seen: float = field(default_factory=time.time)
     ended: bool = False
+    tracker: RunTracker | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -86,7 +89,7 @@ class Guardian:
             if ruleset is None:
                 raise wire.WireError(f"no rule set named '{name}'; available: {', '.join(self.library.names())}", 404)
             engine = Engine(ruleset)
-            state = RunState(run_id, name, engine)
+            state = RunState(run_id, name, engine, tracker=RunTracker(run_id, name))
             if row is not None:
                 state.last_seq, state.last_step, state.ended = row.last_seq, row.last_step, row.ended
                 if row.engine_state:
@@ -104,9 +107,13 @@ class Guardian:
             new = sorted((e for e in report.events if e["seq"] > state.last_seq), key=lambda e: e["seq"])
             decisions: list[dict[str, Any]] = []
             applied: list[int] = []
+            assert state.tracker is not None
+            state.tracker.view.host = str(report.meta.get("host", state.tracker.view.host))
             for event in new:
+                values = wire.metric_values(event) if event["kind"] == "metrics" else {}
+                state.tracker.apply(event, values)
                 if event["kind"] == "metrics":
-                    for decision in state.engine.observe(event["step"], wire.metric_values(event)):
+                    for decision in state.engine.observe(event["step"], values):
                         decisions.append(decision.to_dict())
                     state.last_step = event["step"]
                 elif event["kind"] == "action":
@@ -160,6 +167,31 @@ class Guardian:
             pruned = self.store.prune(retain_days)
             if pruned:
                 log.info("deleted %d runs not heard from in %g days", pruned, retain_days)
+
+    def views(self) -> list[RunView]:
+        """The exporter's view of every run in memory, built now."""
+        with self._lock:
+            states = list(self._runs.values())
+        views = []
+        for state in states:
+            with state.lock:
+                assert state.tracker is not None
+                view = state.tracker.view
+                view.rule_status = {k: v.value for k, v in state.engine.rule_status().items()}
+                view.rule_firings = {k: fired for k, (fired, _) in state.engine.rule_counts().items()}
+                view.stalled = view.rule_status.get("stalled") == "firing"
+                view.ended = state.ended
+                view.last_report = state.last_seen
+                views.append(copy.deepcopy(view))
+        return views
+
+    def health(self) -> dict[str, Any]:
+        reloads = self.store.reloads(limit=1_000_000)
+        statuses: dict[str, int] = {}
+        for run in self.runs():
+            statuses[run["status"]] = statuses.get(run["status"], 0) + 1
+        return {**self.counters, "store_size_bytes": self.store.size_bytes(), "runs": statuses,
+                "reloads_ok": sum(r["ok"] for r in reloads), "reloads_error": sum(not r["ok"] for r in reloads)}
 
     def runs(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -306,6 +338,16 @@ class _Server(ThreadingHTTPServer):
     metrics: Any = None
 
 
+def metrics_endpoint(core: Guardian) -> Any:
+    """A function rendering the Prometheus text format from the core's state, for GET /metrics."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GuardianCollector(core.views, core.health))
+    return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
+
+
 def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path) -> _Server:
     server = _Server((host, port), _Handler)
     server.core, server.token, server.token_path = core, token, token_path
@@ -324,6 +366,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
     core = Guardian(store, library)
     library.watch()
     server = make_server(core, host, port, token, token_path)
+    server.metrics = metrics_endpoint(core)
     stopping = threading.Event()
 
     def ticker() -> None:

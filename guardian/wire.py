@@ -8,8 +8,8 @@ Every body is a JSON object with `"v": 1`. A training process POSTs its events t
                  "values": {"loss": 1.93, "grad_norm": 0.82, "learning_rate": 0.0002}}, ...]}
 
 `seq` numbers a run's events from 1 without gaps; the daemon stores each (run, seq) once, so a sender may
-resend freely. Event kinds: `start`, `metrics` (phase train or eval), `decision`, `action`, `checkpoint`,
-`end`. Non-finite floats travel as the strings "nan", "inf", "-inf". The reply:
+resend freely. Event kinds: `start`, `metrics` (phase train or eval), `system` (GPU facts of a rank),
+`decision`, `action`, `checkpoint`, `end`. Non-finite floats travel as the strings "nan", "inf", "-inf". The reply:
 
     {"v": 1, "ack_seq": 17, "decided_through_step": 17,
      "decisions": [<Decision.to_dict()>...], "commands": [{"id": 3, "action": "stop", "params": {}}]}
@@ -28,7 +28,7 @@ from typing import Any
 VERSION = 1
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_EVENTS_PER_REPORT = 5000
-EVENT_KINDS = ("start", "metrics", "decision", "action", "checkpoint", "end")
+EVENT_KINDS = ("start", "metrics", "system", "decision", "action", "checkpoint", "end")
 
 
 class WireError(ValueError):

@@ -1,0 +1,201 @@
+"""Prometheus metrics, built at scrape time from the runs' state (a custom collector, no mirrored gauges).
+
+Names follow Prometheus conventions: a `guardian_` prefix, base units, `_total` counters, and only
+low-cardinality labels (run_id, rule, action, source, metric, rank, gpu) — never the step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# The run's latest values: metric name here -> key in RunView.latest (HF's own log keys).
+RUN_GAUGES = {
+    "train_loss": ("loss", "Training loss at the last reported step."),
+    "eval_loss": ("eval_loss", "Evaluation loss at the last evaluation."),
+    "grad_norm": ("grad_norm", "Gradient norm (before clipping) at the last reported step."),
+    "learning_rate": ("learning_rate", "Learning rate of the first parameter group."),
+    "lr_scale": ("lr_scale", "Product of Guardian's learning-rate cuts (1 = none)."),
+    "global_step": ("step", "Last reported optimizer step."),
+    "epoch": ("epoch", "Last reported epoch (fractional)."),
+    "tokens_per_second": ("tokens_per_second", "Training throughput in tokens per second (this rank)."),
+    "samples_per_second": ("samples_per_second", "Training throughput in samples per second (this rank)."),
+}
+GPU_GAUGES = {
+    "memory_used_bytes": "GPU memory in use.",
+    "memory_total_bytes": "GPU memory in total.",
+    "utilization_ratio": "GPU utilization (0-1) over the last sample period.",
+    "temperature_celsius": "GPU temperature.",
+    "power_watts": "GPU power draw.",
+}
+RULE_STATES = ("ok", "warming_up", "firing", "cooling_down")
+
+
+@dataclass
+class RunView:
+    """What the exporter needs to know about one run."""
+
+    run_id: str
+    rules: str = "default"
+    host: str = ""
+    latest: dict[str, float] = field(default_factory=dict)
+    last_report: float = 0.0
+    stalled: bool = False
+    ended: bool = False
+    rule_status: dict[str, str] = field(default_factory=dict)
+    rule_firings: dict[str, int] = field(default_factory=dict)
+    actions: dict[tuple[str, str], int] = field(default_factory=dict)  # (action, source) -> count
+    rollbacks: int = 0
+    skipped_updates: int = 0
+    nonfinite: dict[str, int] = field(default_factory=dict)  # metric -> count
+    gpus: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (rank, gpu) -> facts
+
+
+class GuardianCollector(Collector):
+    """Yields every Guardian metric from `views()` (and `health()` for the daemon) at each scrape."""
+
+    def __init__(self, views: Callable[[], list[RunView]], health: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.views = views
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        views = self.views()
+        yield from self._run_metrics(views)
+        yield from self._rule_metrics(views)
+        yield from self._action_metrics(views)
+        yield from self._gpu_metrics(views)
+        if self.health is not None:
+            yield from self._health_metrics(self.health())
+
+    def _run_metrics(self, views: list[RunView]) -> Iterator[Metric]:
+        for name, (key, doc) in RUN_GAUGES.items():
+            family = GaugeMetricFamily(f"guardian_{name}", doc, labels=["run_id"])
+            for view in views:
+                if key in view.latest:
+                    family.add_metric([view.run_id], view.latest[key])
+            yield family
+        info = GaugeMetricFamily("guardian_run_info", "A run Guardian watches (always 1).", labels=["run_id", "rules", "host"])
+        seen = GaugeMetricFamily("guardian_last_report_timestamp_seconds", "Unix time of the run's last report.",
+                                 labels=["run_id"])
+        stalled = GaugeMetricFamily("guardian_run_stalled", "1 while the run has stopped reporting.", labels=["run_id"])
+        ended = GaugeMetricFamily("guardian_run_ended", "1 once the run has ended.", labels=["run_id"])
+        for view in views:
+            info.add_metric([view.run_id, view.rules, view.host], 1)
+            seen.add_metric([view.run_id], view.last_report)
+            stalled.add_metric([view.run_id], float(view.stalled))
+            ended.add_metric([view.run_id], float(view.ended))
+        yield from (info, seen, stalled, ended)
+
+    def _rule_metrics(self, views: list[RunView]) -> Iterator[Metric]:
+        firing = GaugeMetricFamily("guardian_rule_firing", "1 while the rule is firing.", labels=["run_id", "rule"])
+        state = GaugeMetricFamily("guardian_rule_state", "1 for the rule's current state.",
+                                  labels=["run_id", "rule", "state"])
+        firings = CounterMetricFamily("guardian_rule_firings", "Times the rule fired and was acted on.",
+                                      labels=["run_id", "rule"])
+        for view in views:
+            for rule, status in view.rule_status.items():
+                firing.add_metric([view.run_id, rule], float(status == "firing"))
+                for s in RULE_STATES:
+                    state.add_metric([view.run_id, rule, s], float(status == s))
+            for rule, count in view.rule_firings.items():
+                firings.add_metric([view.run_id, rule], count)
+        yield from (firing, state, firings)
+
+    def _action_metrics(self, views: list[RunView]) -> Iterator[Metric]:
+        actions = CounterMetricFamily("guardian_actions", "Actions carried out in the training process.",
+                                      labels=["run_id", "action", "source"])
+        rollbacks = CounterMetricFamily("guardian_rollbacks", "Rollbacks carried out.", labels=["run_id"])
+        skipped = CounterMetricFamily("guardian_skipped_updates", "Optimizer updates skipped.", labels=["run_id"])
+        nonfinite = CounterMetricFamily("guardian_nonfinite_values", "NaN or infinite values reported.",
+                                        labels=["run_id", "metric"])
+        for view in views:
+            for (action, source), count in view.actions.items():
+                actions.add_metric([view.run_id, action, source], count)
+            rollbacks.add_metric([view.run_id], view.rollbacks)
+            skipped.add_metric([view.run_id], view.skipped_updates)
+            for metric, count in view.nonfinite.items():
+                nonfinite.add_metric([view.run_id, metric], count)
+        yield from (actions, rollbacks, skipped, nonfinite)
+
+    def _gpu_metrics(self, views: list[RunView]) -> Iterator[Metric]:
+        for name, doc in GPU_GAUGES.items():
+            family = GaugeMetricFamily(f"guardian_gpu_{name}", doc, labels=["run_id", "rank", "gpu"])
+            for view in views:
+                for (rank, gpu), facts in view.gpus.items():
+                    if name in facts:
+                        family.add_metric([view.run_id, rank, gpu], facts[name])
+            yield family
+
+    def _health_metrics(self, health: dict[str, Any]) -> Iterator[Metric]:
+        for name, doc in (("events_ingested", "Events stored."), ("events_duplicate", "Resent events already stored."),
+                          ("reports", "Reports answered."), ("reports_rejected", "Reports refused as malformed.")):
+            yield CounterMetricFamily(f"guardian_{name}", doc, value=health.get(name, 0))
+        reloads = CounterMetricFamily("guardian_rule_reloads", "Rule-file reloads.", labels=["result"])
+        for result in ("ok", "error"):
+            reloads.add_metric([result], health.get(f"reloads_{result}", 0))
+        yield reloads
+        yield GaugeMetricFamily("guardian_store_size_bytes", "Size of the daemon's SQLite files.",
+                                value=health.get("store_size_bytes", 0))
+        runs = GaugeMetricFamily("guardian_runs", "Runs by status.", labels=["status"])
+        for status in ("running", "firing", "stalled", "ended"):
+            runs.add_metric([status], health.get("runs", {}).get(status, 0))
+        yield runs
+
+
+class RunTracker:
+    """Keeps a RunView up to date from a run's events (used by the daemon and the embedded exporter)."""
+
+    def __init__(self, run_id: str, rules: str = "default", host: str = "") -> None:
+        self.view = RunView(run_id, rules, host)
+
+    def apply(self, event: dict[str, Any], values: dict[str, float]) -> None:
+        """Update from one event; `values` are its decoded metric values (for metrics events)."""
+        view, kind = self.view, event.get("kind")
+        view.last_report = float(event.get("time") or time.time())
+        if kind == "metrics":
+            self._metrics(event, values)
+        elif kind == "action":
+            self._action(event)
+        elif kind == "system":
+            rank = str(event.get("rank", 0))
+            for gpu in event.get("gpus", []):
+                facts = {k: float(v) for k, v in gpu.items() if k != "gpu" and isinstance(v, (int, float))}
+                view.gpus[(rank, str(gpu.get("gpu", 0)))] = facts
+        elif kind == "end":
+            view.ended = True
+        elif kind == "start":
+            view.ended = False
+
+    def _metrics(self, event: dict[str, Any], values: dict[str, float]) -> None:
+        view = self.view
+        for key, value in values.items():
+            if value != value or value in (float("inf"), float("-inf")):
+                view.nonfinite[key] = view.nonfinite.get(key, 0) + 1
+            else:
+                view.latest[key] = value
+        view.latest["step"] = float(event.get("step", 0))
+        for key in ("epoch", "lr_scale"):
+            if isinstance(event.get(key), (int, float)):
+                view.latest[key] = float(event[key])
+
+    def _action(self, event: dict[str, Any]) -> None:
+        view, source = self.view, str(event.get("source", "local")).split(" ")[0]
+        done = []
+        if event.get("skipped_update"):
+            done.append("skip_update")
+            view.skipped_updates += 1
+        if event.get("rollback") not in (None, "impossible"):
+            done.append("rollback")
+            view.rollbacks += 1
+        if "lr_factor" in event:
+            done.append("reduce_lr")
+            view.latest["lr_scale"] = float(event.get("lr_scale", view.latest.get("lr_scale", 1.0)))
+        if event.get("stopped"):
+            done.append("stop")
+        for action in done:
+            view.actions[(action, source)] = view.actions.get((action, source), 0) + 1
