@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path, default=_default_state_dir(),
                        help="database, token and rules (default $GUARDIAN_HOME or ~/.guardian)")
     serve.add_argument("--rules-dir", type=Path, help="rule files, one rule set per NAME.yaml (default STATE_DIR/rules)")
+    serve.add_argument("--alert-actions", type=Path,
+                       help="map webhook alerts to actions (default STATE_DIR/alert-actions.yaml if present)")
     serve.add_argument("--retain-days", type=float, help="delete runs not heard from in this many days")
     serve.set_defaults(func=_serve)
 
@@ -113,7 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir,
-          retain_days=args.retain_days)
+          alert_actions=args.alert_actions, retain_days=args.retain_days)
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from guardian import wire
+from guardian.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.engine import Engine
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.errors import RuleFileError
@@ -66,10 +67,11 @@ class RunState:
 class Guardian:
     """Runs, their engines and the store; thread-safe; knows nothing of HTTP."""
 
-    def __init__(self, store: Store, library: RuleLibrary, *, stall_check: bool = True) -> None:
+    def __init__(self, store: Store, library: RuleLibrary, *, alert_actions: list[Mapping] | None = None) -> None:
         self.store = store
         self.library = library
-        self.stall_check = stall_check
+        self.alert_actions = alert_actions or []
+        self._alerts_handled: set[tuple[str, str, int]] = set()
         self.counters = {"events_ingested": 0, "events_duplicate": 0, "reports": 0, "reports_rejected": 0}
         self._runs: dict[str, RunState] = {}
         self._lock = threading.Lock()
@@ -146,6 +148,30 @@ class Guardian:
         if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
             raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")
         return self.store.add_command(run_id, action, params, source)
+
+    def alerts(self, payload: Any) -> list[dict[str, Any]]:
+        """Turn a webhook's firing alerts into commands, through the alert-actions mappings."""
+        try:
+            alerts = firing_alerts(payload)
+        except ValueError as exc:
+            raise wire.WireError(str(exc)) from None
+        live = [r.id for r in self.store.runs() if not r.ended]
+        queued = []
+        for alert in alerts:
+            labels = {str(k): str(v) for k, v in alert["labels"].items()}
+            key = str(alert.get("fingerprint") or sorted(labels.items())), str(alert.get("startsAt", ""))
+            for index, mapping in enumerate(self.alert_actions):
+                if not mapping.matches(labels) or (*key, index) in self._alerts_handled:
+                    continue
+                self._alerts_handled.add((*key, index))
+                targets = live if mapping.runs == "all" else [labels["run_id"]] if labels.get("run_id") in live else []
+                for run_id in targets:
+                    command = self.control(run_id, mapping.action, mapping.params,
+                                           source=f"alert:{labels.get('alertname', '?')}")
+                    queued.append({"run_id": run_id, "action": mapping.action, "command_id": command})
+        if queued:
+            log.warning("alerts queued %d actions: %s", len(queued), queued)
+        return queued
 
     def tick(self, now: float | None = None) -> None:
         """Feed `seconds_since_report` to every live run, so a `stalled` rule can fire."""
@@ -305,6 +331,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise wire.WireError("body must be {\"v\": 1, \"action\": \"stop|rollback|reduce_lr\", \"params\": {}}")
             command_id = core.control(parts[2], message["action"], params, source="ctl")
             return 200, {"command_id": command_id}
+        if method == "POST" and parts == ["v1", "alerts"]:
+            if not self._authorized():
+                raise wire.WireError("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
+                                     "http_config.authorization.credentials_file)", 401)
+            try:
+                payload = json.loads(self._body())
+            except json.JSONDecodeError as exc:
+                raise wire.WireError(f"body is not valid JSON: {exc}") from None
+            return 200, {"queued": core.alerts(payload)}
         if method == "GET" and parts == ["v1", "rules"]:
             return 200, {"rule_sets": core.library.names(), "errors": core.library.errors,
                          "reloads": core.store.reloads()}
@@ -356,14 +391,16 @@ def make_server(core: Guardian, host: str, port: int, token: str, token_path: Pa
 
 
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
-          tick_seconds: float = 1.0, maintain_seconds: float = 600.0, retain_days: float | None = None,
-          ready: threading.Event | None = None) -> None:
+          alert_actions: Path | None = None, tick_seconds: float = 1.0, maintain_seconds: float = 600.0,
+          retain_days: float | None = None, ready: threading.Event | None = None) -> None:
     """Run the daemon until SIGINT/SIGTERM."""
     token_path = state_dir / "token"
     token = load_or_create_token(state_dir)
     store = Store(state_dir / "guardian.db")
     library = RuleLibrary(rules_dir if rules_dir is not None else state_dir / "rules")
-    core = Guardian(store, library)
+    actions_file = alert_actions or state_dir / "alert-actions.yaml"
+    mappings = load_alert_actions(actions_file) if alert_actions or actions_file.exists() else []
+    core = Guardian(store, library, alert_actions=mappings)
     library.watch()
     server = make_server(core, host, port, token, token_path)
     server.metrics = metrics_endpoint(core)
