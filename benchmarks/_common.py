@@ -50,6 +50,19 @@ def busy_warning(info: dict[str, Any]) -> str | None:
     return None
 
 
+def code_fingerprint() -> dict[str, Any]:
+    """A hash of Guardian's source as it was when the benchmark ran (the tree changes between runs)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    files = sorted(p for d in ("callbacks", "guardian", "rules") for p in (root / d).rglob("*")
+                   if p.is_file() and p.suffix in (".py", ".yaml"))
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"sha256": digest.hexdigest()[:16], "files": len(files)}
+
+
 def machine_info() -> dict[str, Any]:
     """Where and how a benchmark ran: enough to tell whether two result files are comparable."""
     import torch
@@ -81,6 +94,7 @@ def machine_info() -> dict[str, Any]:
         "peft": _version("peft"),
         "safetensors": _version("safetensors"),
         "accelerate": _version("accelerate"),
+        "guardian_code": code_fingerprint(),
     }
 
 
@@ -121,13 +135,14 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 class CpuMonitor:
     """How much CPU other processes (and the hypervisor, as steal) used while a measurement ran.
 
-    Reads /proc/stat (all CPUs) and /proc/self/stat (this process, all threads) at `start()` and `stop()`;
-    `stop()` returns the average number of cores the rest of the machine kept busy. Linux only; elsewhere
-    the figures are None.
+    Reads /proc/stat (all CPUs) and /proc/<pid>/stat of this process and of `pids` (the benchmark's own
+    workers) at `start()` and `stop()`; `stop()` returns the average number of cores the rest of the
+    machine kept busy. Linux only; elsewhere the figures are None.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pids: list[int] | None = None) -> None:
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._pids = ["self", *(str(p) for p in pids or [])]
         self._t0: tuple[float, int, int, int] | None = None
 
     def _read(self) -> tuple[float, int, int, int] | None:
@@ -135,13 +150,15 @@ class CpuMonitor:
 
         try:
             fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+            mine = 0
+            for pid in self._pids:
+                own = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                mine += int(own[11]) + int(own[12])  # utime, stime (all threads)
         except (OSError, ValueError, IndexError):
             return None
         # user nice system idle iowait irq softirq steal guest guest_nice (guest time is inside user)
         busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
         steal = fields[7] if len(fields) > 7 else 0
-        mine = int(own[11]) + int(own[12])  # utime, stime of this process (all threads)
         return time.perf_counter(), busy, steal, mine
 
     def start(self) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,12 +31,19 @@ class Actuator:
         self.lr_scale = 1.0
         self.counts = {"skipped_updates": 0, "rollbacks": 0, "lr_cuts": 0, "stops": 0}
         self.best_eval: tuple[float, snapshots.Snapshot] | None = None
+        # FSDP and DeepSpeed shard the state across ranks: no in-process rollback; stop and ask the
+        # supervisor (`guardian run`) to restart from the last good checkpoint instead.
+        self.in_process_rollback = True
+        self.restart_request: Path | None = None
 
     def carry_out(self, plan: Plan, step: int, onset: int, control: Any, model: Any, optimizer: Any,
                   scheduler: Any, *, pre_update: bool) -> dict[str, Any]:
         """Do what the plan says; return what was done (empty when nothing was)."""
         outcome: dict[str, Any] = {}
-        if plan.rollback:
+        if plan.rollback and not self.in_process_rollback:
+            outcome.update(self.request_restart(onset))
+            plan = replace(plan, stop=True)
+        elif plan.rollback:
             outcome.update(self.rollback(onset, model, optimizer, scheduler))
         if plan.skip_update and pre_update and optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -75,6 +85,15 @@ class Actuator:
         self.counts["rollbacks"] += 1
         seconds = time.perf_counter() - started
         return {"rollback": source, "rollback_to_step": target, "rollback_seconds": round(seconds, 4)}
+
+    def request_restart(self, onset: int) -> dict[str, Any]:
+        """Write where a supervised restart should resume from; the run then stops."""
+        folder = self.good.newest_before(onset - self.rollback_margin_steps) if self.good else None
+        if self.restart_request is not None:
+            tmp = self.restart_request.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"resume_from": str(folder) if folder else None, "onset_step": onset}))
+            os.replace(tmp, self.restart_request)
+        return {"rollback": "restart", "resume_from": str(folder) if folder else None}
 
     def snapshot(self, step: int, model: Any, optimizer: Any, scheduler: Any) -> bool:
         params = list(snapshots.trainable_parameters(model).values())

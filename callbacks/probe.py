@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,8 +90,11 @@ class StepProbe:
         elif isinstance(ids, torch.Tensor):
             self._tokens.append(torch.tensor(ids.numel(), device=ids.device))
 
-    def read(self, model: torch.nn.Module | None) -> dict[str, float]:
-        """This step's values (loss, grad_norm, throughput) as floats; clears them for the next step."""
+    def read(self, model: torch.nn.Module | None,
+             reduce: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None) -> dict[str, float]:
+        """This step's values (loss, grad_norm, throughput) as floats; clears them for the next step.
+
+        `reduce` may combine the stacked device tensor across ranks before the one host sync."""
         values: list[torch.Tensor] = []
         names: list[str] = []
         if self._tokens:
@@ -105,7 +109,12 @@ class StepProbe:
             names.append("grad_norm")
         if values:
             device = values[-1].device
-            out = dict(zip(names, torch.stack([v.to(device) for v in values]).tolist()))
+            values.append(torch.tensor(float(self._samples), device=device))
+            names.append("samples")
+            stacked = torch.stack([v.to(device) for v in values])
+            if reduce is not None:
+                stacked = reduce(stacked, names)
+            out = dict(zip(names, stacked.tolist()))
         else:
             out = {}
         if norm is not None and not isinstance(norm, torch.Tensor):
@@ -119,13 +128,13 @@ class StepProbe:
 
     def _throughput(self, out: dict[str, float]) -> None:
         now = time.perf_counter()
-        tokens = out.pop("tokens", None)
+        tokens, samples = out.pop("tokens", None), out.pop("samples", None)
         if self._last_read is not None and now > self._last_read:
             seconds = now - self._last_read
             if tokens is not None:
                 out["tokens_per_second"] = tokens / seconds
-            if self._samples:
-                out["samples_per_second"] = self._samples / seconds
+            if samples:
+                out["samples_per_second"] = samples / seconds
         self._last_read = now
 
 

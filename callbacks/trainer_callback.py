@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from guardian.actions import ActionKind, ActionSpec, describe_outcome as describe, merge
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
+from guardian.callbacks.distributed import RankSync
 from guardian.callbacks.lr import current_lr
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.client import DaemonLink
@@ -143,9 +144,15 @@ class GuardianCallback(TrainerCallback):
         self._last_decision_step = -(10**9)
         self._pending: list[tuple[int, int, list[Decision]]] = []  # (seq, step, local decisions) awaiting a verdict
         self._pending_since = 0.0
-        self._acted_early: set[tuple[int, str]] = set()  # (step, rule) of skips made before the verdict
+        self._acted_early: set[tuple[int, str]] = set()
+        self.sync = RankSync()  # (step, rule) of skips made before the verdict
 
     # ---- read-only views kept for callers ---------------------------------------------------------
+
+    @property
+    def remote(self) -> bool:
+        """Daemon mode (on every rank: rank 0 talks to the daemon and broadcasts its verdicts)."""
+        return bool(self.url)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -170,7 +177,11 @@ class GuardianCallback(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._trainer = self._trainer or find_trainer()
         self._probe = StepProbe(self._trainer)
+        self.sync = RankSync()
+        self.actuator.in_process_rollback = not _sharded(self._trainer)
         self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
+        if state.is_world_process_zero:
+            self.actuator.restart_request = Path(args.output_dir) / "guardian" / "restart_request.json"
         events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
         if state.is_world_process_zero and (self.event_log_enabled or self.url):
             self._events = EventLog(events_path)
@@ -204,16 +215,16 @@ class GuardianCallback(TrainerCallback):
                               optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         step = state.global_step + 1
         kit = (control, model, optimizer, lr_scheduler)
-        if self.link is not None:
-            self._settle_pending(step, *kit, wait=True)
-            self._run_commands(step, *kit)
-        values = self._probe.read(model) if self._probe else {}
+        if self.remote:
+            self._apply_remote(step, *kit)
+        reduce = self.sync.reduce_step_values if self.sync.active else None
+        values = self._probe.read(model, reduce) if self._probe else {}
         if optimizer is not None:
             values["learning_rate"] = current_lr(optimizer)
         event = self._emit("metrics", {"step": step, "phase": "train", "epoch": state.epoch,
                                        "lr_scale": self.lr_scale, "values": values})
         decisions = self.engine.observe(step, values)
-        if self.link is None:
+        if not self.remote:
             self._act(step, decisions, *kit, pre_update=True)
             return
         # The daemon decides, but the update being made now cannot wait for it: skips happen here.
@@ -252,11 +263,11 @@ class GuardianCallback(TrainerCallback):
         event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)
         self.actuator.remember_best(step, values.get("eval_loss"), model, optimizer, lr_scheduler)
         decisions = self.engine.observe(step, values)
-        if self.link is None:
+        if not self.remote:
             self._act(step, decisions, *kit, pre_update=False)
             return
         self._await_verdict(event, step, decisions)
-        self._settle_pending(step, *kit, wait=True)  # evaluation is slow anyway: settle now
+        self._apply_remote(step, *kit)  # evaluation is slow anyway: settle now
 
     @_never_raises
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -293,42 +304,56 @@ class GuardianCallback(TrainerCallback):
             self.link.want_decisions_from(step)
         self._pending.append((event["seq"], step, local))
 
-    def _settle_pending(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any,
-                        *, wait: bool) -> None:
-        """Act on the verdicts for earlier steps: the daemon's if it answered in time, else our own."""
-        if not self._pending or self.link is None:
+    def _apply_remote(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
+        """Act on the daemon's verdicts for earlier steps (or our own past the deadline) and its commands.
+
+        Rank 0 talks to the daemon; under DDP it broadcasts the resulting plan, so every rank applies it."""
+        decisions, source, commands = self._collect_remote() if self.link is not None else ([], "", [])
+        self._acted_early.clear()
+        actions = [a for d in decisions for a in d.actions if a.kind is not ActionKind.SKIP_UPDATE]
+        actions += [ActionSpec(ActionKind(c["action"]), c.get("params", {})) for c in commands]
+        plan = merge(actions) if decisions or commands else None
+        onset = min([d.finding.onset_step for d in decisions], default=step)
+        if self.sync.active:
+            device = next(model.parameters()).device if model is not None else torch.device("cpu")
+            plan, onset = self.sync.broadcast_plan(plan, onset, device)
+        if plan is None:
             return
-        last_seq, last_step = self._pending[-1][0], self._pending[-1][1]
-        left = self.deadline_seconds - (time.monotonic() - self._pending_since) if wait else 0.0
-        answered = self.link.wait_for(last_seq, max(0.0, left))
-        if answered:
-            decisions = [decision_from_dict(d) for d in self.link.take_decisions(last_step)]
-            self.verdicts["daemon"] += 1
-        else:
-            self.link.take_decisions(last_step)  # a late answer about these steps is not acted on
-            decisions = [d for _, _, local in self._pending for d in local]
-            self.verdicts["local_fallback"] += 1
-        self._pending.clear()
+        self._last_decision_step = step
+        for decision in decisions:
+            self._record(decision, source)
+        if plan.empty:
+            return
+        outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler, pre_update=True)
+        rules = [d.rule for d in decisions] + [f"manual:{c['action']}" for c in commands]
+        record = {"step": step, "rules": rules, "source": "command" if commands and not decisions else source,
+                  **outcome}
+        if commands:
+            record["command_ids"] = [c["id"] for c in commands]
+        self._log_outcome(record)
+
+    def _collect_remote(self) -> tuple[list[Decision], str, list[dict[str, Any]]]:
+        """Rank 0: the verdicts on pending steps (the daemon's if in time, else ours) and queued commands."""
+        assert self.link is not None
+        decisions: list[Decision] = []
+        source = ""
+        if self._pending:
+            last_seq, last_step = self._pending[-1][0], self._pending[-1][1]
+            left = self.deadline_seconds - (time.monotonic() - self._pending_since)
+            if self.link.wait_for(last_seq, max(0.0, left)):
+                decisions = [decision_from_dict(d) for d in self.link.take_decisions(last_step)]
+                self.verdicts["daemon"] += 1
+                source = "daemon"
+            else:
+                self.link.take_decisions(last_step)  # a late answer about these steps is not acted on
+                decisions = [d for _, _, local in self._pending for d in local]
+                self.verdicts["local_fallback"] += 1
+                source = "local (daemon late)"
+            self._pending.clear()
+        # The skips were already made when those steps' updates happened.
         decisions = [d for d in decisions if (d.step, d.rule) not in self._acted_early]
         self._acted_early.clear()
-        # The skips were already made when those steps' updates happened.
-        self._act(step, decisions, control, model, optimizer, scheduler, pre_update=True,
-                  skip_kinds=(ActionKind.SKIP_UPDATE,), source="daemon" if answered else "local (daemon late)")
-
-    def _run_commands(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
-        assert self.link is not None
-        commands = self.link.take_commands()
-        if not commands:
-            return
-        actions = [ActionSpec(ActionKind(c["action"]), c.get("params", {})) for c in commands]
-        outcome = self.actuator.carry_out(merge(actions), step, step, control, model, optimizer, scheduler,
-                                          pre_update=True)
-        self._last_decision_step = step
-        record = {"step": step, "rules": [f"manual:{c['action']}" for c in commands],
-                  "command_ids": [c["id"] for c in commands], "source": "command", **outcome}
-        self.interventions.append(record)
-        log.warning("Guardian: step %d: manual %s: %s", step, ", ".join(map(str, actions)), describe(outcome))
-        self._emit("action", record, flush=True)
+        return decisions, source, self.link.take_commands()
 
     # ---- acting ------------------------------------------------------------------------------------
 
@@ -339,10 +364,7 @@ class GuardianCallback(TrainerCallback):
             return
         self._last_decision_step = step
         for decision in decisions:
-            self.decisions.append(decision)
-            (log.error if decision.severity.value == "critical" else log.warning)("Guardian: %s", decision.message)
-            if self.link is None or source != "local" or only:
-                self._emit("decision", {**decision.to_dict(), "source": source}, flush=True)
+            self._record(decision, source)
         actions = [a for d in decisions for a in d.actions
                    if (not only or a.kind in only) and a.kind not in skip_kinds]
         plan = merge(actions)
@@ -352,10 +374,19 @@ class GuardianCallback(TrainerCallback):
         outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler,
                                           pre_update=pre_update)
         if outcome:
-            record = {"step": step, "rules": [d.rule for d in decisions], "source": source, **outcome}
-            self.interventions.append(record)
-            log.warning("Guardian: step %d: %s", step, describe(outcome))
-            self._emit("action", record, flush=True)
+            self._log_outcome({"step": step, "rules": [d.rule for d in decisions], "source": source, **outcome})
+
+    def _record(self, decision: Decision, source: str) -> None:
+        self.decisions.append(decision)
+        if self.sync.rank == 0:
+            (log.error if decision.severity.value == "critical" else log.warning)("Guardian: %s", decision.message)
+        self._emit("decision", {**decision.to_dict(), "source": source}, flush=True)
+
+    def _log_outcome(self, record: dict[str, Any]) -> None:
+        self.interventions.append(record)
+        if self.sync.rank == 0:
+            log.warning("Guardian: step %d: %s", record["step"], describe(record))
+        self._emit("action", record, flush=True)
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 
@@ -388,6 +419,12 @@ class GuardianCallback(TrainerCallback):
         self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
         self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
+
+
+def _sharded(trainer: Any) -> bool:
+    """FSDP or DeepSpeed: the state is sharded across ranks, so rollback goes through a supervised restart."""
+    return bool(trainer is not None and (getattr(trainer, "is_fsdp_enabled", False)
+                                         or getattr(trainer, "is_deepspeed_enabled", False)))
 
 
 def _gpu_reader() -> GpuReader | None:

@@ -116,7 +116,9 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     """One line saying what an intervention did."""
     parts = []
     if "rollback" in outcome:
-        if outcome["rollback"] == "impossible":
+        if outcome["rollback"] == "restart":
+            parts.append(f"sharded state: asked for a supervised restart from {outcome['resume_from']}")
+        elif outcome["rollback"] == "impossible":
             parts.append(f"could not roll back ({outcome['reason']})")
         else:
             parts.append(f"rolled back to step {outcome['rollback_to_step']} from {outcome['rollback']} "

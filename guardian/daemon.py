@@ -298,6 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise wire.WireError("a valid token is required: send 'Authorization: Bearer <token>' "
                                      f"(the token is in {self.server.token_path})", 401)
             status, body = self._route(method, parts, parse_qs(url.query))
+        except _RawReply:
+            raise
         except wire.WireError as exc:
             self.server.core.counters["reports_rejected"] += method == "POST" and parts[-1:] == ["report"]
             status, body = exc.status, {"error": str(exc)}

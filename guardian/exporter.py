@@ -189,7 +189,7 @@ class RunTracker:
         if event.get("skipped_update"):
             done.append("skip_update")
             view.skipped_updates += 1
-        if event.get("rollback") not in (None, "impossible"):
+        if event.get("rollback") not in (None, "impossible", "restart"):
             done.append("rollback")
             view.rollbacks += 1
         if "lr_factor" in event:
