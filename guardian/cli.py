@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(ctl)
     ctl.set_defaults(func=_ctl)
 
+    top = sub.add_parser("top", help="a live terminal view of the runs; stop, roll back or cut the LR of one")
+    top.add_argument("--dir", type=Path, help="watch one embedded run from its output directory instead of the daemon")
+    top.add_argument("--refresh", type=float, default=1.0, help="seconds between polls (default 1)")
+    _client_args(top)
+    top.set_defaults(func=_top)
+
     replay = sub.add_parser("replay", help="what would the rules have done on a past run's log?")
     replay.add_argument("paths", nargs="*", type=Path,
                         help="trainer_state.json, trainer_log.jsonl, Guardian's events.jsonl or a run directory")
@@ -89,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--run", action="append", default=[], help="a run stored by the daemon (repeatable)")
     replay.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="the daemon's state dir")
     replay.set_defaults(func=_replay)
+    _add_attach(sub)
     return parser
 
 
@@ -182,6 +189,14 @@ def _ctl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from guardian.tui.app import run_top
+    from guardian.tui.source import DaemonSource, DirSource, Source
+
+    source: Source = DirSource(args.dir) if args.dir else DaemonSource(args.url, _token(args))
+    return run_top(source, refresh_seconds=max(0.1, args.refresh))
+
+
 def _demo(args: argparse.Namespace) -> int:
     import transformers
 
@@ -263,6 +278,57 @@ def _replay(args: argparse.Namespace) -> int:
             console.print(f"  step {decision.step:>7}  {decision.rule:<22} {actions:<28} {decision.finding.message}",
                           highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+_ATTACH_LIMITS = """\
+Follows trainer_log.jsonl (LLaMA-Factory) if it exists, else each checkpoint-*/trainer_state.json as it
+appears; prints every decision and writes it with the metrics to OUTPUT_DIR/guardian/events.jsonl (and to the
+daemon with --url). Exits when the run has ended (last log line, max_steps reached, or --pid gone) plus
+--linger seconds, or on Ctrl-C.
+
+What it can do from outside the training process:
+  stop     only with --pid: sends --stop-signal once, on decisions of the --stop-on rules (default: every
+           critical decision and every decision asking for stop or rollback); no --pid, no signal
+  mark     checkpoints with no decision in the --quiet-steps before them are marked good
+           (checkpoint-N/guardian_good.json, OUTPUT_DIR/guardian/last_good_checkpoint); on an anomaly it
+           prints the --resume_from_checkpoint to restart from
+What it cannot do: skip_update, rollback, reduce_lr and restore_best need the Trainer's objects (use
+GuardianCallback); it sees an anomaly only once a log line or checkpoint shows it, and cannot keep
+save_total_limit from deleting the good checkpoint.
+"""
+
+
+def _add_attach(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    attach = sub.add_parser("attach", help="follow a run started without Guardian, from its output directory",
+                            description=_ATTACH_LIMITS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    attach.add_argument("output_dir", type=Path, help="the run's output_dir")
+    attach.add_argument("--rules", type=Path, help="rule file (default: the shipped rules)")
+    attach.add_argument("--once", action="store_true", help="read what is there now, record it, and exit")
+    attach.add_argument("--linger", type=float, default=30.0, metavar="SECONDS",
+                        help="keep following this long after the run has ended (default 30)")
+    attach.add_argument("--pid", type=int, help="the training process (or its launcher) to signal on a stop")
+    attach.add_argument("--stop-signal", default="TERM", help="TERM (default), INT, KILL or a number")
+    attach.add_argument("--stop-on", action="append", default=[], metavar="RULE",
+                        help="stop on this rule's decisions only (repeatable)")
+    attach.add_argument("--quiet-steps", type=int, default=10,
+                        help="a checkpoint is good if no rule fired in this many steps up to it (default 10)")
+    attach.add_argument("--poll-seconds", type=float, default=2.0,
+                        help="re-scan this often even without file events (default 2)")
+    attach.add_argument("--url", default=os.environ.get("GUARDIAN_URL") or None,
+                        help="stream events to this daemon (default $GUARDIAN_URL; none: local only)")
+    attach.add_argument("--token", default=os.environ.get("GUARDIAN_TOKEN"), help="the daemon's token")
+    attach.add_argument("--run-id", help="the run's id at the daemon (default: folder name + path hash)")
+    attach.add_argument("--rule-set", default="default", help="the daemon's rule set for this run")
+    attach.set_defaults(func=_attach)
+
+
+def _attach(args: argparse.Namespace) -> int:
+    from guardian.attach import attach
+
+    return attach(args.output_dir, load_rules(args.rules), once=args.once, linger_seconds=args.linger,
+                  pid=args.pid, stop_signal=args.stop_signal, stop_on=args.stop_on, url=args.url,
+                  token=args.token, run_id=args.run_id, rule_set=args.rule_set, poll_seconds=args.poll_seconds,
+                  quiet_steps=args.quiet_steps)
 
 
 if __name__ == "__main__":

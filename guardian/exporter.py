@@ -34,6 +34,9 @@ GPU_GAUGES = {
     "power_watts": "GPU power draw.",
 }
 RULE_STATES = ("ok", "warming_up", "firing", "cooling_down")
+ACTIONS = ("skip_update", "rollback", "reduce_lr", "stop")
+SOURCES = ("local", "daemon", "command")
+WATCHED_FINITE = ("loss", "grad_norm", "eval_loss")  # exported from 0, so the first NaN is an increase
 
 
 @dataclass
@@ -114,12 +117,13 @@ class GuardianCollector(Collector):
         nonfinite = CounterMetricFamily("guardian_nonfinite_values", "NaN or infinite values reported.",
                                         labels=["run_id", "metric"])
         for view in views:
-            for (action, source), count in view.actions.items():
-                actions.add_metric([view.run_id, action, source], count)
+            # Every (action, source) starts at 0, so the first action is a visible change (increase, changes).
+            for key in sorted({*((a, s) for a in ACTIONS for s in SOURCES), *view.actions}):
+                actions.add_metric([view.run_id, *key], view.actions.get(key, 0))
             rollbacks.add_metric([view.run_id], view.rollbacks)
             skipped.add_metric([view.run_id], view.skipped_updates)
-            for metric, count in view.nonfinite.items():
-                nonfinite.add_metric([view.run_id, metric], count)
+            for metric in sorted({*WATCHED_FINITE, *view.nonfinite}):
+                nonfinite.add_metric([view.run_id, metric], view.nonfinite.get(metric, 0))
         yield from (actions, rollbacks, skipped, nonfinite)
 
     def _gpu_metrics(self, views: list[RunView]) -> Iterator[Metric]:

@@ -1,0 +1,796 @@
+"""`guardian report`: what happened in one run, as a picture (report.png) and a summary (report.md).
+
+Three sources, one record:
+
+* an embedded run: the run's output directory (or its `guardian/events.jsonl`), with the decisions Guardian
+  made and the actions it took;
+* a run stored by the daemon (`guardian.db` in its state directory): the same events, plus the daemon's
+  decisions;
+* any other training log (`trainer_state.json`, `trainer_log.jsonl`, a run directory): the curves, and what
+  the rules *would* have done (replay; no action was taken).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from guardian import wire
+from guardian.actions import ActionKind, describe_outcome, merge
+from guardian.engine import Decision, decision_from_dict
+from guardian.errors import LogFormatError
+from guardian.logs import EVAL, Observation, read_log
+from guardian.ruleset import RuleSet
+from guardian.store import Store
+
+EMBEDDED = "embedded"
+STORED = "stored"
+REPLAYED = "replayed"
+PNG_NAME = "report.png"
+MD_NAME = "report.md"
+TIMELINE_ROWS_MAX = 200
+
+SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#ff9f1c", "critical": "#d62728"}
+ACTION_STYLES = {  # action -> (colour, marker, legend label)
+    "skip": ("#555555", "v", "update skipped"),
+    "rollback": ("#9467bd", "<", "rollback (arrow: back to the target step)"),
+    "lr_cut": ("#2ca02c", "D", "learning-rate cut"),
+    "stop": ("#000000", "s", "stop"),
+}
+
+# DIGEST.md's pathologies: key -> (symptom, usual cause, usual fix).
+PATHOLOGIES: dict[str, tuple[str, str, str]] = {
+    "explosion": ("gradient explosion", "LR too high, no clipping", "lower the LR; `max_grad_norm` 0.5–1.0"),
+    "vanishing": ("vanishing gradient", "deep net, bad initialisation", "check the initialisation"),
+    "oscillation": ("gradient or loss oscillation", "batch too small, LR too high",
+                    "raise `gradient_accumulation_steps`, lower the LR, more warm-up"),
+    "abnormal": ("single abnormal samples", "bad data", "skip the update above a gradient threshold"),
+    "spike": ("loss spike", "—", "roll back to a checkpoint"),
+    "nan": ("NaN loss", "—", "roll back"),
+    "overfitting": ("overfitting: train loss ↓ while eval loss ↑", "too many epochs, too little data",
+                    "early stopping (patience 3), weight decay 0.1, dropout 0.2, fewer epochs"),
+    "underfitting": ("underfitting: both losses fall slowly", "LR too low, too few steps", "raise the LR / train longer"),
+    "slow_start": ("slow convergence early", "LR too low", "raise the LR"),
+}
+
+
+# ---- the record -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric over steps (NaN and inf kept)."""
+
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass
+class RunRecord:
+    """Everything a report shows about one run, whatever its source."""
+
+    name: str
+    mode: str  # EMBEDDED, STORED or REPLAYED
+    source: str
+    train: dict[str, Series]
+    eval: dict[str, Series]
+    decisions: list[Decision]
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    lr_scale: Series = field(default_factory=lambda: Series([], []))
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    start_time: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def replayed(self) -> bool:
+        return self.mode == REPLAYED
+
+    @property
+    def last_step(self) -> int:
+        steps = [s for series in (*self.train.values(), *self.eval.values()) for s in series.steps]
+        steps += [d.step for d in self.decisions] + [int(a["step"]) for a in self.actions]
+        return max(steps, default=0)
+
+
+def load_run(target: str | os.PathLike[str] | None, *, run_id: str | None = None, state_dir: Path | None = None,
+             ruleset: RuleSet) -> RunRecord:
+    """The run named by a path (embedded run or training log) or by a daemon run id."""
+    if run_id is None and target is not None and not Path(target).exists() and state_dir is not None \
+            and (state_dir / "guardian.db").is_file():
+        run_id, target = str(target), None  # `guardian report RUN_ID`
+    if run_id is not None:
+        if state_dir is None:
+            raise LogFormatError(f"run '{run_id}': give the daemon's --state-dir to read a stored run")
+        return load_stored(state_dir, run_id)
+    if target is None:
+        raise LogFormatError("give a run directory or log file, or --run RUN_ID for a run the daemon stored")
+    path = Path(target)
+    if not path.exists():
+        raise LogFormatError(f"{path}: no such file or directory; give a run's output directory, its "
+                             "guardian/events.jsonl, a trainer_state.json or trainer_log.jsonl, or --run RUN_ID")
+    events = guardian_events_file(path)
+    return load_embedded(events, _run_name(path)) if events is not None else load_replayed(path, ruleset)
+
+
+def guardian_events_file(path: Path) -> Path | None:
+    """Guardian's events.jsonl: the file itself, or `<dir>/guardian/events.jsonl` (preferred to Trainer's logs)."""
+    if path.is_dir():
+        candidate = path / "guardian" / "events.jsonl"
+        return candidate if candidate.is_file() else None
+    if path.suffix != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        head = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    return path if isinstance(head, dict) and "seq" in head and "kind" in head else None
+
+
+def load_embedded(events_file: Path, name: str) -> RunRecord:
+    """A run Guardian watched from inside the training process."""
+    events, unreadable = [], 0
+    for line in events_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    record = _from_events(name, EMBEDDED, str(events_file), events, [])
+    if unreadable:
+        record.notes.append(f"{unreadable} unreadable lines in {events_file} were skipped")
+    return record
+
+
+def load_stored(state_dir: Path, run_id: str) -> RunRecord:
+    """A run stored by the daemon in `state_dir/guardian.db` (the daemon need not be running)."""
+    db = state_dir / "guardian.db"
+    if not db.is_file():
+        raise LogFormatError(f"{db}: no daemon store here; pass the daemon's --state-dir")
+    store = Store(db)
+    try:
+        if store.run(run_id) is None:
+            known = ", ".join(r.id for r in store.runs()[:10]) or "none"
+            raise LogFormatError(f"{db}: no run '{run_id}' (runs: {known})")
+        events, daemon_decisions = store.events(run_id), store.decisions(run_id)
+    finally:
+        store.close()
+    return _from_events(run_id, STORED, f"{db}#{run_id}", events, daemon_decisions)
+
+
+def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:
+    """A training log without Guardian's record: its curves and what the rules would have done."""
+    from guardian.replay import replay_observations
+
+    observations = read_log(path)
+    train, evals = _series(observations)
+    decisions = replay_observations(observations, ruleset)
+    return RunRecord(_run_name(path), REPLAYED, f"{path} (rules: {ruleset.source})", train, evals, decisions)
+
+
+def _run_name(path: Path) -> str:
+    path = path.resolve()
+    if path.is_file() and path.name == "events.jsonl" and path.parent.name == "guardian":
+        return path.parent.parent.name
+    if path.is_file() and path.name in ("trainer_state.json", "trainer_log.jsonl"):
+        return path.parent.name
+    return path.stem if path.is_file() else path.name
+
+
+def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]],
+                 extra_decisions: list[dict[str, Any]]) -> RunRecord:
+    observations: list[Observation] = []
+    scales: dict[int, float] = {}
+    decisions, actions, checkpoints, bad = [], [], [], 0
+    start_time = None
+    for event in events:
+        kind, step = event.get("kind"), event.get("step")
+        if kind == "metrics" and isinstance(step, int):
+            observations.append(Observation(step, wire.metric_values(event), "eval" if event.get("phase") == "eval" else "train"))
+            scale = wire.decode_number(event.get("lr_scale"))
+            if scale is not None and event.get("phase") != "eval":
+                scales[step] = scale
+        elif kind == "decision":
+            decisions.append(event)
+        elif kind == "action" and isinstance(step, int):
+            actions.append(event)
+        elif kind == "checkpoint":
+            checkpoints.append(event)
+        elif kind == "start" and start_time is None:
+            start_time = wire.decode_number(event.get("time"))
+    seen = {(d.get("step"), d.get("rule")) for d in decisions}
+    decisions += [d for d in extra_decisions if (d.get("step"), d.get("rule")) not in seen]
+    parsed = []
+    for data in decisions:
+        try:
+            parsed.append(decision_from_dict(data))
+        except (KeyError, ValueError, TypeError):
+            bad += 1
+    train, evals = _series(observations)
+    ordered = sorted(scales)
+    record = RunRecord(name, mode, source, train, evals, sorted(parsed, key=lambda d: d.step), actions,
+                       Series(ordered, [scales[s] for s in ordered]), checkpoints, start_time)
+    if bad:
+        record.notes.append(f"{bad} decisions could not be read and are left out")
+    return record
+
+
+def _series(observations: Iterable[Observation]) -> tuple[dict[str, Series], dict[str, Series]]:
+    """Per phase and metric, the values by step; a step seen twice (a resumed run) keeps the later value."""
+    by_phase: dict[str, dict[str, dict[int, float]]] = {"train": {}, EVAL: {}}
+    for obs in observations:
+        phase = by_phase[EVAL if obs.kind == EVAL else "train"]
+        for key, value in obs.metrics.items():
+            phase.setdefault(key, {})[obs.step] = value
+    out = []
+    for phase in (by_phase["train"], by_phase[EVAL]):
+        out.append({key: Series(sorted(points), [points[s] for s in sorted(points)]) for key, points in phase.items()})
+    return out[0], out[1]
+
+
+# ---- the numbers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interventions:
+    """What Guardian did (or, in replay, would have done, up to the first stop)."""
+
+    skipped: list[int]
+    rollbacks: list[dict[str, Any]]  # action events (replay: {"step": ...})
+    lr_cuts: list[int]
+    stops: list[int]
+    lr_scale: float
+
+
+def interventions(record: RunRecord) -> Interventions:
+    if record.replayed:
+        return _would_do(record.decisions)
+    acts = record.actions
+    rollbacks = [a for a in acts if "rollback" in a]
+    cuts = [a for a in acts if isinstance(a.get("lr_factor"), (int, float)) and a["lr_factor"] < 1.0]
+    scale = next((float(a["lr_scale"]) for a in reversed(acts) if isinstance(a.get("lr_scale"), (int, float))), None)
+    if scale is None:
+        scale = record.lr_scale.values[-1] if record.lr_scale.values else 1.0
+    return Interventions([int(a["step"]) for a in acts if a.get("skipped_update")], rollbacks,
+                         [int(a["step"]) for a in cuts], [int(a["step"]) for a in acts if a.get("stopped")], scale)
+
+
+def _would_do(decisions: list[Decision]) -> Interventions:
+    by_step: dict[int, list[Decision]] = {}
+    for d in decisions:
+        by_step.setdefault(d.step, []).append(d)
+    skipped, rollbacks, cuts, stops, scale = [], [], [], [], 1.0
+    for step in sorted(by_step):
+        plan = merge(a for d in by_step[step] for a in d.actions)
+        if plan.skip_update:
+            skipped.append(step)
+        if plan.rollback:
+            rollbacks.append({"step": step})
+        if plan.lr_factor < 1.0:
+            cuts.append(step)
+            scale *= plan.lr_factor
+        if plan.stop:
+            stops.append(step)
+            break  # the run would have ended here
+    return Interventions(skipped, rollbacks, cuts, stops, scale)
+
+
+def _finite(series: Series | None) -> list[tuple[int, float]]:
+    return [(s, v) for s, v in zip(series.steps, series.values) if math.isfinite(v)] if series else []
+
+
+def _non_finite_steps(record: RunRecord) -> set[int]:
+    steps = set()
+    for key in ("loss", "grad_norm"):
+        series = record.train.get(key)
+        if series:
+            steps.update(s for s, v in zip(series.steps, series.values) if not math.isfinite(v))
+    return steps
+
+
+def _final_and_best(series: Series | None) -> str:
+    points = _finite(series)
+    if not points:
+        return "not logged"
+    last_step, last = points[-1]
+    best_step, best = min(points, key=lambda p: p[1])
+    text = f"final {last:.4g} (step {last_step}), best {best:.4g} (step {best_step})"
+    if series is not None and series.values and not math.isfinite(series.values[-1]):
+        text += f"; the last value logged (step {series.steps[-1]}) is {series.values[-1]}"
+    return text
+
+
+def verdict(record: RunRecord) -> str:
+    """One line: how the run went and what Guardian did about it."""
+    acts = interventions(record)
+    loss = record.train.get("loss")
+    if record.replayed:
+        if not record.decisions:
+            return "replayed: no rule would have fired"
+        fired = ", ".join(sorted({d.rule for d in record.decisions}))
+        if acts.stops:
+            return f"replayed: the rules would have stopped this run at step {acts.stops[0]} ({fired})"
+        return f"replayed: {len(record.decisions)} decisions would have been made ({fired})"
+    if loss and loss.values and not math.isfinite(loss.values[-1]):
+        return f"diverged: the training loss is {loss.values[-1]} at the last step ({loss.steps[-1]})"
+    done = _did(acts)
+    if acts.stops:
+        rules = ", ".join(sorted({r for a in record.actions if a.get("stopped") for r in a.get("rules", [])}))
+        return f"stopped at step {acts.stops[0]} by {rules or 'Guardian'}" + (f"; {done}" if done else "")
+    if done:
+        return f"Guardian stepped in: {done}; ended at step {record.last_step}{_end_loss(record)}"
+    if record.decisions:
+        return f"{len(record.decisions)} alerts, no action taken; ended at step {record.last_step}"
+    return f"healthy: no rule fired in {record.last_step} steps"
+
+
+def _end_loss(record: RunRecord) -> str:
+    for label, series in (("eval loss", record.eval.get("eval_loss")), ("train loss", record.train.get("loss"))):
+        points = _finite(series)
+        if points:
+            return f" with {label} {points[-1][1]:.4g}"
+    return ""
+
+
+def _did(acts: Interventions) -> str:
+    parts = []
+    if acts.skipped:
+        parts.append(f"{len(acts.skipped)} updates skipped")
+    if acts.rollbacks:
+        parts.append(f"{len(acts.rollbacks)} rollback{'s' if len(acts.rollbacks) > 1 else ''}")
+    if acts.lr_cuts:
+        parts.append(f"LR x{acts.lr_scale:.3g}")
+    return ", ".join(parts)
+
+
+# ---- the markdown -----------------------------------------------------------------------------------
+
+
+def render_markdown(record: RunRecord, *, image: str = PNG_NAME) -> str:
+    """The summary, timeline, what was saved and what to try next time, as Markdown."""
+    parts = [f"# Guardian report: {record.name}", "", f"**{verdict(record)}**", "", _source_line(record), ""]
+    parts += [f"> {note}" for note in record.notes]
+    parts += [f"![Loss, gradient norm, learning rate and Guardian's decisions for {record.name}]({image})", ""]
+    parts += _summary(record) + _timeline(record) + _saved(record) + _next_time(record)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _source_line(record: RunRecord) -> str:
+    if record.replayed:
+        return (f"Source: `{record.source}`. **Replayed: what the rules would have done.** No action was taken "
+                "in this run; after a stop the run would have ended, so later decisions are hypothetical.")
+    if record.mode == STORED:
+        return f"Source: the daemon's store, `{record.source}` (decisions: the run's and the daemon's)."
+    return f"Source: Guardian's event log, `{record.source}`."
+
+
+def _summary(record: RunRecord) -> list[str]:
+    acts = interventions(record)
+    would = "would be " if record.replayed else ""
+    nan_skips = len(set(acts.skipped) & _non_finite_steps(record))
+    severities = _count(d.severity.value for d in record.decisions)
+    rows = [
+        ("steps", str(record.last_step)),
+        ("train loss", _final_and_best(record.train.get("loss"))),
+        ("eval loss", _final_and_best(record.eval.get("eval_loss"))),
+        ("decisions", f"{len(record.decisions)}" + (f" ({severities})" if severities else "")),
+        (f"updates {would}skipped", f"{len(acts.skipped)}" + (f" ({nan_skips} with a NaN/inf loss or gradient)" if nan_skips else "")),
+        (f"rollbacks{' (would be)' if would else ''}", str(len(acts.rollbacks))),
+        (f"LR cuts{' (would be)' if would else ''}", f"{len(acts.lr_cuts)} (final LR scale {acts.lr_scale:.3g})"),
+        (f"stops{' (would be)' if would else ''}", ", ".join(f"step {s}" for s in acts.stops) or "0"),
+    ]
+    return ["## Summary", "", "| | |", "| --- | --- |", *(f"| {k} | {_cell(v)} |" for k, v in rows), ""]
+
+
+def _timeline(record: RunRecord) -> list[str]:
+    out = ["## Timeline of decisions", ""]
+    if not record.decisions:
+        return out + ["No rule fired.", ""]
+    out += ["| step | rule | severity | evidence | action | outcome |", "| ---: | --- | --- | --- | --- | --- |"]
+    for d in record.decisions[:TIMELINE_ROWS_MAX]:
+        actions = ", ".join(map(str, d.actions)) or "none"
+        if d.level:
+            actions += f" (escalation {d.level})"
+        out.append(f"| {d.step} | {d.rule} | {d.severity.value} | {_cell(d.finding.message)} | {_cell(actions)} "
+                   f"| {_cell(_outcome(record, d))} |")
+    if len(record.decisions) > TIMELINE_ROWS_MAX:
+        out.append(f"\n{len(record.decisions) - TIMELINE_ROWS_MAX} later decisions are not listed.")
+    return out + [""]
+
+
+def _outcome(record: RunRecord, decision: Decision) -> str:
+    if record.replayed:
+        return "not taken (replay)"
+    for action in record.actions:
+        if action.get("step") == decision.step and decision.rule in action.get("rules", []):
+            return describe_outcome(action) + (f"; {decision.note}" if decision.note else "")
+    if all(a.kind is ActionKind.ALERT for a in decision.actions):
+        return "logged (alert)"
+    return "no action reported by the run" if record.mode == STORED else "—"
+
+
+def _saved(record: RunRecord) -> list[str]:
+    acts = interventions(record)
+    out = ["## What would have been saved" if record.replayed else "## What was saved", ""]
+    bad = _non_finite_steps(record)
+    nan_skips = sorted(set(acts.skipped) & bad)
+    other_skips = sorted(set(acts.skipped) - bad)
+    for action in acts.rollbacks:
+        out.append("- " + _rollback_line(record, action))
+    if nan_skips:
+        verb = "would have been skipped" if record.replayed else "skipped"
+        out.append(f"- Updates with a NaN/inf loss or gradient {verb} (they never reach the weights or the "
+                   f"optimizer's moments): steps {_ranges(nan_skips)}.")
+    if other_skips:
+        verb = "would have been skipped" if record.replayed else "skipped"
+        out.append(f"- Other updates {verb} (spikes, learning-rate jumps): steps {_ranges(other_skips)}.")
+    unguarded = sorted(bad - set(acts.skipped))
+    if unguarded and record.replayed:
+        out.append(f"- NaN/inf values in this log at steps {_ranges(unguarded)} (after the run would have stopped, "
+                   "or not watched by a rule).")
+    for action in record.actions:
+        if action.get("restored_best"):
+            out.append(f"- At step {action['step']}: stopped and restored the {action['restored_best']}.")
+    if record.replayed and acts.stops:
+        out.append("- " + _would_stop_line(record, acts.stops[0]))
+    if record.checkpoints:
+        steps = [int(c["step"]) for c in record.checkpoints if isinstance(c.get("step"), int)]
+        out.append(f"- Good checkpoints protected from rotation (in `guardian/good/`): steps {_ranges(steps)}.")
+    if len(out) == 2:
+        out.append("Nothing needed saving." if not record.replayed else "Nothing would have needed saving.")
+    return out + [""]
+
+
+def _rollback_line(record: RunRecord, action: Mapping[str, Any]) -> str:
+    step = action["step"]
+    if record.replayed:
+        return f"Step {step}: would have rolled back to the newest good snapshot or checkpoint before the anomaly."
+    if "rollback_to_step" not in action:
+        return f"Step {step}: {describe_outcome(dict(action))}."
+    target = int(action["rollback_to_step"])
+    when = ""
+    if isinstance(action.get("time"), (int, float)):
+        when = " at " + datetime.fromtimestamp(action["time"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if record.start_time is not None:
+            when += f" ({_duration(action['time'] - record.start_time)} into the run)"
+    seconds = action.get("rollback_seconds")
+    took = f", restored in {seconds * 1000:.1f} ms" if isinstance(seconds, (int, float)) else ""
+    return (f"Step {step}{when}: rolled back to step {target} from {action['rollback']}{took}; the "
+            f"{step - target} steps since then were discarded, and the data that caused the trouble was not replayed.")
+
+
+def _would_stop_line(record: RunRecord, step: int) -> str:
+    stop = next(d for d in record.decisions if d.step == step and any(a.kind is ActionKind.STOP for a in d.actions))
+    line = f"Step {step}: {stop.rule} would have stopped the run"
+    restore = any(a.kind is ActionKind.STOP and a.param("restore_best") for a in stop.actions)
+    best = stop.finding.evidence.get("best")
+    if restore and isinstance(best, (int, float)):
+        line += f" and restored the weights of its best evaluation (step {stop.finding.evidence.get('best_step')}, " \
+                f"{stop.finding.metric} {best:.4g})"
+    final = _finite(record.eval.get(stop.finding.metric) or record.train.get(stop.finding.metric))
+    if final:
+        line += f"; the run went on to step {record.last_step} and ended at {stop.finding.metric} {final[-1][1]:.4g}"
+    return line + "."
+
+
+def _next_time(record: RunRecord) -> list[str]:
+    out = ["## What to try next time", ""]
+    if not record.decisions:
+        return out + ["Nothing fired; keep these settings.", ""]
+    pathologies: list[str] = []
+    for rule, group in _by_rule(record.decisions).items():
+        first = group[0]
+        out.append(f"### {rule} ({len(group)}×, steps {_ranges(sorted({d.step for d in group}))})")
+        out.append("")
+        if first.diagnosis:
+            out.append(f"- Likely cause: {first.diagnosis}.")
+        if first.fix:
+            out.append(f"- Usual fix: {first.fix}.")
+        if not first.diagnosis and not first.fix:
+            out.append(f"- {first.finding.message}")
+        out.append("")
+        pathologies += [p for p in pathology_keys(first) if p not in pathologies]
+    if pathologies:
+        out += ["### Common pathologies behind these rules", "", "| symptom | usual cause | usual fix |",
+                "| --- | --- | --- |"]
+        out += ["| " + " | ".join(PATHOLOGIES[key]) + " |" for key in pathologies]
+        out.append("")
+    return out
+
+
+def pathology_keys(decision: Decision) -> list[str]:
+    """Which of DIGEST.md's pathologies a decision points at, judged from its metric and evidence."""
+    evidence, metric = decision.finding.evidence, decision.finding.metric
+    if "non_finite" in evidence:
+        return ["nan", "explosion"]
+    if "best_step" in evidence or "evals_since_best" in evidence:
+        return ["overfitting"]
+    if evidence.get("condition") == "no_improvement":
+        return ["underfitting", "slow_start"]
+    if evidence.get("condition") == "stuck_at_zero":
+        return []
+    if "ratio" in evidence and metric == "learning_rate":
+        return ["explosion", "oscillation"]
+    if metric == "grad_norm":
+        return ["vanishing"] if evidence.get("side") == "below" else ["explosion", "abnormal", "oscillation"]
+    if metric == "loss":
+        return ["spike", "abnormal", "oscillation"]
+    return []
+
+
+# ---- small helpers ----------------------------------------------------------------------------------
+
+
+def _by_rule(decisions: list[Decision]) -> dict[str, list[Decision]]:
+    groups: dict[str, list[Decision]] = {}
+    for d in decisions:
+        groups.setdefault(d.rule, []).append(d)
+    return groups
+
+
+def _count(items: Iterable[str]) -> str:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _ranges(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1–3, 7"."""
+    spans: list[list[int]] = []
+    for s in sorted(set(steps)):
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def default_out_dir(name: str) -> Path:
+    return Path(f"guardian-report-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:80]}")
+
+
+def write_report(record: RunRecord, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.png and report.md into `out_dir`; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, md = out_dir / PNG_NAME, out_dir / MD_NAME
+    render_png(record, png, verdict(record))
+    md.write_text(render_markdown(record), encoding="utf-8")
+    return png, md
+
+
+# ---- the picture ------------------------------------------------------------------------------------
+
+
+def render_png(record: RunRecord, path: Path, headline: str) -> None:
+    """Four panels over the step axis: loss, gradient norm (log), learning rate, Guardian's timeline."""
+    from matplotlib.figure import Figure
+
+    rules = list(_by_rule(record.decisions))
+    fig = Figure(figsize=(12, 10), dpi=110, layout="constrained")
+    loss_ax, grad_ax, lr_ax, strip = fig.subplots(
+        4, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 2, 0.9 + 0.3 * len(rules)]})
+    flags: set[str] = set()
+    _loss_panel(loss_ax, record, flags)
+    _grad_panel(grad_ax, record, flags)
+    _lr_panel(lr_ax, record, flags)
+    for ax in (loss_ax, grad_ax, lr_ax):
+        _mark_decisions(ax, record)
+    _timeline_strip(strip, record, rules)
+    steps = [s for series in (*record.train.values(), *record.eval.values()) for s in series.steps] or [0, 1]
+    low, high = min(steps), max(max(steps), record.last_step)
+    pad = max(1.0, 0.01 * (high - low))
+    strip.set_xlim(low - pad, high + pad)
+    strip.set_xlabel("optimizer step")
+    fig.suptitle(record.name, fontsize=13, fontweight="bold")
+    loss_ax.set_title(headline, fontsize=10, loc="left")
+    handles = _legend_handles(record, flags)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
+def _loss_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
+    train, evals = record.train.get("loss"), record.eval.get("eval_loss")
+    top = _robust_top([v for s in (train, evals) if s for v in s.values])
+    if train:
+        _curve(ax, train, top, flags, color="#1f77b4", label="train loss", smooth=True)
+    if evals:
+        _curve(ax, evals, top, flags, color="#ff7f0e", label="eval loss", marker="o")
+    if not train and not evals:
+        _empty(ax, "no loss logged")
+    else:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel("loss")
+
+
+def _grad_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
+    series = record.train.get("grad_norm")
+    ax.set_ylabel("grad norm (log)")
+    if not series or not _finite(series):
+        _empty(ax, "no gradient norm logged")
+        _nan_markers(ax, series, flags)
+        return
+    ax.set_yscale("log")
+    positive = Series([s for s, v in zip(series.steps, series.values) if not (math.isfinite(v) and v <= 0)],
+                      [v for v in series.values if not (math.isfinite(v) and v <= 0)])
+    _curve(ax, positive, None, flags, color="#8c564b", label="grad norm", smooth=True)
+    zeros = [s for s, v in zip(series.steps, series.values) if math.isfinite(v) and v <= 0]
+    if zeros:
+        ax.scatter(zeros, [0.03] * len(zeros), transform=_edge(ax), marker="v", color="#8c564b", s=18, clip_on=False)
+
+
+def _lr_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
+    series = record.train.get("learning_rate")
+    ax.set_ylabel("learning rate")
+    if not series:
+        _empty(ax, "no learning rate logged")
+    else:
+        _curve(ax, series, _robust_top(series.values), flags, color="#17becf", label="learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    acts = interventions(record)
+    scale = record.lr_scale
+    if not record.replayed and (acts.lr_cuts or any(v != 1.0 for v in scale.values)):
+        twin = ax.twinx()
+        if scale.steps:
+            twin.plot(scale.steps, scale.values, drawstyle="steps-post", color="#2ca02c", ls="--", lw=1.2)
+        twin.set_ylim(0, 1.1)
+        twin.set_ylabel("Guardian's LR scale", color="#2ca02c")
+        flags.add("lr_scale")
+    if series and acts.lr_cuts:
+        lookup = dict(zip(series.steps, series.values))
+        cut = [(s, lookup.get(s + 1, lookup.get(s))) for s in acts.lr_cuts]
+        ax.scatter([s for s, v in cut if v is not None and math.isfinite(v)],
+                   [v for s, v in cut if v is not None and math.isfinite(v)],
+                   marker="D", color=ACTION_STYLES["lr_cut"][0], s=30, zorder=5)
+
+
+def _curve(ax: Any, series: Series, top: float | None, flags: set[str], *, color: str, label: str,
+           smooth: bool = False, marker: str | None = None) -> None:
+    """Plot the finite values (clipped at `top`); NaN/inf and off-scale values as markers at the panel's top."""
+    points = _finite(series)
+    steps, values = [s for s, _ in points], [v for _, v in points]
+    shown = [min(v, top) if top is not None else v for v in values]
+    if smooth and len(values) > 600:  # the raw curve faint, a rolling median (spikes stay in the raw one) on top
+        ax.plot(steps, shown, color=color, lw=0.6, alpha=0.35)
+        ax.plot(steps, _rolling_median(shown, max(5, len(shown) // 100)), color=color, lw=1.4, label=label)
+    else:
+        ax.plot(steps, shown, color=color, lw=1.1, label=label, marker=marker, ms=4)
+    if top is not None:
+        over = [s for s, v in points if v > top]
+        if over:
+            ax.set_ylim(top=top * 1.02 if top > 0 else top)
+            ax.scatter(over, [0.96] * len(over), transform=_edge(ax), marker="^", color="#555555", s=22,
+                       clip_on=False, zorder=6)
+            flags.add("off_scale")
+    _nan_markers(ax, series, flags)
+
+
+def _nan_markers(ax: Any, series: Series | None, flags: set[str]) -> None:
+    bad = [s for s, v in zip(series.steps, series.values) if not math.isfinite(v)] if series else []
+    if bad:
+        ax.scatter(bad, [0.96] * len(bad), transform=_edge(ax), marker="X", color="#d62728", s=50,
+                   clip_on=False, zorder=7)
+        flags.add("nan")
+
+
+def _mark_decisions(ax: Any, record: RunRecord) -> None:
+    for d in record.decisions:
+        ax.axvline(d.step, color=SEVERITY_COLOURS[d.severity.value], lw=0.8, alpha=0.45, zorder=0)
+    for action in interventions(record).rollbacks:
+        if "rollback_to_step" in action:
+            ax.axvspan(action["rollback_to_step"], action["step"], color=ACTION_STYLES["rollback"][0], alpha=0.08, lw=0)
+    acts = interventions(record)
+    for step in acts.stops:
+        ax.axvline(step, color="black", ls="--", lw=1.2)
+        if record.replayed:
+            ax.axvspan(step, record.last_step, color="#999999", alpha=0.12, lw=0)
+
+
+def _timeline_strip(ax: Any, record: RunRecord, rules: list[str]) -> None:
+    """One row per rule that fired (markers coloured by severity) and a row for the actions."""
+    rows = {rule: i + 1 for i, rule in enumerate(rules)}
+    for d in record.decisions:
+        ax.scatter([d.step], [rows[d.rule]], color=SEVERITY_COLOURS[d.severity.value], s=30, zorder=3)
+    acts = interventions(record)
+    hollow = record.replayed
+    for kind, steps in (("skip", acts.skipped), ("lr_cut", acts.lr_cuts), ("stop", acts.stops),
+                        ("rollback", [int(a["step"]) for a in acts.rollbacks])):
+        colour, marker, _ = ACTION_STYLES[kind]
+        if steps:
+            ax.scatter(steps, [0] * len(steps), marker=marker, s=45 if kind != "skip" else 30, zorder=4,
+                       facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.2)
+    for action in acts.rollbacks:
+        if "rollback_to_step" in action:
+            ax.annotate("", xy=(action["rollback_to_step"], 0.35), xytext=(action["step"], 0.35),
+                        arrowprops={"arrowstyle": "->", "color": ACTION_STYLES["rollback"][0], "lw": 1.5})
+            ax.text(action["rollback_to_step"], 0.5, f"to {action['rollback_to_step']}", fontsize=7,
+                    color=ACTION_STYLES["rollback"][0], va="bottom")
+    ax.set_yticks([0, *rows.values()], ["would act" if hollow else "actions", *rows])
+    ax.set_ylim(-0.6, len(rules) + 0.6)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    if not record.decisions and not record.actions:
+        ax.text(0.5, 0.5, "no rule fired", transform=ax.transAxes, ha="center", va="center", color="#777777")
+
+
+def _legend_handles(record: RunRecord, flags: set[str]) -> list[Any]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = []
+    for severity in ("critical", "warning", "info"):
+        if any(d.severity.value == severity for d in record.decisions):
+            handles.append(Line2D([], [], color=SEVERITY_COLOURS[severity], marker="o", lw=0.8,
+                                  label=f"{severity} decision"))
+    acts = interventions(record)
+    present = {"skip": acts.skipped, "rollback": acts.rollbacks, "lr_cut": acts.lr_cuts, "stop": acts.stops}
+    for kind, (colour, marker, label) in ACTION_STYLES.items():
+        if present[kind]:
+            label = f"would be: {label}" if record.replayed else label
+            handles.append(Line2D([], [], color=colour, marker=marker, ls="none", label=label,
+                                  markerfacecolor="none" if record.replayed else colour))
+    if any("rollback_to_step" in a for a in acts.rollbacks):
+        handles.append(Patch(color=ACTION_STYLES["rollback"][0], alpha=0.2, label="steps undone by a rollback"))
+    if record.replayed and acts.stops:
+        handles.append(Patch(color="#999999", alpha=0.3, label="after the stop the rules would have made"))
+    if "nan" in flags:
+        handles.append(Line2D([], [], color="#d62728", marker="X", ls="none", label="NaN / inf value"))
+    if "off_scale" in flags:
+        handles.append(Line2D([], [], color="#555555", marker="^", ls="none", label="value above the panel"))
+    if "lr_scale" in flags:
+        handles.append(Line2D([], [], color="#2ca02c", ls="--", label="Guardian's LR scale (right axis)"))
+    return handles
+
+
+def _robust_top(values: list[float]) -> float | None:
+    """Where to cut a panel so that a blow-up does not flatten the rest of the curve (None: no cut)."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if len(finite) < 10:
+        return None
+    lo, hi = finite[int(0.05 * (len(finite) - 1))], finite[int(0.95 * (len(finite) - 1))]
+    top = hi + 2 * ((hi - lo) or abs(hi) or 1.0)
+    return top if finite[-1] > top else None
+
+
+def _rolling_median(values: list[float], window: int) -> list[float]:
+    import numpy as np
+
+    half = window // 2
+    data = np.asarray(values, dtype=float)
+    return [float(np.median(data[max(0, i - half): i + half + 1])) for i in range(len(data))]
+
+
+def _edge(ax: Any) -> Any:
+    """x in data, y in axes fractions: for markers pinned to the top or bottom of a panel."""
+    from matplotlib.transforms import blended_transform_factory
+
+    return blended_transform_factory(ax.transData, ax.transAxes)
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777")

@@ -1,0 +1,368 @@
+"""Where `guardian top` gets its data: the daemon over HTTP, or the event file of one embedded run.
+
+Both sources answer `snapshot()` with every run's status, progress, latest values, GPU memory, rule states,
+a bounded history of its curves and its latest decisions. Memory stays bounded however long a run is.
+
+Rule states come from the daemon's `GET /v1/runs` (`rule_status`). For `--dir` they are computed: an
+`Engine` with the run's own rule file (the `source` named in its start event; the shipped rules if that
+file cannot be read) is fed every metrics event of the file, and, as the daemon's ticker does, the seconds
+since the newest event, so the `stalled` rule fires on a run that stopped writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from guardian import wire
+from guardian.client import DaemonError, request
+from guardian.engine import Engine, decision_from_dict
+from guardian.errors import GuardianError, RuleFileError
+from guardian.exporter import RunTracker
+from guardian.ruleset import RuleSet, load_rules
+
+HISTORY_POINTS = 240  # per curve: enough for the detail view's ~200-point window
+DECISIONS_KEPT = 500
+CURVES = ("loss", "eval_loss", "grad_norm", "learning_rate")
+ACTIONS = ("stop", "rollback", "reduce_lr")
+
+
+class ReadOnlySourceError(GuardianError, RuntimeError):
+    """The source can only watch (an event file on disk); acting on a run needs the daemon."""
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    device: str  # "0", or "RANK:GPU" when several ranks report
+    used_bytes: float
+    total_bytes: float
+
+
+@dataclass(frozen=True)
+class DecisionLine:
+    step: int
+    rule: str
+    severity: str
+    actions: str  # "skip_update, reduce_lr(factor=0.5)"
+    reason: str  # the finding: metric, value, threshold, step
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """One run as the screen shows it."""
+
+    id: str
+    status: str  # running | firing | stalled | ended
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    grad_norm: float | None = None
+    learning_rate: float | None = None
+    lr_scale: float | None = None
+    tokens_per_second: float | None = None
+    gpus: tuple[GpuMemory, ...] = ()
+    rules: Mapping[str, str] = field(default_factory=dict)  # rule -> ok | warming_up | firing | cooling_down
+    history: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # curve -> oldest..newest
+    decisions: tuple[DecisionLine, ...] = ()  # oldest..newest
+    seconds_since_report: float | None = None
+
+    @property
+    def firing(self) -> list[str]:
+        return [rule for rule, state in self.rules.items() if state == "firing"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every run a source knows, and the error of the last poll, if it failed (the runs are then the last known)."""
+
+    runs: tuple[RunSnapshot, ...]
+    where: str
+    error: str | None = None
+
+
+class Source(Protocol):
+    """Data for `guardian top`; `read_only` says why actions are unavailable (None: they are available)."""
+
+    where: str
+    waiting: str  # what the screen says while no run has reported
+    read_only: str | None
+
+    def snapshot(self) -> Snapshot: ...
+
+    def control(self, run_id: str, action: str, params: Mapping[str, Any]) -> int: ...
+
+
+def run_status(ended: bool, rules: Mapping[str, str]) -> str:
+    """The daemon's phase of a run: ended, stalled (the `stalled` rule fires), firing, or running."""
+    if ended:
+        return "ended"
+    if rules.get("stalled") == "firing":
+        return "stalled"
+    return "firing" if "firing" in rules.values() else "running"
+
+
+def decision_line(data: Mapping[str, Any]) -> DecisionLine | None:
+    """A decision (`Decision.to_dict()`, or a decision event) in one line; None if it is malformed."""
+    try:
+        decision = decision_from_dict(data)
+    except (KeyError, TypeError, ValueError):
+        return None
+    actions = ", ".join(str(a) for a in decision.actions) or "none"
+    return DecisionLine(decision.step, decision.rule, decision.severity.value, actions, decision.finding.message)
+
+
+class RunRecord:
+    """One run built up from its events; bounded history and decision log."""
+
+    def __init__(self, run_id: str, *, decisions_from_events: bool = True, history_points: int = HISTORY_POINTS,
+                 decisions_kept: int = DECISIONS_KEPT) -> None:
+        self.run_id = run_id
+        self.decisions_from_events = decisions_from_events
+        self.tracker = RunTracker(run_id)
+        self.values: dict[str, float] = {}  # latest of each metric, NaN included
+        self.history: dict[str, deque[float]] = {key: deque(maxlen=history_points) for key in CURVES}
+        self.decisions: deque[DecisionLine] = deque(maxlen=decisions_kept)
+        self.last_seq = 0
+        self.last_time: float | None = None
+        self.max_steps: int | None = None
+        self.rules_source: str | None = None
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Take one event (older or repeated sequence numbers are ignored); True if it was new."""
+        seq = event.get("seq")
+        if isinstance(seq, int):
+            if seq <= self.last_seq:
+                return False
+            self.last_seq = seq
+        kind = event.get("kind")
+        values = wire.metric_values(dict(event)) if kind == "metrics" else {}
+        self.tracker.apply(dict(event), values)
+        if isinstance(event.get("time"), (int, float)):
+            self.last_time = max(self.last_time or 0.0, float(event["time"]))
+        if kind == "metrics":
+            self._metrics(values)
+        elif kind == "decision" and self.decisions_from_events:
+            self._add_decisions([event])
+        elif kind == "start":
+            self._start(event)
+        return True
+
+    def _metrics(self, values: Mapping[str, float]) -> None:
+        self.values.update(values)
+        for key in CURVES:
+            if key in values:
+                self.history[key].append(values[key])
+
+    def _start(self, event: Mapping[str, Any]) -> None:
+        if isinstance(event.get("max_steps"), int) and event["max_steps"] > 0:
+            self.max_steps = int(event["max_steps"])
+        if isinstance(event.get("source"), str):
+            self.rules_source = event["source"]
+
+    def _add_decisions(self, decisions: Iterable[Mapping[str, Any]]) -> None:
+        for data in decisions:
+            line = decision_line(data)
+            if line is not None:
+                self.decisions.append(line)
+
+    def set_decisions(self, decisions: list[dict[str, Any]]) -> None:
+        """Replace the decision log (the daemon answers with the whole list)."""
+        self.decisions.clear()
+        self._add_decisions(decisions[-(self.decisions.maxlen or len(decisions)):])
+
+    @property
+    def step(self) -> int | None:
+        step = self.tracker.view.latest.get("step")
+        return None if step is None else int(step)
+
+    def snapshot(self, rules: Mapping[str, str], *, status: str | None = None, max_steps: int | None = None,
+                 seconds_since_report: float | None = None) -> RunSnapshot:
+        view, values = self.tracker.view, self.values
+        return RunSnapshot(
+            id=self.run_id, status=status or run_status(view.ended, rules), step=self.step,
+            max_steps=max_steps or self.max_steps, loss=values.get("loss"), eval_loss=values.get("eval_loss"),
+            grad_norm=values.get("grad_norm"), learning_rate=values.get("learning_rate"),
+            lr_scale=view.latest.get("lr_scale"), tokens_per_second=values.get("tokens_per_second"),
+            gpus=self._gpus(), rules=dict(rules), history={k: tuple(v) for k, v in self.history.items()},
+            decisions=tuple(self.decisions), seconds_since_report=seconds_since_report,
+        )
+
+    def _gpus(self) -> tuple[GpuMemory, ...]:
+        gpus = self.tracker.view.gpus
+        ranks = {rank for rank, _ in gpus}
+        return tuple(
+            GpuMemory(gpu if len(ranks) == 1 else f"{rank}:{gpu}", facts.get("memory_used_bytes", 0.0),
+                      facts.get("memory_total_bytes", 0.0))
+            for (rank, gpu), facts in sorted(gpus.items())
+        )
+
+
+# ---- the daemon ------------------------------------------------------------------------------------
+
+
+Fetch = Callable[..., dict[str, Any]]
+
+
+class DaemonSource:
+    """Polls `GET /v1/runs` and each run's events; a run's events are fetched again only when it changed."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout_seconds: float = 3.0,
+                 fetch: Fetch = request) -> None:
+        self.url, self.token, self.timeout_seconds, self._fetch = url, token, timeout_seconds, fetch
+        self.where = url
+        self.waiting = f"no runs have reported to {url} yet — start one with GUARDIAN_URL={url} python train.py"
+        self.read_only: str | None = None
+        self._records: dict[str, RunRecord] = {}
+        self._seen: dict[str, tuple[Any, ...]] = {}
+        self._last: tuple[RunSnapshot, ...] = ()
+
+    def _get(self, path: str) -> dict[str, Any]:
+        return self._fetch(self.url, "GET", path, token=self.token, timeout=self.timeout_seconds)
+
+    def snapshot(self) -> Snapshot:
+        try:
+            rows = self._get("/v1/runs")["runs"]
+            runs = tuple(self._run(row) for row in rows)
+        except DaemonError as exc:
+            return Snapshot(self._last, self.where, error=str(exc))
+        gone = set(self._records) - {row["id"] for row in rows}
+        for run_id in gone:  # deleted by retention: forget it
+            self._records.pop(run_id, None)
+            self._seen.pop(run_id, None)
+        self._last = runs
+        return Snapshot(runs, self.where)
+
+    def _run(self, row: Mapping[str, Any]) -> RunSnapshot:
+        run_id = str(row["id"])
+        record = self._records.setdefault(run_id, RunRecord(run_id, decisions_from_events=False))
+        changed = (row.get("last_seen"), row.get("last_step"), row.get("decisions"), row.get("status"))
+        if self._seen.get(run_id) != changed:
+            data = self._get(f"/v1/runs/{quote(run_id, safe='')}/events")
+            for event in data.get("events", []):
+                record.apply(event)
+            record.set_decisions(data.get("decisions", []))
+            self._seen[run_id] = changed
+        meta = row.get("meta") or {}
+        max_steps = meta.get("max_steps") if isinstance(meta.get("max_steps"), int) else None
+        return record.snapshot(row.get("rule_status") or {}, status=str(row.get("status", "running")),
+                               max_steps=max_steps, seconds_since_report=row.get("seconds_since_report"))
+
+    def control(self, run_id: str, action: str, params: Mapping[str, Any]) -> int:
+        """Queue an action for a run (as `guardian ctl` does); return the command's id."""
+        body = {"action": action, "params": dict(params)}
+        reply = self._fetch(self.url, "POST", f"/v1/runs/{quote(run_id, safe='')}/control", body, token=self.token,
+                            timeout=self.timeout_seconds)
+        return int(reply["command_id"])
+
+
+# ---- one run's event file --------------------------------------------------------------------------
+
+
+class EventTail:
+    """The new complete lines of a growing JSON-lines file: it may appear later, end in a partial line,
+    or be replaced (a new run in the same folder), which `read()` reports so the reader starts over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+        self._inode: int | None = None
+
+    def read(self) -> tuple[list[dict[str, Any]], bool]:
+        """(the events of the lines completed since the last call, whether the file was replaced)."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return [], False
+        restarted = self._inode is not None and (stat.st_ino != self._inode or stat.st_size < self._offset)
+        if restarted:
+            self._offset, self._partial = 0, b""
+        self._inode = stat.st_ino
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return [event for event in map(_parse_line, lines) if event is not None], restarted
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _rules_for(source: str | None) -> RuleSet:
+    """The run's rule file if it can still be read, else the shipped rules."""
+    if source and Path(source).is_file():
+        try:
+            return load_rules(Path(source))
+        except RuleFileError:
+            pass
+    return load_rules(None)
+
+
+class DirSource:
+    """Tails `<output_dir>/guardian/events.jsonl` of one embedded run; watching only."""
+
+    def __init__(self, output_dir: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+        folder = Path(output_dir)
+        self.path = folder / "guardian" / "events.jsonl"
+        self.run_id = folder.resolve().name or "run"
+        self.where = str(self.path)
+        self.waiting = (f"no events in {self.path} yet — waiting for the run to start "
+                        "(GuardianCallback writes them when training begins)")
+        self.read_only: str | None = "read-only (--dir): actions need the daemon"
+        self.clock = clock
+        self._tail = EventTail(self.path)
+        self._record: RunRecord | None = None
+        self._engine: Engine | None = None
+
+    def snapshot(self) -> Snapshot:
+        try:
+            events, restarted = self._tail.read()
+        except OSError as exc:
+            return Snapshot(self._runs(), self.where, error=f"cannot read {self.path}: {exc}")
+        if restarted:
+            self._record, self._engine = None, None
+        for event in events:
+            self._apply(event)
+        return Snapshot(self._runs(), self.where)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        if self._record is None:
+            self._record = RunRecord(self.run_id)
+        if not self._record.apply(event):
+            return
+        if event.get("kind") == "start" and (self._engine is None or self._engine.ruleset.source != self._record.rules_source):
+            self._engine = Engine(_rules_for(self._record.rules_source))
+        if event.get("kind") == "metrics" and isinstance(event.get("step"), int):
+            if self._engine is None:
+                self._engine = Engine(_rules_for(None))
+            self._engine.observe(event["step"], wire.metric_values(event))
+
+    def _runs(self) -> tuple[RunSnapshot, ...]:
+        record = self._record
+        if record is None:
+            return ()
+        since = None if record.last_time is None else max(0.0, self.clock() - record.last_time)
+        rules: dict[str, str] = {}
+        if self._engine is not None:
+            if since is not None and not record.tracker.view.ended and record.step is not None:
+                self._engine.observe(record.step, {"seconds_since_report": since})
+            rules = {name: status.value for name, status in self._engine.rule_status().items()}
+        return (record.snapshot(rules, seconds_since_report=since),)
+
+    def control(self, run_id: str, action: str, params: Mapping[str, Any]) -> int:
+        raise ReadOnlySourceError(f"cannot {action} {run_id}: --dir only reads {self.path}; to act on a run, "
+                                  "start it with GUARDIAN_URL set and run `guardian top --url`")

@@ -1,0 +1,296 @@
+"""What `guardian top` draws: pure functions from snapshots to rich renderables (no I/O, no clock).
+
+Tests render them into a fixed-width console writing to a string and compare the text exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from guardian.tui.source import DecisionLine, GpuMemory, RunSnapshot, Snapshot
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+NON_FINITE = "×"
+WIDE_COLUMNS = 100  # below this the runs table keeps only id, status, step and loss
+DETAIL_POINTS = 200
+STATUS_STYLES = {"running": "green", "firing": "bold yellow", "stalled": "bold red", "ended": "dim"}
+RULE_STYLES = {"ok": "green", "warming_up": "dim", "firing": "bold yellow", "cooling_down": "cyan"}
+SEVERITY_STYLES = {"info": "dim", "warning": "yellow", "critical": "bold red"}
+
+# ---- numbers ---------------------------------------------------------------------------------------
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    """A metric value in few characters: 4 significant digits; "—" when unknown."""
+    if value is None:
+        return "—"
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return f"{value:.{digits}g}"
+
+
+def rate(value: float | None) -> str:
+    """A throughput: 950, 12.3k, 4.1M."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def gibibytes(value: float) -> str:
+    gib = value / 2**30
+    return f"{gib:.1f}" if gib < 10 else f"{gib:.0f}"
+
+
+def learning_rate(run: RunSnapshot) -> str:
+    """The learning rate, and Guardian's cut of it when there is one: "0.0002 ×0.5"."""
+    text = number(run.learning_rate, 3)
+    if run.lr_scale is not None and run.lr_scale != 1.0:
+        text += f" ×{run.lr_scale:.3g}"
+    return text
+
+
+# ---- curves ----------------------------------------------------------------------------------------
+
+
+def resample(values: Sequence[float], width: int) -> list[float]:
+    """At most `width` points: each the largest of its bucket (spikes stay visible), NaN if any was."""
+    if width <= 0:
+        return []
+    if len(values) <= width:
+        return list(values)
+    out = []
+    for i in range(width):
+        bucket = values[i * len(values) // width:(i + 1) * len(values) // width]
+        bad = [v for v in bucket if not math.isfinite(v)]
+        out.append(bad[0] if bad else max(bucket))
+    return out
+
+
+def chart(values: Sequence[float], width: int, height: int = 1) -> list[str]:
+    """Block-character rows (top first) of the values resampled to `width`; NaN/inf are "×" on top."""
+    points = resample(values, width)
+    finite = [v for v in points if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    levels = height * len(BLOCKS)
+    heights = [None if not math.isfinite(v) else 1 + (0 if hi == lo else round((v - lo) / (hi - lo) * (levels - 1)))
+               for v in points]
+    return [_chart_row(heights, height - 1 - row) for row in range(height)]
+
+
+def _chart_row(heights: Sequence[int | None], row_from_bottom: int) -> str:
+    cells = []
+    for level in heights:
+        if level is None:
+            cells.append(NON_FINITE)
+            continue
+        fill = min(len(BLOCKS), level - row_from_bottom * len(BLOCKS))
+        cells.append(BLOCKS[fill - 1] if fill > 0 else " ")
+    return "".join(cells)
+
+
+def sparkline(values: Sequence[float], width: int) -> str:
+    """The newest `width` values as one row of block characters, scaled to their own min..max."""
+    return chart(list(values)[-width:] if width > 0 else [], width, 1)[0]
+
+
+def progress_bar(step: int | None, max_steps: int | None, width: int = 6) -> str:
+    """ "1520/3000 ███░░░" ("1520" alone when the run's length is unknown)."""
+    if step is None:
+        return "—"
+    if not max_steps:
+        return str(step)
+    filled = round(width * min(1.0, step / max_steps))
+    return f"{step}/{max_steps} " + "█" * filled + "░" * (width - filled)
+
+
+def gpu_bar(gpu: GpuMemory, width: int = 5) -> Text:
+    """ "0 ███░░ 61/80G", green below 70 % used, yellow below 90 %, red above."""
+    used = gpu.used_bytes / gpu.total_bytes if gpu.total_bytes else 0.0
+    filled = round(width * min(1.0, used))
+    style = "green" if used < 0.7 else "yellow" if used < 0.9 else "red"
+    return Text.assemble(f"{gpu.device} ", ("█" * filled, style), ("░" * (width - filled), "dim"),
+                         f" {gibibytes(gpu.used_bytes)}/{gibibytes(gpu.total_bytes)}G")
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+# ---- the runs table --------------------------------------------------------------------------------
+
+
+def visible_window(count: int, selected: int, rows: int) -> range:
+    """The indices of `rows` consecutive runs that include the selected one."""
+    rows = max(1, rows)
+    start = min(max(0, selected - rows + 1), max(0, count - rows))
+    return range(start, min(count, start + rows))
+
+
+def runs_table(runs: Sequence[RunSnapshot], selected: int, *, width: int, max_rows: int = 1000) -> Table:
+    """Every run in one row; below `WIDE_COLUMNS` only id, status, step and loss."""
+    wide = width >= WIDE_COLUMNS
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), header_style="bold",
+                  expand=False)
+    table.add_column("", width=1, no_wrap=True)
+    table.add_column("run", no_wrap=True, overflow="ellipsis", max_width=24 if wide else 18)
+    table.add_column("status", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("loss", no_wrap=True)
+    if wide:
+        for name in ("eval loss", "grad norm", "lr", "tok/s", "GPU memory"):
+            table.add_column(name, no_wrap=True)
+        table.add_column("firing", no_wrap=True, overflow="ellipsis", min_width=6)
+    for index in visible_window(len(runs), selected, max_rows):
+        table.add_row(*_run_cells(runs[index], index == selected, wide), style="bold" if index == selected else "")
+    return table
+
+
+def _run_cells(run: RunSnapshot, selected: bool, wide: bool) -> list[RenderableType]:
+    loss = f"{number(run.loss):<6} {sparkline(run.history.get('loss', ()), 8)}".rstrip()
+    cells: list[RenderableType] = ["▶" if selected else " ", run.id, status_text(run.status),
+                                   progress_bar(run.step, run.max_steps), loss]
+    if not wide:
+        return cells
+    grad = f"{number(run.grad_norm):<6} {sparkline(run.history.get('grad_norm', ()), 6)}".rstrip()
+    gpus = Text("\n").join(gpu_bar(g) for g in run.gpus) if run.gpus else Text("—")
+    firing = Text(", ".join(run.firing) or "—", style="yellow" if run.firing else "dim")
+    cells += [number(run.eval_loss), grad, learning_rate(run), rate(run.tokens_per_second), gpus, firing]
+    return cells
+
+
+# ---- decisions -------------------------------------------------------------------------------------
+
+
+def decision_text(decision: DecisionLine) -> Text:
+    """ "step    15 non_finite_loss     skip_update  loss is nan at step 15: ..." in one line."""
+    return Text.assemble(f"step {decision.step:>6} ", (f"{decision.rule:<20}", SEVERITY_STYLES.get(decision.severity, "")),
+                         f" {decision.actions:<12} ", decision.reason, no_wrap=True, overflow="ellipsis")
+
+
+def decision_lines(decisions: Sequence[DecisionLine], limit: int, scrolled: int = 0) -> list[Text]:
+    """The newest `limit` decisions (oldest first), `scrolled` lines back from the newest."""
+    end = max(0, len(decisions) - max(0, scrolled))
+    shown = decisions[max(0, end - max(1, limit)):end]
+    return [decision_text(d) for d in shown]
+
+
+def decisions_panel(run: RunSnapshot, *, limit: int = 5) -> Panel:
+    """The selected run's latest decisions, one line each."""
+    lines: list[Text] = decision_lines(run.decisions, limit) or [Text("no decisions yet: every rule is quiet",
+                                                                       style="dim")]
+    title = f"latest decisions of {run.id} ({len(run.decisions)})"
+    return Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED, padding=(0, 1))
+
+
+# ---- screens ---------------------------------------------------------------------------------------
+
+
+def header(snapshot: Snapshot) -> Text:
+    """Title, where the data comes from, and the last poll's error (the runs shown are then the last known)."""
+    count = len(snapshot.runs)
+    text = Text.assemble(("guardian top", "bold"), f" · {snapshot.where} · {count} run{'s' * (count != 1)}")
+    if snapshot.error:
+        text.append("\n")
+        text.append(f"⚠ {snapshot.error} (retrying)", style="bold red")
+    return text
+
+
+def no_runs(message: str) -> Panel:
+    """The screen before any run has reported."""
+    return Panel(Text(message, justify="center"), box=box.ROUNDED, padding=(1, 2))
+
+
+def runs_screen(snapshot: Snapshot, selected: int, *, width: int, height: int, waiting: str) -> RenderableType:
+    """The runs table and, below it, the selected run's latest decisions (fitting `height` lines)."""
+    if not snapshot.runs:
+        return no_runs(waiting)
+    selected = min(max(0, selected), len(snapshot.runs) - 1)
+    decision_rows = max(1, min(6, height - len(snapshot.runs) - 6))
+    table_rows = max(1, height - decision_rows - 4)
+    return Group(runs_table(snapshot.runs, selected, width=width, max_rows=table_rows),
+                 decisions_panel(snapshot.runs[selected], limit=decision_rows))
+
+
+def detail_view(run: RunSnapshot, *, width: int, height: int = 40, scrolled: int = 0) -> RenderableType:
+    """One run: its curves over the last ~200 points, its rule states and its decision log."""
+    title = Text.assemble(("run ", "bold"), (run.id, "bold"), " · ", status_text(run.status), " · step ",
+                          progress_bar(run.step, run.max_steps, 10))
+    if run.seconds_since_report is not None:
+        title.append(f" · last report {run.seconds_since_report:.0f} s ago")
+    curves = curves_panel(run, width=width)
+    log_rows = max(3, height - 17)
+    rules, log = rules_table(run), decision_log(run, limit=log_rows, scrolled=scrolled)
+    if width >= WIDE_COLUMNS:
+        bottom = Table.grid(padding=(0, 1))
+        bottom.add_column(no_wrap=True)
+        bottom.add_column(ratio=1)
+        bottom.add_row(rules, log)
+        return Group(title, curves, bottom)
+    return Group(title, curves, log, rules)
+
+
+def curves_panel(run: RunSnapshot, *, width: int) -> Panel:
+    """Loss and gradient norm as small charts, eval loss and learning rate as sparklines."""
+    inner = max(10, width - 4 - 22)
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, width=9)
+    grid.add_column(no_wrap=True, width=10, justify="right")
+    grid.add_column(no_wrap=True)
+    _add_curve(grid, "loss", run.history.get("loss", ()), inner, 3)
+    _add_curve(grid, "grad norm", run.history.get("grad_norm", ()), inner, 2)
+    _add_curve(grid, "eval loss", run.history.get("eval_loss", ()), inner, 1)
+    _add_curve(grid, "lr", run.history.get("learning_rate", ()), inner, 1)
+    return Panel(grid, title=f"curves: last {DETAIL_POINTS} points", title_align="left", box=box.ROUNDED,
+                 padding=(0, 1))
+
+
+def _add_curve(grid: Table, name: str, values: Sequence[float], width: int, height: int) -> None:
+    window = list(values)[-DETAIL_POINTS:]
+    if not window:
+        grid.add_row(name, "—", Text("no values yet", style="dim"))
+        return
+    finite = [v for v in window if math.isfinite(v)]
+    top, bottom = (number(max(finite)), number(min(finite))) if finite else ("nan", "nan")
+    rows = chart(window, width, height)
+    for i, row in enumerate(rows):
+        label = name if i == 0 else ""
+        scale = top if i == 0 else bottom if i == len(rows) - 1 else ""
+        if height == 1:
+            scale = f"{number(window[-1])}"
+        grid.add_row(label, scale, row)
+
+
+def rules_table(run: RunSnapshot) -> Table:
+    """Every rule and its state (ok, warming_up, firing, cooling_down)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("rule", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for rule, state in run.rules.items():
+        table.add_row(rule, Text(state, style=RULE_STYLES.get(state, "")))
+    if not run.rules:
+        table.add_row("—", Text("not known yet", style="dim"))
+    return table
+
+
+def decision_log(run: RunSnapshot, *, limit: int, scrolled: int = 0) -> Panel:
+    """The run's decisions, newest last; `scrolled` lines back from the newest."""
+    lines = decision_lines(run.decisions, limit, scrolled) or [Text("no decisions", style="dim")]
+    shown_to = max(0, len(run.decisions) - max(0, scrolled))
+    title = f"decision log ({len(run.decisions)})"
+    if scrolled and run.decisions:
+        title += f", up to #{shown_to}"
+    return Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED, padding=(0, 1))
+
+
+def footer(text: str | Text) -> Text:
+    return text if isinstance(text, Text) else Text(text, style="reverse", no_wrap=True, overflow="ellipsis")
