@@ -33,7 +33,7 @@ from guardian.actions import ActionKind, ActionSpec, describe_outcome as describ
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
 from guardian.callbacks.distributed import RankSync
-from guardian.callbacks.lr import current_lr
+from guardian.callbacks.lr import current_lr, scale_lr
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.client import DaemonLink
 from guardian.engine import Decision, Engine, decision_from_dict
@@ -91,6 +91,8 @@ class GuardianCallback(TrainerCallback):
         metrics_port: serve Prometheus metrics for this run on 127.0.0.1:PORT (embedded mode; the daemon
             serves them at its own /metrics otherwise).
         system_every_seconds: how often to report GPU facts (NVML) from this process.
+        lr_factor_at_start: scale the learning rate (and its schedule) once training starts; `guardian run`
+            sets it when it restarts a crashed run with `--lr-factor`.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class GuardianCallback(TrainerCallback):
         deadline_seconds: float = 0.5,
         metrics_port: int | None = None,
         system_every_seconds: float = 10.0,
+        lr_factor_at_start: float | None = None,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
@@ -125,6 +128,10 @@ class GuardianCallback(TrainerCallback):
         self.deadline_seconds = deadline_seconds
         self.metrics_port = metrics_port
         self.system_every_seconds = system_every_seconds
+        self.lr_factor_at_start = lr_factor_at_start
+        self._supervisor_file = Path(os.environ["GUARDIAN_SUPERVISOR_FILE"]) if os.environ.get(
+            "GUARDIAN_SUPERVISOR_FILE") else None
+        self._output_dir = ""
         self.tracker = RunTracker(run_id or "embedded")
         self.metrics_server: Any = None
         self._gpus: GpuReader | None = None
@@ -192,7 +199,13 @@ class GuardianCallback(TrainerCallback):
             self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
                                    spool=events_path)
             log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
+        self._output_dir = os.path.abspath(args.output_dir)
         self._resume(args, state)
+        if self.lr_factor_at_start and optimizer is not None:
+            applied = scale_lr(optimizer, lr_scheduler, self.lr_factor_at_start)
+            self.actuator.lr_scale *= applied
+            log.warning("Guardian: restarted with the learning rate x%.3g (now %.3g)", applied, current_lr(optimizer))
+        self._tell_supervisor()
         self._rank = int(getattr(args, "process_index", 0))
         self._gpus = _gpu_reader()
         if self.metrics_port is not None and state.is_world_process_zero:
@@ -270,14 +283,16 @@ class GuardianCallback(TrainerCallback):
         self._apply_remote(step, *kit)  # evaluation is slow anyway: settle now
 
     @_never_raises
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step = state.global_step
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         if folder.is_dir() and state.is_world_process_zero:
             _write_json(folder / STATE_FILE, self._state())
-            if self._healthy(step) and self.actuator.good is not None:
+            finite = model is None or snapshots.all_finite(list(snapshots.trainable_parameters(model).values()))
+            if self._healthy(step) and finite and self.actuator.good is not None:
                 where = self.actuator.good.protect(folder, step, {"lr_scale": self.lr_scale})
                 self._emit("checkpoint", {"step": step, "protected": str(where)}, flush=True)
+                self._tell_supervisor()
 
     @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -383,6 +398,8 @@ class GuardianCallback(TrainerCallback):
         self._emit("decision", {**decision.to_dict(), "source": source}, flush=True)
 
     def _log_outcome(self, record: dict[str, Any]) -> None:
+        if record.get("rollback") == "restart":
+            self._tell_supervisor()
         self.interventions.append(record)
         if self.sync.rank == 0:
             log.warning("Guardian: step %d: %s", record["step"], describe(record))
@@ -407,9 +424,26 @@ class GuardianCallback(TrainerCallback):
     def _state(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict(), "lr_scale": self.lr_scale, "counts": self.counts}
 
+    def _tell_supervisor(self) -> None:
+        """Under `guardian run`: where the run writes, its good checkpoints, and any restart request."""
+        if self._supervisor_file is None or self.sync.rank != 0:
+            return
+        good = self.actuator.good
+        request = self.actuator.restart_request
+        _write_json(self._supervisor_file, {
+            "output_dir": self._output_dir,
+            "good_checkpoints": [str(good.root / f"checkpoint-{s}") for s in good.steps()] if good else [],
+            "restart_request": json.loads(request.read_text()) if request and request.is_file() else None,
+        })
+
     def _resume(self, args: Any, state: Any) -> None:
-        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if state.global_step == 0 or not saved.is_file():
+        if state.global_step == 0:
+            return
+        candidates = [Path(p) / STATE_FILE for p in (os.environ.get("GUARDIAN_RESUME_FROM"),) if p]
+        candidates += [Path(args.output_dir) / folder / f"checkpoint-{state.global_step}" / STATE_FILE
+                       for folder in (".", "guardian/good")]
+        saved = next((c for c in candidates if c.is_file()), None)
+        if saved is None:
             return
         data = json.loads(saved.read_text())
         try:

@@ -294,6 +294,7 @@ class Follower:
             self._read_jsonl()
         elif self.source == STATE:
             self._read_states()
+        self._discover_checkpoints()  # again: a resume forgets the checkpoints from its step on
         if self.last_step is not None:
             self._judge(self.last_step)
         if self.policy.pid is not None and not self.process_gone and not process_alive(self.policy.pid):

@@ -88,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(top)
     top.set_defaults(func=_top)
 
+    run = sub.add_parser("run", help="run a training command with Guardian injected; restart it if it dies",
+                         description="Runs COMMAND with Guardian in every transformers Trainer it creates (no code "
+                         "change) and restarts it from the last good checkpoint when it dies. Exit codes: 0 finished, "
+                         "1 gave up (restart budget used up), 130 interrupted, 143 terminated.")
+    run.add_argument("--max-restarts", type=int, default=3, help="restart budget (default 3)")
+    run.add_argument("--backoff", type=float, default=5.0, help="seconds before the first restart; doubles (default 5)")
+    run.add_argument("--lr-factor", type=float, help="multiply the learning rate by this at each restart, e.g. 0.5")
+    run.add_argument("--rules", type=Path, help="rule file for the injected callback (default: the shipped rules)")
+    run.add_argument("--url", default=os.environ.get("GUARDIAN_URL"), help="report to this daemon (default $GUARDIAN_URL)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python train.py")
+    run.set_defaults(func=_run)
+
     replay = sub.add_parser("replay", help="what would the rules have done on a past run's log?")
     replay.add_argument("paths", nargs="*", type=Path,
                         help="trainer_state.json, trainer_log.jsonl, Guardian's events.jsonl or a run directory")
@@ -95,6 +107,27 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--run", action="append", default=[], help="a run stored by the daemon (repeatable)")
     replay.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="the daemon's state dir")
     replay.set_defaults(func=_replay)
+
+    report = sub.add_parser("report", help="a run's curves and Guardian's decisions as report.png and report.md")
+    report.add_argument("target", nargs="?", metavar="PATH_OR_RUN",
+                        help="a run's output directory, its guardian/events.jsonl, a trainer_state.json or "
+                             "trainer_log.jsonl, or the id of a run the daemon stored")
+    report.add_argument("--run", help="a run stored by the daemon")
+    report.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="the daemon's state dir")
+    report.add_argument("--rules", type=Path, help="rules to replay a plain training log with (default: the shipped rules)")
+    report.add_argument("--out", type=Path, help="where to write (default ./guardian-report-<name>/)")
+    report.set_defaults(func=_report)
+
+    doctor = sub.add_parser("doctor", help="check a training configuration before the run starts")
+    doctor.add_argument("config", type=Path, help="TrainingArguments as JSON, or a LLaMA-Factory YAML file")
+    doctor.add_argument("--rules", type=Path, help="the rules the run will use (default: the shipped rules)")
+    doctor.add_argument("--world-size", type=int, default=1, help="number of processes (GPUs) training (default 1)")
+    doctor.add_argument("--device", choices=["cpu", "cuda"], help="where the run trains")
+    doctor.add_argument("--no-snapshots", action="store_true",
+                        help="Guardian's in-memory snapshots are off (snapshot_every_steps=0 or a model too big)")
+    doctor.add_argument("--dataset-size", type=int, help="training samples, to check the number of epochs")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 if there is any warning or error")
+    doctor.set_defaults(func=_doctor)
     _add_attach(sub)
     return parser
 
@@ -195,6 +228,20 @@ def _top(args: argparse.Namespace) -> int:
 
     source: Source = DirSource(args.dir) if args.dir else DaemonSource(args.url, _token(args))
     return run_top(source, refresh_seconds=max(0.1, args.refresh))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from guardian.supervisor import Supervisor
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.lr_factor is not None and not 0 < args.lr_factor < 1:
+        raise ConfigError(f"--lr-factor must be between 0 and 1, got {args.lr_factor}")
+    if args.rules is not None:
+        load_rules(args.rules)  # check it now: a bad rule file is an error here, not in every rank
+    options = {k: v for k, v in {"rules": str(args.rules) if args.rules else None, "url": args.url}.items() if v}
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return Supervisor(command, max_restarts=args.max_restarts, backoff_seconds=args.backoff,
+                      lr_factor_on_restart=args.lr_factor, callback_options=options).run()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -329,6 +376,28 @@ def _attach(args: argparse.Namespace) -> int:
                   pid=args.pid, stop_signal=args.stop_signal, stop_on=args.stop_on, url=args.url,
                   token=args.token, run_id=args.run_id, rule_set=args.rule_set, poll_seconds=args.poll_seconds,
                   quiet_steps=args.quiet_steps)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from guardian.report import default_out_dir, load_run, verdict, write_report
+
+    record = load_run(args.target, run_id=args.run, state_dir=args.state_dir, ruleset=load_rules(args.rules))
+    png, md = write_report(record, args.out or default_out_dir(record.name))
+    console = Console()
+    console.print(f"[bold]{escape(record.name)}[/]: {escape(verdict(record))}", highlight=False)
+    console.print(f"  {png}\n  {md}", markup=False, highlight=False)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from guardian.doctor import check_config, read_config, render_advice
+
+    advice = check_config(read_config(args.config), rules=load_rules(args.rules), world_size=args.world_size,
+                          device=args.device, snapshots_enabled=not args.no_snapshots,
+                          dataset_size=args.dataset_size)
+    render_advice(advice, Console(), title=str(args.config))
+    serious = [a for a in advice if a.severity != "info"]
+    return 1 if args.strict and serious else 0
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class RunRecord:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     start_time: float | None = None
     notes: list[str] = field(default_factory=list)
+    rules: str = ""  # the rule file a replay used
 
     @property
     def replayed(self) -> bool:
@@ -177,7 +178,7 @@ def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:
     observations = read_log(path)
     train, evals = _series(observations)
     decisions = replay_observations(observations, ruleset)
-    return RunRecord(_run_name(path), REPLAYED, f"{path} (rules: {ruleset.source})", train, evals, decisions)
+    return RunRecord(_run_name(path), REPLAYED, str(path), train, evals, decisions, rules=ruleset.source)
 
 
 def _run_name(path: Path) -> str:
@@ -292,7 +293,7 @@ def _finite(series: Series | None) -> list[tuple[int, float]]:
 
 
 def _non_finite_steps(record: RunRecord) -> set[int]:
-    steps = set()
+    steps: set[int] = set()
     for key in ("loss", "grad_norm"):
         series = record.train.get(key)
         if series:
@@ -319,10 +320,12 @@ def verdict(record: RunRecord) -> str:
     if record.replayed:
         if not record.decisions:
             return "replayed: no rule would have fired"
-        fired = ", ".join(sorted({d.rule for d in record.decisions}))
+        until = acts.stops[0] if acts.stops else record.last_step
+        fired = ", ".join(sorted({d.rule for d in record.decisions if d.step <= until}))
+        would = _did(acts, replayed=True)
         if acts.stops:
-            return f"replayed: the rules would have stopped this run at step {acts.stops[0]} ({fired})"
-        return f"replayed: {len(record.decisions)} decisions would have been made ({fired})"
+            would = (would + ", and " if would else "") + f"stopped this run at step {acts.stops[0]}"
+        return f"replayed: the rules would have {would or 'raised ' + _plural(len(record.decisions), 'alert')} ({fired})"
     if loss and loss.values and not math.isfinite(loss.values[-1]):
         return f"diverged: the training loss is {loss.values[-1]} at the last step ({loss.steps[-1]})"
     done = _did(acts)
@@ -332,7 +335,7 @@ def verdict(record: RunRecord) -> str:
     if done:
         return f"Guardian stepped in: {done}; ended at step {record.last_step}{_end_loss(record)}"
     if record.decisions:
-        return f"{len(record.decisions)} alerts, no action taken; ended at step {record.last_step}"
+        return f"{_plural(len(record.decisions), 'alert')}, no action taken; ended at step {record.last_step}"
     return f"healthy: no rule fired in {record.last_step} steps"
 
 
@@ -344,15 +347,27 @@ def _end_loss(record: RunRecord) -> str:
     return ""
 
 
-def _did(acts: Interventions) -> str:
+def _did(acts: Interventions, *, replayed: bool = False) -> str:
     parts = []
+    if replayed:
+        if acts.skipped:
+            parts.append(f"skipped {_plural(len(acts.skipped), 'update')}")
+        if acts.rollbacks:
+            parts.append(f"rolled back {_plural(len(acts.rollbacks), 'time')}")
+        if acts.lr_cuts:
+            parts.append(f"cut the LR to x{acts.lr_scale:.3g}")
+        return ", ".join(parts)
     if acts.skipped:
-        parts.append(f"{len(acts.skipped)} updates skipped")
+        parts.append(f"{_plural(len(acts.skipped), 'update')} skipped")
     if acts.rollbacks:
-        parts.append(f"{len(acts.rollbacks)} rollback{'s' if len(acts.rollbacks) > 1 else ''}")
+        parts.append(_plural(len(acts.rollbacks), "rollback"))
     if acts.lr_cuts:
         parts.append(f"LR x{acts.lr_scale:.3g}")
     return ", ".join(parts)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 # ---- the markdown -----------------------------------------------------------------------------------
@@ -369,8 +384,9 @@ def render_markdown(record: RunRecord, *, image: str = PNG_NAME) -> str:
 
 def _source_line(record: RunRecord) -> str:
     if record.replayed:
-        return (f"Source: `{record.source}`. **Replayed: what the rules would have done.** No action was taken "
-                "in this run; after a stop the run would have ended, so later decisions are hypothetical.")
+        return (f"Source: `{record.source}`, rules `{record.rules}`. **Replayed: what the rules would have done.** "
+                "No action was taken in this run; after a stop the run would have ended, so later decisions are "
+                "hypothetical.")
     if record.mode == STORED:
         return f"Source: the daemon's store, `{record.source}` (decisions: the run's and the daemon's)."
     return f"Source: Guardian's event log, `{record.source}`."
@@ -621,11 +637,30 @@ def _loss_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
         _curve(ax, train, top, flags, color="#1f77b4", label="train loss", smooth=True)
     if evals:
         _curve(ax, evals, top, flags, color="#ff7f0e", label="eval loss", marker="o")
+    best = _restored_best(record)
+    if best is not None:
+        ax.scatter([best[0]], [best[1]], marker="*", s=160, color="#ff7f0e", edgecolors="black", zorder=8,
+                   label="best weights " + ("that would be restored" if record.replayed else "restored"))
     if not train and not evals:
         _empty(ax, "no loss logged")
     else:
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_ylabel("loss")
+
+
+def _restored_best(record: RunRecord) -> tuple[int, float] | None:
+    """(step, eval loss) of the best evaluation whose weights a stop restored (or, replayed, would restore)."""
+    evals = dict(_finite(record.eval.get("eval_loss")))
+    if record.replayed:
+        acts = interventions(record)
+        stop = next((d for d in record.decisions if acts.stops and d.step == acts.stops[0]), None)
+        restores = stop is not None and any(a.kind is ActionKind.STOP and a.param("restore_best") for a in stop.actions)
+        step = stop.finding.evidence.get("best_step") if stop is not None and restores else None
+    else:
+        text = next((str(a["restored_best"]) for a in record.actions if a.get("restored_best")), "")
+        found = re.search(r"step (\d+)", text)
+        step = int(found.group(1)) if found else None
+    return (step, evals[step]) if isinstance(step, int) and step in evals else None
 
 
 def _grad_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
@@ -636,6 +671,7 @@ def _grad_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
         _nan_markers(ax, series, flags)
         return
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     positive = Series([s for s, v in zip(series.steps, series.values) if not (math.isfinite(v) and v <= 0)],
                       [v for v in series.values if not (math.isfinite(v) and v <= 0)])
     _curve(ax, positive, None, flags, color="#8c564b", label="grad norm", smooth=True)
@@ -672,21 +708,24 @@ def _lr_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
 def _curve(ax: Any, series: Series, top: float | None, flags: set[str], *, color: str, label: str,
            smooth: bool = False, marker: str | None = None) -> None:
     """Plot the finite values (clipped at `top`); NaN/inf and off-scale values as markers at the panel's top."""
-    points = _finite(series)
-    steps, values = [s for s, _ in points], [v for _, v in points]
-    shown = [min(v, top) if top is not None else v for v in values]
-    if smooth and len(values) > 600:  # the raw curve faint, a rolling median (spikes stay in the raw one) on top
+    steps = series.steps
+    # NaN breaks the line, so a non-finite step shows as a gap (and a marker), never as a bridge.
+    shown = [min(v, top) if top is not None and math.isfinite(v) else v if math.isfinite(v) else math.nan
+             for v in series.values]
+    if smooth and len(shown) > 600:  # the raw curve faint, a rolling median (spikes stay in the raw one) on top
         ax.plot(steps, shown, color=color, lw=0.6, alpha=0.35)
         ax.plot(steps, _rolling_median(shown, max(5, len(shown) // 100)), color=color, lw=1.4, label=label)
     else:
         ax.plot(steps, shown, color=color, lw=1.1, label=label, marker=marker, ms=4)
-    if top is not None:
-        over = [s for s, v in points if v > top]
-        if over:
-            ax.set_ylim(top=top * 1.02 if top > 0 else top)
-            ax.scatter(over, [0.96] * len(over), transform=_edge(ax), marker="^", color="#555555", s=22,
-                       clip_on=False, zorder=6)
-            flags.add("off_scale")
+    over = [(s, v) for s, v in _finite(series) if top is not None and v > top]
+    if top is not None and over:
+        ax.set_ylim(top=top * 1.02 if top > 0 else top)
+        ax.scatter([s for s, _ in over], [0.96] * len(over), transform=_edge(ax), marker="^", color="#555555",
+                   s=22, clip_on=False, zorder=6)
+        for s, v in over[:5] if len(over) <= 5 else []:
+            ax.annotate(f"{v:.3g}", (s, 0.96), xycoords=_edge(ax), xytext=(5, -3), textcoords="offset points",
+                        fontsize=7, color="#555555", va="top")
+        flags.add("off_scale")
     _nan_markers(ax, series, flags)
 
 
@@ -718,17 +757,18 @@ def _timeline_strip(ax: Any, record: RunRecord, rules: list[str]) -> None:
         ax.scatter([d.step], [rows[d.rule]], color=SEVERITY_COLOURS[d.severity.value], s=30, zorder=3)
     acts = interventions(record)
     hollow = record.replayed
-    for kind, steps in (("skip", acts.skipped), ("lr_cut", acts.lr_cuts), ("stop", acts.stops),
-                        ("rollback", [int(a["step"]) for a in acts.rollbacks])):
+    # Several actions at one step sit on sub-rows of the actions row: skips low, rollbacks high.
+    for kind, steps, y in (("skip", acts.skipped, -0.22), ("lr_cut", acts.lr_cuts, 0.0), ("stop", acts.stops, 0.0),
+                           ("rollback", [int(a["step"]) for a in acts.rollbacks], 0.22)):
         colour, marker, _ = ACTION_STYLES[kind]
         if steps:
-            ax.scatter(steps, [0] * len(steps), marker=marker, s=45 if kind != "skip" else 30, zorder=4,
+            ax.scatter(steps, [y] * len(steps), marker=marker, s=45 if kind != "skip" else 30, zorder=4,
                        facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.2)
     for action in acts.rollbacks:
         if "rollback_to_step" in action:
-            ax.annotate("", xy=(action["rollback_to_step"], 0.35), xytext=(action["step"], 0.35),
+            ax.annotate("", xy=(action["rollback_to_step"], 0.22), xytext=(action["step"], 0.22),
                         arrowprops={"arrowstyle": "->", "color": ACTION_STYLES["rollback"][0], "lw": 1.5})
-            ax.text(action["rollback_to_step"], 0.5, f"to {action['rollback_to_step']}", fontsize=7,
+            ax.text(action["rollback_to_step"], 0.3, f"back to step {action['rollback_to_step']}", fontsize=7,
                     color=ACTION_STYLES["rollback"][0], va="bottom")
     ax.set_yticks([0, *rows.values()], ["would act" if hollow else "actions", *rows])
     ax.set_ylim(-0.6, len(rules) + 0.6)
@@ -782,7 +822,21 @@ def _rolling_median(values: list[float], window: int) -> list[float]:
 
     half = window // 2
     data = np.asarray(values, dtype=float)
-    return [float(np.median(data[max(0, i - half): i + half + 1])) for i in range(len(data))]
+    return [float(np.nanmedian(data[max(0, i - half): i + half + 1])) if np.isfinite(data[i]) else math.nan
+            for i in range(len(data))]
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log-axis labels as 0.5, 1, 2 rather than 5e-01; minor ticks at 2 and 5 labelled when the range is short."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _: Any) -> str:
+        low, high = ax.get_ylim()
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0.0
+        return f"{value:g}" if high / max(low, 1e-300) <= 200 and round(mantissa, 6) in (2.0, 5.0) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _edge(ax: Any) -> Any:
@@ -793,4 +847,5 @@ def _edge(ax: Any) -> Any:
 
 
 def _empty(ax: Any, text: str) -> None:
+    ax.set_yticks([])
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777")

@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -18,11 +19,16 @@ from guardian.tui.source import DecisionLine, GpuMemory, RunSnapshot, Snapshot
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 NON_FINITE = "×"
-WIDE_COLUMNS = 100  # below this the runs table keeps only id, status, step and loss
+WIDE_COLUMNS = 100  # the detail view puts rule states and the decision log side by side from here
 DETAIL_POINTS = 200
 STATUS_STYLES = {"running": "green", "firing": "bold yellow", "stalled": "bold red", "ended": "dim"}
 RULE_STYLES = {"ok": "green", "warming_up": "dim", "firing": "bold yellow", "cooling_down": "cyan"}
 SEVERITY_STYLES = {"info": "dim", "warning": "yellow", "critical": "bold red"}
+COLUMN_GAP = 2
+CORE_COLUMNS = ("", "run", "status", "step", "loss")  # always shown
+OPTIONAL_COLUMNS = ("eval loss", "grad norm", "lr", "tok/s", "GPU memory", "firing")  # left to right
+DROP_ORDER = ("tok/s", "eval loss", "lr", "GPU memory", "grad norm", "firing")  # the first goes first
+RUN_ID_MIN, RUN_ID_MAX, FIRING_MIN, FIRING_MAX = 10, 24, 8, 24
 
 # ---- numbers ---------------------------------------------------------------------------------------
 
@@ -77,7 +83,7 @@ def resample(values: Sequence[float], width: int) -> list[float]:
 
 
 def chart(values: Sequence[float], width: int, height: int = 1) -> list[str]:
-    """Block-character rows (top first) of the values resampled to `width`; NaN/inf are "×" on top."""
+    """Block-character rows (top first) of the values resampled to `width`; NaN/inf are "×" in every row."""
     points = resample(values, width)
     finite = [v for v in points if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
@@ -137,35 +143,66 @@ def visible_window(count: int, selected: int, rows: int) -> range:
 
 
 def runs_table(runs: Sequence[RunSnapshot], selected: int, *, width: int, max_rows: int = 1000) -> Table:
-    """Every run in one row; below `WIDE_COLUMNS` only id, status, step and loss."""
-    wide = width >= WIDE_COLUMNS
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), header_style="bold",
-                  expand=False)
-    table.add_column("", width=1, no_wrap=True)
-    table.add_column("run", no_wrap=True, overflow="ellipsis", max_width=24 if wide else 18)
-    table.add_column("status", no_wrap=True)
-    table.add_column("step", no_wrap=True)
-    table.add_column("loss", no_wrap=True)
-    if wide:
-        for name in ("eval loss", "grad norm", "lr", "tok/s", "GPU memory"):
-            table.add_column(name, no_wrap=True)
-        table.add_column("firing", no_wrap=True, overflow="ellipsis", min_width=6)
-    for index in visible_window(len(runs), selected, max_rows):
-        table.add_row(*_run_cells(runs[index], index == selected, wide), style="bold" if index == selected else "")
+    """Every run in one row. Columns that no run has a value for are left out, then, while the table is
+    wider than `width`, tok/s, eval loss, lr, GPU memory, grad norm and firing in that order; the run id
+    and the firing rules are cut short (…) before that. Id, status, step and loss always stay."""
+    window = visible_window(len(runs), selected, max_rows)
+    rows = {index: run_cells(runs[index], index == selected) for index in window}
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, COLUMN_GAP - 1, 0, 0),
+                  header_style="bold")
+    columns = fit_columns(list(rows.values()), width)
+    for name, column_width in columns:
+        table.add_column(name, width=column_width, no_wrap=True, overflow="ellipsis")
+    for index, cells in rows.items():
+        table.add_row(*(cells[name] for name, _ in columns), style="bold" if index == selected else "")
     return table
 
 
-def _run_cells(run: RunSnapshot, selected: bool, wide: bool) -> list[RenderableType]:
-    loss = f"{number(run.loss):<6} {sparkline(run.history.get('loss', ()), 8)}".rstrip()
-    cells: list[RenderableType] = ["▶" if selected else " ", run.id, status_text(run.status),
-                                   progress_bar(run.step, run.max_steps), loss]
-    if not wide:
-        return cells
-    grad = f"{number(run.grad_norm):<6} {sparkline(run.history.get('grad_norm', ()), 6)}".rstrip()
-    gpus = Text("\n").join(gpu_bar(g) for g in run.gpus) if run.gpus else Text("—")
-    firing = Text(", ".join(run.firing) or "—", style="yellow" if run.firing else "dim")
-    cells += [number(run.eval_loss), grad, learning_rate(run), rate(run.tokens_per_second), gpus, firing]
-    return cells
+def fit_columns(rows: list[dict[str, Text]], width: int) -> list[tuple[str, int]]:
+    """The columns to show at `width` and their widths (see `runs_table`)."""
+    natural = {name: max([cell_width(Text(name))] + [cell_width(row[name]) for row in rows])
+               for name in (*CORE_COLUMNS, *OPTIONAL_COLUMNS)}
+    least = {**natural, "run": min(natural["run"], RUN_ID_MIN), "firing": min(natural["firing"], FIRING_MIN)}
+    shown = [name for name in OPTIONAL_COLUMNS if name == "firing" or any(row[name].plain != "—" for row in rows)]
+    for name in (None, *DROP_ORDER):
+        if name in shown:
+            shown.remove(name)
+        names = [*CORE_COLUMNS, *shown]
+        spare = width - sum(least[n] for n in names) - COLUMN_GAP * (len(names) - 1)
+        if spare >= 0:
+            break
+    widths = {n: least[n] for n in names}
+    for name, cap in (("firing", FIRING_MAX), ("run", RUN_ID_MAX)):
+        if name in widths:
+            grow = max(0, min(spare, min(natural[name], cap) - widths[name]))
+            widths[name], spare = widths[name] + grow, spare - grow
+    return [(n, widths[n]) for n in names]
+
+
+def cell_width(text: Text) -> int:
+    return max(cell_len(line) for line in text.plain.split("\n"))
+
+
+def run_cells(run: RunSnapshot, selected: bool) -> dict[str, Text]:
+    """Every column's cell for one run."""
+    firing = ", ".join(run.firing)
+    return {
+        "": Text("▶" if selected else " "),
+        "run": Text(run.id),
+        "status": status_text(run.status),
+        "step": Text(progress_bar(run.step, run.max_steps)),
+        "loss": Text(_with_sparkline(run.loss, run.history.get("loss", ()), 8)),
+        "eval loss": Text(number(run.eval_loss)),
+        "grad norm": Text(_with_sparkline(run.grad_norm, run.history.get("grad_norm", ()), 6)),
+        "lr": Text(learning_rate(run)),
+        "tok/s": Text(rate(run.tokens_per_second)),
+        "GPU memory": Text("\n").join(gpu_bar(g) for g in run.gpus) if run.gpus else Text("—"),
+        "firing": Text(firing or "—", style="yellow" if firing else "dim"),
+    }
+
+
+def _with_sparkline(value: float | None, history: Sequence[float], width: int) -> str:
+    return f"{number(value):<6} {sparkline(history, width)}".rstrip()
 
 
 # ---- decisions -------------------------------------------------------------------------------------
@@ -215,10 +252,11 @@ def runs_screen(snapshot: Snapshot, selected: int, *, width: int, height: int, w
     if not snapshot.runs:
         return no_runs(waiting)
     selected = min(max(0, selected), len(snapshot.runs) - 1)
-    decision_rows = max(1, min(6, height - len(snapshot.runs) - 6))
-    table_rows = max(1, height - decision_rows - 4)
+    run = snapshot.runs[selected]
+    table_rows = max(1, min(len(snapshot.runs), height - 7))  # at least three decision lines below
+    decision_rows = max(1, height - table_rows - 4)
     return Group(runs_table(snapshot.runs, selected, width=width, max_rows=table_rows),
-                 decisions_panel(snapshot.runs[selected], limit=decision_rows))
+                 decisions_panel(run, limit=decision_rows))
 
 
 def detail_view(run: RunSnapshot, *, width: int, height: int = 40, scrolled: int = 0) -> RenderableType:
@@ -227,16 +265,29 @@ def detail_view(run: RunSnapshot, *, width: int, height: int = 40, scrolled: int
                           progress_bar(run.step, run.max_steps, 10))
     if run.seconds_since_report is not None:
         title.append(f" · last report {run.seconds_since_report:.0f} s ago")
+    title.append("\n")
+    title.append_text(latest_values(run))
     curves = curves_panel(run, width=width)
-    log_rows = max(3, height - 17)
+    wide = width >= WIDE_COLUMNS
+    log_rows = max(3, height - 13 - (0 if wide else len(run.rules) + 2))
     rules, log = rules_table(run), decision_log(run, limit=log_rows, scrolled=scrolled)
-    if width >= WIDE_COLUMNS:
+    if wide:
         bottom = Table.grid(padding=(0, 1))
         bottom.add_column(no_wrap=True)
         bottom.add_column(ratio=1)
         bottom.add_row(rules, log)
         return Group(title, curves, bottom)
     return Group(title, curves, log, rules)
+
+
+def latest_values(run: RunSnapshot) -> Text:
+    """ "loss 2.45 · eval loss 2.687 · grad norm 1.42 · lr 0.0002 ×0.5 · tok/s 12.3k · GPU 0 ████░ 61/80G"."""
+    text = Text(f"loss {number(run.loss)} · eval loss {number(run.eval_loss)} · grad norm {number(run.grad_norm)} · "
+                f"lr {learning_rate(run)} · tok/s {rate(run.tokens_per_second)}")
+    for gpu in run.gpus:
+        text.append(" · GPU ")
+        text.append_text(gpu_bar(gpu))
+    return text
 
 
 def curves_panel(run: RunSnapshot, *, width: int) -> Panel:
@@ -250,7 +301,8 @@ def curves_panel(run: RunSnapshot, *, width: int) -> Panel:
     _add_curve(grid, "grad norm", run.history.get("grad_norm", ()), inner, 2)
     _add_curve(grid, "eval loss", run.history.get("eval_loss", ()), inner, 1)
     _add_curve(grid, "lr", run.history.get("learning_rate", ()), inner, 1)
-    return Panel(grid, title=f"curves: last {DETAIL_POINTS} points", title_align="left", box=box.ROUNDED,
+    steps = min(DETAIL_POINTS, len(run.history.get("loss", ())))
+    return Panel(grid, title=f"curves over the last {steps} steps", title_align="left", box=box.ROUNDED,
                  padding=(0, 1))
 
 
@@ -262,12 +314,9 @@ def _add_curve(grid: Table, name: str, values: Sequence[float], width: int, heig
     finite = [v for v in window if math.isfinite(v)]
     top, bottom = (number(max(finite)), number(min(finite))) if finite else ("nan", "nan")
     rows = chart(window, width, height)
-    for i, row in enumerate(rows):
-        label = name if i == 0 else ""
-        scale = top if i == 0 else bottom if i == len(rows) - 1 else ""
-        if height == 1:
-            scale = f"{number(window[-1])}"
-        grid.add_row(label, scale, row)
+    scales = [number(window[-1])] if height == 1 else [top, *[""] * (height - 2), bottom]  # latest, or max..min
+    for i, (row, scale) in enumerate(zip(rows, scales)):
+        grid.add_row(name if i == 0 else "", scale, row)
 
 
 def rules_table(run: RunSnapshot) -> Table:

@@ -1,0 +1,447 @@
+"""Pre-flight: settings that make a run fragile, found before it starts (`guardian doctor`, and at train begin).
+
+The configuration is a dict of Hugging Face `TrainingArguments` fields (`args.to_dict()`, a saved JSON dump)
+or LLaMA-Factory YAML keys. A key that is missing takes the Trainer's default. The ranges are the ones the
+fine-tuning guides our users follow recommend (learning rate by fine-tuning type, warm-up, clipping, batch,
+LoRA rank/alpha/dropout, weight decay, epochs by dataset size).
+
+Pure Python: no torch or transformers import, so the check runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from guardian.actions import ActionKind
+from guardian.errors import ConfigError
+from guardian.ruleset import RuleSet, load_rules
+
+log = logging.getLogger("guardian")
+
+# The Trainer's defaults for the fields the checks read (LLaMA-Factory passes these through unchanged).
+DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5, "warmup_ratio": 0.0, "warmup_steps": 0, "max_grad_norm": 1.0,
+    "num_train_epochs": 3.0, "max_steps": -1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+    "bf16": False, "fp16": False, "eval_strategy": "no", "do_eval": False, "save_strategy": "steps",
+    "save_total_limit": None, "logging_nan_inf_filter": True, "load_best_model_at_end": False,
+    "weight_decay": 0.0, "lr_scheduler_type": "linear", "use_cpu": False,
+}
+ALIASES = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "lora_rank": "lora_r"}
+LR_RANGES = {"lora": (1e-4, 5e-4), "qlora": (2e-4, 1e-3), "full": (1e-5, 5e-5)}
+LR_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tuning"}
+
+
+class Level(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+_ORDER = {Level.ERROR: 0, Level.WARNING: 1, Level.INFO: 2}
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One finding about a setting: how serious, its value, why it matters and what to change."""
+
+    severity: Level
+    setting: str
+    value: Any
+    why: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.severity.value}] {self.setting}={self.value!r}: {self.why}; {self.fix}"
+
+
+# ---- reading a configuration -------------------------------------------------------------------------
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A TrainingArguments JSON dump or a LLaMA-Factory YAML file, as a dict; ConfigError names the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    data = _parse(path, text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of training settings (TrainingArguments as JSON, or a "
+                          f"LLaMA-Factory YAML file), got {type(data).__name__}")
+    return data
+
+
+def _parse(path: Path, text: str) -> Any:
+    import yaml
+
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+
+
+# ---- the checks --------------------------------------------------------------------------------------
+
+
+def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size: int = 1, device: str | None = None,
+                 peft: Mapping[str, Any] | None = None, snapshots_enabled: bool = True,
+                 dataset_size: int | None = None) -> list[Advice]:
+    """Every finding about a run's settings, most serious first.
+
+    Args:
+        config: TrainingArguments fields or LLaMA-Factory keys; missing keys take the Trainer's defaults.
+        rules: the rules the run will use (None: the shipped rules).
+        world_size: processes training together (GPUs), for the effective batch.
+        device: "cpu" or "cuda" when known.
+        peft: the adapter when the model is a PEFT model, e.g. {"type": "LORA", "r": 8, "lora_alpha": 16,
+            "lora_dropout": 0.05, "quantized": False}.
+        snapshots_enabled: whether Guardian keeps in-memory snapshots (its first rollback source).
+        dataset_size: training samples, when known, to judge the number of epochs.
+    """
+    cfg = _Config(config)
+    ruleset = rules if rules is not None else load_rules()
+    kind = finetuning_type(config, peft)
+    found: list[Advice] = []
+    for check in (_learning_rate(cfg, kind), _warmup(cfg), _clipping(cfg), _precision(cfg, device),
+                  _evaluation(cfg, ruleset), _rollback_source(cfg, ruleset, snapshots_enabled),
+                  _rotation(cfg, ruleset, snapshots_enabled), _nan_filter(cfg), _batch(cfg, world_size),
+                  _lora(cfg, kind, peft), _weight_decay(cfg), _epochs(cfg, dataset_size), _scheduler(cfg, ruleset)):
+        found.extend(check)
+    return sorted(found, key=lambda a: _ORDER[a.severity])
+
+
+class _Config:
+    """Typed reads of a settings dict: aliases resolved, numbers from strings ("1e-4" in YAML), defaults filled."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self.raw = {ALIASES.get(k, k): getattr(v, "value", v) for k, v in raw.items()}  # enums -> their value
+
+    def has(self, key: str) -> bool:
+        return key in self.raw and self.raw[key] is not None
+
+    def get(self, key: str) -> Any:
+        return self.raw[key] if key in self.raw else DEFAULTS.get(key)
+
+    def number(self, key: str) -> float | None:
+        value = self.get(key)
+        if isinstance(value, bool) or value is None:
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
+        return value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        return "" if value is None else str(value).lower()
+
+
+def finetuning_type(config: Mapping[str, Any], peft: Mapping[str, Any] | None) -> str | None:
+    """lora, qlora, full, freeze or None (unknown), from LLaMA-Factory's keys or the live model's adapter."""
+    quantized = bool(config.get("quantization_bit") or config.get("load_in_4bit") or config.get("load_in_8bit")
+                     or (peft or {}).get("quantized"))
+    declared = str(config.get("finetuning_type") or "").lower()
+    if declared in ("lora", "qlora"):
+        return "qlora" if quantized or declared == "qlora" else "lora"
+    if declared in ("full", "freeze"):
+        return declared
+    if peft:
+        return "qlora" if quantized else "lora"  # LoRA and the other adapters share the range
+    return None
+
+
+def _advice(level: Level, setting: str, value: Any, why: str, fix: str) -> list[Advice]:
+    return [Advice(level, setting, value, why, fix)]
+
+
+def _learning_rate(cfg: _Config, kind: str | None) -> list[Advice]:
+    lr = cfg.number("learning_rate")
+    if lr is None:
+        return []
+    if kind not in LR_RANGES:
+        ranges = "; ".join(f"{LR_NAMES[k]} {_sci(lo)}–{_sci(hi)}" for k, (lo, hi) in LR_RANGES.items())
+        what = "freeze tuning" if kind == "freeze" else "the fine-tuning type is unknown"
+        return _advice(Level.INFO, "learning_rate", lr, f"{what}, so the rate was not checked against a range",
+                       f"usual ranges: {ranges}")
+    low, high = LR_RANGES[kind]
+    name = LR_NAMES[kind]
+    span = f"{_sci(low)}–{_sci(high)}"
+    if lr < low:
+        return _advice(Level.WARNING, "learning_rate", lr, f"below the usual {span} for {name}: the run learns "
+                       "slowly and may look like a plateau", f"raise it to {span}")
+    if lr > high:
+        return _advice(Level.WARNING, "learning_rate", lr, f"above the usual {span} for {name}: spikes, "
+                       "gradient explosions and NaN are likelier", f"lower it to {span}")
+    return []
+
+
+def _sci(value: float) -> str:
+    """1e-4, 5e-5: how learning rates are written."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _warmup_ratio(cfg: _Config) -> float:
+    """warmup_ratio, or warmup_steps below 1 (recent transformers read a fraction there as a ratio)."""
+    steps = cfg.number("warmup_steps") or 0.0
+    return steps if 0 < steps < 1 else cfg.number("warmup_ratio") or 0.0
+
+
+def _warmup(cfg: _Config) -> list[Advice]:
+    steps, ratio = cfg.number("warmup_steps") or 0.0, _warmup_ratio(cfg)
+    if steps >= 1:
+        return []  # warmup_steps wins over the ratio
+    if ratio <= 0:
+        return _advice(Level.WARNING, "warmup_ratio / warmup_steps", 0,
+                       "no warm-up: the first updates use the full rate on fresh Adam moments, a common cause of "
+                       "early spikes", "set warmup_ratio 0.03–0.1 (0.2 if the run was unstable)")
+    if ratio < 0.03 or ratio > 0.1:
+        note = "; up to 0.2 is reasonable for a run that was unstable" if ratio <= 0.2 else ""
+        return _advice(Level.INFO, "warmup_ratio", ratio, f"outside the usual 0.03–0.1{note}",
+                       "use warmup_ratio 0.03–0.1")
+    return []
+
+
+def _clipping(cfg: _Config) -> list[Advice]:
+    value = cfg.get("max_grad_norm")
+    norm = cfg.number("max_grad_norm")
+    if value is None or not norm:
+        return _advice(Level.WARNING, "max_grad_norm", value, "gradient clipping is off: one bad batch can "
+                       "take a step large enough to wreck the weights", "set max_grad_norm 0.5–1.0")
+    if not 0.5 <= norm <= 1.0:
+        return _advice(Level.INFO, "max_grad_norm", norm, "outside the usual 0.5–1.0", "set max_grad_norm 0.5–1.0")
+    return []
+
+
+def _precision(cfg: _Config, device: str | None) -> list[Advice]:
+    mixed = [key for key in ("bf16", "fp16") if cfg.flag(key)]
+    on_cpu = device == "cpu" or cfg.flag("use_cpu")
+    if mixed and on_cpu:
+        return _advice(Level.ERROR, mixed[0], True, "mixed precision on the CPU: fp16 is not supported there and "
+                       "bf16 is slow and not what the run is tuned for", f"set {mixed[0]}: false for a CPU run")
+    if "fp16" in mixed:
+        return _advice(Level.INFO, "fp16", True, "fp16 overflows far more easily than bf16 (a common source of "
+                       "NaN losses)", "on Ampere or newer GPUs use bf16 instead")
+    return []
+
+
+def _evaluating(cfg: _Config) -> bool:
+    val_size = cfg.number("val_size") or 0.0
+    return cfg.text("eval_strategy") not in ("no", "") or val_size > 0 or cfg.flag("do_eval")
+
+
+def _rules_with(ruleset: RuleSet, *, detector: str | None = None, action: ActionKind | None = None) -> list[str]:
+    names = []
+    for rule in ruleset.rules:
+        actions = [*rule.actions, *(a for e in rule.escalation for a in e.actions)]
+        if (detector is None or rule.detector == detector) and (action is None or any(a.kind is action for a in actions)):
+            names.append(rule.name)
+    return names
+
+
+def _evaluation(cfg: _Config, ruleset: RuleSet) -> list[Advice]:
+    rules = _rules_with(ruleset, detector="overfitting")
+    if not rules or _evaluating(cfg):
+        return []
+    return _advice(Level.WARNING, "eval_strategy", cfg.get("eval_strategy"),
+                   f"no evaluation is configured, so the overfitting rule {', '.join(rules)} can never fire",
+                   "set eval_strategy: steps with eval_steps (and val_size in LLaMA-Factory)")
+
+
+def _rollback_source(cfg: _Config, ruleset: RuleSet, snapshots_enabled: bool) -> list[Advice]:
+    rules = _rules_with(ruleset, action=ActionKind.ROLLBACK)
+    if not rules or snapshots_enabled or cfg.text("save_strategy") != "no":
+        return []
+    return _advice(Level.WARNING, "save_strategy", "no", f"rules roll back ({', '.join(rules)}) but there are no "
+                   "checkpoints and Guardian's snapshots are off: a rollback has nothing to go back to",
+                   "save checkpoints (save_strategy: steps) or enable snapshots (snapshot_every_steps > 0)")
+
+
+def _rotation(cfg: _Config, ruleset: RuleSet, snapshots_enabled: bool) -> list[Advice]:
+    limit = cfg.number("save_total_limit")
+    if limit is None or limit > 2 or cfg.flag("load_best_model_at_end") or cfg.text("save_strategy") == "no":
+        return []
+    why = f"save_total_limit {limit:g} rotates away older checkpoints, possibly the last good one before a failure"
+    if not snapshots_enabled and _rules_with(ruleset, action=ActionKind.ROLLBACK):
+        return _advice(Level.WARNING, "save_total_limit", int(limit), why + "; checkpoints are the only rollback "
+                       "source here", "raise save_total_limit to 3 or more; Guardian also keeps good checkpoints in "
+                       "output_dir/guardian/good")
+    return _advice(Level.INFO, "save_total_limit", int(limit), why, "Guardian hard-links good checkpoints into "
+                   "output_dir/guardian/good, so rotation cannot delete the last good one")
+
+
+def _nan_filter(cfg: _Config) -> list[Advice]:
+    if not cfg.flag("logging_nan_inf_filter"):
+        return []
+    return _advice(Level.INFO, "logging_nan_inf_filter", True, "the logged loss hides NaN/inf steps: Guardian "
+                   "reads the per-step loss, but your dashboards and loggers will not show them",
+                   "set logging_nan_inf_filter: false to see them in TensorBoard/W&B too")
+
+
+def _batch(cfg: _Config, world_size: int) -> list[Advice]:
+    per_device = int(cfg.number("per_device_train_batch_size") or 1)
+    accumulation = int(cfg.number("gradient_accumulation_steps") or 1)
+    effective = per_device * accumulation * world_size
+    value = f"{per_device} x {accumulation} x {world_size} = {effective}"
+    if 16 <= effective <= 128:
+        return _advice(Level.INFO, "effective batch", value, "per_device_train_batch_size x "
+                       "gradient_accumulation_steps x processes; within the typical 16–128", "—")
+    side = "small: noisy gradients and oscillating loss" if effective < 16 else "large: fewer updates per epoch"
+    fix = "raise gradient_accumulation_steps" if effective < 16 else "lower gradient_accumulation_steps or the batch"
+    return _advice(Level.WARNING, "effective batch", value, f"{side} (typical 16–128)", fix)
+
+
+def _lora(cfg: _Config, kind: str | None, peft: Mapping[str, Any] | None) -> list[Advice]:
+    if kind not in ("lora", "qlora"):
+        return []
+    peft = peft or {}
+    rank = _first_number(peft.get("r"), cfg.number("lora_r"), 8.0)
+    alpha = _first_number(peft.get("lora_alpha"), cfg.number("lora_alpha"), 2 * rank)
+    dropout = _first_number(peft.get("lora_dropout"), cfg.number("lora_dropout"), 0.0)
+    found: list[Advice] = []
+    if not 8 <= rank <= 64:
+        found += _advice(Level.INFO, "lora_rank", rank, "outside the usual r 8–64", "use a rank of 8–64")
+    if not 2 * rank <= alpha <= 4 * rank:
+        found += _advice(Level.INFO, "lora_alpha", alpha, f"outside 2–4 x the rank ({2 * rank:g}–{4 * rank:g}): "
+                         "the adapter's effective step size changes with alpha / r", f"set lora_alpha to {2 * rank:g}")
+    if not 0.05 <= dropout <= 0.1:
+        found += _advice(Level.INFO, "lora_dropout", dropout, "outside the usual 0.05–0.1",
+                         "set lora_dropout 0.05–0.1 (0.1–0.2 against overfitting)")
+    return found
+
+
+def _first_number(*values: Any) -> float:
+    for value in values:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+def _weight_decay(cfg: _Config) -> list[Advice]:
+    decay = cfg.number("weight_decay") or 0.0
+    if 0.01 <= decay <= 0.1:
+        return []
+    return _advice(Level.INFO, "weight_decay", decay, "outside the usual 0.01–0.1",
+                   "use 0.01 (AdamW's default) to 0.1 (against overfitting)")
+
+
+def _epochs(cfg: _Config, dataset_size: int | None) -> list[Advice]:
+    epochs = cfg.number("num_train_epochs")
+    if dataset_size is None or epochs is None or (cfg.number("max_steps") or -1) > 0:
+        return []
+    low, high = (1, 2) if dataset_size > 100_000 else (2, 3) if dataset_size >= 10_000 else (3, 5)
+    if low <= epochs <= high:
+        return []
+    return _advice(Level.INFO, "num_train_epochs", epochs, f"{dataset_size} samples usually need {low}–{high} "
+                   "epochs; more overfit, fewer underfit", f"train {low}–{high} epochs, with early stopping")
+
+
+def _scheduler(cfg: _Config, ruleset: RuleSet) -> list[Advice]:
+    rules = [r.name for r in ruleset.rules if r.detector == "jump" and "learning_rate" in r.watches]
+    if cfg.text("lr_scheduler_type") != "cosine_with_restarts" or not rules:
+        return []
+    return _advice(Level.WARNING, "lr_scheduler_type", "cosine_with_restarts", f"every restart jumps the rate "
+                   f"back up, which {', '.join(rules)} reads as a blow-up and skips", "disable that rule for this run, "
+                   "or use cosine / linear")
+
+
+# ---- in the training process --------------------------------------------------------------------------
+
+
+def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = False, snapshots_enabled: bool,
+              dataset_size: int | None = None) -> list[Advice]:
+    """Check a live `TrainingArguments` and model; log every finding; with `strict`, refuse a risky run.
+
+    Raises ConfigError (strict only) when there is any warning or error."""
+    config = dict(args.to_dict()) if hasattr(args, "to_dict") else dict(vars(args))
+    peft = peft_info(model)
+    if peft is None and model is not None and "finetuning_type" not in config:
+        config["finetuning_type"] = "full" if _trainable_fraction(model) > 0.5 else "freeze"
+    if peft is None and _quantized(model):
+        config["quantization_bit"] = config.get("quantization_bit") or 4
+    device = "cpu" if config.get("use_cpu") else _device_type(args)
+    advice = check_config(config, rules=rules, world_size=int(getattr(args, "world_size", 1) or 1), device=device,
+                          peft=peft, snapshots_enabled=snapshots_enabled, dataset_size=dataset_size)
+    for item in advice:
+        (log.info if item.severity is Level.INFO else log.warning)("Guardian pre-flight: %s", item)
+    serious = [a for a in advice if a.severity is not Level.INFO]
+    if strict and serious:
+        raise ConfigError("Guardian pre-flight found risky settings (strict mode):\n" + "\n".join(map(str, serious)))
+    return advice
+
+
+def _device_type(args: Any) -> str | None:
+    try:
+        return str(args.device.type)
+    except Exception:  # noqa: BLE001 - a device we cannot read is one we do not check
+        return None
+
+
+def peft_info(model: Any) -> dict[str, Any] | None:
+    """The active adapter of a PEFT model as a plain dict, or None for a model without one."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(active, str) and active in configs else next(iter(configs.values()))
+    kind = getattr(config, "peft_type", "LORA")
+    return {"type": str(getattr(kind, "value", kind)), "r": getattr(config, "r", None),
+            "lora_alpha": getattr(config, "lora_alpha", None), "lora_dropout": getattr(config, "lora_dropout", None),
+            "quantized": _quantized(model)}
+
+
+def _quantized(model: Any) -> bool:
+    return any(bool(getattr(model, name, False)) for name in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"))
+
+
+def _trainable_fraction(model: Any) -> float:
+    try:
+        sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    except (AttributeError, TypeError):
+        return 1.0
+    total = sum(n for n, _ in sizes)
+    return sum(n for n, trainable in sizes if trainable) / total if total else 1.0
+
+
+# ---- showing it ---------------------------------------------------------------------------------------
+
+
+def render_advice(advice: list[Advice], console: Any, *, title: str = "") -> None:
+    """A rich table, most serious first, and a one-line count."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    colours = {Level.ERROR: "red", Level.WARNING: "yellow", Level.INFO: "cyan"}
+    table = Table(title=f"Pre-flight check: {title}" if title else "Pre-flight check", title_justify="left",
+                  show_lines=True)
+    for column, ratio in (("severity", 1), ("setting", 2), ("value", 2), ("why it matters", 5), ("what to change", 4)):
+        table.add_column(column, ratio=ratio, overflow="fold")
+    for item in advice:
+        table.add_row(f"[{colours[item.severity]}]{item.severity.value}[/]", escape(item.setting), _show(item.value),
+                      escape(item.why), escape(item.fix))
+    console.print(table)
+    counts = {level: sum(a.severity is level for a in advice) for level in Level}
+    console.print(f"{counts[Level.ERROR]} errors, {counts[Level.WARNING]} warnings, {counts[Level.INFO]} notes",
+                  highlight=False)
+
+
+def _show(value: Any) -> str:
+    from rich.markup import escape
+
+    return escape(f"{value:g}" if isinstance(value, float) else str(value))

@@ -1,0 +1,151 @@
+"""`guardian run -- COMMAND`: run a training command with Guardian injected, and restart it when it dies.
+
+The child gets Guardian through `sitecustomize` (see `guardian.inject`). Its GuardianCallback reports the
+run's output folder and its good checkpoints (saved while healthy, with finite weights) to a state file the
+supervisor reads. When the child dies (an exception, CUDA OOM, a NaN abort, SIGKILL) or asks for a restart
+(rollback of sharded FSDP/DeepSpeed state), the supervisor restarts it resuming from the newest good
+checkpoint, within a restart budget and with growing back-off, optionally with a lower learning rate.
+Ctrl-C and SIGTERM go to the child, which ends cleanly.
+
+Exit codes: 0 the run finished; 1 gave up (crash loop: the restart budget is used up); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardian.errors import ConfigError
+from guardian.inject import ENV_OPTIONS, ENV_RESUME
+
+log = logging.getLogger("guardian.run")
+ENV_STATE = "GUARDIAN_SUPERVISOR_FILE"
+EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
+
+SITECUSTOMIZE = '''"""Installed by `guardian run`: puts Guardian into every transformers Trainer of this process."""
+import importlib.machinery as _machinery
+import os as _os
+import sys as _sys
+
+try:
+    from guardian.inject import install as _install
+    _install()
+except Exception as _exc:  # never stop the user's program
+    print(f"guardian: injection failed ({_exc}); training runs unguarded", file=_sys.stderr)
+
+# Chain to the sitecustomize this one shadows, if any.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_spec = _machinery.PathFinder.find_spec("sitecustomize", [p for p in _sys.path if _os.path.abspath(p or ".") != _here])
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(type(_sys)("_guardian_chained_sitecustomize"))
+'''
+
+
+@dataclass
+class Supervisor:
+    """Runs `command` until it finishes, restarting it from good checkpoints when it dies."""
+
+    command: list[str]
+    max_restarts: int = 3
+    backoff_seconds: float = 5.0
+    lr_factor_on_restart: float | None = None
+    callback_options: dict[str, Any] = field(default_factory=dict)
+    workdir: Path | None = None
+    restarts: int = 0
+    _child: subprocess.Popen[bytes] | None = None
+    _signal: int | None = None
+
+    def run(self) -> int:
+        if not self.command:
+            raise ConfigError("give the command to run after `--`, e.g. guardian run -- python train.py")
+        with tempfile.TemporaryDirectory(prefix="guardian-run-") as tmp:
+            inject = Path(tmp) / "inject"
+            inject.mkdir()
+            (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
+            state_file = Path(tmp) / "run.json"
+            previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                return self._loop(inject, state_file)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    def _loop(self, inject: Path, state_file: Path) -> int:
+        resume: str | None = None
+        while True:
+            code = self._start(inject, state_file, resume).wait()
+            if self._signal is not None:
+                return EXIT_INTERRUPTED if self._signal == signal.SIGINT else EXIT_TERMINATED
+            state = _read_state(state_file)
+            request = state.get("restart_request")
+            if code == 0 and not request:
+                log.warning("guardian run: the run finished")
+                return 0
+            why = f"exited with code {code}" if code > 0 else f"was killed by {_signal_name(-code)}"
+            if request:
+                why = "asked for a restart from its last good checkpoint (sharded state)"
+            if self.restarts >= self.max_restarts:
+                log.error("guardian run: the training process %s; gave up after %d restarts (the restart budget, "
+                          "--max-restarts). Read its output above for the cause.", why, self.restarts)
+                return EXIT_GAVE_UP
+            resume = (request or {}).get("resume_from") or _newest_good(state) or resume
+            self.restarts += 1
+            wait = self.backoff_seconds * 2 ** (self.restarts - 1)
+            start = f"resuming from {resume}" if resume else "from the beginning (no good checkpoint yet)"
+            log.warning("guardian run: the training process %s; restart %d of %d in %.0f s, %s",
+                        why, self.restarts, self.max_restarts, wait, start)
+            time.sleep(wait)
+            if self._signal is not None:
+                return EXIT_INTERRUPTED if self._signal == signal.SIGINT else EXIT_TERMINATED
+            state_file.unlink(missing_ok=True)
+
+    def _start(self, inject: Path, state_file: Path, resume: str | None) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(inject), env.get("PYTHONPATH", "")) if p)
+        options = dict(self.callback_options)
+        if self.restarts and self.lr_factor_on_restart:
+            options["lr_factor_at_start"] = self.lr_factor_on_restart ** self.restarts
+        env[ENV_OPTIONS] = json.dumps(options)
+        env[ENV_STATE] = str(state_file)
+        env.pop(ENV_RESUME, None)
+        if resume:
+            env[ENV_RESUME] = resume
+        self._child = subprocess.Popen(self.command, env=env, cwd=self.workdir)
+        return self._child
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        """Ctrl-C and SIGTERM end the child cleanly, and the supervisor with it."""
+        self._signal = signum
+        child = self._child
+        if child is not None and child.poll() is None and signum == signal.SIGTERM:
+            child.send_signal(signum)  # Ctrl-C already reached the child through the terminal's process group
+        elif child is not None and child.poll() is None and not sys.stdin.isatty():
+            child.send_signal(signum)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _newest_good(state: dict[str, Any]) -> str | None:
+    good = [p for p in state.get("good_checkpoints", []) if Path(p, "trainer_state.json").exists()]
+    return good[-1] if good else None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

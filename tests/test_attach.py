@@ -1,0 +1,374 @@
+"""`guardian attach`: a real attach process following logs as a writer (or a real Trainer) produces them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonkit import DaemonProcess
+from realpaths import REAL_LOGS, needs_fixtures
+
+from guardian.attach import EventSink, Follower, JsonlTail, StopPolicy
+from guardian.client import request
+from guardian.logs import Observation, read_log
+from guardian.replay import replay
+from guardian.ruleset import load_rules, parse_rules
+
+GUARDIAN = [sys.executable, "-m", "guardian.cli"]
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("GUARDIAN_")} | {"COLUMNS": "200"}
+
+# Appends a log line by line at training-like pace; every fifth line is written in two halves with a
+# flush and a pause between, so the follower sees half-written lines.
+WRITER = """
+import sys, time
+src, dst, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with open(src, "rb") as f:
+    lines = f.read().splitlines(keepends=True)
+with open(dst, "ab") as out:
+    for i, line in enumerate(lines):
+        if i % 5 == 2:
+            out.write(line[: len(line) // 2]); out.flush(); time.sleep(pause)
+            line = line[len(line) // 2:]
+        out.write(line); out.flush(); time.sleep(pause)
+"""
+
+# Rules that fire often on the rameyjm7 run, before and after its resume, so the comparison means something.
+BUSY_RULES = """version: 1
+rules:
+  - name: loss_above_0_39
+    metric: loss
+    detector: {kind: threshold, above: 0.39}
+    severity: warning
+    actions: [alert]
+    cooldown_steps: 100
+  - name: loss_jump
+    metric: loss
+    detector: {kind: robust_zscore, window_steps: 50, warmup_steps: 10, z_threshold: 3.0, min_relative_change: 0.02}
+    severity: warning
+    actions: [skip_update]
+"""
+
+TRAIN = """
+import sys, time
+from transformers import TrainerCallback
+from guardian.callbacks.faults import Fault, FaultInjector
+from guardian.tinyrun import TinyRun
+
+class Pace(TrainerCallback):
+    def on_step_end(self, *args, **kwargs):
+        time.sleep(0.05)
+
+trainer = TinyRun(sys.argv[1], max_steps=60, eval_steps=20, save_steps=10, logging_steps=5).trainer(
+    [FaultInjector([Fault("nan", 35)]), Pace()])
+trainer.args.logging_nan_inf_filter = False  # else Trainer leaves the NaN losses out of its logs
+trainer.train()
+print("finished at step", trainer.state.global_step)
+"""
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+
+def start_attach(run: Path, *args: str, log: Path) -> subprocess.Popen[str]:
+    out = log.open("w")
+    return subprocess.Popen([*GUARDIAN, "attach", str(run), "--linger", "1", "--poll-seconds", "0.5", *args],
+                            stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def finish(proc: subprocess.Popen[str], log: Path, timeout: float = 60) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"attach did not end within {timeout} s:\n{log.read_text()}")
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text, text
+    return text
+
+
+def events(run: Path) -> list[dict[str, Any]]:
+    path = run / "guardian" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def effective(run: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(decisions, observations) as the run stands: a `start` event with `resumed` voids what came before
+    about its step and later, as a resume does in `guardian.logs`."""
+    decisions: list[tuple[int, str]] = []
+    observations: list[tuple[int, str]] = []
+    for event in events(run):
+        if event["kind"] == "start" and event.get("resumed"):
+            decisions = [d for d in decisions if d[0] < event["step"]]
+            observations = [o for o in observations if o[0] < event["step"]]
+        elif event["kind"] == "decision":
+            decisions.append((event["step"], event["rule"]))
+        elif event["kind"] == "metrics":
+            observations.append((event["step"], event["phase"]))
+    return decisions, observations
+
+
+def as_json(observations: list[Observation]) -> str:
+    return json.dumps([(o.step, o.kind, o.metrics) for o in observations])
+
+
+def printed_decisions(text: str) -> list[tuple[int, str]]:
+    return [(int(m[1]), m[2]) for m in re.finditer(r"^step +(\d+)  (\S+)", text, re.MULTILINE)]
+
+
+def wait_for(predicate: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for attach")
+        time.sleep(0.05)
+
+
+def count_events(run: Path, kind: str, **match: Any) -> int:
+    path = run / "guardian" / "events.jsonl"
+    if not path.exists():
+        return 0
+    found = 0
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        found += event["kind"] == kind and all(event.get(k) == v for k, v in match.items())
+    return found
+
+
+# ---- following a live trainer_log.jsonl -----------------------------------------------------------------
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name, rules, pause, expect", [
+    ("syGOAT__Mistral-v0.2-Translator-bf16__trainer_log.jsonl", None, 0.005, []),
+    ("AolinGuo__graduate_agent__trainer_log.jsonl", None, 0.005, [(210, "loss_stuck_at_zero")]),
+    ("rameyjm7__SFT-Training-LLM__trainer_log.jsonl", BUSY_RULES, 0.002, None),  # two writers and a resume
+])
+def test_attach_live_decides_as_replay_does_on_the_whole_file(tmp_path: Path, name: str, rules: str | None,
+                                                              pause: float, expect: list[Any] | None) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    args: list[str] = []
+    if rules is not None:
+        (tmp_path / "rules.yaml").write_text(rules)
+        args += ["--rules", str(tmp_path / "rules.yaml")]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(REAL_LOGS / name), str(run / "trainer_log.jsonl"),
+                               str(pause)])
+    if "rameyjm7" in name:  # its log never says the run ended: attach ends when the writer does
+        args += ["--pid", str(writer.pid)]
+    attach = start_attach(run, *args, log=tmp_path / "attach.out")
+    assert writer.wait(timeout=120) == 0
+    text = finish(attach, tmp_path / "attach.out")
+
+    ruleset = load_rules(tmp_path / "rules.yaml" if rules else None)
+    expected = [(d.step, d.rule) for d in replay(REAL_LOGS / name, ruleset).decisions]
+    decisions, observations = effective(run)
+    assert decisions == expected
+    if expect is not None:
+        assert expected == expect
+    assert observations == [(o.step, o.kind) for o in read_log(REAL_LOGS / name)]
+    assert printed_decisions(text) == [(e["step"], e["rule"]) for e in events(run) if e["kind"] == "decision"]
+    assert all(e["source"] == "attach" for e in events(run))
+    if "rameyjm7" in name:
+        assert "resume at step 5010" in text
+        assert any(step >= 5010 for step, _ in expected)  # decisions after the resume were compared too
+        assert f"the training process {writer.pid} has exited" in text
+
+
+@needs_fixtures
+def test_a_truncated_or_replaced_log_is_followed_as_a_resume(tmp_path: Path) -> None:
+    lines = (REAL_LOGS / "syGOAT__Mistral-v0.2-Translator-bf16__trainer_log.jsonl").read_bytes().splitlines(True)
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "trainer_log.jsonl"
+    attach = start_attach(run, log=tmp_path / "attach.out")
+
+    def append(chunk: list[bytes]) -> None:
+        with log.open("ab") as f:
+            for line in chunk:
+                f.write(line)
+                f.flush()
+                time.sleep(0.002)
+
+    append(lines[:60])
+    wait_for(lambda: count_events(run, "metrics") >= 60)
+    replacement = run / "trainer_log.jsonl.new"  # rotation: a shorter file takes the name (another inode)
+    replacement.write_bytes(b"".join(lines[:30]))
+    os.replace(replacement, log)
+    wait_for(lambda: count_events(run, "start", resumed=True) == 1)
+    append(lines[30:100])
+    wait_for(lambda: count_events(run, "metrics") >= 130)
+    with log.open("r+b") as f:  # truncation in place: the same inode, fewer bytes
+        f.truncate(len(b"".join(lines[:50])))
+    wait_for(lambda: count_events(run, "start", resumed=True) == 2)
+    append(lines[50:])
+    text = finish(attach, tmp_path / "attach.out")
+
+    assert text.count("was truncated or replaced") == 2
+    assert "resume at step 310" in text and "resume at step 510" in text
+    decisions, observations = effective(run)
+    assert observations == [(o.step, o.kind) for o in read_log(log)]
+    assert decisions == [(d.step, d.rule) for d in replay(log, load_rules()).decisions]
+
+
+# ---- a real Trainer run, followed through its checkpoints, stopped from outside -------------------------
+
+
+@pytest.mark.slow
+def test_attach_stops_a_real_run_on_nan_and_names_the_last_good_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, "-c", TRAIN, str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=ENV)
+    attach = start_attach(out, "--pid", str(trainer.pid), log=tmp_path / "attach.out")
+    train_output, _ = trainer.communicate(timeout=600)
+    text = finish(attach, tmp_path / "attach.out")
+
+    assert trainer.returncode == -signal.SIGTERM, train_output
+    assert "finished at step" not in train_output
+    assert not (out / "checkpoint-60").exists()  # it ended early
+    assert (35, "non_finite_loss") in printed_decisions(text)
+    assert f"sent SIGTERM to process {trainer.pid}" in text
+    good = Path((out / "guardian" / "last_good_checkpoint").read_text().strip())
+    assert good == out / "checkpoint-30"  # the newest checkpoint before the NaN at step 35
+    assert f"--resume_from_checkpoint {good}" in text
+    assert json.loads((good / "guardian_good.json").read_text())["step"] == 30
+    assert not (out / "checkpoint-40" / "guardian_good.json").exists()
+    stops = [e for e in events(out) if e["kind"] == "action" and e.get("stopped")]
+    assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM" and stops[0]["resume_from"] == str(good)
+
+
+# ---- the daemon -----------------------------------------------------------------------------------------
+
+
+@needs_fixtures
+def test_attach_reports_to_the_daemon(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path / "state").start()
+    try:
+        run = tmp_path / "aolin"
+        run.mkdir()
+        shutil.copy(REAL_LOGS / "AolinGuo__graduate_agent__trainer_log.jsonl", run / "trainer_log.jsonl")
+        result = subprocess.run([*GUARDIAN, "attach", str(run), "--once", "--url", daemon.url, "--run-id", "aolin"],
+                                capture_output=True, text=True, env=ENV, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs = {r["id"]: r for r in request(daemon.url, "GET", "/v1/runs")["runs"]}
+        assert runs["aolin"]["decisions"] == 1
+        assert runs["aolin"]["status"] == "ended" and runs["aolin"]["last_step"] == 370
+        assert runs["aolin"]["meta"]["attached"] is True
+        stored = request(daemon.url, "GET", "/v1/runs/aolin/events?kinds=decision,action,start,end")
+        assert [(d["step"], d["rule"]) for d in stored["decisions"]] == [(210, "loss_stuck_at_zero")]
+        assert {e["kind"] for e in stored["events"]} == {"start", "decision", "action", "end"}
+        assert all(e["source"] == "attach" for e in stored["events"])
+    finally:
+        daemon.stop()
+
+
+# ---- in-process: checkpoints only, resumes, options -----------------------------------------------------
+
+
+def write_checkpoints(run: Path, history: list[dict[str, Any]], steps: list[int], max_steps: int) -> None:
+    for step in steps:
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"global_step": step, "max_steps": max_steps, "log_history": [e for e in history if e["step"] <= step]}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+def follower(run: Path, **kwargs: Any) -> tuple[Follower, io.StringIO]:
+    out = io.StringIO()
+    return Follower(run, load_rules(), EventSink(run / "guardian" / "events.jsonl"), out=out, **kwargs), out
+
+
+@needs_fixtures
+def test_a_plain_hf_run_is_followed_through_its_checkpoints(tmp_path: Path) -> None:
+    source = REAL_LOGS / "MemaSp__FT-Llama2-HRChatbot__outputs__trainer_state.json"  # grad_norm inf at step 33
+    history = json.loads(source.read_text())["log_history"]
+    kills: list[tuple[int, int]] = []
+    f, out = follower(tmp_path, policy=StopPolicy(pid=4242), kill=lambda pid, sig: kills.append((pid, sig)))
+    for step in range(10, 80, 10):
+        write_checkpoints(tmp_path, history, [step], max_steps=70)
+        f.poll()
+    f.finish()
+    text = out.getvalue()
+
+    assert [(d.step, d.rule) for d in f.decisions] == [(d.step, d.rule) for d in replay(source, load_rules()).decisions]
+    assert kills == [(4242, signal.SIGTERM)]
+    assert f"--resume_from_checkpoint {tmp_path / 'checkpoint-30'}" in text
+    assert "checkpoint-40 is not marked good: non_finite_loss fired at step 33" in text
+    assert (tmp_path / "guardian" / "last_good_checkpoint").read_text() == f"{tmp_path / 'checkpoint-70'}\n"
+    assert f.ended and events(tmp_path)[-1]["kind"] == "end"
+
+
+def test_a_checkpoint_with_another_history_is_a_resume(tmp_path: Path) -> None:
+    def entry(step: int, loss: float) -> dict[str, Any]:
+        return {"step": step, "loss": loss, "grad_norm": 1.0, "learning_rate": 1e-4}
+
+    first = [entry(s, 2.0 - s / 100) for s in range(1, 31)]
+    write_checkpoints(tmp_path, first, [10, 20, 30], max_steps=40)
+    f, out = follower(tmp_path)
+    f.poll()
+    resumed = first[:20] + [entry(s, float("nan") if s == 25 else 1.5) for s in range(21, 41)]  # from checkpoint-20
+    write_checkpoints(tmp_path, resumed, [30, 40], max_steps=40)
+    os.utime(tmp_path / "checkpoint-40" / "trainer_state.json")
+    f.poll()
+    f.finish()
+
+    assert "resume at step 21" in out.getvalue()
+    assert as_json(f.observations) == as_json(read_log(tmp_path))  # NaN == NaN in JSON
+    assert [(d.step, d.rule) for d in f.decisions] == [(25, "non_finite_loss")]
+    assert f.resume_point(before=25) == tmp_path / "checkpoint-20"
+
+
+def test_a_half_written_line_waits_for_its_newline(tmp_path: Path) -> None:
+    path = tmp_path / "trainer_log.jsonl"
+    tail = JsonlTail(path)
+    assert tail.read() == (False, [])
+    path.write_bytes(b'{"a": 1}\n{"b"')
+    assert tail.read() == (False, ['{"a": 1}'])
+    with path.open("ab") as f:
+        f.write(b': 2}\n')
+    assert tail.read() == (False, ['{"b": 2}'])
+    path.write_bytes(b'{"c": 3}\n')
+    assert tail.read() == (True, ['{"c": 3}'])
+
+
+def test_unknown_stop_on_rule_and_signal_are_clear_errors(tmp_path: Path) -> None:
+    for args, message in [(["--stop-on", "nan_loss"], "--stop-on nan_loss: no such rule"),
+                          (["--stop-signal", "TERMINATE"], "--stop-signal 'TERMINATE' is not a signal")]:
+        result = subprocess.run([*GUARDIAN, "attach", str(tmp_path), "--once", *args], capture_output=True,
+                                text=True, env=ENV)
+        assert result.returncode == 2
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_once_on_a_directory_without_logs_says_what_it_expected(tmp_path: Path) -> None:
+    result = subprocess.run([*GUARDIAN, "attach", str(tmp_path), "--once"], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 2
+    assert "holds no trainer_log.jsonl or checkpoint-*/trainer_state.json" in result.stderr
+
+
+def test_stop_policy_defaults_to_critical_or_stop_and_rollback() -> None:
+    rules = parse_rules("""version: 1
+rules:
+  - {name: warn, metric: loss, detector: {kind: threshold, above: 1}, severity: warning, actions: [alert]}
+  - {name: crit, metric: loss, detector: {kind: threshold, above: 1}, severity: critical, actions: [alert]}
+  - {name: back, metric: loss, detector: {kind: threshold, above: 1}, severity: warning, actions: [rollback]}
+""")
+    from guardian.engine import Engine
+
+    decisions = {d.rule: d for d in Engine(rules).observe(1, {"loss": 5.0})}
+    assert {name for name, d in decisions.items() if StopPolicy().wants_stop(d)} == {"crit", "back"}
+    assert {name for name, d in decisions.items() if StopPolicy(rules=frozenset({"warn"})).wants_stop(d)} == {"warn"}

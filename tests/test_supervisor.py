@@ -1,0 +1,90 @@
+"""`guardian run`: an unmodified training script gets Guardian and is restarted from good checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "plain_train.py"
+GUARDIAN = [sys.executable, "-m", "guardian.cli", "run", "--backoff", "0.1"]
+
+
+def guarded(out: Path, *options: str, **faults: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **faults, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*GUARDIAN, *options, "--", sys.executable, str(SCRIPT), str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def events(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "guardian" / "events.jsonl").read_text().splitlines()]
+
+
+def test_the_script_really_has_no_guardian_in_it() -> None:
+    assert "guardian" not in SCRIPT.read_text().lower().replace("knows nothing of guardian", "")
+
+
+def test_unguarded_the_nan_ruins_the_run(tmp_path: Path) -> None:
+    env = {**os.environ, "FAULT_NAN_STEP": "15", "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, check=True, capture_output=True, timeout=600)
+    assert json.loads((tmp_path / "result.json").read_text())["finite"] is False
+
+
+def test_an_unmodified_script_gets_guardian_and_is_rescued(tmp_path: Path) -> None:
+    result = guarded(tmp_path, FAULT_NAN_STEP="15")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 40, "finite": True}
+    decisions = [e for e in events(tmp_path) if e["kind"] == "decision"]
+    assert [(d["step"], d["rule"]) for d in decisions] == [(15, "non_finite_loss")]
+    assert "guardian run: the run finished" in result.stderr
+
+
+def test_a_killed_run_restarts_from_the_last_good_checkpoint_and_finishes(tmp_path: Path) -> None:
+    result = guarded(tmp_path, FAULT_KILL_STEP="25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    good = tmp_path / "guardian" / "good" / "checkpoint-20"
+    assert f"was killed by SIGKILL; restart 1 of 3 in 0 s, resuming from {good}" in result.stderr
+    starts = [e["step"] for e in events(tmp_path) if e["kind"] == "start"]
+    assert starts == [0, 20]  # the second attempt began at the checkpoint's step
+    assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 40, "finite": True}
+
+
+def test_a_crash_loop_stops_at_the_restart_budget(tmp_path: Path) -> None:
+    result = guarded(tmp_path, "--max-restarts", "2", FAULT_CRASH_STEP="15")
+    assert result.returncode == 1
+    assert "restart 1 of 2" in result.stderr and "restart 2 of 2" in result.stderr
+    assert "exited with code 1; gave up after 2 restarts (the restart budget, --max-restarts)" in result.stderr
+    assert "illegal memory access" in result.stderr  # the child's own error is there to read
+
+
+def test_sigterm_reaches_the_child_and_ends_cleanly(tmp_path: Path) -> None:
+    env = {**os.environ, "MAX_STEPS": "100000", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([*GUARDIAN, "--", sys.executable, str(SCRIPT), str(tmp_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "guardian" / "events.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "restart" not in stderr  # a deliberate stop is not a crash
+
+
+def test_bad_usage_is_a_clear_error() -> None:
+    result = subprocess.run([*GUARDIAN], capture_output=True, text=True)
+    assert result.returncode == 2 and "give the command to run after `--`" in result.stderr
+    bad = subprocess.run([*GUARDIAN, "--lr-factor", "3", "--", "true"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--lr-factor must be between 0 and 1" in bad.stderr
+
+
+@pytest.mark.parametrize("code", ["import transformers.trainer", "import json"])
+def test_injection_is_harmless_where_no_trainer_is_made(tmp_path: Path, code: str) -> None:
+    result = subprocess.run([*GUARDIAN, "--", sys.executable, "-c", code + "; print('ok')"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout and "guardian:" not in result.stderr
