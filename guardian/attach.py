@@ -44,6 +44,7 @@ What can be done from outside the training process, and what cannot:
   checkpoint (every `save_steps`) that shows the anomaly, and several steps of training may pass before
   the signal lands. Trainer's logged loss is an average over `logging_steps`, and with
   `logging_nan_inf_filter=True` (the default) NaN losses are left out of it.
+* Attaching again to the same directory records (and sends to the daemon) the whole history again.
 """
 
 from __future__ import annotations
@@ -309,8 +310,10 @@ class Follower:
         if self.ended:
             self.sink.emit("end", {"step": self.last_step, "decisions": len(self._decided), "resumes": self.resumes},
                            flush=True)
-        where = f"to step {self.last_step}" if self._fed else "nothing yet"
-        notes = [f"{len(self._fed)} observations {where}", f"{len(self._decided)} decisions"]
+        if not self._fed:
+            self._say("attach: nothing read yet")
+            return
+        notes = [f"{len(self._fed)} observations to step {self.last_step}", f"{len(self._decided)} decisions"]
         notes += [f"{self.resumes} resume(s)"] if self.resumes else []
         notes += [f"{self.late} late records skipped"] if self.late else []
         notes += [f"{self.skipped_lines} unreadable lines skipped"] if self.skipped_lines else []

@@ -577,7 +577,7 @@ def _ranges(steps: list[int]) -> str:
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
@@ -768,8 +768,8 @@ def _timeline_strip(ax: Any, record: RunRecord, rules: list[str]) -> None:
         if "rollback_to_step" in action:
             ax.annotate("", xy=(action["rollback_to_step"], 0.22), xytext=(action["step"], 0.22),
                         arrowprops={"arrowstyle": "->", "color": ACTION_STYLES["rollback"][0], "lw": 1.5})
-            ax.text(action["rollback_to_step"], 0.3, f"back to step {action['rollback_to_step']}", fontsize=7,
-                    color=ACTION_STYLES["rollback"][0], va="bottom")
+            ax.text((action["rollback_to_step"] + action["step"]) / 2, 0.3, f"back to step {action['rollback_to_step']}",
+                    fontsize=7, color=ACTION_STYLES["rollback"][0], va="bottom", ha="center")
     ax.set_yticks([0, *rows.values()], ["would act" if hollow else "actions", *rows])
     ax.set_ylim(-0.6, len(rules) + 0.6)
     ax.tick_params(axis="y", labelsize=8)

@@ -354,6 +354,16 @@ def test_unknown_stop_on_rule_and_signal_are_clear_errors(tmp_path: Path) -> Non
         assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_attach_with_status_0(tmp_path: Path, sig: signal.Signals) -> None:
+    attach = start_attach(tmp_path / "not-yet", log=tmp_path / "attach.out")
+    wait_for(lambda: "waiting for" in (tmp_path / "attach.out").read_text())
+    attach.send_signal(sig)
+    text = finish(attach, tmp_path / "attach.out", timeout=20)
+    assert "attach: nothing read yet" in text
+    assert not (tmp_path / "not-yet").exists()  # nothing created before the run writes there
+
+
 def test_once_on_a_directory_without_logs_says_what_it_expected(tmp_path: Path) -> None:
     result = subprocess.run([*GUARDIAN, "attach", str(tmp_path), "--once"], capture_output=True, text=True, env=ENV)
     assert result.returncode == 2
