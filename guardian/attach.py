@@ -307,7 +307,7 @@ class Follower:
         """Judge what is left to judge, record the end if the run ended, and print a summary."""
         if self._pending and self.last_step is not None:
             self._judge(max(self._pending) if self.ended else self.last_step)
-        if self.ended:
+        if self.ended and self.source is not None:
             self.sink.emit("end", {"step": self.last_step, "decisions": len(self._decided), "resumes": self.resumes},
                            flush=True)
         if not self._fed:

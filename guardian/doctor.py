@@ -371,7 +371,7 @@ def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = Fa
     Raises ConfigError (strict only) when there is any warning or error."""
     config = dict(args.to_dict()) if hasattr(args, "to_dict") else dict(vars(args))
     peft = peft_info(model)
-    if peft is None and model is not None and "finetuning_type" not in config:
+    if peft is None and model is not None and not config.get("finetuning_type"):
         config["finetuning_type"] = "full" if _trainable_fraction(model) > 0.5 else "freeze"
     if peft is None and _quantized(model):
         config["quantization_bit"] = config.get("quantization_bit") or 4
