@@ -36,7 +36,9 @@ from guardian.callbacks.distributed import RankSync
 from guardian.callbacks.lr import current_lr, scale_lr
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.client import DaemonLink
+from guardian.doctor import preflight
 from guardian.engine import Decision, Engine, decision_from_dict
+from guardian.errors import ConfigError
 from guardian.eventlog import EventLog
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
@@ -54,6 +56,8 @@ def _never_raises(hook: F) -> F:
     def safe(self: GuardianCallback, *args: Any, **kwargs: Any) -> Any:
         try:
             return hook(self, *args, **kwargs)
+        except ConfigError:
+            raise  # strict pre-flight: the user asked for a refusal to start
         except Exception:  # noqa: BLE001 - Guardian must never kill the run it protects
             self.errors += 1
             log.exception("Guardian failed in %s; training continues without this step's checks", hook.__name__)
@@ -91,6 +95,8 @@ class GuardianCallback(TrainerCallback):
         metrics_port: serve Prometheus metrics for this run on 127.0.0.1:PORT (embedded mode; the daemon
             serves them at its own /metrics otherwise).
         system_every_seconds: how often to report GPU facts (NVML) from this process.
+        strict_preflight: refuse to start (ConfigError) when the pre-flight check of the configuration finds a
+            warning; by default findings are only logged.
         lr_factor_at_start: scale the learning rate (and its schedule) once training starts; `guardian run`
             sets it when it restarts a crashed run with `--lr-factor`.
     """
@@ -114,6 +120,7 @@ class GuardianCallback(TrainerCallback):
         metrics_port: int | None = None,
         system_every_seconds: float = 10.0,
         lr_factor_at_start: float | None = None,
+        strict_preflight: bool = False,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
@@ -129,6 +136,8 @@ class GuardianCallback(TrainerCallback):
         self.metrics_port = metrics_port
         self.system_every_seconds = system_every_seconds
         self.lr_factor_at_start = lr_factor_at_start
+        self.strict_preflight = strict_preflight
+        self.advice: list[Any] = []
         self._supervisor_file = Path(os.environ["GUARDIAN_SUPERVISOR_FILE"]) if os.environ.get(
             "GUARDIAN_SUPERVISOR_FILE") else None
         self._output_dir = ""
@@ -216,6 +225,9 @@ class GuardianCallback(TrainerCallback):
             self.actuator.use_snapshots = False
             log.warning("Guardian: trainable weights are %.1f GB, over snapshot_max_bytes; rollbacks will use "
                         "good checkpoints on disk only", size / 1e9)
+        if state.is_world_process_zero:
+            self.advice = preflight(args, model, self.ruleset, strict=self.strict_preflight,
+                                    snapshots_enabled=self.actuator.use_snapshots)
         if self.actuator.use_snapshots:
             self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler)
         self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],

@@ -233,8 +233,9 @@ def _precision(cfg: _Config, device: str | None) -> list[Advice]:
     mixed = [key for key in ("bf16", "fp16") if cfg.flag(key)]
     on_cpu = device == "cpu" or cfg.flag("use_cpu")
     if mixed and on_cpu:
-        return _advice(Level.ERROR, mixed[0], True, "mixed precision on the CPU: fp16 is not supported there and "
-                       "bf16 is slow and not what the run is tuned for", f"set {mixed[0]}: false for a CPU run")
+        why = ("fp16 mixed precision does not work on the CPU" if mixed[0] == "fp16" else
+               "bf16 on the CPU is slow and behaves unlike the GPU run it stands in for")
+        return _advice(Level.ERROR, mixed[0], True, why, f"set {mixed[0]}: false for a CPU run")
     if "fp16" in mixed:
         return _advice(Level.INFO, "fp16", True, "fp16 overflows far more easily than bf16 (a common source of "
                        "NaN losses)", "on Ampere or newer GPUs use bf16 instead")
@@ -437,8 +438,8 @@ def render_advice(advice: list[Advice], console: Any, *, title: str = "") -> Non
                       escape(item.why), escape(item.fix))
     console.print(table)
     counts = {level: sum(a.severity is level for a in advice) for level in Level}
-    console.print(f"{counts[Level.ERROR]} errors, {counts[Level.WARNING]} warnings, {counts[Level.INFO]} notes",
-                  highlight=False)
+    console.print(", ".join(f"{counts[level]} {name}{'' if counts[level] == 1 else 's'}" for level, name in
+                            ((Level.ERROR, "error"), (Level.WARNING, "warning"), (Level.INFO, "note"))), highlight=False)
 
 
 def _show(value: Any) -> str:

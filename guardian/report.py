@@ -26,7 +26,7 @@ from guardian import wire
 from guardian.actions import ActionKind, describe_outcome, merge
 from guardian.engine import Decision, decision_from_dict
 from guardian.errors import LogFormatError
-from guardian.logs import EVAL, Observation, read_log
+from guardian.logs import EVAL, TRAIN, Observation, read_log
 from guardian.ruleset import RuleSet
 from guardian.store import Store
 
@@ -104,8 +104,11 @@ def load_run(target: str | os.PathLike[str] | None, *, run_id: str | None = None
              ruleset: RuleSet) -> RunRecord:
     """The run named by a path (embedded run or training log) or by a daemon run id."""
     if run_id is None and target is not None and not Path(target).exists() and state_dir is not None \
-            and (state_dir / "guardian.db").is_file():
-        run_id, target = str(target), None  # `guardian report RUN_ID`
+            and (state_dir / "guardian.db").is_file():  # `guardian report RUN_ID`
+        try:
+            return load_stored(state_dir, str(target))
+        except LogFormatError as exc:
+            raise LogFormatError(f"{target}: no such file or directory, and {exc}") from None
     if run_id is not None:
         if state_dir is None:
             raise LogFormatError(f"run '{run_id}': give the daemon's --state-dir to read a stored run")
@@ -165,7 +168,7 @@ def load_stored(state_dir: Path, run_id: str) -> RunRecord:
         if store.run(run_id) is None:
             known = ", ".join(r.id for r in store.runs()[:10]) or "none"
             raise LogFormatError(f"{db}: no run '{run_id}' (runs: {known})")
-        events, daemon_decisions = store.events(run_id), store.decisions(run_id)
+        events, daemon_decisions = store.events(run_id, limit=10**9), store.decisions(run_id, limit=10**9)
     finally:
         store.close()
     return _from_events(run_id, STORED, f"{db}#{run_id}", events, daemon_decisions)
@@ -199,9 +202,9 @@ def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]]
     for event in events:
         kind, step = event.get("kind"), event.get("step")
         if kind == "metrics" and isinstance(step, int):
-            observations.append(Observation(step, wire.metric_values(event), "eval" if event.get("phase") == "eval" else "train"))
+            observations.append(Observation(step, wire.metric_values(event), EVAL if event.get("phase") == EVAL else TRAIN))
             scale = wire.decode_number(event.get("lr_scale"))
-            if scale is not None and event.get("phase") != "eval":
+            if scale is not None and event.get("phase") != EVAL:
                 scales[step] = scale
         elif kind == "decision":
             decisions.append(event)
@@ -230,13 +233,13 @@ def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]]
 
 def _series(observations: Iterable[Observation]) -> tuple[dict[str, Series], dict[str, Series]]:
     """Per phase and metric, the values by step; a step seen twice (a resumed run) keeps the later value."""
-    by_phase: dict[str, dict[str, dict[int, float]]] = {"train": {}, EVAL: {}}
+    by_phase: dict[str, dict[str, dict[int, float]]] = {TRAIN: {}, EVAL: {}}
     for obs in observations:
-        phase = by_phase[EVAL if obs.kind == EVAL else "train"]
+        phase = by_phase[EVAL if obs.kind == EVAL else TRAIN]
         for key, value in obs.metrics.items():
             phase.setdefault(key, {})[obs.step] = value
     out = []
-    for phase in (by_phase["train"], by_phase[EVAL]):
+    for phase in (by_phase[TRAIN], by_phase[EVAL]):
         out.append({key: Series(sorted(points), [points[s] for s in sorted(points)]) for key, points in phase.items()})
     return out[0], out[1]
 

@@ -209,3 +209,13 @@ def test_guardian_state_survives_a_resume(tmp_path: Path) -> None:
     trainer.add_callback(type("Capture", (Recorder,), {"on_train_begin": lambda self, *a, **k: capture()})())
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
     assert second_state_at_start == saved
+
+
+def test_preflight_advice_is_logged_and_strict_mode_refuses_to_start(tmp_path: Path) -> None:
+    from guardian.errors import ConfigError
+
+    relaxed = GuardianCallback()
+    run(tmp_path / "relaxed", [relaxed], max_steps=2, max_grad_norm=0.0, warmup_steps=0)
+    assert {"max_grad_norm", "warmup_ratio / warmup_steps"} <= {a.setting for a in relaxed.advice}
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        run(tmp_path / "strict", [GuardianCallback(strict_preflight=True)], max_steps=2, max_grad_norm=0.0)

@@ -181,5 +181,8 @@ def test_an_unknown_stored_run_is_a_clear_error(tmp_path: Path) -> None:
     result = guardian("report", "--run", "ghost", "--state-dir", str(tmp_path))
     assert result.returncode == 2
     assert "no run 'ghost' (runs: none)" in result.stderr and "Traceback" not in result.stderr
+    result = guardian("report", "ghost", "--state-dir", str(tmp_path))  # a path or a run id: neither
+    assert result.returncode == 2
+    assert "ghost: no such file or directory, and " in result.stderr and "no run 'ghost'" in result.stderr
     result = guardian("report", "--run", "ghost", "--state-dir", str(tmp_path / "elsewhere"))
     assert result.returncode == 2 and "no daemon store here" in result.stderr

@@ -113,9 +113,9 @@ def test_runs_table_and_decisions_at_100_columns() -> None:
 def test_runs_table_with_room_for_every_column() -> None:
     assert render(widgets.runs_table(SNAPSHOT.runs, 1, width=160), 160) == """\
    run                  status  step              loss             eval loss  grad norm      lr           tok/s  GPU memory      firing
-────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
    llama-lora-3f2a9c1d  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  2.687      1.42   ▆▄×▃▁█  0.0002 ×0.5  12.3k  0 ████░ 61/80G  loss_spike
-                                                                                                                1 █████ 75/80G
+                                                                                                                 1 █████ 75/80G
 ▶  qwen-full            ended   400/400 ██████    0.5748 █▅▃▁▁     —          —              —            —      —               —"""
 
 
@@ -166,7 +166,7 @@ lr_blowup         cooling_down"""
 
 def test_detail_view_narrow_stacks_the_log_above_the_rules_and_scrolls() -> None:
     text = render(widgets.detail_view(LLAMA, width=60, height=30, scrolled=1), 60)
-    assert text.splitlines()[14:20] == [
+    assert text.splitlines()[13:19] == [
         "╭─ decision log (2), up to #1 ─────────────────────────────╮",
         "│ step     15 non_finite_loss      skip_update  loss is n… │",
         "╰──────────────────────────────────────────────────────────╯",
@@ -484,7 +484,8 @@ class Tmux:
             if check(text):
                 return text
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; the screen:\n{text}")
+                size = self("display-message", "-p", "-t", self.name, "#{window_width}x#{window_height}").strip()
+                raise AssertionError(f"timed out waiting for {what}; the screen ({size}):\n{text}")
             time.sleep(0.2)
 
     def wait_for(self, *texts: str, timeout_seconds: float = 60.0) -> str:

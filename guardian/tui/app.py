@@ -6,6 +6,7 @@ re-renders (on a key, new data or a resize) with `rich.live.Live(screen=True)` a
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -215,6 +216,8 @@ def run_top(source: Source, *, refresh_seconds: float = 1.0, console: Console | 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ConfigError("guardian top needs a terminal (stdin and stdout are not a TTY); "
                           "`guardian runs` and `guardian events RUN` print the same facts as text")
+    for stale in ("COLUMNS", "LINES"):  # fixed sizes (GNU readline exports them) would defeat resizing
+        os.environ.pop(stale, None)
     console = console or Console()
     app, poller = TopApp(source, console), Poller(source, refresh_seconds).start()
     try:
