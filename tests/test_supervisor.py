@@ -45,6 +45,13 @@ def test_an_unmodified_script_gets_guardian_and_is_rescued(tmp_path: Path) -> No
     assert "guardian run: the run finished" in result.stderr
 
 
+def test_a_trainer_subclass_like_llamafactory_is_guarded_too(tmp_path: Path) -> None:
+    result = guarded(tmp_path, FAULT_NAN_STEP="15", SUBCLASS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 40, "finite": True}
+    assert [e["rule"] for e in events(tmp_path) if e["kind"] == "decision"] == ["non_finite_loss"]
+
+
 def test_a_killed_run_restarts_from_the_last_good_checkpoint_and_finishes(tmp_path: Path) -> None:
     result = guarded(tmp_path, FAULT_KILL_STEP="25")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -156,23 +156,22 @@ GPU 1 █████ 75/80G
 │ eval loss      2.687 █▁▁                                                                         │
 │ lr            0.0002 ▁▅█▅                                                                        │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
-rule              state        ╭─ decision log (2) ────────────────────────────────────────────────╮
-────────────────────────────── │ step     15 non_finite_loss      skip_update  loss is nan at ste… │
-non_finite_loss   ok           │ step   1519 loss_spike           skip_update  loss 5.61 at step … │
-loss_spike        firing       ╰───────────────────────────────────────────────────────────────────╯
-overfitting       warming_up
-lr_blowup         cooling_down"""
+rule              state        ╭─ decision log (2, newest first) ──────────────────────────────────╮
+────────────────────────────── │ step   1519 loss_spike           skip_update  loss 5.61 at step   │
+non_finite_loss   ok           │ 1519 is 69 robust z above its rolling median 1.438 (limit 8)      │
+loss_spike        firing       │ step     15 non_finite_loss      skip_update  loss is nan at step │
+overfitting       warming_up   │ 15: non-finite loss=nan, grad_norm=nan                            │
+lr_blowup         cooling_down ╰───────────────────────────────────────────────────────────────────╯"""
 
 
 def test_detail_view_narrow_stacks_the_log_above_the_rules_and_scrolls() -> None:
     text = render(widgets.detail_view(LLAMA, width=60, height=30, scrolled=1), 60)
-    assert text.splitlines()[13:19] == [
-        "╭─ decision log (2), up to #1 ─────────────────────────────╮",
-        "│ step     15 non_finite_loss      skip_update  loss is n… │",
+    assert text.splitlines()[13:18] == [
+        "╭─ decision log (2, from the 2nd newest) ──────────────────╮",
+        "│ step     15 non_finite_loss      skip_update  loss is    │",
+        "│ nan at step 15: non-finite loss=nan, grad_norm=nan       │",
         "╰──────────────────────────────────────────────────────────╯",
         "rule              state",
-        "──────────────────────────────",
-        "non_finite_loss   ok",
     ]
     assert max(len(line) for line in text.splitlines()) <= 60
 
@@ -282,6 +281,8 @@ def test_moving_opening_details_and_going_back() -> None:
     assert app.selected_id == "qwen-full"
     press(app, "up", "enter")
     assert screen(app)[1].startswith("run llama-lora-3f2a9c1d · firing · step 1520/3000")
+    press(app, "down", "down", "down")  # in the detail view: older decisions
+    assert app.scrolled == 1 and "decision log (2, from the 2nd newest)" in "\n".join(screen(app))
     press(app, "esc")
     assert "latest decisions of llama-lora-3f2a9c1d (2)" in screen(app)[6]
     press(app, "enter", "backspace")
@@ -391,6 +392,8 @@ class FakeDaemon:
         self.events: dict[str, dict[str, Any]] = {}
         self.fetched: list[str] = []
         self.down = False
+        self.now = 0.0  # a clock that fetching events moves on by `events_seconds`
+        self.events_seconds = 0.0
 
     def __call__(self, url: str, method: str, path: str, body: Any = None, **kwargs: Any) -> dict[str, Any]:
         if self.down:
@@ -398,6 +401,7 @@ class FakeDaemon:
         if path == "/v1/runs":
             return {"runs": self.runs}
         self.fetched.append(path)
+        self.now += self.events_seconds
         return self.events[path.split("/")[3]]
 
 
@@ -425,6 +429,44 @@ def test_daemon_source_fetches_a_runs_events_only_when_it_changed_and_survives_a
     assert stale.runs == (run,) and stale.error is not None and "Connection refused" in stale.error
     fake.down, fake.runs = False, []
     assert source.snapshot().runs == ()  # deleted by retention: gone
+
+
+def test_daemon_source_fetches_a_big_run_less_often() -> None:
+    fake = FakeDaemon()
+    fake.events["r1"], fake.events_seconds = {"events": [], "decisions": []}, 2.0
+    source = DaemonSource(URL, fetch=fake, clock=lambda: fake.now)
+    for step in range(1, 5):  # the run changes every second, but fetching its events takes 2 s
+        fake.runs = [{"id": "r1", "status": "running", "last_step": step, "last_seen": float(step), "decisions": 0}]
+        source.snapshot()
+        fake.now += 1.0
+    assert len(fake.fetched) == 1  # the next is due at 2 + 5 x 2 = 12 s
+    fake.now = 12.0
+    source.snapshot()
+    assert len(fake.fetched) == 2
+
+
+def test_daemon_source_when_no_daemon_listens() -> None:
+    from daemonkit import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    snapshot = DaemonSource(url, timeout_seconds=1.0).snapshot()
+    assert snapshot.runs == () and snapshot.error is not None
+    assert snapshot.error.startswith(f"cannot reach the guardian daemon at {url}")
+
+
+def test_history_stays_bounded_however_long_the_run() -> None:
+    from guardian.tui.source import HISTORY_POINTS, RunRecord
+
+    record = RunRecord("long", decisions_kept=10)
+    for step in range(1, 5001):
+        record.apply({"seq": step, "kind": "metrics", "step": step, "values": {"loss": 1.0 / step, "grad_norm": 1.0}})
+    decision = {"rule": "loss_spike", "severity": "warning", "actions": [], "metric": "loss", "value": 9.0,
+                "threshold": 1.0, "onset_step": 1, "message": "spike"}
+    for step in range(50):
+        record.apply({"seq": 6000 + step, "kind": "decision", "step": step, **decision})
+    run = record.snapshot({})
+    assert len(run.history["loss"]) == HISTORY_POINTS and run.history["loss"][-1] == 1.0 / 5000
+    assert [d.step for d in run.decisions] == list(range(40, 50)) and run.step == 5000
 
 
 # ---- the real program in a real terminal -----------------------------------------------------------
@@ -531,6 +573,13 @@ def wait_until(check: Callable[[], Any], what: str, timeout_seconds: float = 180
 
 def python(*args: str) -> str:
     return " ".join(shlex.quote(a) for a in (sys.executable, *args))
+
+
+def test_guardian_top_without_a_terminal_says_so() -> None:
+    result = subprocess.run([sys.executable, "-m", "guardian.cli", "top", "--url", "http://127.0.0.1:9"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "guardian top needs a terminal" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -107,8 +107,9 @@ class TopApp:
         return runs[self.selected_index]
 
     def move(self, by: int) -> None:
-        if self.detail:
-            self.scrolled = max(0, self.scrolled - by)
+        if self.detail:  # down: older decisions
+            run = self.selected()
+            self.scrolled = min(max(0, self.scrolled + by), max(0, len(run.decisions) - 1) if run else 0)
             return
         self.selected()
         runs = self.snapshot.runs
@@ -121,7 +122,8 @@ class TopApp:
     def handle(self, key: str) -> bool:
         """Act on one key; False to quit."""
         if self.pending is not None:
-            self._answer(key)
+            pending, self.pending = self.pending, None
+            self._answer(pending, key)
             return True
         self.message = None
         if key == "q":
@@ -147,9 +149,7 @@ class TopApp:
             action, params, words = ACTION_KEYS[key]
             self.pending = Pending(run.id, action, dict(params), words)
 
-    def _answer(self, key: str) -> None:
-        pending, self.pending = self.pending, None
-        assert pending is not None
+    def _answer(self, pending: Pending, key: str) -> None:
         if key not in ("y", "Y"):
             self._say(f"cancelled: {pending.action} of {pending.run_id}", "dim")
             return
@@ -216,8 +216,8 @@ def run_top(source: Source, *, refresh_seconds: float = 1.0, console: Console | 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ConfigError("guardian top needs a terminal (stdin and stdout are not a TTY); "
                           "`guardian runs` and `guardian events RUN` print the same facts as text")
-    for stale in ("COLUMNS", "LINES"):  # fixed sizes (GNU readline exports them) would defeat resizing
-        os.environ.pop(stale, None)
+    for pinned in ("COLUMNS", "LINES"):  # rich would keep these sizes and never follow a resize; a parent
+        os.environ.pop(pinned, None)    # process that loaded GNU readline (pytest does) exports them
     console = console or Console()
     app, poller = TopApp(source, console), Poller(source, refresh_seconds).start()
     try:

@@ -212,16 +212,23 @@ Fetch = Callable[..., dict[str, Any]]
 
 
 class DaemonSource:
-    """Polls `GET /v1/runs` and each run's events; a run's events are fetched again only when it changed."""
+    """Polls `GET /v1/runs` and each run's events.
+
+    The events endpoint answers with all of a run's stored events, so a run's events are fetched again only
+    when the run changed, and no more often than every `FETCH_COST_FACTOR` times the last fetch took (a
+    run of 100k steps is a large answer; this keeps the daemon and the screen responsive)."""
+
+    FETCH_COST_FACTOR = 5.0
 
     def __init__(self, url: str, token: str | None = None, *, timeout_seconds: float = 3.0,
-                 fetch: Fetch = request) -> None:
-        self.url, self.token, self.timeout_seconds, self._fetch = url, token, timeout_seconds, fetch
+                 fetch: Fetch = request, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url, self.token, self.timeout_seconds, self._fetch, self.clock = url, token, timeout_seconds, fetch, clock
         self.where = url
         self.waiting = f"no runs have reported to {url} yet — start one with GUARDIAN_URL={url} python train.py"
         self.read_only: str | None = None
         self._records: dict[str, RunRecord] = {}
-        self._seen: dict[str, tuple[Any, ...]] = {}
+        self._seen: dict[str, tuple[Any, ...]] = {}  # run -> what /v1/runs said when its events were fetched
+        self._next_fetch: dict[str, float] = {}  # run -> clock time before which its events are not fetched
         self._last: tuple[RunSnapshot, ...] = ()
 
     def _get(self, path: str) -> dict[str, Any]:
@@ -235,8 +242,8 @@ class DaemonSource:
             return Snapshot(self._last, self.where, error=str(exc))
         gone = set(self._records) - {row["id"] for row in rows}
         for run_id in gone:  # deleted by retention: forget it
-            self._records.pop(run_id, None)
-            self._seen.pop(run_id, None)
+            for table in (self._records, self._seen, self._next_fetch):
+                table.pop(run_id, None)
         self._last = runs
         return Snapshot(runs, self.where)
 
@@ -244,16 +251,22 @@ class DaemonSource:
         run_id = str(row["id"])
         record = self._records.setdefault(run_id, RunRecord(run_id, decisions_from_events=False))
         changed = (row.get("last_seen"), row.get("last_step"), row.get("decisions"), row.get("status"))
-        if self._seen.get(run_id) != changed:
-            data = self._get(f"/v1/runs/{quote(run_id, safe='')}/events")
-            for event in data.get("events", []):
-                record.apply(event)
-            record.set_decisions(data.get("decisions", []))
+        if self._seen.get(run_id) != changed and self.clock() >= self._next_fetch.get(run_id, 0.0):
+            self._fetch_events(record)
             self._seen[run_id] = changed
         meta = row.get("meta") or {}
         max_steps = meta.get("max_steps") if isinstance(meta.get("max_steps"), int) else None
         return record.snapshot(row.get("rule_status") or {}, status=str(row.get("status", "running")),
                                max_steps=max_steps, seconds_since_report=row.get("seconds_since_report"))
+
+    def _fetch_events(self, record: RunRecord) -> None:
+        started = self.clock()
+        data = self._get(f"/v1/runs/{quote(record.run_id, safe='')}/events")
+        for event in data.get("events", []):
+            record.apply(event)
+        record.set_decisions(data.get("decisions", []))
+        finished = self.clock()
+        self._next_fetch[record.run_id] = finished + self.FETCH_COST_FACTOR * (finished - started)
 
     def control(self, run_id: str, action: str, params: Mapping[str, Any]) -> int:
         """Queue an action for a run (as `guardian ctl` does); return the command's id."""

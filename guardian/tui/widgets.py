@@ -208,17 +208,16 @@ def _with_sparkline(value: float | None, history: Sequence[float], width: int) -
 # ---- decisions -------------------------------------------------------------------------------------
 
 
-def decision_text(decision: DecisionLine) -> Text:
-    """ "step    15 non_finite_loss     skip_update  loss is nan at step 15: ..." in one line."""
+def decision_text(decision: DecisionLine, *, wrap: bool = False) -> Text:
+    """ "step     15 non_finite_loss      skip_update  loss is nan at step 15: ..." (cut to one line unless `wrap`)."""
     return Text.assemble(f"step {decision.step:>6} ", (f"{decision.rule:<20}", SEVERITY_STYLES.get(decision.severity, "")),
-                         f" {decision.actions:<12} ", decision.reason, no_wrap=True, overflow="ellipsis")
+                         f" {decision.actions:<12} ", decision.reason, no_wrap=not wrap,
+                         overflow="fold" if wrap else "ellipsis")
 
 
-def decision_lines(decisions: Sequence[DecisionLine], limit: int, scrolled: int = 0) -> list[Text]:
-    """The newest `limit` decisions (oldest first), `scrolled` lines back from the newest."""
-    end = max(0, len(decisions) - max(0, scrolled))
-    shown = decisions[max(0, end - max(1, limit)):end]
-    return [decision_text(d) for d in shown]
+def decision_lines(decisions: Sequence[DecisionLine], limit: int) -> list[Text]:
+    """The newest `limit` decisions, oldest first, one line each."""
+    return [decision_text(d) for d in decisions[max(0, len(decisions) - max(1, limit)):]]
 
 
 def decisions_panel(run: RunSnapshot, *, limit: int = 5) -> Panel:
@@ -332,13 +331,18 @@ def rules_table(run: RunSnapshot) -> Table:
 
 
 def decision_log(run: RunSnapshot, *, limit: int, scrolled: int = 0) -> Panel:
-    """The run's decisions, newest last; `scrolled` lines back from the newest."""
-    lines = decision_lines(run.decisions, limit, scrolled) or [Text("no decisions", style="dim")]
-    shown_to = max(0, len(run.decisions) - max(0, scrolled))
-    title = f"decision log ({len(run.decisions)})"
+    """The run's decisions, newest first, each in full; `scrolled` skips that many of the newest."""
+    newest_first = list(reversed(run.decisions))[max(0, scrolled):]
+    lines = [decision_text(d, wrap=True) for d in newest_first[:max(1, limit)]] or [Text("no decisions", style="dim")]
+    title = f"decision log ({len(run.decisions)}, newest first)"
     if scrolled and run.decisions:
-        title += f", up to #{shown_to}"
+        title = f"decision log ({len(run.decisions)}, from the {_ordinal(scrolled + 1)} newest)"
     return Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED, padding=(0, 1))
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def footer(text: str | Text) -> Text:

@@ -4,6 +4,7 @@ Faults, set by environment variables (so the script itself stays unmodified betw
   FAULT_NAN_STEP=N      the forward pass of step N overflows to NaN
   FAULT_KILL_STEP=N     the process SIGKILLs itself after step N, on its first attempt only
   FAULT_CRASH_STEP=N    the process raises at step N, every time (a crash loop)
+  SUBCLASS=1            train with a Trainer subclass shaped like LLaMA-Factory's CustomSeq2SeqTrainer
 Writes OUTPUT_DIR/result.json at the end.
 """
 
@@ -15,7 +16,8 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (LlamaConfig, LlamaForCausalLM, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer,
+                          TrainerCallback, TrainingArguments)
 
 out = sys.argv[1]
 max_steps = int(os.environ.get("MAX_STEPS", "40"))
@@ -61,10 +63,23 @@ torch.manual_seed(0)
 config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, max_position_embeddings=64)
 model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-args = TrainingArguments(output_dir=out, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=2e-3,
+arguments = Seq2SeqTrainingArguments if os.environ.get("SUBCLASS") else TrainingArguments
+args = arguments(output_dir=out, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=2e-3,
                          save_steps=10, save_strategy="steps", logging_steps=5, report_to=[], use_cpu=True,
                          disable_tqdm=True)
-trainer = Trainer(model=model, args=args, train_dataset=Data(400, 0), callbacks=[Faults()])
+class CustomSeq2SeqTrainer(Seq2SeqTrainer):
+    """Like LLaMA-Factory's: its own __init__ (extra arguments, its own callbacks) and compute_loss."""
+
+    def __init__(self, finetuning_args=None, processor=None, **kwargs):
+        super().__init__(**kwargs)
+        self.finetuning_args = finetuning_args
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+cls = CustomSeq2SeqTrainer if os.environ.get("SUBCLASS") else Trainer
+trainer = cls(model=model, args=args, train_dataset=Data(400, 0), callbacks=[Faults()])
 trainer.train()
 weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
 with open(os.path.join(out, "result.json"), "w") as f:
