@@ -150,9 +150,13 @@ class Stream:
 # --- the plan: which stream gets which anomaly ---------------------------------------------------------------
 
 
-def corpus_plan(runs_per_type: int = 5, healthy_runs: int = 50) -> list[str]:
-    """The kind of each stream, in order: `healthy_runs` healthy ones, then `runs_per_type` of every type."""
-    return [HEALTHY] * healthy_runs + [t for t in TYPES for _ in range(runs_per_type)]
+def corpus_plan(runs_per_type: int = 4, healthy_runs: int = 50, persistent_runs: int | None = None) -> list[str]:
+    """The kind of each stream, in order: `healthy_runs` healthy ones, then `runs_per_type` streams of every
+    transient type (three events each) and `persistent_runs` (default 2 x runs_per_type) of every persistent
+    type (one event each)."""
+    persistent = 2 * runs_per_type if persistent_runs is None else persistent_runs
+    return [HEALTHY] * healthy_runs + [t for t in TYPES
+                                       for _ in range(persistent if t in PERSISTENT_TYPES else runs_per_type)]
 
 
 def make_stream(seed: int, index: int, kind: str, min_steps: int = 1000, max_steps: int = 5000) -> Stream:
@@ -164,10 +168,10 @@ def make_stream(seed: int, index: int, kind: str, min_steps: int = 1000, max_ste
     return stream
 
 
-def make_corpus(seed: int = 0, runs_per_type: int = 5, healthy_runs: int = 50, min_steps: int = 1000,
-                max_steps: int = 5000) -> list[Stream]:
+def make_corpus(seed: int = 0, runs_per_type: int = 4, healthy_runs: int = 50, persistent_runs: int | None = None,
+                min_steps: int = 1000, max_steps: int = 5000) -> list[Stream]:
     return [make_stream(seed, i, kind, min_steps, max_steps)
-            for i, kind in enumerate(corpus_plan(runs_per_type, healthy_runs))]
+            for i, kind in enumerate(corpus_plan(runs_per_type, healthy_runs, persistent_runs))]
 
 
 # --- healthy curves --------------------------------------------------------------------------------------------
@@ -268,15 +272,15 @@ def _healthy_base(rng: np.random.Generator, n: int, kind: str) -> dict[str, Any]
 
 
 def _event_starts(rng: np.random.Generator, n: int, count: int, width: int) -> list[int]:
-    """Up to `count` steps in [100, n - 100 - width], at least MIN_EVENT_SPACING apart."""
-    starts: list[int] = []
-    for _ in range(200):
-        if len(starts) == count:
-            break
-        s = int(rng.integers(100, n - 100 - width))
-        if all(abs(s - o) >= MIN_EVENT_SPACING for o in starts):
-            starts.append(s)
-    return sorted(starts)
+    """`count` steps in [100, n - 100 - width], at least MIN_EVENT_SPACING apart (fewer if the run is too short)."""
+    lo, hi = 100, n - 100 - width
+    while count > 1 and hi - lo < (count - 1) * MIN_EVENT_SPACING:
+        count -= 1
+    if count < 1 or hi < lo:
+        return []
+    free = (hi - lo) - (count - 1) * MIN_EVENT_SPACING
+    offsets = np.sort(rng.integers(0, free + 1, size=count))
+    return [lo + int(o) + i * MIN_EVENT_SPACING for i, o in enumerate(offsets)]
 
 
 def _inject(rng: np.random.Generator, b: dict[str, Any], kind: str, name: str) -> Stream:

@@ -30,6 +30,9 @@ def test_wheel_holds_one_top_level_package_with_rules_and_callbacks(wheel: Path)
     assert "guardian/shipped_rules/default.yaml" in names
     assert "guardian/callbacks/trainer_callback.py" in names
     assert "guardian/py.typed" in names
+    assert "guardian/schema/wire-v1.schema.json" in names
+    for init in (ROOT / "guardian").rglob("__init__.py"):  # every subpackage of the source tree ships
+        assert f"guardian/{init.relative_to(ROOT / 'guardian').as_posix()}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "guardian = guardian.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -176,6 +176,16 @@ def test_detail_view_narrow_stacks_the_log_above_the_rules_and_scrolls() -> None
     assert max(len(line) for line in text.splitlines()) <= 60
 
 
+def test_no_runs_while_the_daemon_is_down() -> None:
+    snapshot = Snapshot((), URL, error="cannot reach the guardian daemon")
+    assert render(widgets.runs_screen(snapshot, 0, width=60, height=12, waiting="no runs"), 60) == """\
+╭──────────────────────────────────────────────────────────╮
+│                                                          │
+│     waiting for the daemon at http://127.0.0.1:8765      │
+│                                                          │
+╰──────────────────────────────────────────────────────────╯"""
+
+
 def test_header_shows_the_daemons_error() -> None:
     error = "cannot reach the guardian daemon at http://127.0.0.1:8765: [Errno 111] Connection refused"
     assert render(widgets.header(Snapshot((QWEN,), URL, error=error)), 100) == """\

@@ -249,7 +249,7 @@ def no_runs(message: str) -> Panel:
 def runs_screen(snapshot: Snapshot, selected: int, *, width: int, height: int, waiting: str) -> RenderableType:
     """The runs table and, below it, the selected run's latest decisions (fitting `height` lines)."""
     if not snapshot.runs:
-        return no_runs(waiting)
+        return no_runs(waiting if snapshot.error is None else f"waiting for the daemon at {snapshot.where}")
     selected = min(max(0, selected), len(snapshot.runs) - 1)
     run = snapshot.runs[selected]
     table_rows = max(1, min(len(snapshot.runs), height - 7))  # at least three decision lines below
