@@ -80,7 +80,7 @@ HEALTHY = "healthy"
 EVENTS_PER_TRANSIENT_STREAM = 3
 MIN_EVENT_SPACING = 300
 EVAL_INTERVALS = (50, 100, 200, 250)
-MAX_HEALTHY_GRAD_LOG_EXCURSION = math.log(8.0)  # healthy real runs show grad-norm jumps up to ~7x their level
+MAX_HEALTHY_GRAD_LOG_EXCURSION = math.log(7.0)  # healthy real runs show grad-norm jumps up to ~7x their level
 
 
 def type_group(anomaly_type: str) -> str:
@@ -248,7 +248,7 @@ def _healthy_base(rng: np.random.Generator, n: int, kind: str) -> dict[str, Any]
     g_drift = rng.uniform(-0.4, 0.7)
     grad_level = g0 * (1 + (g_warm - 1) * np.exp(-t / g_tau)) * np.exp(g_drift * t / n)
     g_sigma = rng.uniform(0.05, 0.35)
-    g_df = int(rng.integers(3, 9))
+    g_df = int(rng.integers(5, 13))
     grad_noise = g_sigma * _slow_modulation(rng, n, 0.15) * np.clip(_t_noise(rng, n, g_df), -12, 12)
     grad_noise = np.clip(grad_noise, -MAX_HEALTHY_GRAD_LOG_EXCURSION, MAX_HEALTHY_GRAD_LOG_EXCURSION)
     # evaluation

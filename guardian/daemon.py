@@ -212,16 +212,17 @@ class Guardian:
         return views
 
     def health(self) -> dict[str, Any]:
-        reloads = self.store.reloads(limit=1_000_000)
+        reloads = self.store.reload_counts()
         statuses: dict[str, int] = {}
         for run in self.runs():
             statuses[run["status"]] = statuses.get(run["status"], 0) + 1
         return {**self.counters, "store_size_bytes": self.store.size_bytes(), "runs": statuses,
-                "reloads_ok": sum(r["ok"] for r in reloads), "reloads_error": sum(not r["ok"] for r in reloads)}
+                "reloads_ok": reloads.get(True, 0), "reloads_error": reloads.get(False, 0)}
 
     def runs(self) -> list[dict[str, Any]]:
         now = time.time()
         out = []
+        counts = self.store.decision_counts()
         for row in self.store.runs():
             with self._lock:
                 state = self._runs.get(row.id)
@@ -231,7 +232,7 @@ class Guardian:
                 "firing" if "firing" in status.values() else "running")
             out.append({"id": row.id, "rules": row.rules, "status": phase, "last_step": row.last_step,
                         "last_seen": row.last_seen, "seconds_since_report": round(now - row.last_seen, 1),
-                        "rule_status": status, "meta": row.meta, "decisions": len(self.store.decisions(row.id))})
+                        "rule_status": status, "meta": row.meta, "decisions": counts.get(row.id, 0)})
         return out
 
     # ---- hot reload --------------------------------------------------------------------------------

@@ -147,6 +147,9 @@ class Store:
         rows = self._query("SELECT body FROM decisions WHERE run_id = ? ORDER BY id DESC LIMIT ?", (run_id, limit))
         return [json.loads(row[0]) for row in reversed(rows)]
 
+    def decision_counts(self) -> dict[str, int]:
+        return dict(self._query("SELECT run_id, COUNT(*) FROM decisions GROUP BY run_id"))
+
     # ---- commands ----------------------------------------------------------------------------------
 
     def add_command(self, run_id: str, action: str, params: dict[str, Any], source: str) -> int:
@@ -183,6 +186,9 @@ class Store:
         with self._tx() as db:
             db.execute("INSERT INTO reloads (time, source, ok, message) VALUES (?, ?, ?, ?)",
                        (time.time(), source, int(ok), message))
+
+    def reload_counts(self) -> dict[bool, int]:
+        return {bool(ok): n for ok, n in self._query("SELECT ok, COUNT(*) FROM reloads GROUP BY ok")}
 
     def reloads(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._query("SELECT time, source, ok, message FROM reloads ORDER BY id DESC LIMIT ?", (limit,))
