@@ -16,7 +16,7 @@ from guardian.engine import Decision, Engine
 from guardian.errors import LogFormatError
 from guardian.logs import EVAL, TRAIN, LogReport, Observation, read_log_with_report
 from guardian.ruleset import RuleSet
-from guardian.store import Store
+from guardian.store import stored_run
 
 GUARDIAN_EVENTS = "guardian_events"
 GUARDIAN_STORE = "guardian_store"
@@ -58,17 +58,9 @@ def replay(path: str | os.PathLike[str], ruleset: RuleSet) -> ReplayResult:
 
 def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResult:
     """Replay a run the daemon stored in `state_dir/guardian.db` (the daemon need not be running)."""
-    db = state_dir / "guardian.db"
-    if not db.is_file():
-        raise LogFormatError(f"{db}: no daemon store here; pass the daemon's --state-dir")
-    store = Store(db)
-    try:
-        if store.run(run_id) is None:
-            known = ", ".join(r.id for r in store.runs()[:10]) or "none"
-            raise LogFormatError(f"{db}: no run '{run_id}' (runs: {known})")
+    with stored_run(state_dir, run_id) as store:
         observations = _observations(store.events(run_id, ("metrics",)))
-    finally:
-        store.close()
+    db = state_dir / "guardian.db"
     report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
     return ReplayResult(f"{db}#{run_id}", report, len(observations), replay_observations(observations, ruleset))
 

@@ -28,7 +28,7 @@ from guardian.engine import Decision, decision_from_dict
 from guardian.errors import LogFormatError
 from guardian.logs import EVAL, TRAIN, Observation, read_log
 from guardian.ruleset import RuleSet
-from guardian.store import Store
+from guardian.store import stored_run
 
 EMBEDDED = "embedded"
 STORED = "stored"
@@ -160,18 +160,9 @@ def load_embedded(events_file: Path, name: str) -> RunRecord:
 
 def load_stored(state_dir: Path, run_id: str) -> RunRecord:
     """A run stored by the daemon in `state_dir/guardian.db` (the daemon need not be running)."""
-    db = state_dir / "guardian.db"
-    if not db.is_file():
-        raise LogFormatError(f"{db}: no daemon store here; pass the daemon's --state-dir")
-    store = Store(db)
-    try:
-        if store.run(run_id) is None:
-            known = ", ".join(r.id for r in store.runs()[:10]) or "none"
-            raise LogFormatError(f"{db}: no run '{run_id}' (runs: {known})")
+    with stored_run(state_dir, run_id) as store:
         events, daemon_decisions = store.events(run_id, limit=10**9), store.decisions(run_id, limit=10**9)
-    finally:
-        store.close()
-    return _from_events(run_id, STORED, f"{db}#{run_id}", events, daemon_decisions)
+    return _from_events(run_id, STORED, f"{state_dir / 'guardian.db'}#{run_id}", events, daemon_decisions)
 
 
 def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:

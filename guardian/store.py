@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardian.errors import LogFormatError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, rules TEXT NOT NULL, meta TEXT NOT NULL, first_seen REAL NOT NULL,
@@ -231,3 +233,19 @@ class Store:
 def _run_row(row: tuple[Any, ...]) -> RunRow:
     return RunRow(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
                   json.loads(row[7]) if row[7] else None, bool(row[8]))
+
+
+@contextmanager
+def stored_run(state_dir: Path, run_id: str) -> Iterator[Store]:
+    """The daemon's store in `state_dir`, opened for reading one run (the daemon need not be running)."""
+    db = state_dir / "guardian.db"
+    if not db.is_file():
+        raise LogFormatError(f"{db}: no daemon store here; pass the daemon's --state-dir")
+    store = Store(db)
+    try:
+        if store.run(run_id) is None:
+            known = ", ".join(r.id for r in store.runs()[:10]) or "none"
+            raise LogFormatError(f"{db}: no run '{run_id}' (runs: {known})")
+        yield store
+    finally:
+        store.close()
