@@ -196,7 +196,7 @@ def _events(args: argparse.Namespace) -> int:
         if d.get("diagnosis"):
             console.print(f"  {'':>12}  likely cause: {d['diagnosis']}; usual fix: {d['fix']}", markup=False,
                           highlight=False, soft_wrap=True)
-    console.print(f"[bold]What the run did[/]")
+    console.print("[bold]What the run did[/]")
     for e in data["events"]:
         if e["kind"] == "action":
             source = f" [{e['source']}]" if e.get("source") else ""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from guardian import wire
 from guardian.engine import Decision, Engine
-from guardian.errors import LogFormatError
 from guardian.logs import EVAL, TRAIN, LogReport, Observation, read_log_with_report
 from guardian.ruleset import RuleSet
 from guardian.store import stored_run

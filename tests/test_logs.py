@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from guardian.errors import LogFormatError
 from guardian.logs import LogReport, Observation, read_log, read_log_with_report
 
 
-from realpaths import REAL_LOGS, needs_fixtures
+from realpaths import NO_FIXTURES, REAL_LOGS, needs_fixtures
 
 
 def _sources() -> dict[str, dict[str, str]]:
