@@ -95,3 +95,49 @@ def test_injection_is_harmless_where_no_trainer_is_made(tmp_path: Path, code: st
     result = subprocess.run([*GUARDIAN, "--", sys.executable, "-c", code + "; print('ok')"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout and "guardian:" not in result.stderr
+
+
+def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_path: Path) -> None:
+    """FSDP/DeepSpeed: Guardian stops the run and asks for a restart; the supervisor resumes where it says."""
+    good = tmp_path / "good" / "checkpoint-20"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text("{}")
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, os, pathlib\n"
+        "state = pathlib.Path(os.environ['GUARDIAN_SUPERVISOR_FILE'])\n"
+        "log = pathlib.Path(__file__).with_name('resumes.txt')\n"
+        "with log.open('a') as f: f.write(os.environ.get('GUARDIAN_RESUME_FROM', '-') + '\\n')\n"
+        f"request = {{'resume_from': {str(good)!r}, 'onset_step': 25}}\n"
+        "first = log.read_text().count('\\n') == 1\n"
+        "state.write_text(json.dumps({'good_checkpoints': [], 'restart_request': request if first else None}))\n"
+    )
+    result = subprocess.run([*GUARDIAN, "--", sys.executable, str(child)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "asked for a restart from its last good checkpoint (sharded state)" in result.stderr
+    assert (tmp_path / "resumes.txt").read_text().splitlines() == ["-", str(good)]
+
+
+def test_sharded_state_turns_a_rollback_into_a_restart_request(tmp_path: Path) -> None:
+    from guardian.actions import Plan
+    from guardian.callbacks.actuator import Actuator
+    from guardian.callbacks.checkpoints import GoodCheckpoints
+
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    actuator = Actuator(snapshots_kept=1, rollback_margin_steps=5, use_snapshots=False)
+    actuator.in_process_rollback = False
+    actuator.good = GoodCheckpoints(tmp_path)
+    actuator.good.protect(checkpoint, 10, {})
+    actuator.restart_request = tmp_path / "guardian" / "restart_request.json"
+
+    class Control:
+        should_training_stop = False
+
+    control = Control()
+    outcome = actuator.carry_out(Plan(skip_update=True, rollback=True), 30, 25, control, None, None, None,
+                                 pre_update=True)
+    assert control.should_training_stop and outcome["rollback"] == "restart"
+    request = json.loads(actuator.restart_request.read_text())
+    assert request == {"resume_from": str(tmp_path / "guardian" / "good" / "checkpoint-10"), "onset_step": 25}
