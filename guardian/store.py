@@ -145,8 +145,9 @@ class Store:
     def event_seqs(self, run_id: str) -> list[int]:
         return [row[0] for row in self._query("SELECT seq FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
 
-    def decisions(self, run_id: str, limit: int = 10_000) -> list[dict[str, Any]]:
-        rows = self._query("SELECT body FROM decisions WHERE run_id = ? ORDER BY id DESC LIMIT ?", (run_id, limit))
+    def decisions(self, run_id: str, limit: int = 10_000, since_step: int | None = None) -> list[dict[str, Any]]:
+        rows = self._query("SELECT body FROM decisions WHERE run_id = ? AND step >= ? ORDER BY id DESC LIMIT ?",
+                           (run_id, -1 if since_step is None else since_step, limit))
         return [json.loads(row[0]) for row in reversed(rows)]
 
     def decision_counts(self) -> dict[str, int]:
