@@ -63,14 +63,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from multiprocessing import get_context
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import detection_corpus as dc  # noqa: E402
+import detection_corpus as dc
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "detection.json"
 TOLERANCE = 50
@@ -97,7 +97,8 @@ GUARDIAN_TYPES: dict[str, set[str]] = {
     "lr_blowup": set(),  # no learning-rate fault in the corpus: scored for false alarms only
     "overfitting": {"overfitting"},
     "loss_stuck_at_zero": {"plateau_zero"},
-    "plateau": PLATEAU | {"divergence_slow"},
+    "plateau": {"plateau_flat", "divergence_slow"},  # zero_steps: 0 - a loss stuck at 0 is loss_stuck_at_zero's
+    "loss_divergence": set(DIVERGENCE),  # not shipped: the rule proposed in detection_rules_proposal.yaml
     "vanishing_gradient": {"plateau_zero"},  # the zero-loss streams have a zero grad norm too
     "stalled": set(),  # watches seconds_since_report, which no log has
 }
@@ -136,7 +137,7 @@ def guardian_rule_types(rule: Any) -> set[str]:
     if kind == "overfitting":
         return {"overfitting"}
     if kind == "plateau":
-        return PLATEAU | {"divergence_slow"}
+        return {"plateau_flat", "divergence_slow"} | ({"plateau_zero"} if rule.params.get("zero_steps", 20) else set())
     if metric == "grad_norm" and kind in ("robust_zscore", "threshold", "jump"):
         return GRAD | {"divergence_fast"}
     if metric == "loss" and kind in ("robust_zscore", "threshold", "jump"):
@@ -153,7 +154,7 @@ def _cadence(watches: Iterable[str]) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(rules_path: str | None, systems: tuple[str, ...]) -> None:
+def _worker_init(rules_path: str | None, systems: tuple[str, ...], tmp: str | None = None) -> None:
     import logging
     import warnings
 
@@ -164,7 +165,7 @@ def _worker_init(rules_path: str | None, systems: tuple[str, ...]) -> None:
 
     _WORKER["ruleset"] = load_rules(rules_path)
     _WORKER["systems"] = systems
-    _WORKER["tmp"] = tempfile.mkdtemp(prefix="guardian-detection-")
+    _WORKER["tmp"] = tmp or tempfile.mkdtemp(prefix="guardian-detection-")  # Lightning's skip_batches.json, HF args
     if {"lightning", "lightning_extra", "transformers"} & set(systems):
         import torch
 
@@ -242,7 +243,8 @@ class _LightningSpike:
         from lightning.fabric.utilities.spike import TrainingSpikeException
 
         try:
-            self.callback.on_train_batch_end(self.trainer, None, torch.tensor(value), None, self.batch_idx)
+            self.callback.on_train_batch_end(  # the minimal trainer carries what the hook reads
+                self.trainer, None, torch.tensor(value), None, self.batch_idx)  # type: ignore[arg-type]
             return False
         except TrainingSpikeException:
             return True
@@ -407,7 +409,7 @@ def merge_episodes(eps: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def _pct(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -544,7 +546,55 @@ def analyse(results: list[dict[str, Any]], rules: dict[str, dict[str, Any]], sys
         per_system.append({"system": system, "rules": sorted(members), "false_alarms": s["false_alarms"],
                            "healthy_steps": s["healthy_steps"], "fa_per_10k": s["fa_per_10k"]})
     return {"by_type": by_type, "per_rule": per_rule, "per_system": per_system,
+            "spike_snr": spike_snr(synthetic, rules, systems, tolerance),
             "real_logs": analyse_real([r for r in results if r["source"] == "real"], rules, systems)}
+
+
+SNR_BUCKETS = ((0.0, 4.0), (4.0, 8.0), (8.0, 16.0), (16.0, math.inf))
+
+
+def _snr(anomaly_type: str, params: Mapping[str, Any]) -> float | None:
+    """How far a spike stands out of its stream's noise, in noise sigmas: (m - 1) / loss sigma for a loss spike
+    (a relative jump against relative noise), ln(m) / grad sigma for a grad spike (the grad norm's noise is
+    log-normal); roughly the robust z the spike has."""
+    if anomaly_type in LOSS:
+        m = float(anomaly_type.split("_")[2].rstrip("x"))
+        return (m - 1) / params["loss_sigma"]
+    if anomaly_type in GRAD:
+        m = float(anomaly_type.split("_")[2].rstrip("x"))
+        return math.log(m) / params["grad_sigma"]
+    return None
+
+
+def spike_snr(results: list[dict[str, Any]], rules: dict[str, dict[str, Any]], systems: tuple[str, ...],
+              tolerance: int) -> list[dict[str, Any]]:
+    """Recall of loss and grad spikes by signal-to-noise ratio, per system (its rules meant for the type)."""
+    rows = []
+    for group, members_types in (("loss_spike", LOSS), ("grad_spike", GRAD)):
+        for system in systems:
+            members = {n: i for n, i in rules.items() if i["system"] == system and i["types"] & members_types}
+            if not members:
+                continue
+            counts = [[0, 0] for _ in SNR_BUCKETS]
+            for res in results:
+                meta = res["meta"]
+                if meta["kind"] not in members_types or not any(n in res["firings"] for n in members):
+                    continue
+                anomalies = [tuple(a) for a in meta["anomalies"]]
+                found: set[int] = set()
+                for name, info in members.items():
+                    m = match_stream(res["firings"].get(name, []), anomalies, info["types"], tolerance, 1)
+                    found |= set(m["detected"])
+                for i, a in enumerate(anomalies):
+                    snr = _snr(a[0], meta["params"])
+                    if snr is None:
+                        continue
+                    b = next(k for k, (lo, hi) in enumerate(SNR_BUCKETS) if lo <= snr < hi)
+                    counts[b][1] += 1
+                    counts[b][0] += i in found
+            rows.append({"group": group, "system": system, "buckets": [
+                {"snr": f"{lo:g}-{hi:g}", "detected": d, "labelled": n} for (lo, hi), (d, n) in zip(SNR_BUCKETS, counts)]})
+    return rows
 
 
 def analyse_real(results: list[dict[str, Any]], rules: dict[str, dict[str, Any]],
@@ -602,7 +652,7 @@ def tables(analysis: dict[str, Any], corpus: dict[str, Any]) -> dict[str, tuple[
         rows.append([r["system"], r["rule"], _types_short(r["types"]), str(r["labelled"]), _fmt(r["precision"]),
                      _fmt(r["recall"]), _fmt(r["f1"]), _delay(r["delay_median"]), _delay(r["delay_p90"]),
                      str(r["false_alarms"]), _fmt(r["fa_per_10k"]), str(r["off_target_episodes"]),
-                     "yes" if r["meets_aim"] else "no"])
+                     "yes" if r["meets_aim"] else ("n/a" if not r["labelled"] else "no")])
     out["per_rule"] = (headers, rows)
     headers = ["rule", *[t for t in dc.TYPES]]
     rows = []
@@ -642,6 +692,9 @@ def tables(analysis: dict[str, Any], corpus: dict[str, Any]) -> dict[str, tuple[
         rows.append([key, str(c["streams"]), triple("loss_noise"), triple("loss_p99_abs_z"),
                      triple("grad_norm_noise"), triple("grad_norm_p99_abs_z"), triple("loss_late_drop")])
     out["calibration"] = (headers, rows)
+    headers = ["spikes", "system", *[f"SNR {lo:g}-{hi:g}" for lo, hi in SNR_BUCKETS]]
+    out["spike_snr"] = (headers, [[r["group"], r["system"], *[f"{b['detected']}/{b['labelled']}" for b in r["buckets"]]]
+                                  for r in analysis["spike_snr"]])
     return out
 
 
@@ -710,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(systems)}; jobs {args.jobs}", file=sys.stderr)
     results: list[dict[str, Any]] = []
     ctx = get_context("fork")
-    with ctx.Pool(args.jobs, initializer=_worker_init, initargs=(args.rules, systems)) as pool:
+    with tempfile.TemporaryDirectory(prefix="guardian-detection-") as tmp, \
+            ctx.Pool(args.jobs, initializer=_worker_init, initargs=(args.rules, systems, tmp)) as pool:
         for i, res in enumerate(pool.imap(run_task, tasks, chunksize=1), start=1):
             results.append(res)
             if i % 25 == 0 or i == len(tasks):
@@ -718,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus_streams = [dc.make_stream(args.seed, i, k, args.min_steps, args.max_steps)
                       for i, k in enumerate(plan) if k == dc.HEALTHY]
     corpus = {
-        "streams": len(plan), "steps": sum(r["meta"]["n_steps"] for r in results if r["source"] == "synthetic"),
+        "streams": len(plan), "persistent_runs": plan.count("overfitting"), "steps": sum(r["meta"]["n_steps"] for r in results if r["source"] == "synthetic"),
         "anomalies": {t: sum(1 for r in results for a in r["meta"]["anomalies"] if a[0] == t) for t in dc.TYPES},
         "calibration": _strip_rows(dc.calibration(corpus_streams, real)),
     }
@@ -807,6 +861,8 @@ def _report_text(args: argparse.Namespace, corpus: dict[str, Any], tabs: dict[st
         "", "Per rule (over every synthetic stream; aim: F1 >= 0.95 and <= 1 false alarm per 10k healthy steps)",
         table(*tabs["per_rule"]),
         "", "Guardian: anomalies detected / labelled, per rule and type", table(*tabs["guardian_matrix"]),
+        "", "Spikes detected / labelled by signal-to-noise ratio (loss: (m-1)/sigma; grad: ln(m)/sigma)",
+        table(*tabs["spike_snr"]),
         "", "False alarms per system (all its rules)", table(*tabs["per_system"]),
         "", "Real logs (weak, per-file labels): weak-labelled files hit; healthy files with no alarm",
         table(["system", "weak-labelled hit", "healthy quiet", "alarm episodes on healthy", "per 10k obs"],
@@ -823,8 +879,9 @@ def _report_md(args: argparse.Namespace, corpus: dict[str, Any], tabs: dict[str,
     m = data["machine"]
     mapping = _md_table(["rule", "system", "cadence", "meant for (anomaly types)"],
                         [[n, i["system"], i["cadence"], _types_short(sorted(i["types"]))] for n, i in rules.items()])
-    misses = [r for r in data["analysis"]["per_rule"] if r["system"] == "guardian" and r["types"]
+    misses = [r for r in data["analysis"]["per_rule"] if r["system"] == "guardian" and r["labelled"]
               and not r["meets_aim"]]
+    unmeasured = [r["rule"] for r in data["analysis"]["per_rule"] if r["system"] == "guardian" and not r["labelled"]]
     miss_lines = []
     for r in misses:
         weak = [f"{t} {pt['detected']}/{pt['labelled']}" for t, pt in r["per_type"].items()
@@ -838,7 +895,8 @@ def _report_md(args: argparse.Namespace, corpus: dict[str, Any], tabs: dict[str,
         f"Generated by `{m['command']}` on {m['date_utc']} ({m['cpu_model']}, {m['cpu_count']} CPUs), "
         f"{elapsed:.0f} s. Rules: `{data['settings']['rules_file']}`. lightning {v['lightning']}, "
         f"transformers {v['transformers']}, torch {v['torch']}. Seed {args.seed}: {corpus['streams']} synthetic "
-        f"streams ({args.healthy_runs} healthy, {args.runs} per anomaly type), {corpus['steps']} steps, "
+        f"streams of {args.min_steps}-{args.max_steps} steps ({args.healthy_runs} healthy, {args.runs} per transient "
+        f"anomaly type with 3 events each, {corpus['persistent_runs']} per persistent type), {corpus['steps']} steps, "
         f"plus {len(data['analysis']['real_logs'])} real logs. Method, systems and scoring: the docstring of "
         "`benchmarks/detection.py`; the corpus: `benchmarks/detection_corpus.py`. Numbers: "
         f"`{Path(args.out).name}`.", "",
@@ -847,8 +905,14 @@ def _report_md(args: argparse.Namespace, corpus: dict[str, Any], tabs: dict[str,
         "## Per anomaly type", "", _md_table(*tabs["by_type"]), "",
         "## Per rule", "", _md_table(*tabs["per_rule"]), "",
         "## Guardian: detected / labelled per rule and type", "", _md_table(*tabs["guardian_matrix"]), "",
+        "## Spikes detected / labelled by signal-to-noise ratio", "",
+        "SNR: how many noise sigmas the spike stands out, roughly its robust z: (m - 1) / loss sigma for loss "
+        "spikes, ln(m) / grad-norm log-sigma for grad spikes (per-stream sigmas from the generator).", "",
+        _md_table(*tabs["spike_snr"]), "",
         "## False alarms per system", "", _md_table(*tabs["per_system"]), "",
         "## Guardian rules that miss the aim", "", *(miss_lines or ["none"]), "",
+        *([f"No labelled anomaly in the corpus for {', '.join(f'`{n}`' for n in unmeasured)}: scored for false "
+           "alarms only.", ""] if unmeasured else []),
         "## Real logs (weak labels, per file)", "",
         _md_table(["system", "weak-labelled hit", "healthy quiet", "alarm episodes on healthy", "per 10k obs"],
                   real_rows), "", _md_table(*tabs["real_logs"]), "",

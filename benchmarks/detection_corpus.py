@@ -52,7 +52,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ def make_corpus(seed: int = 0, runs_per_type: int = 4, healthy_runs: int = 50, p
 # --- healthy curves --------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _t_mad(df: int) -> float:
     """Median of |T| for Student-t with `df` degrees of freedom (so noise can be scaled by its MAD)."""
     sample = np.random.default_rng(12345).standard_t(df, 400_001)
@@ -458,18 +458,18 @@ def noise_stats(values: np.ndarray, log_interval: int = 1, averaged: bool = True
 def calibration(streams: list[Stream], real: list[Stream]) -> dict[str, Any]:
     """Noise statistics of the healthy synthetic streams and of the real logs labelled healthy."""
     def collect(items: list[Stream], synthetic: bool) -> dict[str, Any]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for s in items:
             interval = 1 if synthetic else int(s.params.get("log_interval", 1))
             loss = noise_stats(s.loss, interval, averaged=True)
             grad = noise_stats(s.grad_norm, interval, averaged=False)  # HF logs the last step's grad norm
             rows.append({"name": s.name, "loss": loss, "grad_norm": grad})
         def summary(metric: str, key: str) -> dict[str, float]:
-            vals = np.array([r[metric][key] for r in rows], dtype=float)
+            vals: np.ndarray = np.array([r[metric][key] for r in rows], dtype=np.float64)
             vals = vals[np.isfinite(vals)]
             if not len(vals):
                 return {}
-            return {"n": int(len(vals)), "min": float(vals.min()), "median": float(np.median(vals)),
+            return {"n": len(vals), "min": float(vals.min()), "median": float(np.median(vals)),
                     "max": float(vals.max())}
         return {"streams": len(items), **{f"{m}_{k}": summary(m, k) for m in ("loss", "grad_norm")
                                           for k in ("noise", "p99_abs_z", "late_drop")}, "rows": rows}

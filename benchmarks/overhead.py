@@ -283,7 +283,7 @@ def _worker(variant: str, conn: Any, baton: Baton, args: argparse.Namespace, gua
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("guardian").setLevel(logging.WARNING)
+    logging.getLogger("guardian").setLevel(logging.ERROR)  # pre-flight advice etc.; internal errors still show
     conn.send(("ready", os.getpid()))
     while True:
         message = conn.recv()
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("guardian").setLevel(logging.WARNING)
+    logging.getLogger("guardian").setLevel(logging.ERROR)  # pre-flight advice etc.; internal errors still show
     info = machine_info()
     print(f"machine: {describe_machine(info)}")
     if busy_warning(info):

@@ -192,8 +192,8 @@ def test_prf_edge_cases() -> None:
     assert det.prf(5, 5, 0) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
 
 
-def test_run_task_guardian_finds_the_labelled_nans() -> None:
-    det._worker_init(None, ("guardian", "naive"))
+def test_run_task_guardian_finds_the_labelled_nans(tmp_path: Path) -> None:
+    det._worker_init(None, ("guardian", "naive"), str(tmp_path))
     res = det.run_task(("synthetic", 0, 7, "nan_both", 1000, 1000))
     starts = [a[1] for a in res["meta"]["anomalies"]]
     assert [s for s in res["firings"]["non_finite_loss"] if s in starts] == starts
