@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS_DIR, busy_warning, describe_machine, load_average, machine_info,  # noqa: E402
-                     summary, table, write_json)
+from _common import (RESULTS_DIR, CpuMonitor, busy_warning, describe_machine, load_average,  # noqa: E402
+                     machine_info, summary, table, write_json)
 
 import torch  # noqa: E402
 
@@ -413,8 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     fs = subprocess.run(["df", "-T", str(workdir)], capture_output=True, text=True).stdout.strip().splitlines()
     info["workdir"] = str(workdir)
     info["workdir_filesystem"] = fs[-1] if fs else None
+    results: dict[str, Any] = {}
     try:
-        results = {size: bench_size(size, args, workdir) for size in sizes}
+        for size in sizes:
+            monitor = CpuMonitor()
+            monitor.start()
+            results[size] = bench_size(size, args, workdir)
+            results[size]["cpu"] = monitor.stop()
     finally:
         if own_tmp and not args.keep_files:
             shutil.rmtree(own_tmp, ignore_errors=True)
@@ -446,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         text.append("bytes still in page cache after the drop, per cold repeat: "
                     + "; ".join(f"{size}: {v}" for size, v in cold))
     text.append(f"peak RSS: {max(r['peak_rss_gb'] for r in results.values()):.2f} GB")
+    busy = {size: r["cpu"]["other_cores"] for size, r in results.items() if r["cpu"]["other_cores"] is not None}
+    if busy:
+        text.append("CPU cores other processes kept busy while each size ran (/proc/stat): "
+                    + ", ".join(f"{size} {v:.2f}" for size, v in busy.items())
+                    + ("   <- the machine was shared: timings inflated" if max(busy.values()) > 0.15 else ""))
     print("\n".join(text))
     total = time.perf_counter() - started
     info["load_average_at_end"] = load_average()

@@ -597,7 +597,7 @@ def summarize_dump(dump: str) -> dict[str, int]:
 
 def parse_phases(text: str) -> list[tuple[int, float | None, float]]:
     phases = []
-    for part in text.split(","):
+    for part in (x for x in text.split(",") if x.strip()):
         n, rate, secs = part.split(":")
         phases.append((int(n), None if rate == "max" else float(rate), float(secs)))
     return phases
@@ -844,16 +844,34 @@ def analysis(data: dict[str, Any]) -> list[str]:
 
     one, one_nd = find(stock, 1, "max"), find(nodelay, 1, "max")
     if one:
-        line = (f"- **One run, as fast as it can: {one['events_per_s']} events/s**, POST->reply median "
-                f"{one['post_to_reply_ms']['median']} ms, with the daemon nearly idle ({one['daemon_cpu_cores']} "
-                "cores). The wait is not work: `_Handler._reply` sends the headers (`end_headers()` flushes them) "
-                "and then the body in a second send(); with Nagle's algorithm on, the body waits for the client's "
-                "delayed ACK (about 40 ms on Linux).")
-        if one_nd:
-            line += (f" The same daemon with TCP_NODELAY on its sockets (benchmark-only patch) does "
-                     f"{one_nd['events_per_s']} events/s at a median of {one_nd['post_to_reply_ms']['median']} ms. "
-                     "A run reporting faster than about 20 steps/s therefore cannot get a verdict per step from "
-                     "the stock daemon; DaemonLink batches instead, so nothing is lost, but its verdicts lag.")
+        out.append(f"- **One run, as fast as it can: {one['events_per_s']} events/s**, POST->reply "
+                   f"{fmt_ms(one['post_to_reply_ms'])} ms (p50/p90/p99), the daemon at {one['daemon_cpu_cores']} "
+                   f"cores while others' jobs used {one['cpu'].get('other_cores')}"
+                   + (f"; with TCP_NODELAY {one_nd['events_per_s']} events/s at "
+                      f"{one_nd['post_to_reply_ms']['median']} ms" if one_nd else "") + ".")
+    singles = single_run_phases()
+    if singles:
+        slow = [x for x in singles if x["daemon"] == "stock" and x["p50"] > 20]
+        fast = [x for x in singles if x["daemon"] == "stock" and x["p50"] <= 20]
+        nd = [x for x in singles if x["daemon"] != "stock"]
+        line = (f"- **A 40 ms stall per reply, seen when the machine was saturated.** Over every one-run max-rate phase in "
+                f"benchmarks/results/scale*.json, the stock daemon answered in about "
+                f"{statistics.median(x['p50'] for x in slow) if slow else 0:.0f} ms (p50) in {len(slow)} of "
+                f"{len(slow) + len(fast)} phases, i.e. about {statistics.median(x['eps'] for x in slow) if slow else 0:.0f} "
+                "reports/s for a run, with the daemon nearly idle")
+        if slow:
+            line += f" (others' jobs then used {', '.join(str(x['others']) for x in slow)} of the 2 cores)"
+        if fast:
+            line += (f", and in about {statistics.median(x['p50'] for x in fast):.1f} ms in the other {len(fast)} "
+                     f"(others' cores {', '.join(str(x['others']) for x in fast)})")
+        if nd:
+            line += (f"; with TCP_NODELAY it never stalled ({len(nd)} phases, p50 "
+                     f"{min(x['p50'] for x in nd):.1f}-{max(x['p50'] for x in nd):.1f} ms)")
+        line += (". That is the signature of Nagle's algorithm meeting a delayed ACK: `_Handler._reply` sends "
+                 "the headers (`end_headers()` flushes them) and then the body in a second send(), and the body "
+                 "may wait for the client's ACK of the headers. A run that wants a verdict per step cannot report "
+                 "faster than about 20 steps/s then; DaemonLink batches instead, so nothing is lost, but verdicts lag. "
+                 "Sending headers and body in one write, or TCP_NODELAY, removes it.")
         out.append(line)
     ceil_stock = [p for p in stock if p["rate_steps_per_s_per_run"] == "max" and p["runs"] > 1]
     ceil_nd = [p for p in nodelay if p["rate_steps_per_s_per_run"] == "max" and p["runs"] > 1]
@@ -897,25 +915,57 @@ def analysis(data: dict[str, Any]) -> list[str]:
             "engine (`local (daemon late)`) for nearly every step: at this scale the daemon works as a store and "
             "dashboard, not as the decider. The reason: 1,000 reports/s offered is above the ceiling, so requests "
             "queue for the store's lock and the runs fall back to batching.")
-    storms = [p for p in phases if sum(p["errors"].values())]
-    if storms:
-        worst = max(storms, key=lambda p: p["listen_overflows"] or 0)
+    wrote = [p for p in phases if p.get("daemon_written_mb_per_s") is not None]
+    if wrote:
         out.append(
-            f"- **Connection storms:** when {worst['runs']} runs connect at once the kernel counted "
-            f"{worst['listen_overflows']} listen-queue overflows and {sum(worst['errors'].values())} requests "
-            f"failed ({', '.join(worst['errors'])}), {worst['errors_in_first_5s']} of them in the first 5 s; "
+            "- **Write volume:** the daemon wrote " + ", ".join(
+                f"{p['daemon_written_mb_per_s']} MB/s ({p['daemon_written_bytes_per_event'] / 1e3:.0f} kB per event) "
+                f"at {p['label']}" for p in wrote)
+            + ". Every report rewrites the run's whole engine state in its `runs` row (and the WAL), so the "
+            "volume follows reports/s times the state's size, not the size of the events; the single fast run "
+            "writes the most per event because its state had grown over thousands of steps (next point).")
+    storms = [(name, p) for name, p in all_phases() if p.get("listen_overflows")]
+    if storms:
+        name, worst = max(storms, key=lambda np: np[1]["listen_overflows"])
+        here = sum(1 for p in phases if p.get("listen_overflows"))
+        out.append(
+            f"- **Connection storms:** in {name} ({worst['label']}), when {worst['runs']} runs connected at once, "
+            f"the kernel counted {worst['listen_overflows']:,} listen-queue overflows (machine-wide TcpExt "
+            f"counter, loopback only here) and {sum(worst['errors'].values()):,} requests failed "
+            f"({', '.join(worst['errors']) or 'none'}), {worst['errors_in_first_5s']} of them in the first 5 s; "
             f"connecting took {fmt_ms(worst['connect_ms'])} ms (p50/p90/p99: SYN retransmits). "
-            "`ThreadingHTTPServer` listens with socketserver's default backlog, `request_queue_size = 5`, and the "
-            "accept loop competes for the GIL with busy handler threads. Clients retry (DaemonLink with "
-            "back-off), so nothing is lost, but reconnecting fleets see resets and second-long delays.")
+            f"Phases with overflows in this file: {here} of {len(phases)}; it varies from run to run with the "
+            "machine's load. `ThreadingHTTPServer` listens with socketserver's default backlog, "
+            "`request_queue_size = 5`, and its accept loop competes for the GIL with busy handler threads. "
+            "Clients retry (DaemonLink with back-off), so nothing is lost, but a fleet that (re)connects at once "
+            "sees resets and second-long connects.")
     soak = data.get("soak")
+    if soak and soak.get("analysis", {}).get("steady_from_s") is None:
+        smp = soak["samples"]
+        stuck = next((x["t"] for x in smp if x["events_acked"] == smp[-1]["events_acked"]), None)
+        failures = sum(soak["errors"].values())
+        out.append(
+            f"- **Soak with a backlog: congestive collapse.** {soak['runs']} runs each starting "
+            f"{soak['prefill_steps']} steps behind (one report of up to 500 events each, all at once, as after "
+            f"a daemon restart) with DaemonLink's {soak.get('client_timeout_s', 5)} s timeout and back-off: the "
+            f"events acked stopped at {smp[-1]['events_acked']:,} from t = {stuck} s to the end "
+            f"({soak['events_acked_total']:,} acked in {soak['reports_total']} replies over "
+            f"{soak['duration_s']:.0f} s), {failures:,} requests failed ({', '.join(soak['errors'])}), "
+            f"the kernel counted {soak['listen_overflows']:,} listen-queue overflows, and the daemon grew to "
+            f"{max(x['threads'] or 0 for x in smp):,} threads and "
+            f"{max(x['rss_kb'] or 0 for x in smp) / 1024 / 1024:.1f} GB RSS while using "
+            f"{soak['daemon_cpu_cores']} cores. Requests queue for the store's lock longer than the client "
+            "waits; the client gives up, reconnects (a new handler thread) and resends, while the abandoned "
+            "request is still processed and its reply goes to a closed socket. The daemon stays busy and "
+            "stores events, but almost nothing is acknowledged: it does not recover by itself. Nothing in the "
+            "daemon bounds its threads (`ThreadingHTTPServer`, one per connection) or sheds load.")
     if soak and soak.get("analysis", {}).get("steady_from_s") is not None:
         a = soak["analysis"]
         out.append(
             f"- **Threads:** `ThreadingHTTPServer` keeps one thread per open connection for as long as the "
             f"connection lives (persistent HTTP/1.1 connections, no idle timeout): {a['threads_end']} threads "
             f"for {soak['runs']} runs in the steady state, up to {a.get('threads_max')} while timed-out clients "
-            "reconnected during the backlog (a thread whose client gave up stays until its request is processed).")
+            "reconnected (a thread whose client gave up stays until its request is processed).")
         out.append(
             f"- **Memory over the soak: {a['verdict']}.** Steady-state RSS {a['rss_first_third_mb']} MB in the "
             f"first third and {a['rss_last_third_mb']} MB in the last ({a['rss_growth_first_to_last_third']:+.1%}); "
@@ -937,6 +987,30 @@ def analysis(data: dict[str, Any]) -> list[str]:
                 f"({soak['daemon_written_bytes_per_event']} bytes per event acked) during the soak: each report "
                 "rewrites the run's whole engine state in the `runs` row, so the write volume follows reports/s "
                 "times the state size rather than the size of the events.")
+    for extra in sorted(RESULTS_DIR.glob("scale_soak*.json")):
+        other = json.loads(extra.read_text())
+        o_soak = other.get("soak") or {}
+        o = o_soak.get("analysis") or {}
+        if not o or extra.name == Path(data.get("settings", {}).get("out", "")).name:
+            continue
+        if o.get("steady_from_s") is None:
+            out.append(f"- **{extra.name}:** {o.get('verdict')}.")
+            continue
+        out.append(
+            f"- **{extra.name}** (`{other['machine']['command'].split('benchmarks/', 1)[-1]}`): "
+            f"{o_soak['runs']} runs at {o_soak['rate_steps_per_s_per_run']} step/s, prefill "
+            f"{o_soak['prefill_steps']} steps, client timeout {o_soak.get('client_timeout_s', '?')} s: steady from "
+            f"{o['steady_from_s']} s, {o.get('events_per_s_steady')} events/s"
+            + (f", {o['steady_reports_per_s']} reports/s, POST->reply p50 "
+               f"{o['steady_post_to_reply_p50_ms_median_of_windows']:.0f} ms (median of 10 s windows), worst window "
+               f"p99 {o['steady_post_to_reply_p99_ms_max_of_windows']:.0f} ms, {o['steady_errors']:,} failed requests "
+               f"(client timeouts, each followed by a reconnect and a resend)" if o.get("steady_reports_per_s") else "")
+            + f"; RSS {o['rss_first_third_mb']} -> {o['rss_last_third_mb']} "
+            f"MB first to last third ({o['rss_growth_first_to_last_third']:+.1%}, slope by third "
+            f"{o['rss_slope_mb_per_min_by_third']} MB/min): **{o['verdict']}**; {o['threads_end']} threads; store "
+            f"+{o['store_growth_mb_per_min']} MB/min ({o.get('store_bytes_per_event')} bytes/event)"
+            + (f"; the daemon wrote {o_soak['daemon_written_mb_per_s']} MB/s" if o_soak.get("daemon_written_mb_per_s")
+               is not None else "") + f". See {extra.with_suffix('.md').name}.")
     growth = costs.get("state_growth") or []
     heap_path = RESULTS_DIR / "scale_heapcheck.json"
     heap = json.loads(heap_path.read_text()) if heap_path.exists() else None
@@ -957,13 +1031,19 @@ def analysis(data: dict[str, Any]) -> list[str]:
                      "and the floats and ints they hold (see scale_heapcheck.json)")
         line += (". A run of 100,000 steps would carry about 1.5 MB of state per report, so the daemon's cost per "
                  "report, its write volume and its memory all grow with the runs' length.")
-        soak_a = (soak or {}).get("analysis", {})
-        if heap and soak_a.get("rss_slope_mb_per_min_by_third"):
-            expected = (heap["traced_growth_bytes_per_run_per_step"] * soak["runs"] *
-                        soak["rate_steps_per_s_per_run"] * 60 / 1e6)
-            line += (f" At the soak's {soak['runs']} runs x {soak['rate_steps_per_s_per_run']} step/s that is about "
+        candidates = [("this soak", soak)] if soak else []
+        candidates += [(f.name, json.loads(f.read_text()).get("soak")) for f in sorted(RESULTS_DIR.glob("scale_soak*.json"))]
+        ref = next(((n, x) for n, x in candidates if x and (x.get("analysis") or {}).get("rss_slope_mb_per_min_by_third")
+                    and x.get("client_timeout_s", 5) == 5), None)
+        if heap and ref:
+            name, ref_soak = ref
+            expected = (heap["traced_growth_bytes_per_run_per_step"] * ref_soak["runs"] *
+                        ref_soak["rate_steps_per_s_per_run"] * 60 / 1e6)
+            line += (f" At {ref_soak['runs']} runs x {ref_soak['rate_steps_per_s_per_run']} step/s that is about "
                      f"{expected:.1f} MB/min of Python heap, against an RSS slope of "
-                     f"{soak_a['rss_slope_mb_per_min_by_third'][-1]} MB/min in the soak's last third.")
+                     f"{ref_soak['analysis']['rss_slope_mb_per_min_by_third'][-1]} MB/min in the last third of "
+                     f"{name}: consistent with the soak's late growth being this window filling, which stops only at a million steps "
+                     f"per run (about {heap['traced_growth_bytes_per_run_per_step'] * 1e6 / 1e6:.0f} MB per run).")
         out.append(line)
     out += [
         "- **What would lift the limits** (not done here; the daemon is unchanged): set TCP_NODELAY or send "
@@ -981,6 +1061,33 @@ def analysis(data: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def all_phases() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, phase) for every phase in benchmarks/results/scale*.json."""
+    found = []
+    for path in sorted(RESULTS_DIR.glob("scale*.json")):
+        try:
+            found += [(path.name, p) for p in json.loads(path.read_text()).get("phases") or []]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def single_run_phases() -> list[dict[str, Any]]:
+    """Every one-run max-rate phase in the result files: daemon, p50, events/s, others' cores."""
+    found = []
+    for path in sorted(RESULTS_DIR.glob("scale*.json")):
+        try:
+            phases = json.loads(path.read_text()).get("phases") or []
+        except (OSError, ValueError):
+            continue
+        for p in phases:
+            if p.get("runs") == 1 and p.get("rate_steps_per_s_per_run") == "max" and p["post_to_reply_ms"].get("n"):
+                found.append({"file": path.name, "daemon": p.get("daemon", "stock"),
+                              "p50": p["post_to_reply_ms"]["median"], "eps": p["events_per_s"],
+                              "others": p["cpu"].get("other_cores")})
+    return found
+
+
 def markdown(data: dict[str, Any]) -> str:
     info = data["machine"]
     lines = [
@@ -990,7 +1097,10 @@ def markdown(data: dict[str, Any]) -> str:
         f"transformers {info['transformers']}; {info['date_utc']}; load average at start "
         f"{info['load_average_1_5_15min']} (shared machine: other people's jobs ran alongside)",
         f"- Command: `{info['command']}`",
-        f"- Wall time: {data['wall_seconds'] / 60:.1f} min", "",
+        f"- Wall time: {data['wall_seconds'] / 60:.1f} min",
+        *([f"- Note: {data['note']}"] if data.get("note") else []),
+        *([f"- Per-report costs measured {data['per_report_costs']['measured']}"]
+          if (data.get("per_report_costs") or {}).get("measured") else []), "",
         "## Phases", "",
         "| " + " | ".join(PHASE_HEADERS) + " |", "|" + " --- |" * len(PHASE_HEADERS),
     ]
@@ -1021,10 +1131,13 @@ def markdown(data: dict[str, Any]) -> str:
     if data.get("soak"):
         s = data["soak"]
         a = s["analysis"]
+        start = (f"every run starting {s['prefill_steps']} steps behind (its first reports carry that history, like "
+                 "runs whose daemon has just come back); " if s["prefill_steps"] else "every run starting fresh; ")
+        settled = (f"the steady state (events acked within 10 s of schedule) began at {s['catch_up_s']} s and is "
+                   "judged from there on" if s.get("catch_up_s") is not None else
+                   "the runs never caught up with their backlog, so there is no steady state to judge")
         lines += ["## Soak", "", f"{s['runs']} runs at {s['rate_steps_per_s_per_run']} steps/s each for "
-                  f"{s['duration_s']:.0f} s, every run starting {s['prefill_steps']} steps behind (its first reports "
-                  f"carry that history, like runs whose daemon has just come back); the backlog was absorbed at "
-                  f"{s.get('catch_up_s')} s; the steady state is judged from there on:", "",
+                  f"{s['duration_s']:.0f} s, {start}{settled}; client timeout {s.get('client_timeout_s', '?')} s:", "",
                   "```", json.dumps(a, indent=1), "```", "",
                   "| t (s) | RSS MB | threads | store MB | daemon wrote MB | events acked | reports in window | "
                   "POST->reply p50 / p99 ms | failed requests | load (1 min) |",
