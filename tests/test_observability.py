@@ -76,9 +76,16 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         def stop() -> None:
             request(daemon.url, "POST", "/v1/runs/faulted-run/control", {"action": "stop"}, token=daemon.token)
 
+        def scraped_before_the_faults() -> None:
+            # Prometheus must hold the run's series before the faults: a counter first scraped at 1 shows no
+            # change, so an annotation could not mark it (in a real run the first scrape comes long before).
+            _wait(lambda: all(_query(prom_url, f'{name}{{run_id="faulted-run"}}') for name in (
+                "guardian_lr_scale", "guardian_rollbacks_total", "guardian_skipped_updates_total",
+                "guardian_rule_firings_total")), 60, tmp / "prometheus.log")
+
         faults = [Fault("nan", 20), Fault("nan", 21), Fault("nan", 22), Fault("poison", 40)]
         TinyRun(str(tmp / "run"), max_steps=200, eval_steps=20).trainer(
-            [FaultInjector(faults), guardian, AtStep({70: stop})]).train()
+            [FaultInjector(faults), guardian, AtStep({5: scraped_before_the_faults, 70: stop})]).train()
         # No GPU on this machine: a node reports GPU facts over the same wire, so the GPU panels are exercised
         # end to end (daemon -> exporter -> Prometheus -> query). On a GPU the callback sends these from NVML.
         request(daemon.url, "POST", "/v1/report", {"run": {"id": "gpu-node", "meta": {"host": "h100"}}, "events": [
@@ -124,7 +131,7 @@ def test_annotations_mark_guardian_interventions(observed: dict[str, Any]) -> No
     now = time.time()
     marked = {title for title, expr in annotation_queries(load_dashboard())
               if _query(observed["prometheus"], expr, "query_range", start=now - 300, end=now, step="1s")}
-    assert {"Rollbacks", "Skipped updates", "LR cuts", "Stops", "Rule firing"} <= marked
+    assert {"Rollbacks", "Skipped updates", "LR cuts", "Stops", "Rule fired"} <= marked
 
 
 def test_exposition_passes_promtool_check_metrics(observed: dict[str, Any]) -> None:
