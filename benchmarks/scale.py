@@ -1,9 +1,9 @@
 """Daemon scale: ingest throughput and verdict latency at 1 / 100 / 1,000 simulated runs; memory over a soak.
 
-    python benchmarks/scale.py                     # phases 1:max, 100@2/s, 100:max, 1000@1/s, TCP_NODELAY
+    python benchmarks/scale.py                     # phases 1:max, 100@2/s, 100:max, 1000@1/s,
                                                    # comparison, py-spy profile, 600 s soak (about 17 min)
     python benchmarks/scale.py --soak-seconds 120  # a shorter soak
-    python benchmarks/scale.py --phases 1:max:20,100:max:20 --nodelay-phases '' --soak-seconds 0
+    python benchmarks/scale.py --phases 1:max:20,100:max:20 --soak-seconds 0
     python benchmarks/scale.py --heap-check 30:900 # the daemon's core in-process under tracemalloc (no HTTP)
     python benchmarks/scale.py --report-only benchmarks/results/scale.json   # rebuild scale.md
 
@@ -45,11 +45,6 @@ third's; the slope of each third is reported too.
 in this process, fed the same reports; tracemalloc starts half-way (the rules' windows are full by then), so
 the traced size is what was allocated since and is still alive: flat when Python's heap is bounded, whatever
 the allocator or the threads do to the RSS. Writes results/scale_heapcheck.json.
-
-`--nodelay-phases` repeats some phases against the same daemon started with one benchmark-only change made
-in the child process (not in the repository): its request handler sets TCP_NODELAY. The stock handler writes
-the reply's headers and body in two send() calls, so Nagle's algorithm holds the body until the client's
-delayed ACK (about 40 ms on Linux) whenever a connection is busy: this comparison measures that cost.
 
 With `--profile always` (default) the daemon is profiled with py-spy during an extra run of `--profile-phase`
 (default 100 runs at max rate: the CPU ceiling): `py-spy record --format raw --nonblocking` for
@@ -323,40 +318,10 @@ def store_sizes(state_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in state_dir.glob("guardian.db*") if p.is_file()}
 
 
-# The stock daemon is started exactly as tests/daemonkit.py does. `nodelay=True` starts the same daemon with one
-# benchmark-only change, made in the child process and not in the repository: its request handler sets
-# TCP_NODELAY (socketserver's `disable_nagle_algorithm`), to show what Nagle's algorithm costs each reply.
-NODELAY_BOOT = ("import sys; from guardian import daemon; daemon._Handler.disable_nagle_algorithm = True; "
-                "from guardian.cli import main; sys.argv = ['guardian'] + sys.argv[1:]; sys.exit(main())")
-
-
-def start_daemon(state_dir: Path, nodelay: bool = False) -> Any:
+def start_daemon(state_dir: Path) -> Any:
     from daemonkit import DaemonProcess  # tests/daemonkit.py: `python -m guardian.cli serve --port P --state-dir D`
 
-    if not nodelay:
-        return DaemonProcess(state_dir).start()
-
-    class NoDelayDaemon(DaemonProcess):
-        def start(self) -> DaemonProcess:
-            from guardian.client import DaemonError, request
-
-            args = [sys.executable, "-c", NODELAY_BOOT, "serve", "--port", str(self.port),
-                    "--state-dir", str(self.state_dir)]
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            with self.log.open("ab") as log:
-                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    request(self.url, "GET", "/healthz", timeout=1)
-                    return self
-                except DaemonError:
-                    if self.proc.poll() is not None:
-                        raise RuntimeError(f"daemon exited: {self.log.read_text()}") from None
-                    time.sleep(0.1)
-            raise RuntimeError(f"daemon did not come up: {self.log.read_text()}")
-
-    return NoDelayDaemon(state_dir).start()
+    return DaemonProcess(state_dir).start()
 
 
 # ---- one load phase -------------------------------------------------------------------------------------
@@ -377,10 +342,10 @@ def percentiles(values: list[float] | array) -> dict[str, float | None]:
 def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, warmup: float, procs: int,
              threads: int, workdir: Path, prefill: int = 0, decisions_since: bool = True,
              sample_seconds: float = 0.0, profile: dict[str, Any] | None = None,
-             nodelay: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+             timeout: float = 5.0) -> dict[str, Any]:
     state_dir = workdir / label.replace(" ", "_").replace("/", "_")
     shutil.rmtree(state_dir, ignore_errors=True)
-    daemon = start_daemon(state_dir, nodelay)
+    daemon = start_daemon(state_dir)
     pid = daemon.proc.pid
     ctx = mp.get_context("spawn")
     n_procs = max(1, min(procs, n_runs))
@@ -485,7 +450,7 @@ def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, wa
     events_window = sum(n_ev[k] for k in in_window)
     offered = n_runs * rate if rate else None
     result = {
-        "label": label, "daemon": "TCP_NODELAY (benchmark-only patch)" if nodelay else "stock", "runs": n_runs,
+        "label": label, "daemon": "stock", "runs": n_runs,
         "rate_steps_per_s_per_run": rate if rate else "max",
         "offered_events_per_s": offered, "duration_s": duration, "warmup_s": warmup, "procs": n_procs,
         "threads_per_proc": threads, "client_threads": sum(min(threads, len(run_ids[j::n_procs])) for j in range(n_procs)),
@@ -691,9 +656,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--phases", default="1:max:30,100:2:40,100:max:30,1000:1:60",
                         help="RUNS:RATE:SECONDS,... RATE in steps/s per run or 'max' (default %(default)s)")
-    parser.add_argument("--nodelay-phases", default="1:max:20,100:max:20",
-                        help="phases run again against the daemon with TCP_NODELAY set (benchmark-only patch, see "
-                             "start_daemon); '' skips them (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds left out of each phase's statistics")
     parser.add_argument("--procs", type=int, default=4, help="load-generator processes (default 4)")
     parser.add_argument("--threads", type=int, default=250,
@@ -749,16 +711,6 @@ def main() -> None:
             print(f"  errors: {r['errors']}", flush=True)
         phases.append(r)
 
-    for n, rate, secs in parse_phases(args.nodelay_phases) if args.nodelay_phases else []:
-        label = f"{n}runs@{rate or 'max'}-nodelay"
-        print(f"\nphase {label} (daemon with TCP_NODELAY): {n} runs at {rate or 'max'} steps/s for {secs:.0f} s ...",
-              flush=True)
-        r = run_load(label=label, n_runs=n, rate=rate, duration=secs, warmup=min(args.warmup, secs / 3),
-                     procs=args.procs, threads=args.threads, workdir=workdir,
-                     decisions_since=not args.no_decisions_since, sample_seconds=args.sample_seconds, nodelay=True,
-                     timeout=args.client_timeout)
-        print(table(PHASE_HEADERS, [phase_row(r)]), flush=True)
-        phases.append(r)
 
     profile_summary = None
     short = [p for p in phases if p["daemon"] == "stock" and p["offered_events_per_s"] and p["events_per_s"] and
@@ -832,260 +784,35 @@ def main() -> None:
 
 
 def analysis(data: dict[str, Any]) -> list[str]:
-    """The reading of the numbers: computed from this run's data, plus what the code shows (file:function)."""
-    phases = data["phases"]
-    stock = [p for p in phases if p.get("daemon", "stock") == "stock"]
-    nodelay = [p for p in phases if p.get("daemon", "stock") != "stock"]
-    costs = data.get("per_report_costs") or {}
+    """The reading of this run's numbers against the aims (>= 50,000 events/s; p99 <= 5 ms at 1,000 runs)."""
     out = ["## Analysis", ""]
-
-    def find(ps: list[dict[str, Any]], runs: int, rate: Any) -> dict[str, Any] | None:
-        return next((p for p in ps if p["runs"] == runs and p["rate_steps_per_s_per_run"] == rate), None)
-
-    one, one_nd = find(stock, 1, "max"), find(nodelay, 1, "max")
-    if one:
-        out.append(f"- **One run, as fast as it can: {one['events_per_s']} events/s**, POST->reply "
-                   f"{fmt_ms(one['post_to_reply_ms'])} ms (p50/p90/p99), the daemon at {one['daemon_cpu_cores']} "
-                   f"cores while others' jobs used {one['cpu'].get('other_cores')}"
-                   + (f"; with TCP_NODELAY {one_nd['events_per_s']} events/s at "
-                      f"{one_nd['post_to_reply_ms']['median']} ms" if one_nd else "") + ".")
-    singles = single_run_phases()
-    if singles:
-        slow = [x for x in singles if x["daemon"] == "stock" and x["p50"] > 20]
-        fast = [x for x in singles if x["daemon"] == "stock" and x["p50"] <= 20]
-        nd = [x for x in singles if x["daemon"] != "stock"]
-        line = (f"- **A 40 ms stall per reply, seen when the machine was saturated.** Over every one-run max-rate phase in "
-                f"benchmarks/results/scale*.json, the stock daemon answered in about "
-                f"{statistics.median(x['p50'] for x in slow) if slow else 0:.0f} ms (p50) in {len(slow)} of "
-                f"{len(slow) + len(fast)} phases, i.e. about {statistics.median(x['eps'] for x in slow) if slow else 0:.0f} "
-                "reports/s for a run, with the daemon nearly idle")
-        if slow:
-            line += f" (others' jobs then used {', '.join(str(x['others']) for x in slow)} of the 2 cores)"
-        if fast:
-            line += (f", and in about {statistics.median(x['p50'] for x in fast):.1f} ms in the other {len(fast)} "
-                     f"(others' cores {', '.join(str(x['others']) for x in fast)})")
-        if nd:
-            line += (f"; with TCP_NODELAY it never stalled ({len(nd)} phases, p50 "
-                     f"{min(x['p50'] for x in nd):.1f}-{max(x['p50'] for x in nd):.1f} ms)")
-        line += (". That is the signature of Nagle's algorithm meeting a delayed ACK: `_Handler._reply` sends "
-                 "the headers (`end_headers()` flushes them) and then the body in a second send(), and the body "
-                 "may wait for the client's ACK of the headers. A run that wants a verdict per step cannot report "
-                 "faster than about 20 steps/s then; DaemonLink batches instead, so nothing is lost, but verdicts lag. "
-                 "Sending headers and body in one write, or TCP_NODELAY, removes it.")
-        out.append(line)
-    ceil_stock = [p for p in stock if p["rate_steps_per_s_per_run"] == "max" and p["runs"] > 1]
-    ceil_nd = [p for p in nodelay if p["rate_steps_per_s_per_run"] == "max" and p["runs"] > 1]
-    if ceil_stock:
-        best = max(ceil_stock, key=lambda p: p["reports_per_s"] or 0)
-        best_nd = max(ceil_nd, key=lambda p: p["reports_per_s"] or 0) if ceil_nd else None
-        out.append(
-            f"- **Ceiling: about {best['reports_per_s']:.0f} reports/s** ({best['runs']} runs as fast as they can, "
-            f"one event per report; POST->reply {fmt_ms(best['post_to_reply_ms'])} ms), the daemon using "
-            f"{best['daemon_cpu_cores']} cores while the rest of this shared 2-CPU machine used "
-            f"{best['cpu'].get('other_cores')}"
-            + (f" ({best_nd['reports_per_s']:.0f} reports/s with TCP_NODELAY, the daemon at "
-               f"{best_nd['daemon_cpu_cores']} cores: with many connections Nagle is not what limits)" if best_nd
-               else "") + ". "
-            + (f"In-process, one report costs the core about {costs.get('observe_us')} µs in `Engine.observe` plus "
-               f"{costs.get('state_dict_us')} µs for `engine.state_dict()` and {costs.get('state_json_dumps_us')} µs to "
-               f"encode it ({costs.get('state_json_bytes')} bytes of JSON, after {costs.get('after_steps')} steps), "
-               "and `Store.commit_report` encodes it inside the store's lock and writes it to the `runs` row "
-               "with every report. " if costs else "")
-            + "Every request goes through one `threading.Lock` around one SQLite connection (`Store._tx`/`_query`): "
-            "per report a write transaction in `commit_report`, a second one in `take_commands` (BEGIN IMMEDIATE "
-            "even when there is nothing to deliver) and, when the run asks for `decisions_since_step` (it does "
-            "in daemon mode), a read of all its decisions. So reports are processed one at a time whatever the "
-            "number of cores, and the interpreter's lock keeps the daemon's Python work on about one core; the "
-            "py-spy dump shows most handler threads waiting in `Store._tx`/`Store._query`.")
-    mid = find(stock, 100, 2.0)
-    if mid:
-        out.append(f"- **100 runs at 2 steps/s** ({mid['offered_events_per_s']:.0f} events/s offered): all acked "
-                   f"({mid['events_per_s']} events/s), one event per report, POST->reply "
-                   f"{fmt_ms(mid['post_to_reply_ms'])} ms (p50/p90/p99): comfortably inside the callback's 0.5 s "
-                   "deadline.")
-    big = find(stock, 1000, 1.0)
-    if big:
-        out.append(
-            f"- **1,000 runs at 1 step/s** ({big['offered_events_per_s']:.0f} events/s offered): "
-            f"{big['events_per_s']} events/s acked in {big['reports_per_s']} reports/s ({big['events_per_report']} "
-            f"events per report: the runs fall behind and batch, as DaemonLink does), POST->reply "
-            f"{fmt_ms(big['post_to_reply_ms'])} ms (p50/p90/p99) and "
-            f"{big['emit_to_ack_over_500ms_share']:.0%} of the events acknowledged more than 0.5 s after they were "
-            "due. The events get stored, but in daemon mode `GuardianCallback` would act on its own embedded "
-            "engine (`local (daemon late)`) for nearly every step: at this scale the daemon works as a store and "
-            "dashboard, not as the decider. The reason: 1,000 reports/s offered is above the ceiling, so requests "
-            "queue for the store's lock and the runs fall back to batching.")
-    wrote = [p for p in phases if p.get("daemon_written_mb_per_s") is not None]
-    if wrote:
-        out.append(
-            "- **Write volume:** the daemon wrote " + ", ".join(
-                f"{p['daemon_written_mb_per_s']} MB/s ({p['daemon_written_bytes_per_event'] / 1e3:.0f} kB per event) "
-                f"at {p['label']}" for p in wrote)
-            + ". Every report rewrites the run's whole engine state in its `runs` row (and the WAL), so the "
-            "volume follows reports/s times the state's size, not the size of the events; the single fast run "
-            "writes the most per event because its state had grown over thousands of steps (next point).")
-    storms = [(name, p) for name, p in all_phases() if p.get("listen_overflows")]
-    if storms:
-        name, worst = max(storms, key=lambda np: np[1]["listen_overflows"])
-        here = sum(1 for p in phases if p.get("listen_overflows"))
-        out.append(
-            f"- **Connection storms:** in {name} ({worst['label']}), when {worst['runs']} runs connected at once, "
-            f"the kernel counted {worst['listen_overflows']:,} listen-queue overflows (machine-wide TcpExt "
-            f"counter, loopback only here) and {sum(worst['errors'].values()):,} requests failed "
-            f"({', '.join(worst['errors']) or 'none'}), {worst['errors_in_first_5s']} of them in the first 5 s; "
-            f"connecting took {fmt_ms(worst['connect_ms'])} ms (p50/p90/p99: SYN retransmits). "
-            f"Phases with overflows in this file: {here} of {len(phases)}; it varies from run to run with the "
-            "machine's load. `ThreadingHTTPServer` listens with socketserver's default backlog, "
-            "`request_queue_size = 5`, and its accept loop competes for the GIL with busy handler threads. "
-            "Clients retry (DaemonLink with back-off), so nothing is lost, but a fleet that (re)connects at once "
-            "sees resets and second-long connects.")
-    soak = data.get("soak")
-    if soak and soak.get("analysis", {}).get("steady_from_s") is None:
-        smp = soak["samples"]
-        stuck = next((x["t"] for x in smp if x["events_acked"] == smp[-1]["events_acked"]), None)
-        failures = sum(soak["errors"].values())
-        out.append(
-            f"- **Soak with a backlog: congestive collapse.** {soak['runs']} runs each starting "
-            f"{soak['prefill_steps']} steps behind (one report of up to 500 events each, all at once, as after "
-            f"a daemon restart) with DaemonLink's {soak.get('client_timeout_s', 5)} s timeout and back-off: the "
-            f"events acked stopped at {smp[-1]['events_acked']:,} from t = {stuck} s to the end "
-            f"({soak['events_acked_total']:,} acked in {soak['reports_total']} replies over "
-            f"{soak['duration_s']:.0f} s), {failures:,} requests failed ({', '.join(soak['errors'])}), "
-            f"the kernel counted {soak['listen_overflows']:,} listen-queue overflows, and the daemon grew to "
-            f"{max(x['threads'] or 0 for x in smp):,} threads and "
-            f"{max(x['rss_kb'] or 0 for x in smp) / 1024 / 1024:.1f} GB RSS while using "
-            f"{soak['daemon_cpu_cores']} cores. Requests queue for the store's lock longer than the client "
-            "waits; the client gives up, reconnects (a new handler thread) and resends, while the abandoned "
-            "request is still processed and its reply goes to a closed socket. The daemon stays busy and "
-            "stores events, but almost nothing is acknowledged: it does not recover by itself. Nothing in the "
-            "daemon bounds its threads (`ThreadingHTTPServer`, one per connection) or sheds load.")
-    if soak and soak.get("analysis", {}).get("steady_from_s") is not None:
-        a = soak["analysis"]
-        out.append(
-            f"- **Threads:** `ThreadingHTTPServer` keeps one thread per open connection for as long as the "
-            f"connection lives (persistent HTTP/1.1 connections, no idle timeout): {a['threads_end']} threads "
-            f"for {soak['runs']} runs in the steady state, up to {a.get('threads_max')} while timed-out clients "
-            "reconnected (a thread whose client gave up stays until its request is processed).")
-        out.append(
-            f"- **Memory over the soak: {a['verdict']}.** Steady-state RSS {a['rss_first_third_mb']} MB in the "
-            f"first third and {a['rss_last_third_mb']} MB in the last ({a['rss_growth_first_to_last_third']:+.1%}); "
-            f"slope by third {a['rss_slope_mb_per_min_by_third']} MB/min. See scale_heapcheck.json (if present) "
-            "for what Python's own heap does over the same kind of load.")
-        kept = 100_000
-        if a.get("store_bytes_per_event"):
-            per_run_mb = kept * a["store_bytes_per_event"] / 1e6
-            out.append(
-                f"- **Store:** {a['store_growth_mb_per_min']} MB/min at {a.get('events_per_s_steady')} events/s, "
-                f"{a['store_bytes_per_event']:.0f} bytes per event stored (events table + its index + the WAL). "
-                f"Growth is bounded only per run: `Store.thin` keeps the newest {kept:,} metrics events of a run "
-                f"in full (about {per_run_mb:.0f} MB per run at this size, so {per_run_mb * soak['runs'] / 1e3:.0f} GB "
-                f"for {soak['runs']} runs) and thins older ones to every 10th step, and only when `maintain()` "
-                "runs (every 600 s); `--retain-days` deletes whole runs. Within this soak nothing was thinned.")
-        if soak.get("daemon_written_mb_per_s") is not None:  # (older result files lack it)
-            out.append(
-                f"- **Disk writes:** the daemon wrote {soak['daemon_written_mb_per_s']} MB/s "
-                f"({soak['daemon_written_bytes_per_event']} bytes per event acked) during the soak: each report "
-                "rewrites the run's whole engine state in the `runs` row, so the write volume follows reports/s "
-                "times the state size rather than the size of the events.")
-    for extra in sorted(RESULTS_DIR.glob("scale_soak*.json")):
-        other = json.loads(extra.read_text())
-        o_soak = other.get("soak") or {}
-        o = o_soak.get("analysis") or {}
-        if not o or extra.name == Path(data.get("settings", {}).get("out", "")).name:
-            continue
-        if o.get("steady_from_s") is None:
-            out.append(f"- **{extra.name}:** {o.get('verdict')}.")
-            continue
-        out.append(
-            f"- **{extra.name}** (`{other['machine']['command'].split('benchmarks/', 1)[-1]}`): "
-            f"{o_soak['runs']} runs at {o_soak['rate_steps_per_s_per_run']} step/s, prefill "
-            f"{o_soak['prefill_steps']} steps, client timeout {o_soak.get('client_timeout_s', '?')} s: steady from "
-            f"{o['steady_from_s']} s, {o.get('events_per_s_steady')} events/s"
-            + (f", {o['steady_reports_per_s']} reports/s, POST->reply p50 "
-               f"{o['steady_post_to_reply_p50_ms_median_of_windows']:.0f} ms (median of 10 s windows), worst window "
-               f"p99 {o['steady_post_to_reply_p99_ms_max_of_windows']:.0f} ms, {o['steady_errors']:,} failed requests "
-               f"(client timeouts, each followed by a reconnect and a resend)" if o.get("steady_reports_per_s") else "")
-            + f"; RSS {o['rss_first_third_mb']} -> {o['rss_last_third_mb']} "
-            f"MB first to last third ({o['rss_growth_first_to_last_third']:+.1%}, slope by third "
-            f"{o['rss_slope_mb_per_min_by_third']} MB/min): **{o['verdict']}**; {o['threads_end']} threads; store "
-            f"+{o['store_growth_mb_per_min']} MB/min ({o.get('store_bytes_per_event')} bytes/event)"
-            + (f"; the daemon wrote {o_soak['daemon_written_mb_per_s']} MB/s" if o_soak.get("daemon_written_mb_per_s")
-               is not None else "") + f". See {extra.with_suffix('.md').name}.")
-    growth = costs.get("state_growth") or []
-    heap_path = RESULTS_DIR / "scale_heapcheck.json"
-    heap = json.loads(heap_path.read_text()) if heap_path.exists() else None
-    if growth or heap:
-        line = ("- **Per-run state that grows with the run's length:** the shipped rule `loss_stuck_at_zero` uses "
-                "a `plateau` detector with `window_steps: 1000000` (rules/default.yaml), and `PlateauDetector` keeps "
-                "`deque(maxlen=window_steps)` of values and of steps, and saves both in `state_dict()`. So each "
-                "run's memory grows by every step until a million steps, and so does the engine state that the "
-                "daemon encodes under its store lock and rewrites with every report")
-        if growth:
-            line += (": " + ", ".join(f"{g['state_json_bytes'] / 1e3:.0f} kB after {g['step']} steps "
-                                      f"({g['dumps_ms']} ms to encode)" for g in growth)
-                     + f", most of it `{growth[-1]['largest_rule']}` ({growth[-1]['largest_rule_bytes'] / 1e3:.0f} kB)")
-        if heap:
-            line += (f". In-process (`--heap-check {heap['runs']}:{heap['steps']}`, no HTTP), Python's heap kept "
-                     f"growing by {heap['traced_growth_bytes_per_run_per_step']} bytes per run per step after the "
-                     "other windows were full; the allocation sites that grew are the plateau detector's deques "
-                     "and the floats and ints they hold (see scale_heapcheck.json)")
-        line += (". A run of 100,000 steps would carry about 1.5 MB of state per report, so the daemon's cost per "
-                 "report, its write volume and its memory all grow with the runs' length.")
-        candidates = [("this soak", soak)] if soak else []
-        candidates += [(f.name, json.loads(f.read_text()).get("soak")) for f in sorted(RESULTS_DIR.glob("scale_soak*.json"))]
-        ref = next(((n, x) for n, x in candidates if x and (x.get("analysis") or {}).get("rss_slope_mb_per_min_by_third")
-                    and x.get("client_timeout_s", 5) == 5), None)
-        if heap and ref:
-            name, ref_soak = ref
-            expected = (heap["traced_growth_bytes_per_run_per_step"] * ref_soak["runs"] *
-                        ref_soak["rate_steps_per_s_per_run"] * 60 / 1e6)
-            line += (f" At {ref_soak['runs']} runs x {ref_soak['rate_steps_per_s_per_run']} step/s that is about "
-                     f"{expected:.1f} MB/min of Python heap, against an RSS slope of "
-                     f"{ref_soak['analysis']['rss_slope_mb_per_min_by_third'][-1]} MB/min in the last third of "
-                     f"{name}: consistent with the soak's late growth being this window filling, which stops only at a million steps "
-                     f"per run (about {heap['traced_growth_bytes_per_run_per_step'] * 1e6 / 1e6:.0f} MB per run).")
-        out.append(line)
-    out += [
-        "- **What would lift the limits** (not done here; the daemon is unchanged): set TCP_NODELAY or send "
-        "headers and body in one write; encode the engine state outside the store lock and save it every N "
-        "reports or seconds instead of every report (the stored events allow replaying the steps since the last save); skip the "
-        "`take_commands` write transaction when no command is queued (an in-memory flag); answer "
-        "`decisions_since_step` from memory; raise the listen backlog; an event loop or a bounded worker pool "
-        "instead of a thread per connection; a zero-run counter instead of a million-entry window for "
-        "`loss_stuck_at_zero` (or a plateau detector that does not keep and save its window when only the "
-        "zero check is wanted).",
-        "- **How far to trust the numbers:** one shared 2-CPU VM where other people's jobs used the cores "
-        "listed per phase; the load generator ran on the same machine (its CPU is in 'bench cores'); runs are "
-        "simulated (real payload shapes, synthetic values), so the rules rarely fire.",
-    ]
-    return out + [""]
-
-
-def all_phases() -> list[tuple[str, dict[str, Any]]]:
-    """(file name, phase) for every phase in benchmarks/results/scale*.json."""
-    found = []
-    for path in sorted(RESULTS_DIR.glob("scale*.json")):
-        try:
-            found += [(path.name, p) for p in json.loads(path.read_text()).get("phases") or []]
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def single_run_phases() -> list[dict[str, Any]]:
-    """Every one-run max-rate phase in the result files: daemon, p50, events/s, others' cores."""
-    found = []
-    for path in sorted(RESULTS_DIR.glob("scale*.json")):
-        try:
-            phases = json.loads(path.read_text()).get("phases") or []
-        except (OSError, ValueError):
-            continue
-        for p in phases:
-            if p.get("runs") == 1 and p.get("rate_steps_per_s_per_run") == "max" and p["post_to_reply_ms"].get("n"):
-                found.append({"file": path.name, "daemon": p.get("daemon", "stock"),
-                              "p50": p["post_to_reply_ms"]["median"], "eps": p["events_per_s"],
-                              "others": p["cpu"].get("other_cores")})
-    return found
+    for p in data["phases"]:
+        lat = p["post_to_reply_ms"]
+        out.append(f"- **{p['label']}**: {p['events_per_s']} events/s acked in {p['reports_per_s']} reports/s "
+                   f"({p['events_per_report']} events per report); POST->reply p50/p99 {fmt_ms(lat)} ms; "
+                   f"{p['emit_to_ack_over_500ms_share']:.0%} of events acknowledged more than 0.5 s after they were "
+                   f"due (the callback's default deadline); the daemon used {p['daemon_cpu_cores']} cores, the load "
+                   f"generator {p['cpu'].get('bench_cores')}; {sum(p['errors'].values())} failed requests.")
+    costs = data.get("per_report_costs") or {}
+    if costs:
+        out.append(f"- In-process, one report costs about {costs.get('observe_us')} µs in `Engine.observe`; encoding "
+                   f"the rule state ({costs.get('state_json_bytes')} bytes of JSON) costs "
+                   f"{costs.get('state_json_dumps_us')} µs, which is why the daemon saves it only with decisions, "
+                   "at the end of a run and at most every 5 s (`STATE_SAVE_SECONDS`), replaying the stored events "
+                   "after a crash.")
+    soak = data.get("soak") or {}
+    a = soak.get("analysis") or {}
+    if a:
+        out.append(f"- **Soak** ({soak['runs']} runs at {soak['rate_steps_per_s_per_run']} step/s, "
+                   f"{soak['duration_s']:.0f} s): memory {a.get('verdict')}"
+                   + (f"; steady-state RSS {a['rss_first_third_mb']} -> {a['rss_last_third_mb']} MB from the first "
+                      f"to the last third, store +{a['store_growth_mb_per_min']} MB/min" if a.get("steady_from_s")
+                      is not None else "") + ".")
+    out += ["- **How far to trust the numbers:** one 2-CPU VM; the load generator (Python threads, one HTTP "
+            "connection per simulated run) runs on the same two cores as the daemon, so at high rates the two "
+            "compete and the figures are a floor for a daemon on a machine of its own. Runs are simulated (real "
+            "payload shapes, synthetic values), so the rules rarely fire.", ""]
+    return out
 
 
 def markdown(data: dict[str, Any]) -> str:

@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -27,6 +26,7 @@ from guardian import wire
 from guardian.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.engine import Engine
 from guardian.exporter import GuardianCollector, RunTracker, RunView
+from guardian.httpserver import HTTPServer, Reply, Request
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
 from guardian.ruleset import RuleSet
@@ -35,6 +35,10 @@ from guardian.store import Store
 log = logging.getLogger("guardian.daemon")
 DEFAULT_PORT = 8765
 CONTROL_ACTIONS = {"stop", "rollback", "reduce_lr", "skip_update"}
+# A run's rule state is saved with a report that made decisions or ended the run, and otherwise at most this
+# often: encoding it (kilobytes of detector windows) with every report cost more than everything else a report
+# does. After a crash the metrics events stored since the last save are replayed, so nothing is lost.
+STATE_SAVE_SECONDS = 5.0
 
 
 def load_or_create_token(state_dir: Path) -> str:
@@ -60,6 +64,7 @@ class RunState:
     last_seen: float = field(default_factory=time.time)
     ended: bool = False
     tracker: RunTracker | None = None
+    state_saved: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -74,6 +79,7 @@ class Guardian:
         self.counters = {"events_ingested": 0, "events_duplicate": 0, "reports": 0, "reports_rejected": 0}
         self._runs: dict[str, RunState] = {}
         self._lock = threading.Lock()
+        self._commands_waiting = store.pending_command_runs()  # saves a write transaction per report
         library.on_change = self._rules_changed
         library.on_error = self._rules_failed
 
@@ -93,13 +99,38 @@ class Guardian:
             state = RunState(run_id, name, engine, tracker=RunTracker(run_id, name))
             if row is not None:
                 state.last_seq, state.last_step, state.ended = row.last_seq, row.last_step, row.ended
+                since_seq = 0  # no state saved yet: replay every stored event
                 if row.engine_state:
                     try:
                         engine.load_state_dict(row.engine_state)
+                        since_seq = row.engine_seq
                     except (KeyError, ValueError) as exc:
                         log.warning("run %s: stored rule state unusable (%s); rules start fresh", run_id, exc)
+                        engine = state.engine = Engine(ruleset)
+                self._catch_up(engine, run_id, since_seq)
             self._runs[run_id] = state
             return state
+
+    def _catch_up(self, engine: Engine, run_id: str, since_seq: int) -> None:
+        """Replay the stored metrics events after `since_seq` through `engine` (their decisions are stored)."""
+        replayed = self.store.events(run_id, ("metrics",), since_seq=since_seq)
+        for event in replayed:
+            engine.observe(event["step"], wire.metric_values(event))
+        if replayed:
+            log.info("run %s: rule state brought up to date with %d stored events", run_id, len(replayed))
+
+    def _save_state_now(self, state: RunState, decided: bool) -> bool:
+        return decided or state.ended or time.monotonic() - state.state_saved >= STATE_SAVE_SECONDS
+
+    def flush(self) -> None:
+        """Save every run's rule state now (on shutdown: a restart then replays nothing)."""
+        with self._lock:
+            states = list(self._runs.values())
+        for state in states:
+            with state.lock:
+                self.store.commit_report(state.id, state.rules, {}, [], [], state.engine.state_dict(),
+                                         state.last_seq, state.last_step, state.ended)
+                state.state_saved = time.monotonic()
 
     def report(self, report: wire.Report, decisions_since_step: int | None = None) -> dict[str, Any]:
         """Ingest a report; return the reply body (ack, decisions, commands)."""
@@ -125,8 +156,12 @@ class Guardian:
                     state.ended = False
             state.last_seq = max([state.last_seq] + [e["seq"] for e in new])
             state.last_seen = time.time()
+            save = self._save_state_now(state, bool(decisions))
             self.store.commit_report(report.run_id, state.rules, report.meta, new, decisions,
-                                     state.engine.state_dict(), state.last_seq, state.last_step, state.ended)
+                                     state.engine.state_dict() if save else None, state.last_seq, state.last_step,
+                                     state.ended)
+            if save:
+                state.state_saved = time.monotonic()
             if applied:
                 self.store.mark_applied(applied)
             self.counters["events_ingested"] += len(new)
@@ -135,7 +170,14 @@ class Guardian:
             if decisions_since_step is not None:
                 decisions = self.store.decisions(report.run_id, since_step=decisions_since_step)
             return {"ack_seq": state.last_seq, "decided_through_step": state.last_step, "decisions": decisions,
-                    "commands": self.store.take_commands(report.run_id)}
+                    "commands": self._take_commands(report.run_id)}
+
+    def _take_commands(self, run_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            if run_id not in self._commands_waiting:
+                return []
+            self._commands_waiting.discard(run_id)
+        return self.store.take_commands(run_id)
 
     def control(self, run_id: str, action: str, params: dict[str, Any], source: str) -> int:
         """Queue a manual action for a run; it is delivered with the run's next report."""
@@ -146,7 +188,10 @@ class Guardian:
         factor = params.get("factor", 0.5)
         if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
             raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")
-        return self.store.add_command(run_id, action, params, source)
+        command = self.store.add_command(run_id, action, params, source)
+        with self._lock:
+            self._commands_waiting.add(run_id)
+        return command
 
     def alerts(self, payload: Any) -> list[dict[str, Any]]:
         """Turn a webhook's firing alerts into commands, through the alert-actions mappings."""
@@ -183,6 +228,7 @@ class Guardian:
                 if decisions:
                     self.store.commit_report(state.id, state.rules, {}, [], [d.to_dict() for d in decisions],
                                              state.engine.state_dict(), state.last_seq, state.last_step, state.ended)
+                    state.state_saved = time.monotonic()
 
     def maintain(self, retain_days: float | None) -> None:
         """Keep the store bounded: thin old metrics of every run, delete runs past retention."""
@@ -261,122 +307,102 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: with Nagle's algorithm and the client's delayed ACK each reply
-    # waited ~40 ms (benchmarks/scale.py); without it a verdict takes ~4 ms on loopback.
-    disable_nagle_algorithm = True
-    server: _Server
+class _Routes:
+    """The daemon's endpoints: one `Request` in, one `Reply` out (see guardian.httpserver)."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.debug("%s " + format, self.address_string(), *args)
+    def __init__(self, core: Guardian, token: str, token_path: Path, require_token: bool) -> None:
+        self.core, self.token, self.token_path, self.require_token = core, token, token_path, require_token
+        self.metrics: Any = None
 
-    def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = wire.dumps(body)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    @staticmethod
+    def inline(request: Request) -> bool:
+        """Reports are answered on the event loop; everything else (scrapes, listings) in the thread pool."""
+        return request.method == "POST" and request.target.split("?")[0].rstrip("/") == "/v1/report"
 
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > wire.MAX_BODY_BYTES:
-            self.close_connection = True
-            while length > 0:  # drain (in bounded chunks) so the sender reads our answer, not a broken pipe
-                length -= len(self.rfile.read(min(length, 1 << 20)) or b"x" * length)
-            raise wire.WireError(f"message is over the limit of {wire.MAX_BODY_BYTES} bytes; send smaller batches", 413)
-        return self.rfile.read(length)
+    @staticmethod
+    def too_large(size: int) -> Reply:
+        return Reply(413, wire.dumps({"error": f"message of {size} bytes is over the limit of "
+                                               f"{wire.MAX_BODY_BYTES} bytes; send smaller batches"}))
 
-    def _authorized(self) -> bool:
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), self.server.token.encode())
+    def _authorized(self, request: Request) -> bool:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.token.encode())
 
-    def _dispatch(self, method: str) -> None:
-        url = urlparse(self.path)
+    def handle(self, request: Request) -> Reply:
+        method, url = request.method, urlparse(request.target)
         parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
         try:
-            needs_token = self.server.require_token or (method == "POST" and parts[-1:] == ["control"])
-            if needs_token and not self._authorized():
+            needs_token = self.require_token or (method == "POST" and parts[-1:] == ["control"])
+            if needs_token and not self._authorized(request):
                 raise wire.WireError("a valid token is required: send 'Authorization: Bearer <token>' "
-                                     f"(the token is in {self.server.token_path})", 401)
-            status, body = self._route(method, parts, parse_qs(url.query))
-        except _RawReply:
-            raise
+                                     f"(the token is in {self.token_path})", 401)
+            return self._route(request, parts, parse_qs(url.query))
         except wire.WireError as exc:
-            self.server.core.counters["reports_rejected"] += method == "POST" and parts[-1:] == ["report"]
-            status, body = exc.status, {"error": str(exc)}
+            self.core.counters["reports_rejected"] += method == "POST" and parts[-1:] == ["report"]
+            return Reply(exc.status, wire.dumps({"error": str(exc)}))
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
-            log.exception("error handling %s %s", method, self.path)
-            status, body = 500, {"error": f"internal error: {exc}"}
-        self._reply(status, body)
+            log.exception("error handling %s %s", method, request.target)
+            return Reply(500, wire.dumps({"error": f"internal error: {exc}"}))
 
-    def _route(self, method: str, parts: list[str], query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
-        core = self.server.core
+    def _route(self, request: Request, parts: list[str], query: dict[str, list[str]]) -> Reply:
+        core, method = self.core, request.method
         if method == "GET" and parts == ["healthz"]:
-            return 200, {"ok": True}
-        if method == "GET" and parts == ["metrics"] and self.server.metrics is not None:
-            raise _RawReply(self.server.metrics())
+            return Reply(200, wire.dumps({"ok": True}))
+        if method == "GET" and parts == ["metrics"] and self.metrics is not None:
+            data, content_type = self.metrics()
+            return Reply(200, data, content_type)
         if parts[:1] != ["v1"]:
-            raise wire.WireError(f"no such endpoint: {method} {self.path}", 404)
+            raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
         if method == "POST" and parts == ["v1", "report"]:
-            message = wire.loads(self._body())
+            message = wire.loads(request.body)
             since = message.get("decisions_since_step")
-            return 200, core.report(wire.parse_report(message), since if isinstance(since, int) else None)
+            return _ok(core.report(wire.parse_report(message), since if isinstance(since, int) else None))
         if method == "GET" and parts == ["v1", "runs"]:
-            return 200, {"runs": core.runs()}
+            return _ok({"runs": core.runs()})
         if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "events":
             kinds = tuple(query.get("kinds", [""])[0].split(",")) if query.get("kinds") else ()
-            return 200, {"events": core.store.events(parts[2], kinds), "decisions": core.store.decisions(parts[2]),
-                         "commands": core.store.commands(parts[2])}
+            return _ok({"events": core.store.events(parts[2], kinds), "decisions": core.store.decisions(parts[2]),
+                        "commands": core.store.commands(parts[2])})
         if method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "control":
-            message = wire.loads(self._body())
+            message = wire.loads(request.body)
             params = message.get("params", {})
             if not isinstance(params, dict) or not isinstance(message.get("action"), str):
                 raise wire.WireError("body must be {\"v\": 1, \"action\": \"stop|rollback|reduce_lr\", \"params\": {}}")
-            command_id = core.control(parts[2], message["action"], params, source="ctl")
-            return 200, {"command_id": command_id}
+            return _ok({"command_id": core.control(parts[2], message["action"], params, source="ctl")})
         if method == "POST" and parts == ["v1", "alerts"]:
-            if not self._authorized():
+            if not self._authorized(request):
                 raise wire.WireError("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
                                      "http_config.authorization.credentials_file)", 401)
             try:
-                payload = json.loads(self._body())
-            except json.JSONDecodeError as exc:
+                payload = json.loads(request.body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise wire.WireError(f"body is not valid JSON: {exc}") from None
-            return 200, {"queued": core.alerts(payload)}
+            return _ok({"queued": core.alerts(payload)})
         if method == "GET" and parts == ["v1", "rules"]:
-            return 200, {"rule_sets": core.library.names(), "errors": core.library.errors,
-                         "reloads": core.store.reloads()}
-        raise wire.WireError(f"no such endpoint: {method} {self.path}", 404)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        try:
-            self._dispatch("GET")
-        except _RawReply as raw:
-            self.send_response(200)
-            self.send_header("Content-Type", raw.content_type)
-            self.send_header("Content-Length", str(len(raw.data)))
-            self.end_headers()
-            self.wfile.write(raw.data)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
+            return _ok({"rule_sets": core.library.names(), "errors": core.library.errors,
+                        "reloads": core.store.reloads()})
+        raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
 
 
-class _RawReply(Exception):
-    def __init__(self, payload: tuple[bytes, str]) -> None:
-        self.data, self.content_type = payload
+def _ok(body: dict[str, Any]) -> Reply:
+    return Reply(200, wire.dumps(body))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # many runs connect at once; the default backlog of 5 overflowed at 100 runs
-    core: Guardian
-    token: str
-    token_path: Path
-    require_token: bool
-    metrics: Any = None
+class DaemonServer(HTTPServer):
+    """The daemon's HTTP server: `routes` answer, `metrics` (set by `serve`) renders GET /metrics."""
+
+    def __init__(self, routes: _Routes, host: str, port: int) -> None:
+        super().__init__(host, port, handle=routes.handle, inline=routes.inline, too_large=routes.too_large,
+                         max_body=wire.MAX_BODY_BYTES)
+        self.routes = routes
+
+    @property
+    def metrics(self) -> Any:
+        return self.routes.metrics
+
+    @metrics.setter
+    def metrics(self, render: Any) -> None:
+        self.routes.metrics = render
 
 
 def metrics_endpoint(core: Guardian) -> Any:
@@ -389,11 +415,9 @@ def metrics_endpoint(core: Guardian) -> Any:
     return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
 
 
-def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path) -> _Server:
-    server = _Server((host, port), _Handler)
-    server.core, server.token, server.token_path = core, token, token_path
-    server.require_token = not _is_loopback(host)
-    return server
+def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path) -> DaemonServer:
+    """The daemon's server, listening already; the token is needed for everything off loopback."""
+    return DaemonServer(_Routes(core, token, token_path, require_token=not _is_loopback(host)), host, port)
 
 
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
@@ -441,4 +465,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
     finally:
         library.stop()
         server.server_close()
-        store.close()
+        try:
+            core.flush()
+        finally:
+            store.close()

@@ -27,7 +27,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, rules TEXT NOT NULL, meta TEXT NOT NULL, first_seen REAL NOT NULL,
     last_seen REAL NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, last_step INTEGER,
-    engine_state TEXT, ended INTEGER NOT NULL DEFAULT 0
+    engine_state TEXT, ended INTEGER NOT NULL DEFAULT 0, engine_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step INTEGER, time REAL,
@@ -58,8 +58,9 @@ class RunRow:
     last_seen: float
     last_seq: int
     last_step: int | None
-    engine_state: dict[str, Any] | None
+    engine_state: dict[str, Any] | None  # read by `run()` only; `runs()` leaves it out
     ended: bool
+    engine_seq: int  # the engine state is as of this seq: replay the metrics events after it
 
 
 class Store:
@@ -75,6 +76,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; fsync per checkpoint
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "engine_seq" not in columns:  # a store from before the engine state was saved lazily
+            self._db.execute("ALTER TABLE runs ADD COLUMN engine_seq INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE runs SET engine_seq = last_seq")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -94,17 +99,27 @@ class Store:
     # ---- runs --------------------------------------------------------------------------------------
 
     def run(self, run_id: str) -> RunRow | None:
-        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        rows = self._query(f"SELECT {_RUN_COLUMNS}, engine_state FROM runs WHERE id = ?", (run_id,))
         return _run_row(rows[0]) if rows else None
 
     def runs(self) -> list[RunRow]:
-        return [_run_row(r) for r in self._query("SELECT * FROM runs ORDER BY last_seen DESC")]
+        """Every run, newest first, without its engine state."""
+        return [_run_row(r) for r in self._query(f"SELECT {_RUN_COLUMNS}, NULL FROM runs ORDER BY last_seen DESC")]
+
+    def pending_command_runs(self) -> set[str]:
+        """The runs with commands not yet delivered."""
+        return {r[0] for r in self._query("SELECT DISTINCT run_id FROM commands WHERE delivered IS NULL")}
 
     def commit_report(self, run_id: str, rules: str, meta: dict[str, Any], events: list[dict[str, Any]],
-                      decisions: list[dict[str, Any]], engine_state: dict[str, Any], last_seq: int,
+                      decisions: list[dict[str, Any]], engine_state: dict[str, Any] | None, last_seq: int,
                       last_step: int | None, ended: bool) -> int:
-        """Store new events, the decisions they caused and the engine state, atomically; return rows added."""
+        """Store new events and the decisions they caused, atomically; return rows added.
+
+        `engine_state`, when given, is saved as of `last_seq`; without it the stored state stays as it was,
+        and the events stored since let `Guardian` bring it up to date by replaying them."""
         now = time.time()
+        state = None if engine_state is None else json.dumps(engine_state)  # encoded outside the lock
+        meta_json = json.dumps(meta)
         with self._tx() as db:
             db.execute(
                 "INSERT INTO runs (id, rules, meta, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
@@ -120,10 +135,12 @@ class Store:
                 [(run_id, d["step"], d["rule"], d["severity"], now, json.dumps(d)) for d in decisions],
             )
             db.execute(
-                "UPDATE runs SET last_seq = MAX(last_seq, ?), last_step = COALESCE(?, last_step), engine_state = ?,"
+                "UPDATE runs SET last_seq = MAX(last_seq, ?), last_step = COALESCE(?, last_step),"
                 " ended = MAX(ended, ?), meta = CASE WHEN ? = '{}' THEN meta ELSE ? END WHERE id = ?",
-                (last_seq, last_step, json.dumps(engine_state), int(ended), json.dumps(meta), json.dumps(meta), run_id),
+                (last_seq, last_step, int(ended), meta_json, meta_json, run_id),
             )
+            if state is not None:
+                db.execute("UPDATE runs SET engine_state = ?, engine_seq = ? WHERE id = ?", (state, last_seq, run_id))
         return added
 
     def touch(self, run_id: str) -> None:
@@ -231,9 +248,12 @@ class Store:
             self._db.close()
 
 
+_RUN_COLUMNS = "id, rules, meta, first_seen, last_seen, last_seq, last_step, ended, engine_seq"
+
+
 def _run_row(row: tuple[Any, ...]) -> RunRow:
     return RunRow(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
-                  json.loads(row[7]) if row[7] else None, bool(row[8]))
+                  json.loads(row[9]) if row[9] else None, bool(row[7]), row[8])
 
 
 @contextmanager

@@ -168,6 +168,22 @@ def test_rule_state_survives_a_daemon_restart(tmp_path: Path) -> None:
     assert restored.last_seq == 39
 
 
+def test_rule_state_is_saved_now_and_then_and_a_crash_replays_the_rest(tmp_path: Path) -> None:
+    store = Store(tmp_path / "g.db")
+    first = Guardian(store, RuleLibrary(None))
+    steps = [metrics(i, i, loss=2.0 + 0.01 * (i % 3), grad_norm=1.0 + 0.01 * (i % 5)) for i in range(1, 80)]
+    first.report(wire.Report("r", "default", {}, steps[:30]))
+    first.flush()
+    for event in steps[30:]:  # one report per step, as a run sends them; none of them saves the state
+        first.report(wire.Report("r", "default", {}, [event]))
+    row = store.run("r")
+    assert row is not None and (row.engine_seq, row.last_seq) == (30, 79)
+    saved = first._state("r", "default").engine.state_dict()
+    store.close()  # a crash: no flush
+    second = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
+    assert second._state("r", "default").engine.state_dict() == json.loads(json.dumps(saved))
+
+
 def test_hot_reload_reaches_live_runs_and_keeps_the_last_good_rules(tmp_path: Path) -> None:
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
