@@ -67,6 +67,7 @@ VARIANTS = {
     "guardian-nolog": "GuardianCallback(**guardian_kwargs, event_log=False)",
     "guardian-nosnap": "GuardianCallback(**guardian_kwargs, snapshot_every_steps=0)",
     "guardian-bare": "GuardianCallback(**guardian_kwargs, event_log=False, snapshot_every_steps=0)",
+    "guardian-daemon": "GuardianCallback(**guardian_kwargs, url=<a real `guardian serve` on loopback>)",
 }
 HOOKS = ("on_init_end", "on_train_begin", "on_pre_optimizer_step", "on_step_end", "on_log", "on_evaluate",
          "on_save", "on_train_end")
@@ -186,8 +187,9 @@ def guardian_for(variant: str, kwargs: dict[str, Any]) -> Any:
         "guardian-nolog": {"event_log": False},
         "guardian-nosnap": {"snapshot_every_steps": 0},
         "guardian-bare": {"event_log": False, "snapshot_every_steps": 0},
+        "guardian-daemon": {"url": kwargs.get("daemon_url")},
     }[variant]
-    return GuardianCallback(**{**kwargs, **extra})
+    return GuardianCallback(**{**{k: v for k, v in kwargs.items() if k != "daemon_url"}, **extra})
 
 
 def build_run(variant: str, out: str, args: argparse.Namespace, guardian_kwargs: dict[str, Any], *,
@@ -482,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                         "turns; 0 trains them one after the other (default 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="TinyRun batch size (default 8)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="none,none-again,guardian,guardian-nolog",
+    parser.add_argument("--variants", default="none,none-again,guardian,guardian-daemon",
                         help="comma-separated, from: " + ", ".join(VARIANTS) + " (default none,none-again,guardian,"
                         "guardian-nolog)")
     parser.add_argument("--guardian-kwargs", default="{}", help="JSON object of GuardianCallback options for every "
@@ -525,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_machine(info)}")
     if busy_warning(info):
         print(busy_warning(info))
+    daemon = None
+    if "guardian-daemon" in variants:  # a real daemon process, started as the tests start it
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from daemonkit import DaemonProcess
+
+        daemon = DaemonProcess(Path(tempfile.mkdtemp(prefix="guardian-overhead-daemon-"))).start()
+        guardian_kwargs = {**guardian_kwargs, "daemon_url": daemon.url}
     how = f"taking turns, {args.interleave} steps each" if args.interleave else "one after the other"
     print(f"rounds={args.rounds} steps={args.steps} (first {args.warmup} dropped) variants={variants} ({how}) "
           f"guardian_kwargs={guardian_kwargs}")
@@ -538,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if workers is not None:
             workers.close()
+        if daemon is not None:
+            daemon.stop()
     report(args, variants, guardian_kwargs, info, rounds, discarded, started)
     return 0
 

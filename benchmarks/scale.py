@@ -789,10 +789,10 @@ def analysis(data: dict[str, Any]) -> list[str]:
     for p in data["phases"]:
         lat = p["post_to_reply_ms"]
         out.append(f"- **{p['label']}**: {p['events_per_s']} events/s acked in {p['reports_per_s']} reports/s "
-                   f"({p['events_per_report']} events per report); POST->reply p50/p99 {fmt_ms(lat)} ms; "
+                   f"({p['events_per_report']} events per report); POST->reply p50/p90/p99 {fmt_ms(lat)} ms; "
                    f"{p['emit_to_ack_over_500ms_share']:.0%} of events acknowledged more than 0.5 s after they were "
-                   f"due (the callback's default deadline); the daemon used {p['daemon_cpu_cores']} cores, the load "
-                   f"generator {p['cpu'].get('bench_cores')}; {sum(p['errors'].values())} failed requests.")
+                   f"due (the callback's default deadline); the daemon used {p['daemon_cpu_cores']} cores, daemon and "
+                   f"load generator together {p['cpu'].get('self_cores')}; {sum(p['errors'].values())} failed requests.")
     costs = data.get("per_report_costs") or {}
     if costs:
         out.append(f"- In-process, one report costs about {costs.get('observe_us')} µs in `Engine.observe`; encoding "
