@@ -543,13 +543,15 @@ def main(argv: list[str] | None = None) -> int:
     discarded: list[dict[str, Any]] = []
     workers = Workers(variants, args, guardian_kwargs) if args.interleave else None
     try:
-        run_rounds(args, variants, guardian_kwargs, workers, rounds, discarded, started)
+        try:
+            run_rounds(args, variants, guardian_kwargs, workers, rounds, discarded, started)
+        finally:
+            if workers is not None:
+                workers.close()
+        report(args, variants, guardian_kwargs, info, rounds, discarded, started)  # times hooks: daemon still up
     finally:
-        if workers is not None:
-            workers.close()
         if daemon is not None:
             daemon.stop()
-    report(args, variants, guardian_kwargs, info, rounds, discarded, started)
     return 0
 
 

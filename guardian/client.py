@@ -97,13 +97,16 @@ class DaemonLink:
                 self._want_decisions_from = step
 
     def wait_for(self, seq: int, timeout: float) -> bool:
-        """Wait until the daemon has processed event `seq`, at most `timeout` seconds."""
+        """Wait until the daemon has processed event `seq`, at most `timeout` seconds.
+
+        Returns False at once while the daemon is unreachable: a step does not wait out the deadline for a
+        daemon that is down (the sender keeps retrying, and steps wait again once it answers)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._cond.notify()
             while self.acked_seq < seq:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.unreachable:
                     return False
                 self._cond.wait(left)
             return True
@@ -201,11 +204,18 @@ class DaemonLink:
             raise DaemonError(f"daemon refused the report ({response.status}): {message.get('error')}")
         return dict(message)
 
+    @property
+    def unreachable(self) -> bool:
+        """The last attempt to reach the daemon failed."""
+        return not self.connected and self.failures > 0
+
     def _failed(self, exc: Exception) -> None:
-        self.failures += 1
-        if self.connected or self.failures == 1:
-            log.warning("guardian daemon at %s unreachable (%s); spooling events and retrying", self.url, exc)
-        self.connected = False
+        with self._cond:
+            self.failures += 1
+            if self.connected or self.failures == 1:
+                log.warning("guardian daemon at %s unreachable (%s); spooling events and retrying", self.url, exc)
+            self.connected = False
+            self._cond.notify_all()
 
     def _accept(self, reply: dict[str, Any]) -> None:
         with self._cond:

@@ -119,3 +119,17 @@ def test_manual_stop_through_the_daemon(tmp_path: Path) -> None:
         assert commands[0]["applied"]
     finally:
         daemon.stop()
+
+
+def test_a_step_does_not_wait_for_a_daemon_that_is_down(tmp_path: Path) -> None:
+    from guardian.client import DaemonLink
+
+    link = DaemonLink(f"http://127.0.0.1:{free_port()}", "down")
+    try:
+        link.send({"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 1.0}})
+        while not link.unreachable:  # the sender's first attempt fails
+            time.sleep(0.01)
+        # Without the early return this would wait out the hour-long deadline.
+        assert link.wait_for(1, timeout=3600) is False
+    finally:
+        link.close(flush_seconds=0)
