@@ -57,6 +57,7 @@ The product's aim: F1 >= 0.95 per rule and <= 1 false alarm per 10,000 healthy s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import statistics
@@ -98,7 +99,7 @@ GUARDIAN_TYPES: dict[str, set[str]] = {
     "overfitting": {"overfitting"},
     "loss_stuck_at_zero": {"plateau_zero"},
     "plateau": {"plateau_flat", "divergence_slow"},  # zero_steps: 0 - a loss stuck at 0 is loss_stuck_at_zero's
-    "loss_divergence": set(DIVERGENCE),  # not shipped: the rule proposed in detection_rules_proposal.yaml
+    "loss_divergence": set(DIVERGENCE),
     "vanishing_gradient": {"plateau_zero"},  # the zero-loss streams have a zero grad norm too
     "stalled": set(),  # watches seconds_since_report, which no log has
 }
@@ -746,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if {"lightning", "lightning_extra"} & set(systems) and importlib.util.find_spec("lightning") is None:
+        parser.error("the Lightning peers need the `lightning` package: "
+                     ".venv/bin/pip install -c constraints.txt -e '.[bench]' (or leave them out with "
+                     "--systems guardian,transformers,naive)")
 
     from _common import machine_info, table, write_json
 

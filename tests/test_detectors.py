@@ -24,6 +24,7 @@ from guardian.detectors import (
     RobustZScoreDetector,
     ThresholdDetector,
 )
+from guardian.detectors.robust_zscore import _mad, _median
 
 Stream = list[tuple[int, dict[str, float]]]
 FAST = settings(max_examples=100, deadline=None)
@@ -223,6 +224,38 @@ def test_robust_zscore_quiet_on_small_bounded_noise(level: float, noise: list[fl
     values = [level * (1 + 0.002 * u) for u in noise]
     detector = RobustZScoreDetector("loss", window_steps=40, warmup_steps=5, direction=direction)
     assert fired_steps(detector, series("loss", values)) == []
+
+
+@FAST
+@given(
+    values=st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=120),
+    center=st.one_of(st.floats(-1e6, 1e6), st.none()),
+)
+def test_robust_zscore_incremental_mad_equals_numpy(values: list[float], center: float | None) -> None:
+    s = sorted(values)
+    c = float(np.median(s)) if center is None else center
+    assert _mad(s, c) == float(np.median(np.abs(np.asarray(s) - c)))
+    assert _median(s) == float(np.median(s))
+
+
+@FAST
+@given(
+    values=st.lists(st.floats(0.1, 10.0), min_size=1, max_size=300),
+    noise=st.sampled_from(["mad", "diff_mad"]),
+    baseline=st.sampled_from([0, 5]),
+)
+def test_robust_zscore_statistics_follow_the_window(values: list[float], noise: Any, baseline: int) -> None:
+    # the sorted copies kept step by step give the same median and MAD as computing them from the window
+    detector = RobustZScoreDetector("loss", window_steps=25, warmup_steps=5, noise=noise, baseline_steps=baseline)
+    run(detector, series("loss", values))
+    window = np.asarray(detector.state_dict()["window"])
+    if len(window) < 3:
+        return
+    median = float(np.median(window[-baseline:] if baseline else window))
+    spread = np.diff(window) if noise == "diff_mad" else window
+    center = float(np.median(spread)) if noise == "diff_mad" else median
+    mad = float(np.median(np.abs(spread - center))) / (math.sqrt(2) if noise == "diff_mad" else 1)
+    assert detector._stats() == pytest.approx((median, mad), rel=1e-12, abs=1e-15)
 
 
 @FAST

@@ -27,16 +27,18 @@ EXPECTED = {
     "MemaSp__FT-Llama2-HRChatbot__outputs__trainer_state.json": {"non_finite_loss"},  # grad_norm = inf at step 33
     "kcliu23__CSE234-Project2__adapter_v2__checkpoint-300__trainer_state.json": {"non_finite_eval_loss"},
     "Nicolassalvan__mti881-projet2__ResultsEtape3__trainer_state.json": {"overfitting"},  # textbook
-    "ANDA-Researchers__MCFED_DRL__trainer_state.json": {"overfitting", "plateau"},
+    # Train loss still falls over any 1,000 observations (the flat 400-observation stretches were noise).
+    "ANDA-Researchers__MCFED_DRL__trainer_state.json": {"overfitting"},
     "AolinGuo__graduate_agent__trainer_log.jsonl": {"loss_stuck_at_zero"},
     "lucktran__topnmusic__models__trainer_state.json": {"overfitting", "loss_spike"},  # eval 0.72 -> 1.19, train -> 0
-    "laminair__mess-plus__data_logs__distillbert__checkpoint-1000__trainer_state.json": {"loss_spike", "plateau"},
+    # Its loss still falls over any 1,000 observations (the 400-observation window flagged noise).
+    "laminair__mess-plus__data_logs__distillbert__checkpoint-1000__trainer_state.json": {"loss_spike"},
     "10844110__t5-summarization-demo__trainer_state.json": {"grad_explosion"},  # grad norm 35.6 vs median 2.4
     # Eval rises 3.7 % over its best for 3 evaluations at step 1000 while train falls; it recovers later.
     "jubaerkhan49__bangla_stt__model__trainer_state.json": {"overfitting"},
     # Grad norms jump between 0.01 and 1600 every log from the first one: no spike stands out of that noise.
     "GulbeycanCagri__IS-584-Term-Project__results__checkpoint-12000__trainer_state.json": set(),
-    # Loss flat at 4.68 over only 34 logs: shorter than the plateau rule's 400-observation window.
+    # Loss flat at 4.68 over only 34 logs: shorter than the plateau rule's 1,000-observation window.
     "jmglendenning__phi3-finetune-synthetic__checkpoints__trainer_state.json": set(),
 }
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import ClassVar, Literal
-
-import numpy as np
 
 from guardian.detectors.base import Finding, JSONValue
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
@@ -63,6 +62,8 @@ class RobustZScoreDetector:
     noise: Literal["mad", "diff_mad"] = "mad"
     _window: deque[float] = field(init=False, repr=False, default_factory=deque)
     _sorted: list[float] = field(init=False, repr=False, default_factory=list)
+    _diffs: deque[float] = field(init=False, repr=False, default_factory=deque)
+    _sorted_diffs: list[float] = field(init=False, repr=False, default_factory=list)
     _recent: deque[float] = field(init=False, repr=False, default_factory=deque)
     _run: int = field(init=False, default=0, repr=False)
     _run_start: int | None = field(init=False, default=None, repr=False)
@@ -136,22 +137,35 @@ class RobustZScoreDetector:
         return 1e-3 if self.log_scale else max(1e-12, 1e-3 * abs(median))
 
     def _accept(self, x: float) -> None:
-        if len(self._window) == self._window.maxlen:
-            old = self._window.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._window.append(x)
+        """Add an accepted value; the window, its successive differences and their sorted copies stay in step,
+        so every statistic is a lookup or a binary search rather than a pass over the window."""
+        window, diffs = self._window, self._diffs
+        if len(window) == window.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, window.popleft())]
+            if diffs:
+                del self._sorted_diffs[bisect.bisect_left(self._sorted_diffs, diffs.popleft())]
+        if window and self.noise == "diff_mad":
+            d = x - window[-1]
+            diffs.append(d)
+            bisect.insort(self._sorted_diffs, d)
+        window.append(x)
         bisect.insort(self._sorted, x)
+
+    def _clear(self) -> None:
+        self._window.clear()
+        self._sorted.clear()
+        self._diffs.clear()
+        self._sorted_diffs.clear()
 
     def _stats(self) -> tuple[float, float]:
         """The baseline median and the (unscaled) MAD that measures the window's noise."""
-        s, n = self._sorted, len(self._sorted)
-        median = (s[(n - 1) // 2] + s[n // 2]) / 2
+        median = _median(self._sorted)
         if self.baseline_steps:
-            median = float(np.median(list(self._window)[-self.baseline_steps:]))
-        if self.noise == "diff_mad" and n >= 3:
-            diffs = np.diff(np.asarray(self._window))
-            return median, _mad(diffs, float(np.median(diffs))) / math.sqrt(2)
-        return median, _mad(np.asarray(s), median)
+            median = _median(sorted(islice(reversed(self._window), self.baseline_steps)))
+        if self.noise == "diff_mad" and len(self._sorted) >= 3:
+            diffs = self._sorted_diffs
+            return median, _mad(diffs, _median(diffs)) / math.sqrt(2)
+        return median, _mad(self._sorted, median)
 
     def _anomalous(self, x: float, median: float, z: float) -> bool:
         if self.direction == "up":
@@ -167,8 +181,7 @@ class RobustZScoreDetector:
 
     def _rebaseline(self) -> None:
         """The level has moved for good: restart the window from the recent anomalous values."""
-        self._window.clear()
-        self._sorted.clear()
+        self._clear()
         for x in self._recent:
             self._accept(x)
         self._recent.clear()
@@ -206,8 +219,7 @@ class RobustZScoreDetector:
         }
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
-        self._window.clear()
-        self._sorted.clear()
+        self._clear()
         for x in state["window"]:
             self._accept(float(x))
         self._recent = deque((float(x) for x in state["recent"]), maxlen=self.window_steps // 2 + 1)
@@ -215,11 +227,39 @@ class RobustZScoreDetector:
         self._run_start = None if state["run_start"] is None else int(state["run_start"])
 
 
-def _mad(values: np.ndarray, center: float) -> float:
-    """Median absolute deviation of `values` around `center` (not scaled)."""
-    dev = np.abs(values - center)
-    k = len(dev) // 2
-    if len(dev) % 2:
-        return float(np.partition(dev, k)[k])
-    part = np.partition(dev, (k - 1, k))
-    return float(part[k - 1] + part[k]) / 2
+def _median(s: Sequence[float]) -> float:
+    """The median of a sorted, non-empty sequence."""
+    n = len(s)
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
+def _mad(s: Sequence[float], center: float) -> float:
+    """Median absolute deviation of the sorted values `s` around `center` (not scaled), in O(log n)."""
+    n = len(s)
+    k = n // 2
+    if n % 2:
+        return _kth_deviation(s, center, k)
+    return (_kth_deviation(s, center, k - 1) + _kth_deviation(s, center, k)) / 2
+
+
+def _kth_deviation(s: Sequence[float], center: float, k: int) -> float:
+    """The k-th smallest (from 0) of |x - center| over the sorted values `s`.
+
+    The deviations form two ascending runs, leftwards from `center` (A[t] = center - s[p-1-t]) and rightwards
+    (B[t] = s[p+t] - center); the k-th smallest of their union is found by a binary search over how many come
+    from A (the classic selection in two sorted arrays).
+    """
+    p = bisect.bisect_left(s, center)
+    a, b = p, len(s) - p
+    lo, hi = max(0, k + 1 - b), min(a, k + 1)
+    while True:
+        i = (lo + hi) // 2  # take i from A and j from B
+        j = k + 1 - i
+        if i > 0 and j < b and center - s[p - i] > s[p + j] - center:
+            hi = i - 1  # A[i-1] > B[j]: too many from A
+        elif j > 0 and i < a and s[p + j - 1] - center > center - s[p - 1 - i]:
+            lo = i + 1  # B[j-1] > A[i]: too few from A
+        else:
+            left = center - s[p - i] if i > 0 else -math.inf
+            right = s[p + j - 1] - center if j > 0 else -math.inf
+            return max(left, right)
