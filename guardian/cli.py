@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -15,7 +16,14 @@ from rich.markup import escape
 from guardian import __version__
 from guardian.client import DaemonError
 from guardian.errors import ConfigError, GuardianError, RuleFileError
-from guardian.ruleset import RuleSet, default_rules_path, load_rules
+from guardian.ruleset import Rule, RuleSet, default_rules_path, load_rules
+
+
+EXIT_CODES = """\
+exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, `doctor
+--strict`: a warning, `demo`: the guarded run was not rescued, `run`: the restart budget ran out); 2 a usage or
+input error, an unreachable daemon or a refused request (the message says what to fix); 130 interrupted.
+Commands that print tables take --json: the same facts as one JSON document on stdout (errors stay on stderr)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guardian", description="Watch training runs and rescue them.")
+    parser = argparse.ArgumentParser(
+        prog="guardian", description="Watch training runs and rescue them.", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"guardian {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -47,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="check or list rule files").add_subparsers(metavar="ACTION")
     check = rules.add_parser("check", help="validate rule files; exit 1 if any has a problem")
     check.add_argument("files", nargs="+", type=Path)
+    _json_arg(check)
     check.set_defaults(func=_rules_check)
     show = rules.add_parser("show", help="list the rules of a file (default: the shipped rules)")
     show.add_argument("file", nargs="?", type=Path)
+    _json_arg(show)
     show.set_defaults(func=_rules_show)
     detectors = rules.add_parser("detectors", help="document every detector kind and its parameters")
     detectors.set_defaults(func=_rules_detectors)
@@ -67,12 +79,14 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="the runs the daemon knows: running, stalled, firing, ended")
     _client_args(runs)
+    _json_arg(runs)
     runs.set_defaults(func=_runs)
 
     events = sub.add_parser("events", help="the decisions and actions of one run, with their evidence")
     events.add_argument("run")
     events.add_argument("--all", action="store_true", help="also list every metrics event")
     _client_args(events)
+    _json_arg(events)
     events.set_defaults(func=_events)
 
     ctl = sub.add_parser("ctl", help="act on a run by hand (needs the daemon's token)")
@@ -80,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("run")
     ctl.add_argument("--factor", type=float, default=0.5, help="for reduce-lr (default 0.5)")
     _client_args(ctl)
+    _json_arg(ctl)
     ctl.set_defaults(func=_ctl)
 
     top = sub.add_parser("top", help="a live terminal view of the runs; stop, roll back or cut the LR of one")
@@ -106,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--rules", type=Path, help="rule file (default: the shipped rules)")
     replay.add_argument("--run", action="append", default=[], help="a run stored by the daemon (repeatable)")
     replay.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="the daemon's state dir")
+    _json_arg(replay)
     replay.set_defaults(func=_replay)
 
     report = sub.add_parser("report", help="a run's curves and Guardian's decisions as report.png and report.md")
@@ -116,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--state-dir", type=Path, default=_default_state_dir(), help="the daemon's state dir")
     report.add_argument("--rules", type=Path, help="rules to replay a plain training log with (default: the shipped rules)")
     report.add_argument("--out", type=Path, help="where to write (default ./guardian-report-<name>/)")
+    _json_arg(report)
     report.set_defaults(func=_report)
 
     doctor = sub.add_parser("doctor", help="check a training configuration before the run starts")
@@ -127,9 +144,21 @@ def _parser() -> argparse.ArgumentParser:
                         help="Guardian's in-memory snapshots are off (snapshot_every_steps=0 or a model too big)")
     doctor.add_argument("--dataset-size", type=int, help="training samples, to check the number of epochs")
     doctor.add_argument("--strict", action="store_true", help="exit 1 if there is any warning or error")
+    _json_arg(doctor)
     doctor.set_defaults(func=_doctor)
     _add_attach(sub)
     return parser
+
+
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document for scripts instead of text")
+
+
+def _print_json(data: object) -> None:
+    """Strict JSON on stdout: non-finite floats as the strings "nan", "inf", "-inf" (as on the wire)."""
+    from guardian.wire import encode_value
+
+    sys.stdout.write(json.dumps(encode_value(data), indent=2, allow_nan=False, default=str) + "\n")
 
 
 def _default_state_dir() -> Path:
@@ -165,6 +194,9 @@ def _runs(args: argparse.Namespace) -> int:
     from guardian.client import request
 
     runs = request(args.url, "GET", "/v1/runs", token=_token(args))["runs"]
+    if args.json:
+        _print_json({"runs": runs})
+        return 0
     if not runs:
         Console().print(f"no runs have reported to {args.url} yet")
         return 0
@@ -187,6 +219,9 @@ def _events(args: argparse.Namespace) -> int:
 
     kinds = "" if args.all else "?kinds=decision,action,start,end,checkpoint"
     data = request(args.url, "GET", f"/v1/runs/{args.run}/events{kinds}", token=_token(args))
+    if args.json:
+        _print_json({"run": args.run, **data})
+        return 0
     console = Console()
     console.print(f"[bold]Decisions of the daemon for {args.run}[/]")
     for d in data["decisions"]:
@@ -217,6 +252,9 @@ def _ctl(args: argparse.Namespace) -> int:
     params = {"factor": args.factor} if action == "reduce_lr" else {}
     reply = request(args.url, "POST", f"/v1/runs/{args.run}/control", {"action": action, "params": params},
                     token=_token(args))
+    if args.json:
+        _print_json({"run": args.run, "action": action, "params": params, **reply})
+        return 0
     Console().print(f"queued {action} for {args.run} (command {reply['command_id']}); it is carried out at the "
                     "run's next step", highlight=False)
     return 0
@@ -255,16 +293,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _rules_check(args: argparse.Namespace) -> int:
-    console, failed = Console(), 0
+    console, failed, files = Console(), 0, []
     for path in args.files:
         try:
             ruleset = load_rules(path)
         except RuleFileError as exc:
             failed += 1
-            for problem in exc.problems:
-                console.print("[red]✗[/] " + escape(str(problem)), highlight=False)
+            files.append({"file": str(path), "ok": False, "problems": [str(p) for p in exc.problems]})
+            if not args.json:
+                for problem in exc.problems:
+                    console.print("[red]✗[/] " + escape(str(problem)), highlight=False)
             continue
-        console.print(f"[green]✓[/] {path}: {len(ruleset.rules)} rules OK", highlight=False)
+        files.append({"file": str(path), "ok": True, "rules": [rule.name for rule in ruleset.rules]})
+        if not args.json:
+            console.print(f"[green]✓[/] {path}: {len(ruleset.rules)} rules OK", highlight=False)
+    if args.json:
+        _print_json({"ok": not failed, "files": files})
     return 1 if failed else 0
 
 
@@ -272,6 +316,9 @@ def _rules_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     ruleset = load_rules(args.file)
+    if args.json:
+        _print_json({"file": str(args.file or default_rules_path()), "rules": [_rule_dict(r) for r in ruleset.rules]})
+        return 0
     table = Table(title=f"{args.file or default_rules_path()}", title_justify="left")
     for column in ("rule", "watches", "detector", "severity", "actions", "escalation"):
         table.add_column(column)
@@ -283,6 +330,17 @@ def _rules_show(args: argparse.Namespace) -> int:
                       ", ".join(map(str, rule.actions)), escalation or "—")
     Console().print(table)
     return 0
+
+
+def _rule_dict(rule: Rule) -> dict[str, Any]:
+    return {
+        "name": rule.name, "description": rule.description, "watches": list(rule.watches),
+        "detector": {"kind": rule.detector, **rule.params}, "severity": rule.severity.value,
+        "actions": [a.to_dict() for a in rule.actions], "cooldown_steps": rule.cooldown_steps,
+        "escalation": [{"after_firings": e.after_firings, "within_steps": e.within_steps,
+                        "actions": [a.to_dict() for a in e.actions]} for e in rule.escalation],
+        "diagnosis": rule.diagnosis, "fix": rule.fix,
+    }
 
 
 def _rules_detectors(args: argparse.Namespace) -> int:
@@ -307,6 +365,13 @@ def _replay(args: argparse.Namespace) -> int:
         raise ConfigError("give a log file or run directory to replay, or --run RUN_ID for a run the daemon stored")
     results = [replay(path, ruleset) for path in args.paths]
     results += [replay_stored(args.state_dir, run_id, ruleset) for run_id in args.run]
+    if args.json:
+        _print_json({"rules": str(args.rules or default_rules_path()), "results": [{
+            "path": r.path, "format": r.report.format, "observations": r.observations,
+            "duplicates_dropped": r.report.duplicates_dropped, "resumes": r.report.restarts,
+            "unreadable_lines_skipped": r.report.skipped_lines, "rules_fired": r.rules_fired(),
+            "decisions": [d.to_dict() for d in r.decisions]} for r in results]})
+        return 0
     for result in results:
         path = result.path
         report = result.report
@@ -383,6 +448,9 @@ def _report(args: argparse.Namespace) -> int:
 
     record = load_run(args.target, run_id=args.run, state_dir=args.state_dir, ruleset=load_rules(args.rules))
     png, md = write_report(record, args.out or default_out_dir(record.name))
+    if args.json:
+        _print_json({"run": record.name, "verdict": verdict(record), "png": str(png), "markdown": str(md)})
+        return 0
     console = Console()
     console.print(f"[bold]{escape(record.name)}[/]: {escape(verdict(record))}", highlight=False)
     console.print(f"  {png}\n  {md}", markup=False, highlight=False)
@@ -395,7 +463,12 @@ def _doctor(args: argparse.Namespace) -> int:
     advice = check_config(read_config(args.config), rules=load_rules(args.rules), world_size=args.world_size,
                           device=args.device, snapshots_enabled=not args.no_snapshots,
                           dataset_size=args.dataset_size)
-    render_advice(advice, Console(), title=str(args.config))
+    if args.json:
+        _print_json({"config": str(args.config), "advice": [
+            {"severity": a.severity.value, "setting": a.setting, "value": a.value, "why": a.why, "fix": a.fix}
+            for a in advice]})
+    else:
+        render_advice(advice, Console(), title=str(args.config))
     serious = [a for a in advice if a.severity != "info"]
     return 1 if args.strict and serious else 0
 

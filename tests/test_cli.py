@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from realpaths import REAL_LOGS, needs_fixtures
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
@@ -76,3 +78,29 @@ def test_rules_show_lists_the_shipped_rules() -> None:
     assert result.returncode == 0
     for name in ("non_finite_loss", "loss_spike", "grad_explosion", "overfitting", "plateau", "vanishing_gradient"):
         assert name in result.stdout
+
+
+def test_json_output_for_scripts(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules:\n  - name: x\n    metric: loss\n    detector: {kind: nope}\n    actions: [alert]\n")
+    check = guardian("rules", "check", "--json", str(bad))
+    assert check.returncode == 1
+    (result,) = json.loads(check.stdout)["files"]
+    assert result["ok"] is False and result["problems"][0].startswith(f"{bad}:5: rule 'x': unknown detector kind 'nope'")
+    shown = json.loads(guardian("rules", "show", "--json").stdout)["rules"]
+    spike = next(rule for rule in shown if rule["name"] == "loss_spike")
+    assert spike["detector"]["kind"] == "robust_zscore" and spike["actions"] == [{"kind": "skip_update", "params": {}}]
+    config = tmp_path / "training_args.json"
+    config.write_text(json.dumps({"learning_rate": 0.05, "max_grad_norm": 0.0, "fp16": True}))
+    advice = json.loads(guardian("doctor", "--json", str(config)).stdout)["advice"]
+    assert {a["setting"] for a in advice} >= {"learning_rate", "max_grad_norm"}
+
+
+@needs_fixtures
+def test_replay_json_has_every_decision_in_strict_json() -> None:
+    nan_log = REAL_LOGS / "MemaSp__FT-Llama2-HRChatbot__outputs__trainer_state.json"
+    result = guardian("replay", "--json", str(nan_log))
+    assert result.returncode == 0, result.stderr
+    (replayed,) = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))["results"]
+    assert replayed["rules_fired"] == {"non_finite_loss": 1} and replayed["observations"] == 70
+    assert (replayed["decisions"][0]["step"], replayed["decisions"][0]["value"]) == (33, "inf")

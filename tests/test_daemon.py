@@ -244,6 +244,20 @@ def test_cli_talks_to_a_real_daemon_process(tmp_path: Path) -> None:
         down = subprocess.run([*cli, "runs", "--url", f"http://127.0.0.1:{free_port()}"], capture_output=True,
                               text=True, env=env)
         assert down.returncode == 2 and "is `guardian serve` running?" in down.stderr
+        # --json: the same facts for scripts, strict JSON (the NaN loss travels as "nan")
+        runs_json = json.loads(subprocess.run([*cli, "runs", "--json"], capture_output=True, text=True, env=env).stdout)
+        (run,) = runs_json["runs"]
+        assert run["id"] == "cli-run" and run["rule_status"]["non_finite_loss"] == "firing" and run["last_step"] == 2
+        events_json = json.loads(subprocess.run([*cli, "events", "cli-run", "--json", "--all"], capture_output=True,
+                                                text=True, env=env).stdout)
+        assert [d["rule"] for d in events_json["decisions"]] == ["non_finite_loss"]
+        assert events_json["decisions"][0]["value"] == "nan"
+        assert [c["action"] for c in events_json["commands"]] == ["stop"]
+        ctl_json = subprocess.run([*cli, "ctl", "reduce-lr", "cli-run", "--factor", "0.25", "--json"],
+                                  capture_output=True, text=True, env=env)
+        queued = json.loads(ctl_json.stdout)
+        assert (queued["action"], queued["params"], queued["run"]) == ("reduce_lr", {"factor": 0.25}, "cli-run")
+        assert isinstance(queued["command_id"], int)
     finally:
         proc.stop()
 
