@@ -34,7 +34,8 @@ the bytes the daemon wrote to storage (/proc/PID/io), failed requests and the ke
 
 Soak: `--soak-runs` runs at `--soak-rate` for `--soak-seconds`, after a prefill: every run starts
 `--soak-prefill` steps "behind" (its first reports carry that history, like a run whose daemon comes back),
-so the rules' windows (up to 400 observations) are full before the steady state; then every
+so the rules' windows are full before the steady state (by default the prefill is the shipped rules' longest
+window plus its warm-up, plus 100 steps: 1,200 with the plateau rule's 1,000-observation window); then every
 `--sample-seconds` the daemon's VmRSS/VmHWM/Threads (/proc/PID/status), its CPU time and the store's file
 sizes are sampled, and the replies of each window are summarised (count, POST->reply p50/p99, failures). The
 steady state starts when the events acked are within 10 s (summed over the runs) of the events due. Memory
@@ -664,8 +665,9 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="0 skips the soak (default 600)")
     parser.add_argument("--soak-runs", type=int, default=1000)
     parser.add_argument("--soak-rate", type=float, default=1.0, help="steps/s per run in the soak (default 1)")
-    parser.add_argument("--soak-prefill", type=int, default=450,
-                        help="steps of history each soak run starts with (fills the 400-step rule windows)")
+    parser.add_argument("--soak-prefill", type=int, default=None,
+                        help="steps of history each soak run starts with (default: enough to fill the shipped "
+                             "rules' longest window after its warm-up, plus 100)")
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--client-timeout", type=float, default=5.0,
                         help="seconds a simulated run waits for a reply before it reconnects and resends, with "
@@ -683,6 +685,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=str(RESULTS_DIR / "scale.json"))
     args = parser.parse_args()
+    if args.soak_prefill is None:
+        args.soak_prefill = rule_window_fill() + 100
 
     info = machine_info()
     if args.heap_check:
@@ -932,6 +936,13 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
             "growth_between_snapshots": growth,
             "snapshots_at_steps": [steps // 2 + 50, steps],
             "traced_growth_bytes_per_run_per_step": round(per_run_step, 2) if per_run_step is not None else None}
+
+
+def rule_window_fill() -> int:
+    """Steps until every shipped rule's window is full: its warm-up (a step number) plus its window."""
+    from guardian.ruleset import load_rules
+
+    return max(int(r.params.get("window_steps", 0)) + int(r.params.get("warmup_steps", 0)) for r in load_rules(None).rules)
 
 
 def per_report_costs(steps: int = 1000) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import ClassVar
+from itertools import chain
+from typing import Any, ClassVar
 
 from guardian.detectors.base import Finding, JSONValue
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
@@ -42,8 +42,8 @@ class PlateauDetector:
     min_relative_improvement: float = 0.001
     warmup_steps: int = 0
     zero_steps: int = 20
-    _values: deque[float] = field(init=False, repr=False, default_factory=deque)
-    _steps: deque[int] = field(init=False, repr=False, default_factory=deque)
+    _values: _Ring = field(init=False, repr=False)
+    _steps: _Ring = field(init=False, repr=False)
     _zero_run: int = field(init=False, default=0, repr=False)
     _zero_start: int | None = field(init=False, default=None, repr=False)
 
@@ -53,8 +53,8 @@ class PlateauDetector:
         check_finite("min_relative_improvement", self.min_relative_improvement, 0.0)
         check_positive_int("warmup_steps", self.warmup_steps, 0)
         check_positive_int("zero_steps", self.zero_steps, 0)
-        self._values = deque(maxlen=self.window_steps)
-        self._steps = deque(maxlen=self.window_steps)
+        self._values = _Ring(self.window_steps, "d")
+        self._steps = _Ring(self.window_steps, "q")
 
     @property
     def warming_up(self) -> bool:
@@ -94,12 +94,12 @@ class PlateauDetector:
         if len(self._values) < self.window_steps:
             return None
         quarter = self.window_steps // 4
-        first = sum(islice(self._values, quarter)) / quarter
-        last = sum(islice(self._values, self.window_steps - quarter, None)) / quarter
+        first = sum(self._values.span(0, quarter)) / quarter
+        last = sum(self._values.span(self.window_steps - quarter, self.window_steps)) / quarter
         needed = self.min_relative_improvement * abs(first)
         if first - last >= needed:
             return None
-        start = self._steps[0]
+        start = int(self._steps.first())
         self._values.clear()
         self._steps.clear()
         return Finding(
@@ -119,12 +119,52 @@ class PlateauDetector:
 
     def state_dict(self) -> dict[str, JSONValue]:
         return {
-            "values": list(self._values), "steps": list(self._steps),
+            "values": self._values.tolist(), "steps": [int(s) for s in self._steps.tolist()],
             "zero_run": self._zero_run, "zero_start": self._zero_start,
         }
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
-        self._values = deque((float(v) for v in state["values"]), maxlen=self.window_steps)
-        self._steps = deque((int(s) for s in state["steps"]), maxlen=self.window_steps)
+        self._values = _Ring(self.window_steps, "d", (float(v) for v in state["values"]))
+        self._steps = _Ring(self.window_steps, "q", (int(s) for s in state["steps"]))
         self._zero_run = int(state["zero_run"])
         self._zero_start = None if state["zero_start"] is None else int(state["zero_start"])
+
+
+class _Ring:
+    """The newest `size` numbers in a compact ring buffer: 8 bytes a value rather than a deque of float objects
+    (a daemon holds one 1,000-value window per run)."""
+
+    def __init__(self, size: int, typecode: str, values: Iterable[float] = ()) -> None:
+        self.size, self._start = size, 0
+        self._buf: array[Any] = array(typecode)
+        for value in values:
+            self.append(value)
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def append(self, value: float) -> None:
+        if len(self._buf) < self.size:
+            self._buf.append(value)
+        else:  # full: overwrite the oldest
+            self._buf[self._start] = value
+            self._start = (self._start + 1) % self.size
+
+    def clear(self) -> None:
+        del self._buf[:]
+        self._start = 0
+
+    def first(self) -> float:
+        return self._buf[self._start]
+
+    def span(self, lo: int, hi: int) -> Iterable[float]:
+        """Values lo..hi-1, oldest first (0 is the oldest held)."""
+        n, p, q = len(self._buf), self._start + lo, self._start + hi
+        if q <= n:
+            return self._buf[p:q]
+        if p >= n:
+            return self._buf[p - n:q - n]
+        return chain(self._buf[p:], self._buf[:q - n])
+
+    def tolist(self) -> list[float]:
+        return list(self.span(0, len(self._buf)))
