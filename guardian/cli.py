@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,7 +15,7 @@ from rich.markup import escape
 from guardian import __version__
 from guardian.client import DaemonError
 from guardian.errors import ConfigError, GuardianError, RuleFileError
-from guardian.ruleset import Rule, RuleSet, default_rules_path, load_rules
+from guardian.ruleset import RuleSet, default_rules_path, load_rules
 
 
 EXIT_CODES = """\
@@ -317,7 +316,7 @@ def _rules_show(args: argparse.Namespace) -> int:
 
     ruleset = load_rules(args.file)
     if args.json:
-        _print_json({"file": str(args.file or default_rules_path()), "rules": [_rule_dict(r) for r in ruleset.rules]})
+        _print_json({"file": str(args.file or default_rules_path()), "rules": [r.to_dict() for r in ruleset.rules]})
         return 0
     table = Table(title=f"{args.file or default_rules_path()}", title_justify="left")
     for column in ("rule", "watches", "detector", "severity", "actions", "escalation"):
@@ -330,17 +329,6 @@ def _rules_show(args: argparse.Namespace) -> int:
                       ", ".join(map(str, rule.actions)), escalation or "—")
     Console().print(table)
     return 0
-
-
-def _rule_dict(rule: Rule) -> dict[str, Any]:
-    return {
-        "name": rule.name, "description": rule.description, "watches": list(rule.watches),
-        "detector": {"kind": rule.detector, **rule.params}, "severity": rule.severity.value,
-        "actions": [a.to_dict() for a in rule.actions], "cooldown_steps": rule.cooldown_steps,
-        "escalation": [{"after_firings": e.after_firings, "within_steps": e.within_steps,
-                        "actions": [a.to_dict() for a in e.actions]} for e in rule.escalation],
-        "diagnosis": rule.diagnosis, "fix": rule.fix,
-    }
 
 
 def _rules_detectors(args: argparse.Namespace) -> int:
@@ -464,9 +452,7 @@ def _doctor(args: argparse.Namespace) -> int:
                           device=args.device, snapshots_enabled=not args.no_snapshots,
                           dataset_size=args.dataset_size)
     if args.json:
-        _print_json({"config": str(args.config), "advice": [
-            {"severity": a.severity.value, "setting": a.setting, "value": a.value, "why": a.why, "fix": a.fix}
-            for a in advice]})
+        _print_json({"config": str(args.config), "advice": [a.to_dict() for a in advice]})
     else:
         render_advice(advice, Console(), title=str(args.config))
     serious = [a for a in advice if a.severity != "info"]

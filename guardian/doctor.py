@@ -59,6 +59,10 @@ class Advice:
     def __str__(self) -> str:
         return f"[{self.severity.value}] {self.setting}={self.value!r}: {self.why}; {self.fix}"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"severity": self.severity.value, "setting": self.setting, "value": self.value, "why": self.why,
+                "fix": self.fix}
+
 
 # ---- reading a configuration -------------------------------------------------------------------------
 

@@ -58,6 +58,17 @@ class Rule:
     def build_detector(self) -> Detector:
         return DETECTORS[self.detector](**self.params)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as plain JSON types, in the shape of a rule file entry (`guardian rules show --json`)."""
+        return {
+            "name": self.name, "description": self.description, "watches": list(self.watches),
+            "detector": {"kind": self.detector, **self.params}, "severity": self.severity.value,
+            "actions": [a.to_dict() for a in self.actions], "cooldown_steps": self.cooldown_steps,
+            "escalation": [{"after_firings": e.after_firings, "within_steps": e.within_steps,
+                            "actions": [a.to_dict() for a in e.actions]} for e in self.escalation],
+            "diagnosis": self.diagnosis, "fix": self.fix,
+        }
+
 
 @dataclass(frozen=True)
 class RuleSet:
