@@ -31,7 +31,7 @@ from guardian.httpserver import HTTPServer, Reply, Request
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
 from guardian.ruleset import RuleSet
-from guardian.store import Store
+from guardian.store import ReportWrite, Store
 
 log = logging.getLogger("guardian.daemon")
 DEFAULT_PORT = 8765
@@ -130,15 +130,31 @@ class Guardian:
     def _save_state_now(self, state: RunState, decided: bool) -> bool:
         return decided or state.ended or time.monotonic() - state.state_saved >= STATE_SAVE_SECONDS
 
+    def _commit(self, state: RunState, meta: dict[str, Any], events: list[dict[str, Any]],
+                decisions: list[dict[str, Any]], save_state: bool, applied: list[int] | None = None) -> None:
+        """Store a run's new events, decisions and progress in one transaction (call holding `state.lock`).
+
+        If that fails (a full or read-only disk), the run is dropped from memory and the error raised: nothing
+        was acknowledged, the client resends, and the run's next report starts again from what is stored."""
+        engine_state = json.dumps(state.engine.state_dict()) if save_state else None
+        try:
+            self.store.commit(ReportWrite(state.id, state.rules, meta, events, decisions, engine_state,
+                                          state.last_seq, state.last_step, state.ended, applied or []))
+        except Exception:
+            with self._lock:
+                if self._runs.get(state.id) is state:
+                    del self._runs[state.id]
+            raise
+        if save_state:
+            state.state_saved = time.monotonic()
+
     def flush(self) -> None:
         """Save every run's rule state now (on shutdown: a restart then replays nothing)."""
         with self._lock:
             states = list(self._runs.values())
         for state in states:
             with state.lock:
-                self.store.commit_report(state.id, state.rules, {}, [], [], state.engine.state_dict(),
-                                         state.last_seq, state.last_step, state.ended)
-                state.state_saved = time.monotonic()
+                self._commit(state, {}, [], [], save_state=True)
 
     def report(self, report: wire.Report, decisions_since_step: int | None = None) -> dict[str, Any]:
         """Ingest a report; return the reply body (ack, decisions, commands)."""
@@ -164,14 +180,7 @@ class Guardian:
                     state.ended = False
             state.last_seq = max([state.last_seq] + [e["seq"] for e in new])
             state.last_seen = time.time()
-            save = self._save_state_now(state, bool(decisions))
-            self.store.commit_report(report.run_id, state.rules, report.meta, new, decisions,
-                                     state.engine.state_dict() if save else None, state.last_seq, state.last_step,
-                                     state.ended)
-            if save:
-                state.state_saved = time.monotonic()
-            if applied:
-                self.store.mark_applied(applied)
+            self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied)
             self.counters["events_ingested"] += len(new)
             self.counters["events_duplicate"] += len(report.events) - len(new)
             self.counters["reports"] += 1
@@ -234,9 +243,7 @@ class Guardian:
             with state.lock:
                 decisions = state.engine.observe(state.last_step or 0, {"seconds_since_report": now - state.last_seen})
                 if decisions:
-                    self.store.commit_report(state.id, state.rules, {}, [], [d.to_dict() for d in decisions],
-                                             state.engine.state_dict(), state.last_seq, state.last_step, state.ended)
-                    state.state_saved = time.monotonic()
+                    self._commit(state, {}, [], [d.to_dict() for d in decisions], save_state=True)
 
     def maintain(self, retain_days: float | None) -> None:
         """Keep the store bounded: thin old metrics of every run, delete runs past retention."""

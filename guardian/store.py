@@ -1,8 +1,8 @@
 """The daemon's store: SQLite in WAL mode, one file, every run's events, decisions and commands.
 
-Each report is committed in one transaction together with the run's engine state and the sequence number
-it has processed up to, so after a crash (even SIGKILL) the stored events, the decisions and the rule state
-agree, and a resent event is recognised by its (run, seq) and stored once.
+Each report is committed in one transaction (`ReportWrite`) together with the run's engine state and the
+sequence number it has processed up to, so after a crash (even SIGKILL) the stored events, the decisions and
+the rule state agree, and a resent event is recognised by its (run, seq) and stored once.
 
 Growth is bounded: a run keeps its newest `metrics_kept` metrics events in full; older ones are thinned to
 every `thin_every`-th step (decisions, actions and commands are never thinned); runs not heard from in
@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,11 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, rules TEXT NOT NULL, meta TEXT NOT NULL, first_seen REAL NOT NULL,
     last_seen REAL NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, last_step INTEGER,
-    engine_state TEXT, ended INTEGER NOT NULL DEFAULT 0, engine_seq INTEGER NOT NULL DEFAULT 0
+    ended INTEGER NOT NULL DEFAULT 0
 );
+-- A run's rule state (~20 KB of detector windows) has a table of its own: the runs row is updated with every
+-- report, and carrying the state in it made each report's commit a third slower.
+CREATE TABLE IF NOT EXISTS run_states (run_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step INTEGER, time REAL,
     body TEXT NOT NULL, PRIMARY KEY (run_id, seq)
@@ -63,6 +66,22 @@ class RunRow:
     engine_seq: int  # the engine state is as of this seq: replay the metrics events after it
 
 
+@dataclass
+class ReportWrite:
+    """What one report changes in the store, committed in one transaction by `Store.commit`."""
+
+    run_id: str
+    rules: str
+    meta: dict[str, Any]
+    events: list[dict[str, Any]]
+    decisions: list[dict[str, Any]]
+    engine_state: str | None  # JSON, encoded when the state was taken; None leaves the stored state as it was
+    last_seq: int
+    last_step: int | None
+    ended: bool
+    applied: list[int] = field(default_factory=list)  # command ids the run reports as applied
+
+
 class Store:
     """Thread-safe access to the daemon's SQLite file."""
 
@@ -77,9 +96,12 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; fsync per checkpoint
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
-        if "engine_seq" not in columns:  # a store from before the engine state was saved lazily
-            self._db.execute("ALTER TABLE runs ADD COLUMN engine_seq INTEGER NOT NULL DEFAULT 0")
-            self._db.execute("UPDATE runs SET engine_seq = last_seq")
+        if "engine_state" in columns:  # a store from before run_states: move its states there (once: then NULL)
+            seq = "engine_seq" if "engine_seq" in columns else "last_seq"
+            with self._tx() as db:
+                db.execute(f"INSERT OR IGNORE INTO run_states (run_id, seq, state) SELECT id, {seq}, engine_state "
+                           "FROM runs WHERE engine_state IS NOT NULL")
+                db.execute("UPDATE runs SET engine_state = NULL WHERE engine_state IS NOT NULL")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -99,48 +121,47 @@ class Store:
     # ---- runs --------------------------------------------------------------------------------------
 
     def run(self, run_id: str) -> RunRow | None:
-        rows = self._query(f"SELECT {_RUN_COLUMNS}, engine_state FROM runs WHERE id = ?", (run_id,))
+        rows = self._query(_RUN_SELECT.format(state="s.state") + " WHERE r.id = ?", (run_id,))
         return _run_row(rows[0]) if rows else None
 
     def runs(self) -> list[RunRow]:
         """Every run, newest first, without its engine state."""
-        return [_run_row(r) for r in self._query(f"SELECT {_RUN_COLUMNS}, NULL FROM runs ORDER BY last_seen DESC")]
+        return [_run_row(r) for r in self._query(_RUN_SELECT.format(state="NULL") + " ORDER BY r.last_seen DESC")]
 
     def pending_command_runs(self) -> set[str]:
         """The runs with commands not yet delivered."""
         return {r[0] for r in self._query("SELECT DISTINCT run_id FROM commands WHERE delivered IS NULL")}
 
-    def commit_report(self, run_id: str, rules: str, meta: dict[str, Any], events: list[dict[str, Any]],
-                      decisions: list[dict[str, Any]], engine_state: dict[str, Any] | None, last_seq: int,
-                      last_step: int | None, ended: bool) -> int:
-        """Store new events and the decisions they caused, atomically; return rows added.
+    def commit(self, w: ReportWrite) -> int:
+        """Store a report's new events, the decisions they caused and the run's progress in one transaction;
+        return the event rows added (a resent event is stored once).
 
-        `engine_state`, when given, is saved as of `last_seq`; without it the stored state stays as it was,
+        `w.engine_state`, when given, is saved as of `w.last_seq`; without it the stored state stays as it was,
         and the events stored since let `Guardian` bring it up to date by replaying them."""
         now = time.time()
-        state = None if engine_state is None else json.dumps(engine_state)  # encoded outside the lock
-        meta_json = json.dumps(meta)
+        meta = json.dumps(w.meta)  # everything is encoded before the lock is taken
+        events = [(w.run_id, e["seq"], e["kind"], e.get("step"), e.get("time"), json.dumps(e)) for e in w.events]
+        decisions = [(w.run_id, d["step"], d["rule"], d["severity"], now, json.dumps(d)) for d in w.decisions]
         with self._tx() as db:
             db.execute(
                 "INSERT INTO runs (id, rules, meta, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, rules = excluded.rules",
-                (run_id, rules, json.dumps(meta), now, now),
+                (w.run_id, w.rules, meta, now, now),
             )
             added = db.executemany(
-                "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)",
-                [(run_id, e["seq"], e["kind"], e.get("step"), e.get("time"), json.dumps(e)) for e in events],
+                "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)", events,
             ).rowcount
             db.executemany(
-                "INSERT INTO decisions (run_id, step, rule, severity, time, body) VALUES (?, ?, ?, ?, ?, ?)",
-                [(run_id, d["step"], d["rule"], d["severity"], now, json.dumps(d)) for d in decisions],
-            )
+                "INSERT INTO decisions (run_id, step, rule, severity, time, body) VALUES (?, ?, ?, ?, ?, ?)", decisions)
             db.execute(
                 "UPDATE runs SET last_seq = MAX(last_seq, ?), last_step = COALESCE(?, last_step),"
                 " ended = MAX(ended, ?), meta = CASE WHEN ? = '{}' THEN meta ELSE ? END WHERE id = ?",
-                (last_seq, last_step, int(ended), meta_json, meta_json, run_id),
+                (w.last_seq, w.last_step, int(w.ended), meta, meta, w.run_id),
             )
-            if state is not None:
-                db.execute("UPDATE runs SET engine_state = ?, engine_seq = ? WHERE id = ?", (state, last_seq, run_id))
+            if w.engine_state is not None:
+                db.execute("INSERT OR REPLACE INTO run_states (run_id, seq, state) VALUES (?, ?, ?)",
+                           (w.run_id, w.last_seq, w.engine_state))
+            db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(now, i) for i in w.applied])
         return added
 
     def touch(self, run_id: str) -> None:
@@ -190,10 +211,6 @@ class Store:
             db.executemany("UPDATE commands SET delivered = ? WHERE id = ?", [(time.time(), r[0]) for r in rows])
         return [{"id": r[0], "action": r[1], "params": json.loads(r[2]), "source": r[3]} for r in rows]
 
-    def mark_applied(self, command_ids: list[int]) -> None:
-        with self._tx() as db:
-            db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(time.time(), i) for i in command_ids])
-
     def commands(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT id, action, params, source, created, delivered, applied FROM commands "
                            "WHERE run_id = ? ORDER BY id", (run_id,))
@@ -236,7 +253,8 @@ class Store:
         cutoff = time.time() - retain_days * 86400
         with self._tx() as db:
             old = [r[0] for r in db.execute("SELECT id FROM runs WHERE last_seen < ?", (cutoff,)).fetchall()]
-            for table, column in (("events", "run_id"), ("decisions", "run_id"), ("commands", "run_id"), ("runs", "id")):
+            for table, column in (("events", "run_id"), ("decisions", "run_id"), ("commands", "run_id"),
+                                  ("run_states", "run_id"), ("runs", "id")):
                 db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(r,) for r in old])
         return len(old)
 
@@ -248,7 +266,8 @@ class Store:
             self._db.close()
 
 
-_RUN_COLUMNS = "id, rules, meta, first_seen, last_seen, last_seq, last_step, ended, engine_seq"
+_RUN_SELECT = ("SELECT r.id, r.rules, r.meta, r.first_seen, r.last_seen, r.last_seq, r.last_step, r.ended, "
+               "COALESCE(s.seq, 0), {state} FROM runs r LEFT JOIN run_states s ON s.run_id = r.id")
 
 
 def _run_row(row: tuple[Any, ...]) -> RunRow:
