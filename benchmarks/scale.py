@@ -15,9 +15,10 @@ rules fire now and then), POSTed to /v1/report as {"v": 1, "run": {"id", "rules"
 "decisions_since_step": S} over a persistent `http.client` connection of its own. A run that keeps up sends
 one event per report; a run that has fallen behind sends everything due in one report (at most 500
 events), as DaemonLink's batching does. Runs step at `rate` steps/s each (staggered start phases), or as fast
-as the replies come (`max`). Like DaemonLink, a simulated run gives up on a reply after `--client-timeout`
-(5 s), reconnects and resends the same events after a back-off (0.2 s doubling to 5 s); the daemon stores
-each (run, seq) once.
+as the replies come (`max`). A simulated run paces itself with DaemonLink's own `Pacing`: it gives up on a
+reply after `--client-timeout` (5 s), reconnects and resends the same events after a back-off (0.2 s doubling
+to 5 s, jittered); after a timeout it waits twice as long for the next reply (up to 60 s) and sends half
+the batch; the daemon stores each (run, seq) once.
 
 The load comes from `--procs` worker processes with up to `--threads` threads each; by default every run
 has a thread of its own (as every training process has its own DaemonLink sender thread) up to 1,000 runs.
@@ -84,6 +85,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 from _common import RESULTS_DIR, CpuMonitor, load_average, machine_info, table, write_json  # noqa: E402
 
+from guardian.client import Pacing  # noqa: E402
+
 MAX_BATCH = 500  # DaemonLink.batch_size
 EVAL_EVERY = 100
 
@@ -94,14 +97,15 @@ EVAL_EVERY = 100
 class SimRun:
     """One training run's reporting: seq numbers, steps due by the clock, its own persistent connection."""
 
-    def __init__(self, run_id: str, t0: float, rate: float | None, seed: int, decisions_since: bool) -> None:
+    def __init__(self, run_id: str, t0: float, rate: float | None, seed: int, decisions_since: bool,
+                 timeout: float = 5.0) -> None:
         self.id, self.t0, self.rate = run_id, t0, rate
         self.rng = random.Random(seed)
         self.seq = 0  # last seq acked
         self.step = 0  # last step acked
         self.started = False
         self.conn: http.client.HTTPConnection | None = None
-        self.backoff = 0.2
+        self.pacing = Pacing(base_timeout=timeout, max_batch=MAX_BATCH)  # DaemonLink's: timeouts, batches, back-off
         self.decisions_since = decisions_since
         meta = {"output_dir": f"/tmp/sim/{run_id}", "max_steps": 100_000, "host": "loadgen", "pid": 0}
         self.prefix = json.dumps({"id": run_id, "rules": "default", "meta": meta}, separators=(",", ":"))
@@ -125,7 +129,7 @@ class SimRun:
                 "learning_rate": lr}
 
     def batch(self, upto: int, now: float) -> tuple[list[dict[str, Any]], int, list[float]]:
-        """Events for steps step+1..upto (at most MAX_BATCH); returns (events, last step, due times)."""
+        """Events for steps step+1..upto (at most a batch); returns (events, last step, due times)."""
         events: list[dict[str, Any]] = []
         dues: list[float] = []
         seq = self.seq
@@ -135,14 +139,14 @@ class SimRun:
                            "rules": ["default"], "max_steps": 100_000})
             dues.append(now if not self.rate else self.t0)
         step = self.step
-        while step < upto and len(events) < MAX_BATCH:
+        while step < upto and len(events) < self.pacing.batch:
             step += 1
             seq += 1
             due = self.due_time(step) if self.rate else now
             events.append({"seq": seq, "kind": "metrics", "time": round(due, 3), "step": step, "phase": "train",
                            "epoch": step / 1000, "lr_scale": 1.0, "values": self.metrics(step)})
             dues.append(due)
-            if step % EVAL_EVERY == 0 and len(events) < MAX_BATCH:
+            if step % EVAL_EVERY == 0 and len(events) < self.pacing.batch:
                 seq += 1
                 eval_loss = 0.5 + self.loss_scale * math.exp(-step / 900)
                 events.append({"seq": seq, "kind": "metrics", "time": round(due, 3), "step": step,
@@ -191,9 +195,11 @@ def run_thread(runs: list[SimRun], port: int, end: float, stats: ThreadStats, pr
         try:
             if run.conn is None:
                 c0 = time.perf_counter()
-                run.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                run.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=run.pacing.timeout)
                 run.conn.connect()
                 stats.connect_ms.append((time.perf_counter() - c0) * 1000)
+            elif run.conn.sock is not None:
+                run.conn.sock.settimeout(run.pacing.timeout)
             t0 = time.perf_counter()
             run.conn.request("POST", "/v1/report", body=body, headers=headers)
             response = run.conn.getresponse()
@@ -208,10 +214,10 @@ def run_thread(runs: list[SimRun], port: int, end: float, stats: ThreadStats, pr
             if run.conn is not None:
                 run.conn.close()
             run.conn = None
-            heapq.heappush(heap, (time.time() + run.backoff, i))  # DaemonLink: 0.2 s, doubling, at most 5 s
-            run.backoff = min(run.backoff * 2, 5.0)
+            delay = run.pacing.timed_out() if isinstance(exc, TimeoutError) else run.pacing.failed()
+            heapq.heappush(heap, (time.time() + delay, i))
             continue
-        run.backoff = 0.2
+        run.pacing.replied(rtt)
         t_reply = time.time()
         last_seq = events[-1]["seq"]
         if int(reply.get("ack_seq", 0)) < last_seq:
@@ -247,7 +253,8 @@ def worker(port: int, run_ids: list[str], rate: float | None, threads: int, star
     for k, rid in enumerate(run_ids):
         phase = rng.random() / rate if rate else 0.0
         t0 = start + phase - (prefill / rate if rate else 0.0)
-        runs.append(SimRun(rid, t0, rate, seed=hash(rid) & 0xFFFFFFF, decisions_since=decisions_since))
+        runs.append(SimRun(rid, t0, rate, seed=hash(rid) & 0xFFFFFFF, decisions_since=decisions_since,
+                           timeout=timeout))
     threading.stack_size(512 * 1024)
     n = max(1, min(threads, len(runs)))
     groups = [runs[j::n] for j in range(n)]
@@ -670,8 +677,8 @@ def main() -> None:
                              "rules' longest window after its warm-up, plus 100)")
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--client-timeout", type=float, default=5.0,
-                        help="seconds a simulated run waits for a reply before it reconnects and resends, with "
-                             "DaemonLink's back-off (DaemonLink's timeout_seconds: 5)")
+                        help="seconds a simulated run first waits for a reply before it reconnects and resends "
+                             "(DaemonLink's timeout_seconds: 5); as in DaemonLink, each timeout doubles it, up to 60 s")
     parser.add_argument("--heap-check", default="",
                         help="RUNS:STEPS: instead of the load test, feed the daemon's core in this process (no HTTP) "
                              "and track Python's heap with tracemalloc; writes results/scale_heapcheck.json")
@@ -802,8 +809,8 @@ def analysis(data: dict[str, Any]) -> list[str]:
         out.append(f"- In-process, one report costs about {costs.get('observe_us')} µs in `Engine.observe`; encoding "
                    f"the rule state ({costs.get('state_json_bytes')} bytes of JSON) costs "
                    f"{costs.get('state_json_dumps_us')} µs, which is why the daemon saves it only with decisions, "
-                   "at the end of a run and at most every 5 s (`STATE_SAVE_SECONDS`), replaying the stored events "
-                   "after a crash.")
+                   "at the end of a run and about once a minute otherwise (`STATE_SAVE_SECONDS`), replaying the "
+                   "stored events after a crash.")
     soak = data.get("soak") or {}
     a = soak.get("analysis") or {}
     if a:
@@ -949,8 +956,8 @@ def per_report_costs(steps: int = 1000) -> dict[str, Any]:
     """In this process, without HTTP or SQLite: what every report costs the daemon before touching the store.
 
     An Engine with the shipped rules fed `steps` synthetic steps (its windows full); then the time of one
-    `observe`, the size of `json.dumps(engine.state_dict())` (written to the runs table with every report) and
-    the time to build and encode it (Store.commit_report encodes it while holding the store's lock)."""
+    `observe`, the size of `json.dumps(engine.state_dict())` (saved with decisions, at the end of a run and about
+    once a minute) and the time to build and encode it (done on the event loop, under the run's lock)."""
     from guardian.engine import Engine
     from guardian.ruleset import load_rules
 
@@ -975,7 +982,7 @@ def per_report_costs(steps: int = 1000) -> dict[str, Any]:
 
 
 def state_growth(checkpoints: tuple[int, ...] = (1000, 2000, 4000, 8000)) -> list[dict[str, Any]]:
-    """How the engine state (saved with every report) grows with a run's length, and which rule holds most."""
+    """How the engine state grows with a run's length, and which rule holds most."""
     from guardian.engine import Engine
     from guardian.ruleset import load_rules
 

@@ -4,16 +4,24 @@ Events are appended to the run's event file first (the spool), then queued in me
 posts them in batches and keeps what the daemon answered. If the daemon is down, nothing is lost: events
 stay queued (the oldest beyond `max_buffered` are read back from the spool when the daemon returns), and
 the sender retries with back-off. The daemon stores each (run, seq) once, so resending is safe.
+
+A daemon that is slow (a whole fleet coming back after an outage, each run with a backlog) is told apart from
+one that is down: a reply that times out makes the sender wait longer for the next one and send smaller
+batches (`Pacing`), so it does not resend a batch the daemon is still working on. With a fixed timeout, a
+thousand runs resending 500-event batches every few seconds kept a daemon saturated for ten minutes.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import logging
+import random
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -52,6 +60,49 @@ def request(url: str, method: str, path: str, body: dict[str, Any] | None = None
     return dict(message)
 
 
+@dataclass
+class Pacing:
+    """How a run's sender paces itself against the daemon.
+
+    - A refused or reset connection (the daemon is down): retry after a back-off of 0.2 s doubling to 5 s.
+    - A reply that does not come within `timeout` (the daemon is up but busy): the request is still queued
+      there and will be processed, so resending it at once only adds work. The timeout doubles (up to
+      `max_timeout`), the batch halves (down to `min_batch`) and the sender backs off as above.
+    - A reply: the back-off resets, the batch doubles back towards `max_batch`, and once replies come well
+      inside the timeout it halves back towards `base_timeout`.
+    Every back-off is jittered by ±50 % so runs that failed together do not retry together.
+    """
+
+    base_timeout: float = 5.0
+    max_timeout: float = 60.0
+    max_batch: int = 500
+    min_batch: int = 25
+    timeout: float = field(init=False)
+    batch: int = field(init=False)
+    backoff: float = field(init=False, default=0.2)
+
+    def __post_init__(self) -> None:
+        self.timeout, self.batch = self.base_timeout, self.max_batch
+
+    def replied(self, seconds: float) -> None:
+        self.backoff = 0.2
+        self.batch = min(self.max_batch, self.batch * 2)
+        if seconds < self.timeout / 4:
+            self.timeout = max(self.base_timeout, self.timeout / 2)
+
+    def timed_out(self) -> float:
+        """The seconds to wait before resending."""
+        self.timeout = min(self.max_timeout, self.timeout * 2)
+        self.batch = max(self.min_batch, self.batch // 2)
+        return self.failed()
+
+    def failed(self) -> float:
+        """The seconds to wait before retrying."""
+        delay = self.backoff * random.uniform(0.5, 1.5)
+        self.backoff = min(self.backoff * 2, 5.0)
+        return delay
+
+
 class DaemonLink:
     """Streams one run's events to the daemon and collects its verdicts and commands."""
 
@@ -63,7 +114,8 @@ class DaemonLink:
             raise ValueError(f"GUARDIAN_URL must look like http://HOST:PORT, got {url!r}")
         self.url, self.run_id, self.rules, self.meta = url, run_id, rules, dict(meta or {})
         self.token, self.spool = token, spool
-        self.max_buffered, self.batch_size, self.timeout_seconds = max_buffered, batch_size, timeout_seconds
+        self.max_buffered = max_buffered
+        self.pacing = Pacing(base_timeout=timeout_seconds, max_batch=batch_size, min_batch=min(25, batch_size))
         self.acked_seq = 0
         self._taken_through_step = -1
         self.connected = False
@@ -138,27 +190,33 @@ class DaemonLink:
     # ---- the sender thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.2
+        pacing = self.pacing
         while True:
             with self._cond:
                 while not self._queue and not self._stop and not self._spilled:
                     self._cond.wait(1.0)
                 if self._stop:
                     return
-                batch = list(self._queue)[: self.batch_size]
+                batch = list(itertools.islice(self._queue, pacing.batch))
                 want = self._want_decisions_from
             if self._spilled:
                 batch = self._refill(batch)
+            started = time.monotonic()
             try:
                 reply = self._post(batch, want)
+            except TimeoutError as exc:
+                self._failed(exc)
+                delay = pacing.timed_out()
             except (OSError, http.client.HTTPException, DaemonError) as exc:
                 self._failed(exc)
-                with self._cond:
-                    self._cond.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = pacing.failed()
+            else:
+                pacing.replied(time.monotonic() - started)
+                self._accept(reply)
                 continue
-            backoff = 0.2
-            self._accept(reply)
+            with self._cond:
+                if not self._stop:
+                    self._cond.wait(delay)
 
     def _refill(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Events dropped from memory are read back from the spool file, in order."""
@@ -174,7 +232,7 @@ class DaemonLink:
                     seq = event.get("seq", 0)
                     if seq > self.acked_seq and (first_in_memory is None or seq < first_in_memory):
                         missing.append(event)
-                        if len(missing) >= self.batch_size:
+                        if len(missing) >= self.pacing.batch:
                             break
         if not missing:
             with self._cond:
@@ -190,7 +248,9 @@ class DaemonLink:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         if self._conn is None:
-            self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_seconds)
+            self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.pacing.timeout)
+        elif self._conn.sock is not None:
+            self._conn.sock.settimeout(self.pacing.timeout)
         try:
             self._conn.request("POST", "/v1/report", body=wire.dumps(body), headers=headers)
             response = self._conn.getresponse()

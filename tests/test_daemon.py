@@ -318,3 +318,79 @@ def test_real_messages_follow_the_published_schema(daemon: tuple[Guardian, str, 
     assert reply["decisions"] and reply["commands"]
     with pytest.raises(jsonschema.ValidationError):
         check("report", {"v": 2, "run": {"id": "s"}, "events": []})
+
+
+def test_a_report_the_store_cannot_take_is_not_acknowledged_and_its_resend_is_stored(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = Store(tmp_path / "g.db")
+    core = Guardian(store, RuleLibrary(None))
+    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=2.0) for i in range(1, 6)]))
+    store._db.execute("PRAGMA query_only = 1")  # the disk refuses writes (full, read-only, ...)
+    lost = [metrics(i, i, loss=2.0) for i in range(6, 9)]
+    with pytest.raises(sqlite3.OperationalError):
+        core.report(wire.Report("r", "default", {}, lost))
+    store._db.execute("PRAGMA query_only = 0")
+    reply = core.report(wire.Report("r", "default", {}, lost))  # the client resends what was not acknowledged
+    assert reply["ack_seq"] == 8
+    assert store.event_seqs("r") == list(range(1, 9))
+    assert core.counters["events_ingested"] == 8  # counted when stored: the failed attempt is not
+
+
+def test_a_store_from_before_run_states_keeps_its_rule_state(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "g.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, rules TEXT NOT NULL, meta TEXT NOT NULL, first_seen REAL "
+                "NOT NULL, last_seen REAL NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, last_step INTEGER, "
+                "engine_state TEXT, ended INTEGER NOT NULL DEFAULT 0, engine_seq INTEGER NOT NULL DEFAULT 0)")
+    old.execute("INSERT INTO runs VALUES ('r', 'default', '{}', 1.0, 2.0, 40, 40, '{\"rules\": {}}', 0, 30)")
+    old.commit()
+    old.close()
+    store = Store(path)
+    row = store.run("r")
+    assert row is not None and (row.engine_state, row.engine_seq, row.last_seq) == ({"rules": {}}, 30, 40)
+    store.close()
+    again = Store(path)  # the move happens once; opening again changes nothing
+    assert again.run("r") == row
+
+
+def test_pacing_waits_longer_and_sends_less_while_the_daemon_is_slow() -> None:
+    from guardian.client import Pacing
+
+    pacing = Pacing(base_timeout=5.0, max_batch=500)
+    delays = [pacing.timed_out() for _ in range(6)]
+    assert (pacing.timeout, pacing.batch) == (60.0, 25)  # 5 -> 10 -> ... capped; 500 -> 250 -> ... floored
+    assert all(0.5 * b <= d <= 1.5 * b for d, b in zip(delays, [0.2, 0.4, 0.8, 1.6, 3.2, 5.0]))
+    pacing.replied(40.0)  # a slow reply: keep waiting that long, but send more again
+    assert (pacing.timeout, pacing.batch, pacing.backoff) == (60.0, 50, 0.2)
+    for _ in range(8):
+        pacing.replied(0.01)
+    assert (pacing.timeout, pacing.batch) == (5.0, 500)
+    pacing.failed()  # refused: the daemon is down, not slow
+    assert (pacing.timeout, pacing.batch) == (5.0, 500)
+
+
+def test_a_sender_facing_a_stalled_daemon_backs_off_then_delivers_everything_once(daemon: tuple[Guardian, str, str]) -> None:
+    from guardian.client import DaemonLink
+
+    core, url, _ = daemon
+    link = DaemonLink(url, "slow", timeout_seconds=0.3, batch_size=100)
+    try:
+        with core.store._lock:  # the daemon's event loop stalls on its store, as under a flood of reports
+            for seq in range(1, 101):
+                link.send(metrics(seq, seq, loss=1.0))
+            give_up = time.monotonic() + 30
+            while link.pacing.timeout < 1.2 and time.monotonic() < give_up:  # two replies timed out
+                time.sleep(0.01)
+            assert link.unreachable and link.pacing.batch == 25
+            assert link.wait_for(100, timeout=60) is False  # a step does not wait on a daemon this slow
+        deadline = time.monotonic() + 30
+        while link.acked_seq < 100 and time.monotonic() < deadline:  # the sender retries after its back-off
+            time.sleep(0.05)
+        assert link.acked_seq == 100 and link.connected
+        assert core.store.event_seqs("slow") == list(range(1, 101))
+        assert core.counters["events_duplicate"] > 0  # the timed-out batches arrived too, and were stored once
+    finally:
+        link.close(flush_seconds=0)
