@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = RESULTS_DIR.parent.parent
+
+
+def _from_repo(path: str) -> str:
+    """`path` relative to the repository when it is inside it (`.venv/bin/python`), so a results file says
+    how to rerun it anywhere rather than where it happened to run."""
+    absolute = Path(os.path.abspath(path))
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else path
 
 
 def _cpu_model() -> str:
@@ -77,7 +85,7 @@ def machine_info() -> dict[str, Any]:
         mem_gb = None
     return {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([_from_repo(sys.executable), *sys.argv]),
         "cwd": os.getcwd(),
         "uname": platform.uname()._asdict(),
         "processor": platform.processor(),
