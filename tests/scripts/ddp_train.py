@@ -91,6 +91,12 @@ def main() -> None:
             "decisions": [[d.step, d.rule] for d in guardian.decisions],
             "interventions": guardian.interventions,
         }, f)
+    # Every rank has written its record before any rank exits: at interpreter shutdown a gloo worker thread
+    # can still be releasing one of Trainer's finished all_gathers; it then needs the GIL, is stopped by the
+    # shutdown and aborts the process ("terminate called without an active exception", exit -6, in about one
+    # run in ten here, seen with gdb), and torchrun then kills the other rank, maybe before it wrote its record.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
