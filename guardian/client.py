@@ -204,8 +204,9 @@ class DaemonLink:
             started = time.monotonic()
             try:
                 reply = self._post(batch, want)
-            except TimeoutError as exc:
-                self._failed(exc)
+            except TimeoutError:
+                self._failed(f"no reply within {pacing.timeout:g} s: busy, not down; the sender now waits longer "
+                             "and sends smaller batches")
                 delay = pacing.timed_out()
             except (OSError, http.client.HTTPException, DaemonError) as exc:
                 self._failed(exc)
@@ -269,11 +270,11 @@ class DaemonLink:
         """The last attempt to reach the daemon failed."""
         return not self.connected and self.failures > 0
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, why: Exception | str) -> None:
         with self._cond:
             self.failures += 1
             if self.connected or self.failures == 1:
-                log.warning("guardian daemon at %s unreachable (%s); spooling events and retrying", self.url, exc)
+                log.warning("guardian daemon at %s unreachable (%s); spooling events and retrying", self.url, why)
             self.connected = False
             self._cond.notify_all()
 

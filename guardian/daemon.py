@@ -18,6 +18,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ class Guardian:
         return decided or state.ended or time.monotonic() - state.state_saved >= STATE_SAVE_SECONDS
 
     def _commit(self, state: RunState, meta: dict[str, Any], events: list[dict[str, Any]],
-                decisions: list[dict[str, Any]], save_state: bool, applied: list[int] | None = None) -> None:
+                decisions: list[dict[str, Any]], save_state: bool, applied: Sequence[int] = ()) -> None:
         """Store a run's new events, decisions and progress in one transaction (call holding `state.lock`).
 
         If that fails (a full or read-only disk), the run is dropped from memory and the error raised: nothing
@@ -139,7 +140,7 @@ class Guardian:
         engine_state = json.dumps(state.engine.state_dict()) if save_state else None
         try:
             self.store.commit(ReportWrite(state.id, state.rules, meta, events, decisions, engine_state,
-                                          state.last_seq, state.last_step, state.ended, applied or []))
+                                          state.last_seq, state.last_step, state.ended, list(applied)))
         except Exception:
             with self._lock:
                 if self._runs.get(state.id) is state:
