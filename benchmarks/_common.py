@@ -86,7 +86,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([_from_repo(sys.executable), *sys.argv]),
-        "cwd": os.getcwd(),
+        "cwd": _from_repo(os.getcwd()),
         "uname": platform.uname()._asdict(),
         "processor": platform.processor(),
         "cpu_model": _cpu_model(),

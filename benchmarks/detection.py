@@ -94,7 +94,7 @@ GUARDIAN_TYPES: dict[str, set[str]] = {
     "non_finite_eval_loss": {NAN_EVAL},
     "grad_explosion_absolute": GRAD | {"divergence_fast"},
     "grad_explosion": GRAD | {"divergence_fast"},
-    "loss_spike": LOSS | DIVERGENCE,
+    "loss_spike": LOSS | {"divergence_fast"},  # a slow divergence is loss_divergence's: a 10-value baseline follows it
     "lr_blowup": set(),  # no learning-rate fault in the corpus: scored for false alarms only
     "overfitting": {"overfitting"},
     "loss_stuck_at_zero": {"plateau_zero"},
@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                      ".venv/bin/pip install -c constraints.txt -e '.[bench]' (or leave them out with "
                      "--systems guardian,transformers,naive)")
 
-    from _common import machine_info, table, write_json
+    from _common import _from_repo, machine_info, table, write_json
 
     from guardian.ruleset import load_rules
 
@@ -796,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data = {
         "benchmark": "detection", "machine": machine_info(), "elapsed_s": elapsed,
-        "settings": {**vars(args), "systems": systems, "rules_file": str(ruleset.source),
+        "settings": {**vars(args), "out": _from_repo(args.out), "systems": systems,
+                     "rules_file": _from_repo(str(ruleset.source)),
                      "aim": {"f1": AIM_F1, "fa_per_10k": AIM_FA_PER_10K}},
         "versions": _versions(),
         "rule_types": {n: {"system": i["system"], "types": sorted(i["types"]), "cadence": i["cadence"]}

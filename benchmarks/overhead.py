@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS_DIR, CpuMonitor, busy_warning, describe_machine, load_average,  # noqa: E402
+from _common import (RESULTS_DIR, CpuMonitor, _from_repo, busy_warning, describe_machine, load_average,  # noqa: E402
                      machine_info, summary, table, write_json)
 
 import torch  # noqa: E402
@@ -471,7 +471,7 @@ def cprofile_run(variant: str, args: argparse.Namespace, guardian_kwargs: dict[s
     prof_path.parent.mkdir(parents=True, exist_ok=True)
     prof_path.write_text(buf.getvalue())
     print(f"cProfile of one '{variant}' run written to {prof_path}")
-    return {"variant": variant, "cprofile_file": str(prof_path)}
+    return {"variant": variant, "cprofile_file": _from_repo(str(prof_path))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,7 +657,7 @@ def report(args: argparse.Namespace, variants: list[str], guardian_kwargs: dict[
     print(f"\ntotal runtime {total:.1f} s; load average at end {info['load_average_at_end']}")
     data = {
         "benchmark": "overhead", "machine": info,
-        "settings": {**vars(args), "variants": variants, "guardian_kwargs": guardian_kwargs,
+        "settings": {**vars(args), "out": _from_repo(args.out), "variants": variants, "guardian_kwargs": guardian_kwargs,
                      "variant_meaning": {v: VARIANTS[v] for v in variants}},
         "results": results, "rounds": rounds, "discarded_rounds": discarded, "contended_rounds_kept": kept_busy,
         "hook_times": hooks, "profile": profile,

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS_DIR, CpuMonitor, busy_warning, describe_machine, load_average,  # noqa: E402
+from _common import (RESULTS_DIR, CpuMonitor, _from_repo, busy_warning, describe_machine, load_average,  # noqa: E402
                      machine_info, summary, table, write_json)
 
 import torch  # noqa: E402
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     info["load_average_at_end"] = load_average()
     print(f"\ntotal runtime {total:.1f} s; load average at end {info['load_average_at_end']}")
-    data = {"benchmark": "rollback", "machine": info, "settings": {**vars(args), "sizes": sizes},
+    data = {"benchmark": "rollback", "machine": info, "settings": {**vars(args), "out": _from_repo(args.out), "sizes": sizes},
             "results": results, "table": "\n".join(text), "total_runtime_s": total}
     print(f"wrote {write_json(args.out, data)}")
     return 0

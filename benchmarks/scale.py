@@ -83,7 +83,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import RESULTS_DIR, CpuMonitor, load_average, machine_info, table, write_json  # noqa: E402
+from _common import RESULTS_DIR, CpuMonitor, _from_repo, load_average, machine_info, table, write_json  # noqa: E402
 
 from guardian.client import Pacing  # noqa: E402
 
@@ -786,7 +786,7 @@ def main() -> None:
     wall = time.perf_counter() - began
     shutil.rmtree(workdir, ignore_errors=True)
     data = {"benchmark": "scale", "machine": info, "wall_seconds": round(wall, 1), "per_report_costs": costs,
-            "settings": {k: getattr(args, k) for k in vars(args)}, "phases": phases, "profile": profile_summary,
+            "settings": {**vars(args), "out": _from_repo(args.out)}, "phases": phases, "profile": profile_summary,
             "soak": soak, "phase_table": table(PHASE_HEADERS, [phase_row(p) for p in phases])}
     out = write_json(args.out, data)
     md = Path(out).with_suffix(".md")

@@ -177,11 +177,18 @@ class DaemonLink:
             return commands
 
     def close(self, flush_seconds: float = 5.0) -> None:
-        """Try to deliver what is queued, then stop the sender."""
+        """Try to deliver what is queued, then stop the sender.
+
+        The notify cuts short the sender's back-off, so a daemon that is down gets one more attempt at once;
+        when that fails too, the wait ends there instead of running out `flush_seconds` (what was not
+        delivered is in the spool file)."""
         deadline = time.monotonic() + flush_seconds
         with self._cond:
+            failures = self.failures
             self._cond.notify()
             while self._queue and time.monotonic() < deadline:
+                if self.unreachable and self.failures > failures:
+                    break
                 self._cond.wait(0.05)
             self._stop = True
             self._cond.notify()

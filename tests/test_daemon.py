@@ -394,3 +394,19 @@ def test_a_sender_facing_a_stalled_daemon_backs_off_then_delivers_everything_onc
         assert core.counters["events_duplicate"] > 0  # the timed-out batches arrived too, and were stored once
     finally:
         link.close(flush_seconds=0)
+
+
+def test_closing_with_the_daemon_down_makes_one_more_attempt_then_returns() -> None:
+    """At the end of training with no daemon listening, close() does not sit out its flush time retrying."""
+    from guardian.client import DaemonLink
+
+    link = DaemonLink(f"http://127.0.0.1:{free_port()}", "down")
+    link.send(metrics(1, 1, loss=1.0))
+    give_up = time.monotonic() + 30
+    while not link.unreachable and time.monotonic() < give_up:
+        time.sleep(0.01)
+    assert link.unreachable
+    before = link.failures
+    link.close(flush_seconds=60)  # the sender's back-off reaches 5 s: waiting it out would take a dozen more tries
+    assert link.failures == before + 1
+    assert [e["seq"] for e in link._queue] == [1]  # undelivered, not dropped (the callback's spool file has it)

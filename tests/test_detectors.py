@@ -493,6 +493,11 @@ ROUND_TRIPS: dict[str, tuple[Callable[[], Detector], Stream, int]] = {
         series("learning_rate", [1.0, 1.1, 1.2, 9.0, 9.0, 1.0, 9.0, 9.0, 9.0, 9.0]),
         4,
     ),
+    "robust_zscore_sustained": (  # cut inside a sustained run: its count must survive the round trip
+        lambda: RobustZScoreDetector("loss", window_steps=20, warmup_steps=10, z_threshold=50.0, sustained_steps=3),
+        series("loss", wiggle(25) + [2.5] * 4 + wiggle(5) + [2.5] * 3),
+        26,
+    ),
     "robust_zscore_trend": (
         lambda: RobustZScoreDetector("loss", window_steps=30, warmup_steps=10, baseline_steps=5, noise="diff_mad"),
         series("loss", [5.0 - 0.1 * i + 0.01 * (i % 3) for i in range(20)] + [9.0, 3.0, 9.0, 2.9, 9.0]),
@@ -580,6 +585,28 @@ def rz(**kwargs: Any) -> dict[str, Any]:
             min_relative_change=-0.1,
         ),
         bad(RobustZScoreDetector, r"log_scale must be true or false, got 'yes'", metric="loss", log_scale="yes"),
+        bad(
+            RobustZScoreDetector,
+            r"sustained_steps must be 0 \(off\) or between 2 and window_steps // 2 \(50\), got 1",
+            metric="loss",
+            sustained_steps=1,
+        ),
+        bad(RobustZScoreDetector, r"sustained_steps must be an integer >= 0, got -3", **rz(sustained_steps=-3)),
+        bad(
+            RobustZScoreDetector,
+            r"sustained_z_threshold must not exceed z_threshold \(8\), got 9",
+            metric="loss",
+            z_threshold=8.0,
+            sustained_steps=3,
+            sustained_z_threshold=9.0,
+        ),
+        bad(
+            RobustZScoreDetector,
+            r"sustained_z_threshold must be a finite number > 0, got 0",
+            metric="loss",
+            sustained_steps=3,
+            sustained_z_threshold=0,
+        ),
         bad(OverfittingDetector, r"eval_metric must be a non-empty metric name", eval_metric=""),
         bad(OverfittingDetector, r"train_metric must be a non-empty metric name .* got None", train_metric=None),
         bad(OverfittingDetector, r"train_metric must differ, both are 'eval_loss'", train_metric="eval_loss"),
@@ -614,6 +641,51 @@ def test_diff_mad_sees_a_spike_on_a_steeply_falling_loss() -> None:
     )
     assert fired_steps(plain, stream) == []
     assert fired_steps(trend, stream) == [40]
+
+
+# --- sustained shifts: a few steps in a row, each below the one-step threshold -------------------------------
+
+
+def _sustained(**kwargs: Any) -> RobustZScoreDetector:
+    params: dict[str, Any] = dict(window_steps=100, warmup_steps=20, z_threshold=8.0, sustained_steps=3,
+                                  sustained_z_threshold=4.5, min_relative_change=0.2)
+    return RobustZScoreDetector("loss", **{**params, **kwargs})
+
+
+NOISY = [2.0 + 0.1 * math.sin(1.7 * i) for i in range(60)]  # robust sigma ~0.1: 2.6 is about z 6
+
+
+@pytest.mark.parametrize(
+    ("burst", "expected"),
+    [
+        ([2.6] * 3, [62]),  # three steps at z ~6: fires on the third, not before
+        ([2.6] * 5, [62, 63, 64]),  # and on each further one
+        ([2.6] * 2, []),  # two are not enough
+        ([2.6, 2.6, 2.1, 2.6, 2.6], []),  # the run must be unbroken
+        ([2.42] * 5, []),  # z ~4 is below the sustained threshold
+        ([6.0], [60]),  # a one-step spike beyond z_threshold still fires at once
+    ],
+)
+def test_sustained_shift_fires_after_its_steps(burst: list[float], expected: list[int]) -> None:
+    stream = series("loss", NOISY + burst + NOISY[:10])
+    assert fired_steps(_sustained(), stream) == expected
+    assert fired_steps(_sustained(sustained_steps=0), stream) == [s for s, v in stream if v["loss"] == 6.0]
+
+
+def test_sustained_finding_names_its_own_threshold_and_onset() -> None:
+    findings = run(_sustained(), series("loss", NOISY + [2.6] * 3))
+    assert len(findings) == 1
+    f = findings[0]
+    assert f.onset_step == 60 and f.evidence["sustained"] is True and f.evidence["z_threshold"] == 4.5
+    assert "limit 4.5 for 3 in a row: 3 since step 60" in f.message
+    assert 4.5 < f.evidence["z"] < 8.0
+
+
+def test_sustained_values_stay_out_of_the_baseline() -> None:
+    """A long burst is kept out of the window, so the baseline does not climb into it (until it rebaselines)."""
+    detector = _sustained()
+    run(detector, series("loss", NOISY + [2.6] * 10))
+    assert max(detector.state_dict()["window"]) < 2.2  # type: ignore[type-var]
 
 
 @given(st.lists(st.floats(0.5, 1.5), min_size=40, max_size=120))

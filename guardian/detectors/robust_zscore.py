@@ -46,6 +46,12 @@ class RobustZScoreDetector:
         noise: how the spread is estimated. "mad": the MAD of the window's values. "diff_mad": the MAD of
             successive differences divided by sqrt(2), which a trend (a loss still falling fast early in a
             run) does not inflate; use it with `baseline_steps` for losses.
+        sustained_steps: also fire when this many consecutive observations are beyond
+            `sustained_z_threshold` (and `min_relative_change`), though none reaches `z_threshold`: a shift
+            lasting a few steps is evidence that one step of the same size is not; 0 (the default) disables.
+            Between 2 and window_steps // 2. Such observations are kept out of the window too.
+        sustained_z_threshold: the robust z each of those observations must pass (default 4); greater than 0
+            and at most z_threshold.
     """
 
     kind: ClassVar[str] = "robust_zscore"
@@ -60,12 +66,15 @@ class RobustZScoreDetector:
     log_scale: bool = False
     baseline_steps: int = 0
     noise: Literal["mad", "diff_mad"] = "mad"
+    sustained_steps: int = 0
+    sustained_z_threshold: float = 4.0
     _window: deque[float] = field(init=False, repr=False, default_factory=deque)
     _sorted: list[float] = field(init=False, repr=False, default_factory=list)
     _diffs: deque[float] = field(init=False, repr=False, default_factory=deque)
     _sorted_diffs: list[float] = field(init=False, repr=False, default_factory=list)
     _recent: deque[float] = field(init=False, repr=False, default_factory=deque)
     _run: int = field(init=False, default=0, repr=False)
+    _strong: int = field(init=False, default=0, repr=False)
     _run_start: int | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +104,18 @@ class RobustZScoreDetector:
             )
         if self.noise not in NOISE_ESTIMATES:
             raise ValueError(f"noise must be 'mad' or 'diff_mad', got {self.noise!r}")
+        check_positive_int("sustained_steps", self.sustained_steps, 0)
+        if self.sustained_steps and not 2 <= self.sustained_steps <= self.window_steps // 2:
+            raise ValueError(
+                f"sustained_steps must be 0 (off) or between 2 and window_steps // 2 ({self.window_steps // 2}), "
+                f"got {self.sustained_steps}"
+            )
+        check_finite("sustained_z_threshold", self.sustained_z_threshold, 0.0, strict=True)
+        if self.sustained_steps and self.sustained_z_threshold > self.z_threshold:
+            raise ValueError(
+                f"sustained_z_threshold must not exceed z_threshold ({self.z_threshold:g}), "
+                f"got {self.sustained_z_threshold:g}"
+            )
         self._window = deque(maxlen=self.window_steps)
         self._recent = deque(maxlen=self.window_steps // 2 + 1)
 
@@ -111,16 +132,20 @@ class RobustZScoreDetector:
             return None
         median, mad = self._stats()
         z = (x - median) / max(MAD_SCALE * mad, self._eps(median))
-        if not self._anomalous(x, median, z):
+        strong = self._beyond(x, median, z, self.z_threshold)
+        if not strong and not (self.sustained_steps and self._beyond(x, median, z, self.sustained_z_threshold)):
             self._accept(x)
-            self._run, self._run_start = 0, None
+            self._run, self._strong, self._run_start = 0, 0, None
             self._recent.clear()
             return None
         if self._run == 0:
             self._run_start = step
-        self._run += 1
+        self._run += 1  # consecutive observations out of line (kept out of the window)
+        self._strong = self._strong + 1 if strong else 0  # of which, consecutive ones beyond z_threshold
         self._recent.append(x)
-        finding = self._finding(step, x, median, mad, z) if self._run >= self.consecutive_steps else None
+        fires = strong and self._strong >= self.consecutive_steps
+        sustained = bool(self.sustained_steps) and self._run >= self.sustained_steps
+        finding = self._finding(step, x, median, mad, z) if fires or sustained else None
         if self._run > self.window_steps // 2:
             self._rebaseline()
         return finding
@@ -167,13 +192,13 @@ class RobustZScoreDetector:
             return median, _mad(diffs, _median(diffs)) / math.sqrt(2)
         return median, _mad(self._sorted, median)
 
-    def _anomalous(self, x: float, median: float, z: float) -> bool:
+    def _beyond(self, x: float, median: float, z: float, threshold: float) -> bool:
         if self.direction == "up":
-            beyond = z > self.z_threshold
+            beyond = z > threshold
         elif self.direction == "down":
-            beyond = z < -self.z_threshold
+            beyond = z < -threshold
         else:
-            beyond = abs(z) > self.z_threshold
+            beyond = abs(z) > threshold
         if not beyond:
             return False
         base = self._original(median)
@@ -185,15 +210,21 @@ class RobustZScoreDetector:
         for x in self._recent:
             self._accept(x)
         self._recent.clear()
-        self._run, self._run_start = 0, None
+        self._run, self._strong, self._run_start = 0, 0, None
 
     def _finding(self, step: int, x: float, median: float, mad: float, z: float) -> Finding:
+        """A finding for observation x; when it does not reach z_threshold it fires as a sustained shift."""
+        sustained = abs(z) <= self.z_threshold
+        threshold = self.sustained_z_threshold if sustained else self.z_threshold
         scale = max(MAD_SCALE * mad, self._eps(median))
-        limit = median + math.copysign(self.z_threshold, z) * scale
+        limit = median + math.copysign(threshold, z) * scale
         value, base = self._original(x), self._original(median)
         side = "above" if z > 0 else "below"
         onset = self._run_start if self._run_start is not None else step
-        run = "" if self._run == 1 else f", {self._run} consecutive since step {onset}"
+        if sustained:
+            why = f"limit {self.sustained_z_threshold:g} for {self.sustained_steps} in a row: {self._run} since step {onset}"
+        else:
+            why = f"limit {self.z_threshold:g}" + ("" if self._run == 1 else f", {self._run} consecutive since step {onset}")
         log = " (log scale)" if self.log_scale else ""
         return Finding(
             metric=self.metric,
@@ -202,10 +233,10 @@ class RobustZScoreDetector:
             onset_step=onset,
             message=(
                 f"{self.metric} {value:.4g} at step {step} is {abs(z):.3g} robust z {side} its rolling median "
-                f"{base:.4g}{log} (limit {self.z_threshold:g}{run})"
+                f"{base:.4g}{log} ({why})"
             ),
             evidence={
-                "median": base, "mad": mad, "z": z, "z_threshold": self.z_threshold,
+                "median": base, "mad": mad, "z": z, "z_threshold": threshold, "sustained": sustained,
                 "window_size": len(self._window), "consecutive": self._run, "log_scale": self.log_scale,
             },
         )
@@ -215,6 +246,7 @@ class RobustZScoreDetector:
             "window": list(self._window),
             "recent": list(self._recent),
             "run": self._run,
+            "strong": self._strong,
             "run_start": self._run_start,
         }
 
@@ -224,6 +256,7 @@ class RobustZScoreDetector:
             self._accept(float(x))
         self._recent = deque((float(x) for x in state["recent"]), maxlen=self.window_steps // 2 + 1)
         self._run = int(state["run"])
+        self._strong = int(state.get("strong", self._run))  # stores written before sustained_steps existed
         self._run_start = None if state["run_start"] is None else int(state["run_start"])
 
 
