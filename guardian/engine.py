@@ -76,6 +76,10 @@ class _RuleRuntime:
     last_suppressed: int | None = None
     fired_total: int = 0
     suppressed_total: int = 0
+    watches: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.watches = frozenset(self.rule.watches)
 
     def in_cooldown(self, step: int) -> bool:
         """Within `cooldown_steps` after the last firing; a second firing at the same step is always held back."""
@@ -116,10 +120,9 @@ class Engine:
         self.last_step = step
         decisions = []
         for runtime in self._rules:
-            values = {name: metrics[name] for name in runtime.rule.watches if name in metrics}
-            if not values:
+            if runtime.watches.isdisjoint(metrics):
                 continue
-            finding = runtime.detector.update(step, values)
+            finding = runtime.detector.update(step, metrics)  # a detector reads only the metrics it watches
             if finding is None:
                 continue
             if runtime.in_cooldown(step):

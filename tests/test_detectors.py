@@ -255,7 +255,8 @@ def test_robust_zscore_statistics_follow_the_window(values: list[float], noise: 
     spread = np.diff(window) if noise == "diff_mad" else window
     center = float(np.median(spread)) if noise == "diff_mad" else median
     mad = float(np.median(np.abs(spread - center))) / (math.sqrt(2) if noise == "diff_mad" else 1)
-    assert detector._stats() == pytest.approx((median, mad), rel=1e-12, abs=1e-15)
+    level = detector._level()
+    assert (level, detector._spread(level)) == pytest.approx((median, mad), rel=1e-12, abs=1e-15)
 
 
 @FAST
@@ -460,6 +461,45 @@ def test_plateau_quiet_on_a_slow_healthy_decline() -> None:
 def test_plateau_never_fires_on_geometric_decay(start: float, rate: float, n: int) -> None:
     values = [start * (1 - rate) ** i for i in range(n)]
     assert fired_steps(PlateauDetector(), series("loss", values)) == []
+
+
+def _plateau_reference(values: list[float], window: int) -> list[int]:
+    """The no-improvement check written plainly: both quarter means added up afresh at every step."""
+    held: list[float] = []
+    fired = []
+    for step, v in enumerate(values):
+        held = (held + [v])[-window:]
+        if len(held) == window:
+            q = window // 4
+            first, last = sum(held[:q]) / q, sum(held[-q:]) / q
+            if first - last < 0.001 * abs(first):
+                fired.append(step)
+                held = []
+    return fired
+
+
+@FAST
+@given(
+    start=st.floats(1e-3, 1e3),
+    shape=st.sampled_from(["geometric", "walk", "flat", "steps"]),
+    rate=st.floats(0.0, 0.3),
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 700),
+)
+def test_plateau_running_sums_decide_as_fresh_sums_do(start: float, shape: str, rate: float, seed: int, n: int) -> None:
+    """The quarter sums are slid rather than re-added each step; no input may change a decision, not even a
+    loss falling by tens of orders of magnitude (where sliding sums cancel catastrophically)."""
+    rng = np.random.default_rng(seed)
+    if shape == "geometric":
+        values = [start * (1 - rate) ** i for i in range(n)]
+    elif shape == "walk":
+        values = list(start * np.exp(np.cumsum(rng.normal(0, rate + 1e-3, n))))
+    elif shape == "flat":
+        values = list(start * (1 + rate * rng.standard_normal(n)))
+    else:  # long flat stretches at levels orders of magnitude apart
+        values = [start * 10.0 ** -(6 * (i // 97 % 3)) for i in range(n)]
+    detector = PlateauDetector(window_steps=40, zero_steps=0)
+    assert fired_steps(detector, series("loss", values)) == _plateau_reference(values, 40)
 
 
 # --- state round-trips: every detector resumes exactly where it stopped --------------------------------------

@@ -46,6 +46,13 @@ class PlateauDetector:
     _steps: _Ring = field(init=False, repr=False)
     _zero_run: int = field(init=False, default=0, repr=False)
     _zero_start: int | None = field(init=False, default=None, repr=False)
+    # The sums of the oldest and newest quarters of a full window, kept in step with each append rather than
+    # re-added every step (not state: recomputed from the window when it fills). `_slack` is the sum of the
+    # magnitudes that went into them, which bounds their rounding error: a decision too close to call within
+    # that bound is made on freshly added sums (a loss falling by orders of magnitude cancels catastrophically).
+    _sums: tuple[float, float] | None = field(init=False, default=None, repr=False)
+    _slack: float = field(init=False, default=0.0, repr=False)
+    _slides: int = field(init=False, default=0, repr=False)
 
     def __post_init__(self) -> None:
         check_metric("metric", self.metric)
@@ -64,6 +71,7 @@ class PlateauDetector:
         value = finite_value(values, self.metric)
         if value is None or step < self.warmup_steps:
             return None
+        self._slide_sums(value)
         self._values.append(value)
         self._steps.append(step)
         zero = self._check_zero(step, value)
@@ -90,18 +98,43 @@ class PlateauDetector:
             evidence={"condition": "stuck_at_zero", "consecutive": self._zero_run, "zero_steps": self.zero_steps},
         )
 
+    def _slide_sums(self, value: float) -> None:
+        """Before `value` is appended to a full window: the oldest value leaves the oldest quarter and the one
+        after that quarter enters it; `value` enters the newest quarter and its oldest value leaves it."""
+        if self._sums is None or len(self._values) < self.window_steps:
+            return
+        n, q, at = self.window_steps, self.window_steps // 4, self._values.at
+        first, last = self._sums
+        leaving_first, entering_first, leaving_last = at(0), at(q), at(n - q)
+        self._sums = (first - leaving_first + entering_first, last - leaving_last + value)
+        self._slack += abs(leaving_first) + abs(entering_first) + abs(leaving_last) + abs(value)
+        self._slides += 1
+
+    def _exact_sums(self) -> tuple[float, float]:
+        n, q = self.window_steps, self.window_steps // 4
+        self._sums = sum(self._values.span(0, q)), sum(self._values.span(n - q, n))
+        self._slack, self._slides = abs(self._sums[0]) + abs(self._sums[1]), 0
+        return self._sums
+
     def _check_flat(self, step: int, value: float) -> Finding | None:
         if len(self._values) < self.window_steps:
             return None
         quarter = self.window_steps // 4
-        first = sum(self._values.span(0, quarter)) / quarter
-        last = sum(self._values.span(self.window_steps - quarter, self.window_steps)) / quarter
+        if self._sums is None or self._slides >= self.window_steps:
+            self._exact_sums()  # so at most 2 x window_steps additions ever separate the sums from exact ones
+        first_sum, last_sum = self._sums  # type: ignore[misc]
+        margin = first_sum - last_sum - self.min_relative_improvement * abs(first_sum)
+        # their rounding error is below 2 x window_steps x 1.1e-16 x slack: far inside this bound
+        if abs(margin) <= 1e-9 * (1 + self.min_relative_improvement) * self._slack:
+            first_sum, last_sum = self._exact_sums()
+        first, last = first_sum / quarter, last_sum / quarter
         needed = self.min_relative_improvement * abs(first)
         if first - last >= needed:
             return None
         start = int(self._steps.first())
         self._values.clear()
         self._steps.clear()
+        self._sums = None
         return Finding(
             metric=self.metric,
             value=last,
@@ -126,6 +159,7 @@ class PlateauDetector:
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
         self._values = _Ring(self.window_steps, "d", (float(v) for v in state["values"]))
         self._steps = _Ring(self.window_steps, "q", (int(s) for s in state["steps"]))
+        self._sums = None
         self._zero_run = int(state["zero_run"])
         self._zero_start = None if state["zero_start"] is None else int(state["zero_start"])
 
@@ -156,6 +190,10 @@ class _Ring:
 
     def first(self) -> float:
         return self._buf[self._start]
+
+    def at(self, i: int) -> float:
+        """Value i, oldest first (0 is the oldest held)."""
+        return self._buf[(self._start + i) % len(self._buf)]
 
     def span(self, lo: int, hi: int) -> Iterable[float]:
         """Values lo..hi-1, oldest first (0 is the oldest held)."""

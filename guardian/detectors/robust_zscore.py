@@ -130,13 +130,15 @@ class RobustZScoreDetector:
         if self.warming_up:
             self._accept(x)
             return None
-        median, mad = self._stats()
+        median = self._level()
+        if not self._may_be_out_of_line(x, median):  # most healthy values: no need for the spread at all
+            self._in_line(x)
+            return None
+        mad = self._spread(median)
         z = (x - median) / max(MAD_SCALE * mad, self._eps(median))
         strong = self._beyond(x, median, z, self.z_threshold)
         if not strong and not (self.sustained_steps and self._beyond(x, median, z, self.sustained_z_threshold)):
-            self._accept(x)
-            self._run, self._strong, self._run_start = 0, 0, None
-            self._recent.clear()
+            self._in_line(x)
             return None
         if self._run == 0:
             self._run_start = step
@@ -182,15 +184,31 @@ class RobustZScoreDetector:
         self._diffs.clear()
         self._sorted_diffs.clear()
 
-    def _stats(self) -> tuple[float, float]:
-        """The baseline median and the (unscaled) MAD that measures the window's noise."""
-        median = _median(self._sorted)
+    def _level(self) -> float:
+        """The baseline median."""
         if self.baseline_steps:
-            median = _median(sorted(islice(reversed(self._window), self.baseline_steps)))
+            return _median(sorted(islice(reversed(self._window), self.baseline_steps)))
+        return _median(self._sorted)
+
+    def _spread(self, median: float) -> float:
+        """The (unscaled) MAD that measures the window's noise ("mad": the window's deviations from `median`)."""
         if self.noise == "diff_mad" and len(self._sorted) >= 3:
             diffs = self._sorted_diffs
-            return median, _mad(diffs, _median(diffs)) / math.sqrt(2)
-        return median, _mad(self._sorted, median)
+            return _mad(diffs, _median(diffs)) / math.sqrt(2)
+        return _mad(self._sorted, median)
+
+    def _may_be_out_of_line(self, x: float, median: float) -> bool:
+        """What `_beyond` requires besides the z-score, which is cheap to check first: the right side of the
+        median (every threshold is > 0, so z has the sign of x - median) and the relative change."""
+        if (self.direction == "up" and x <= median) or (self.direction == "down" and x >= median) or x == median:
+            return False
+        base = self._original(median)
+        return abs(self._original(x) - base) >= self.min_relative_change * abs(base)
+
+    def _in_line(self, x: float) -> None:
+        self._accept(x)
+        self._run, self._strong, self._run_start = 0, 0, None
+        self._recent.clear()
 
     def _beyond(self, x: float, median: float, z: float, threshold: float) -> bool:
         if self.direction == "up":
