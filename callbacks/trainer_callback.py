@@ -232,7 +232,9 @@ class GuardianCallback(TrainerCallback):
             self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler)
         self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],
                              "source": self.ruleset.source, "trainable_bytes": size,
-                             "max_steps": state.max_steps}, flush=True)
+                             "max_steps": state.max_steps,
+                             **({"run_id": self.run_id, "rule_set": self.rule_set} if self.link else {})},
+                   flush=True)  # run_id and rule_set: so `guardian push` can deliver the file later
         log.info("Guardian: watching with %d rules from %s", len(self.ruleset.rules), self.ruleset.source)
 
     @_never_raises

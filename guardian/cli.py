@@ -146,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     _json_arg(doctor)
     doctor.set_defaults(func=_doctor)
     _add_attach(sub)
+    _add_push(sub)
     return parser
 
 
@@ -429,6 +430,36 @@ def _attach(args: argparse.Namespace) -> int:
                   pid=args.pid, stop_signal=args.stop_signal, stop_on=args.stop_on, url=args.url,
                   token=args.token, run_id=args.run_id, rule_set=args.rule_set, poll_seconds=args.poll_seconds,
                   quiet_steps=args.quiet_steps)
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    push = sub.add_parser(
+        "push", help="deliver a run's event file to the daemon (after the daemon was down when the run ended)",
+        description="Send every event of OUTPUT_DIR/guardian/events.jsonl to the daemon. It stores each event "
+        "once, so what it already has is ignored and pushing twice is safe; the new events go through the run's "
+        "rules as if they had come live.")
+    push.add_argument("output_dir", type=Path, help="the run's output_dir")
+    _client_args(push)
+    push.add_argument("--run-id", help="the run's id at the daemon (default: from the file, else folder name + hash)")
+    push.add_argument("--rule-set", help="the daemon's rule set for this run (default: from the file, else default)")
+    push.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    _json_arg(push)
+    push.set_defaults(func=_push)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from guardian.push import push
+
+    done = push(args.output_dir, args.url, token=_token(args), run_id=args.run_id, rule_set=args.rule_set,
+                timeout_seconds=args.timeout)
+    if args.json:
+        _print_json({"run": done.run_id, "events": done.events, "stored_through_seq": done.last_seq,
+                     "skipped_lines": done.skipped_lines})
+        return 0
+    skipped = f"; {done.skipped_lines} unreadable lines skipped" if done.skipped_lines else ""
+    Console().print(f"run {escape(done.run_id)}: the daemon at {escape(args.url)} has all {done.events} events "
+                    f"(through seq {done.last_seq}){skipped}", highlight=False)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

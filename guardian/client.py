@@ -120,6 +120,7 @@ class DaemonLink:
         self._taken_through_step = -1
         self.connected = False
         self.failures = 0
+        self.last_error = ""  # why the last attempt failed, for messages
         self.sent_reports = 0
         self._host, self._port = parsed.hostname, parsed.port or 80
         self._queue: deque[dict[str, Any]] = deque()
@@ -280,6 +281,7 @@ class DaemonLink:
     def _failed(self, why: Exception | str) -> None:
         with self._cond:
             self.failures += 1
+            self.last_error = str(why)
             if self.connected or self.failures == 1:
                 log.warning("guardian daemon at %s unreachable (%s); spooling events and retrying", self.url, why)
             self.connected = False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,3 +136,40 @@ def test_a_step_does_not_wait_for_a_daemon_that_is_down(tmp_path: Path) -> None:
         assert link.wait_for(1, timeout=3600) is False
     finally:
         link.close(flush_seconds=0)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "guardian.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_run_that_ended_while_the_daemon_was_down_is_delivered_by_push(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path / "state").start()
+    guardian = GuardianCallback(url=daemon.url, deadline_seconds=0.2)
+    out = tmp_path / "run"
+    try:
+        trainer = TinyRun(str(out), max_steps=40, eval_steps=20).trainer([guardian, AtStep({15: daemon.kill})])
+        trainer.train()  # the daemon is gone for the last 25 steps and the end of the run
+        written = [e["seq"] for e in events(out)]
+        assert events(out)[-1]["kind"] == "end"
+        run_id = guardian.run_id
+        assert run_id is not None and len(_stored_seqs(tmp_path / "state", run_id, 0, seconds=0)) < len(written)
+
+        missing = _cli("push", str(tmp_path / "nowhere"), "--url", daemon.url)
+        assert missing.returncode == 2 and "no event file" in missing.stderr and "nowhere" in missing.stderr
+        down = _cli("push", str(out), "--url", daemon.url, "--timeout", "1")
+        assert down.returncode == 2 and "did not take run" in down.stderr and "push again" in down.stderr
+
+        daemon.start()
+        pushed = _cli("push", str(out), "--url", daemon.url, "--json")
+        assert pushed.returncode == 0, pushed.stderr
+        assert json.loads(pushed.stdout) == {"run": run_id, "events": len(written),
+                                             "stored_through_seq": written[-1], "skipped_lines": 0}
+        assert _stored_seqs(tmp_path / "state", run_id, len(written)) == written  # each exactly once
+        runs = {r["id"]: r for r in request(daemon.url, "GET", "/v1/runs")["runs"]}
+        assert runs[run_id]["status"] == "ended" and runs[run_id]["last_step"] == 40
+
+        again = _cli("push", str(out), "--url", daemon.url)  # safe to repeat: nothing is stored twice
+        assert again.returncode == 0 and f"all {len(written)} events" in again.stdout
+        assert _stored_seqs(tmp_path / "state", run_id, len(written)) == written
+    finally:
+        daemon.stop()
