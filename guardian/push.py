@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,56 +31,76 @@ EVENTS = Path("guardian") / "events.jsonl"
 class Pushed:
     run_id: str
     events: int  # events read from the file
-    last_seq: int  # the daemon has stored every event up to this one
+    last_seq: int  # the daemon has acknowledged every event up to this one
     skipped_lines: int  # lines that were not events (a half-written last line after a crash)
 
 
-def read_events(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The events of an event file, in order, and how many lines were not events."""
-    events, skipped = [], 0
+def read_events(path: Path) -> Iterator[dict[str, Any] | None]:
+    """The events of an event file, in file order; None for a line that is not an event (a half-written
+    last line after a crash)."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
-                skipped += 1
+                yield None
                 continue
-            if isinstance(event, dict) and isinstance(event.get("seq"), int) and isinstance(event.get("kind"), str):
-                events.append(event)
-            else:
-                skipped += 1
-    return events, skipped
+            ok = isinstance(event, dict) and isinstance(event.get("seq"), int) and isinstance(event.get("kind"), str)
+            yield event if ok else None
+
+
+def _run_of(path: Path) -> tuple[str | None, str | None, int, int]:
+    """From a first pass over the file: the last start event's run_id and rule_set, the events, the last seq."""
+    run_id = rule_set = None
+    count = last = 0
+    for event in read_events(path):
+        if event is None:
+            continue
+        count, last = count + 1, max(last, event["seq"])
+        if event["kind"] == "start":
+            run_id, rule_set = event.get("run_id") or run_id, event.get("rule_set") or rule_set
+    return run_id, rule_set, count, last
 
 
 def push(output_dir: str | os.PathLike[str], url: str, *, token: str | None = None, run_id: str | None = None,
-         rule_set: str | None = None, timeout_seconds: float = 60.0) -> Pushed:
-    """Send every event of the run's event file to the daemon at `url` and wait until it has stored them."""
+         rule_set: str | None = None, timeout_seconds: float = 60.0, chunk: int = 10_000) -> Pushed:
+    """Send every event of the run's event file to the daemon at `url` and wait until it has stored them.
+
+    The file is streamed in chunks of `chunk` events (each acknowledged before the next is read), so a
+    long run's file is never held in memory at once."""
     path = Path(output_dir) / EVENTS
     if not path.is_file():
         raise ConfigError(f"{path}: no event file; is {output_dir} the output_dir of a run Guardian watched "
                           "(with GuardianCallback, guardian run or guardian attach)?")
-    events, skipped = read_events(path)
-    if not events:
-        raise ConfigError(f"{path}: no events in it ({skipped} unreadable lines)")
-    starts = [e for e in events if e["kind"] == "start"]
-    started = starts[-1] if starts else {}
-    run_id = run_id or started.get("run_id") or default_run_id(output_dir)
-    rule_set = rule_set or started.get("rule_set") or "default"
-    # events out of order (a resumed run appends after its earlier ones) are sent in seq order
-    events.sort(key=lambda e: e["seq"])
-    last = events[-1]["seq"]
-    link = DaemonLink(url, run_id, rules=rule_set, token=token, spool=path)
+    found_id, found_rules, count, last = _run_of(path)
+    if not count:
+        raise ConfigError(f"{path}: no events in it")
+    run_id = run_id or found_id or default_run_id(output_dir)
+    rule_set = rule_set or found_rules or "default"
+    link = DaemonLink(url, run_id, rules=rule_set, token=token, max_buffered=chunk + 1)
+    deadline = time.monotonic() + timeout_seconds
+    skipped, pending, top = 0, 0, 0
     try:
-        for event in events:
+        for event in read_events(path):
+            if event is None:
+                skipped += 1
+                continue
             link.send(event)
-        deadline = time.monotonic() + timeout_seconds
-        while not link.wait_for(last, timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                why = f": {link.last_error}" if link.last_error else ""
-                raise GuardianError(f"the daemon at {url} did not take run {run_id}'s events within "
-                                    f"{timeout_seconds:g} s{why}; it has them up to seq {link.acked_seq} of "
-                                    f"{last}. Check that it runs (guardian serve) and the token, then push again")
-            time.sleep(0.1)  # unreachable: wait_for returns at once; the sender retries on its back-off
+            pending, top = pending + 1, max(top, event["seq"])
+            if pending >= chunk:
+                _wait(link, top, deadline, url, run_id, last, timeout_seconds)
+                pending = 0
+        _wait(link, top, deadline, url, run_id, last, timeout_seconds)
     finally:
         link.close(flush_seconds=0)
-    return Pushed(run_id, len(events), link.acked_seq, skipped)
+    return Pushed(run_id, count, link.acked_seq, skipped)
+
+
+def _wait(link: DaemonLink, seq: int, deadline: float, url: str, run_id: str, last: int, timeout: float) -> None:
+    while not link.wait_for(seq, timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            why = f": {link.last_error}" if link.last_error else ""
+            raise GuardianError(f"the daemon at {url} did not take run {run_id}'s events within {timeout:g} s{why}; "
+                                f"it has them up to seq {link.acked_seq} of {last}. Check that it runs (guardian "
+                                "serve) and the token, then push again")
+        time.sleep(0.1)  # unreachable: wait_for returns at once while the sender retries on its back-off

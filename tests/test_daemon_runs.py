@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.client import request
+from guardian.push import push
 from guardian.store import Store
 from guardian.tinyrun import TinyRun
 
@@ -170,6 +171,10 @@ def test_a_run_that_ended_while_the_daemon_was_down_is_delivered_by_push(tmp_pat
 
         again = _cli("push", str(out), "--url", daemon.url)  # safe to repeat: nothing is stored twice
         assert again.returncode == 0 and f"all {len(written)} events" in again.stdout
+        with (out / "guardian" / "events.jsonl").open("a") as f:
+            f.write('{"seq": 9999, "kind": "metr')  # a line cut short by a crash
+        chunked = push(out, daemon.url, chunk=7)  # a long file goes in acknowledged chunks
+        assert (chunked.events, chunked.last_seq, chunked.skipped_lines) == (len(written), written[-1], 1)
         assert _stored_seqs(tmp_path / "state", run_id, len(written)) == written
     finally:
         daemon.stop()
