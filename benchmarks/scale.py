@@ -335,6 +335,56 @@ def start_daemon(state_dir: Path) -> Any:
 # ---- one load phase -------------------------------------------------------------------------------------
 
 
+def _scraper(port: int, every: float, stop: threading.Event, out: list[dict[str, float]]) -> None:
+    """GET /metrics every `every` seconds, as Prometheus would: when each started, how long, how big."""
+    while not stop.wait(every):
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/metrics")
+            size = len(conn.getresponse().read())
+            conn.close()
+        except OSError:
+            continue
+        out.append({"t": started, "seconds": time.perf_counter() - t0, "bytes": size})
+
+
+def report_histogram(port: int) -> dict[float, float]:
+    """The daemon's own `guardian_report_duration_seconds` buckets (upper bound -> cumulative count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return {float(sample.labels["le"]): sample.value
+            for family in text_string_to_metric_families(text) if family.name == "guardian_report_duration_seconds"
+            for sample in family.samples if sample.name.endswith("_bucket")}
+
+
+def histogram_ms(before: dict[float, float], after: dict[float, float]) -> dict[str, float | None]:
+    """Median, p90 and p99 of the reports between two scrapes, interpolated within buckets as PromQL's
+    histogram_quantile does (so they are only as fine as the buckets)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    out: dict[str, float | None] = {"n": total}
+    for name, q in (("median", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        if total <= 0:
+            out[name] = None
+            continue
+        rank, lower, below = q * total, 0.0, 0.0
+        for bound, cum in zip(bounds, counts):
+            if cum >= rank:
+                upper = bound if math.isfinite(bound) else lower
+                out[name] = 1000 * (lower + (upper - lower) * (rank - below) / max(cum - below, 1e-12))
+                break
+            lower, below = bound, cum
+    return out
+
+
 def percentiles(values: list[float] | array) -> dict[str, float | None]:
     vals = sorted(values)
     if not vals:
@@ -350,7 +400,7 @@ def percentiles(values: list[float] | array) -> dict[str, float | None]:
 def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, warmup: float, procs: int,
              threads: int, workdir: Path, prefill: int = 0, decisions_since: bool = True,
              sample_seconds: float = 0.0, profile: dict[str, Any] | None = None,
-             timeout: float = 5.0) -> dict[str, Any]:
+             timeout: float = 5.0, scrape_seconds: float = 0.0) -> dict[str, Any]:
     state_dir = workdir / label.replace(" ", "_").replace("/", "_")
     shutil.rmtree(state_dir, ignore_errors=True)
     daemon = start_daemon(state_dir)
@@ -379,6 +429,8 @@ def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, wa
     tcp0 = tcp_counters()
     cpu0 = proc_cpu_seconds(pid) or 0.0
     io0 = proc_write_bytes(pid) or 0
+    # read before the load starts: a scrape of a daemon holding many runs stalls its reports for a while
+    hist0 = report_histogram(daemon.port)
     start_at.value = time.time() + 0.5
     go.set()
     time.sleep(max(0.0, start_at.value - time.time()))
@@ -389,6 +441,11 @@ def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, wa
     if profile is not None:
         prof_thread = threading.Thread(target=_profile_daemon, args=(pid, profile, profile_out), daemon=True)
         prof_thread.start()
+    scrapes: list[dict[str, float]] = []
+    stop_scraping = threading.Event()
+    if scrape_seconds:
+        threading.Thread(target=_scraper, args=(daemon.port, scrape_seconds, stop_scraping, scrapes),
+                         daemon=True).start()
     t_end = start_at.value + duration
     next_sample = start_at.value
     while time.time() < t_end:
@@ -402,6 +459,8 @@ def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, wa
                             "load_1min": (load_average() or [None])[0]})
             next_sample += sample_seconds
         time.sleep(max(0.0, min(0.25, t_end - time.time(), next_sample - time.time() if sample_seconds else 0.25)))
+    stop_scraping.set()
+    hist1 = report_histogram(daemon.port)  # the reports answered in the window (and a few still in flight)
     results = [out.get(timeout=duration + 180) for _ in workers]
     cpu = monitor.stop()
     cpu_daemon = (proc_cpu_seconds(pid) or 0.0) - cpu0
@@ -468,6 +527,10 @@ def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, wa
         "reports_per_s": round(len(in_window) / span, 1) if span > 0 else None,
         "events_per_report": round(events_window / len(in_window), 2) if in_window else None,
         "post_to_reply_ms": percentiles([rtt[k] for k in in_window]),
+        "daemon_report_ms": histogram_ms(hist0, hist1),  # every report of the phase, warm-up included
+        "scrape_every_s": scrape_seconds or None,
+        "scrapes": {"n": len(scrapes), "seconds": percentiles([x["seconds"] for x in scrapes]),
+                    "bytes_max": max((x["bytes"] for x in scrapes), default=None)},
         "emit_to_ack_ms": percentiles([ev_lat[k] for k in ev_in_window]),
         # GuardianCallback(deadline_seconds=0.5): a verdict later than this is replaced by the local engine's
         "emit_to_ack_over_500ms_share": round(sum(1 for k in ev_in_window if ev_lat[k] > 500) / len(ev_in_window), 4)
@@ -584,16 +647,25 @@ def phase_row(r: dict[str, Any]) -> list[str]:
     rate = r["rate_steps_per_s_per_run"]
     offered = "max" if rate == "max" else f"{r['offered_events_per_s']:.0f}"
     return [r.get("daemon", "stock").split(" ")[0], f"{r['runs']}", f"{rate}", offered, f"{r['events_per_s']}", f"{r['reports_per_s']}",
-            f"{r['events_per_report']}", fmt_ms(r["post_to_reply_ms"]), fmt_ms(r["emit_to_ack_ms"]),
+            f"{r['events_per_report']}", fmt_ms(r["post_to_reply_ms"]), fmt_ms(r.get("daemon_report_ms", {})),
+            fmt_ms(r["emit_to_ack_ms"]),
             f"{r['emit_to_ack_over_500ms_share']:.1%}" if r["emit_to_ack_over_500ms_share"] is not None else "—",
             f"{r['lag_steps_at_end']['max']}", f"{r['daemon_cpu_cores']}", f"{r['cpu'].get('self_cores')}",
-            f"{r['cpu'].get('other_cores')}", f"{sum(r['errors'].values())}", f"{r['listen_overflows']}"]
+            f"{r['cpu'].get('other_cores')}", f"{sum(r['errors'].values())}", f"{r['listen_overflows']}",
+            _scrape_cell(r.get("scrapes"))]
+
+
+def _scrape_cell(scrapes: dict[str, Any] | None) -> str:
+    if not scrapes or not scrapes.get("n"):
+        return "—"
+    return f"{scrapes['n']} x {scrapes['seconds']['median'] * 1000:.0f} ms, {scrapes['bytes_max'] / 1e6:.1f} MB"
 
 
 PHASE_HEADERS = ["daemon", "runs", "steps/s/run", "offered ev/s", "acked ev/s", "reports/s", "ev/report",
-                 "POST->reply ms p50/p90/p99", "emit->ack ms p50/p90/p99", "emit->ack > 500 ms",
+                 "POST->reply ms p50/p90/p99", "in daemon ms p50/p90/p99", "emit->ack ms p50/p90/p99",
+                 "emit->ack > 500 ms",
                  "max lag (steps)", "daemon cores",
-                 "bench cores", "others' cores", "errors", "listen overflows"]
+                 "bench cores", "others' cores", "errors", "listen overflows", "/metrics scrapes"]
 
 
 def catch_up_time(samples: list[dict[str, Any]], runs: int, prefill: int, rate: float) -> float | None:
@@ -676,6 +748,9 @@ def main() -> None:
                         help="steps of history each soak run starts with (default: enough to fill the shipped "
                              "rules' longest window after its warm-up, plus 100)")
     parser.add_argument("--sample-seconds", type=float, default=10.0)
+    parser.add_argument("--scrape-seconds", type=float, default=0.0,
+                        help="GET /metrics this often during every phase, as Prometheus does (e.g. 15; default 0: "
+                             "never, as in the figures of BENCHMARKS.md §7's main table)")
     parser.add_argument("--client-timeout", type=float, default=5.0,
                         help="seconds a simulated run first waits for a reply before it reconnects and resends "
                              "(DaemonLink's timeout_seconds: 5); as in DaemonLink, each timeout doubles it, up to 60 s")
@@ -716,7 +791,7 @@ def main() -> None:
         r = run_load(label=label, n_runs=n, rate=rate, duration=secs, warmup=min(args.warmup, secs / 3),
                      procs=args.procs, threads=args.threads, workdir=workdir,
                      decisions_since=not args.no_decisions_since, sample_seconds=args.sample_seconds,
-                     timeout=args.client_timeout)
+                     timeout=args.client_timeout, scrape_seconds=args.scrape_seconds)
         print(table(PHASE_HEADERS, [phase_row(r)]), flush=True)
         if r["errors"]:
             print(f"  errors: {r['errors']}", flush=True)
@@ -772,7 +847,7 @@ def main() -> None:
                      duration=total + prefill_s_budget, warmup=min(args.warmup, total / 3), procs=args.procs,
                      threads=args.threads, workdir=workdir, prefill=args.soak_prefill,
                      decisions_since=not args.no_decisions_since, sample_seconds=args.sample_seconds,
-                     timeout=args.client_timeout)
+                     timeout=args.client_timeout, scrape_seconds=args.scrape_seconds)
         catch_up = catch_up_time(r["samples"], args.soak_runs, args.soak_prefill, args.soak_rate)
         r["catch_up_s"] = catch_up
         r["analysis"] = soak_analysis(r["samples"], catch_up, r["series"])
@@ -845,7 +920,10 @@ def markdown(data: dict[str, Any]) -> str:
     for p in data["phases"]:
         lines.append("| " + " | ".join(phase_row(p)) + " |")
     lines += ["", "POST->reply: time from sending a report to the reply carrying ack_seq for its events (the "
-              "verdict a training step waits for). emit->ack: from the moment the step's event was due to that "
+              "verdict a training step waits for). In daemon: the phase's reports (warm-up included) as the "
+              "daemon's own guardian_report_duration_seconds histogram saw them (body read to reply: parse, rules, "
+              "store; interpolated within its buckets, 0.5 ms to 5 s), i.e. without waiting in the event loop, "
+              "the network and the load generator's own scheduling. emit->ack: from the moment the step's event was due to that "
               "reply (adds waiting in the simulated run's sender when it is behind). Cores: average CPU cores used "
               "by the daemon, by this benchmark's processes (daemon + load generator) and by everything else on "
               "the machine, over the phase.", ""]

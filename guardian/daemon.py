@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from prometheus_client import Histogram
+
 from guardian import wire
 from guardian.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.engine import Engine
@@ -36,6 +38,7 @@ from guardian.store import ReportWrite, Store
 
 log = logging.getLogger("guardian.daemon")
 DEFAULT_PORT = 8765
+REPORT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONTROL_ACTIONS = {"stop", "rollback", "reduce_lr", "skip_update"}
 # A run's rule state is saved with a report that made decisions or ended the run, and otherwise about this
 # often: encoding it (~20 KB of detector windows, ~0.8 ms) with every report cost more than everything else a
@@ -86,6 +89,11 @@ class Guardian:
         self.alert_actions = alert_actions or []
         self._alerts_handled: set[tuple[str, str, int]] = set()
         self.counters = {"events_ingested": 0, "events_duplicate": 0, "reports": 0, "reports_rejected": 0}
+        # from a report's arrival (body read) to its reply: parsing, the rules, the store; the daemon's own
+        # share of a run's verdict latency (the rest is the network and the run's sender)
+        self.report_seconds = Histogram(
+            "guardian_report_duration_seconds", "Time the daemon took to answer a report (parse, rules, store).",
+            buckets=REPORT_BUCKETS, registry=None)
         self._runs: dict[str, RunState] = {}
         self._lock = threading.Lock()
         self._commands_waiting = store.pending_command_runs()  # saves a write transaction per report
@@ -370,9 +378,12 @@ class _Routes:
         if parts[:1] != ["v1"]:
             raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
         if method == "POST" and parts == ["v1", "report"]:
+            started = time.perf_counter()
             message = wire.loads(request.body)
             since = message.get("decisions_since_step")
-            return _ok(core.report(wire.parse_report(message), since if isinstance(since, int) else None))
+            reply = _ok(core.report(wire.parse_report(message), since if isinstance(since, int) else None))
+            core.report_seconds.observe(time.perf_counter() - started)
+            return reply
         if method == "GET" and parts == ["v1", "runs"]:
             return _ok({"runs": core.runs()})
         if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "events":
@@ -428,6 +439,7 @@ def metrics_endpoint(core: Guardian) -> Any:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GuardianCollector(core.views, core.health))
+    registry.register(core.report_seconds)
     return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
 
 

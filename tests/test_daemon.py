@@ -410,3 +410,16 @@ def test_closing_with_the_daemon_down_makes_one_more_attempt_then_returns() -> N
     link.close(flush_seconds=60)  # the sender's back-off reaches 5 s: waiting it out would take a dozen more tries
     assert link.failures == before + 1
     assert [e["seq"] for e in link._queue] == [1]  # undelivered, not dropped (the callback's spool file has it)
+
+
+def test_the_daemon_measures_how_long_it_takes_to_answer_reports(daemon: tuple[Guardian, str, str]) -> None:
+    from guardian.daemon import metrics_endpoint
+
+    core, url, _ = daemon
+    for seq in (1, 2, 3):
+        report(url, [metrics(seq, seq, loss=1.0)])
+    with pytest.raises(DaemonError):
+        request(url, "POST", "/v1/report", {"events": []})  # refused: not counted as answered
+    text = metrics_endpoint(core)()[0].decode()
+    assert "guardian_report_duration_seconds_count 3.0" in text
+    assert 'guardian_report_duration_seconds_bucket{le="0.0005"}' in text

@@ -57,6 +57,9 @@ METRICS: dict[str, tuple[str, ...]] = {
         "guardian_events_ingested_total", "guardian_events_duplicate_total", "guardian_reports_total",
         "guardian_reports_rejected_total", "guardian_store_size_bytes")},
     "guardian_rule_reloads_total": ("result",),
+    "guardian_report_duration_seconds_bucket": ("le",),
+    "guardian_report_duration_seconds_sum": (),
+    "guardian_report_duration_seconds_count": (),
     "guardian_runs": ("status",),
     "up": (),  # Prometheus' own, for up{job="guardian"}
 }
@@ -265,7 +268,8 @@ def test_panels_show_what_the_training_dashboard_needs(dashboard: dict[str, Any]
                    "guardian_gpu_memory_used_bytes", "guardian_gpu_memory_total_bytes", "guardian_rule_state",
                    "guardian_actions_total", "guardian_rule_firings_total", "guardian_run_stalled",
                    "guardian_last_report_timestamp_seconds", "guardian_events_ingested_total",
-                   "guardian_reports_rejected_total", "guardian_store_size_bytes"):
+                   "guardian_reports_rejected_total", "guardian_store_size_bytes",
+                   "guardian_report_duration_seconds_bucket"):
         assert metric in queried, f"no panel shows {metric}"
     by_title = {p["title"]: p for p in iter_panels(dashboard)}
     grad = by_title["Gradient norm (log scale)"]
