@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from guardian.attach import default_run_id
-from guardian.client import DaemonLink
+from guardian.client import DaemonLink, request
 from guardian.errors import ConfigError, GuardianError
 
 EVENTS = Path("guardian") / "events.jsonl"
@@ -77,6 +77,9 @@ def push(output_dir: str | os.PathLike[str], url: str, *, token: str | None = No
         raise ConfigError(f"{path}: no events in it")
     run_id = run_id or found_id or default_run_id(output_dir)
     rule_set = rule_set or found_rules or "default"
+    # one empty report first: a daemon that is down or a wrong token is told at once, not after the timeout
+    request(url, "POST", "/v1/report", {"run": {"id": run_id, "rules": rule_set, "meta": {}}, "events": []},
+            token=token)
     link = DaemonLink(url, run_id, rules=rule_set, token=token, max_buffered=chunk + 1)
     deadline = time.monotonic() + timeout_seconds
     skipped, pending, top = 0, 0, 0
