@@ -29,7 +29,7 @@ from prometheus_client import Histogram
 from guardian import wire
 from guardian.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.engine import Engine
-from guardian.exporter import GuardianCollector, RunTracker, RunView
+from guardian.exporter import GuardianCollector, RunTracker, RunView, exposition_pieces
 from guardian.httpserver import HTTPServer, Reply, Request
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
@@ -340,8 +340,10 @@ class _Routes:
 
     @staticmethod
     def inline(request: Request) -> bool:
-        """Reports are answered on the event loop; everything else (scrapes, listings) in the thread pool."""
-        return request.method == "POST" and request.target.split("?")[0].rstrip("/") == "/v1/report"
+        """Reports are answered on the event loop, and so are scrapes (rendered there a piece at a time, between
+        reports); everything else (listings, control) in the thread pool."""
+        path = request.target.split("?")[0].rstrip("/")
+        return (request.method, path) in (("POST", "/v1/report"), ("GET", "/metrics"))
 
     @staticmethod
     def too_large(size: int) -> Reply:
@@ -373,8 +375,8 @@ class _Routes:
         if method == "GET" and parts == ["healthz"]:
             return Reply(200, wire.dumps({"ok": True}))
         if method == "GET" and parts == ["metrics"] and self.metrics is not None:
-            data, content_type = self.metrics()
-            return Reply(200, data, content_type)
+            pieces, content_type = self.metrics()
+            return Reply(200, content_type=content_type, pieces=pieces)
         if parts[:1] != ["v1"]:
             raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
         if method == "POST" and parts == ["v1", "report"]:
@@ -433,14 +435,12 @@ class DaemonServer(HTTPServer):
 
 
 def metrics_endpoint(core: Guardian) -> Any:
-    """A function rendering the Prometheus text format from the core's state, for GET /metrics."""
-    from prometheus_client import CollectorRegistry, generate_latest
+    """A function returning the Prometheus text format of the core's state as pieces to render one by one on the
+    event loop (see `exposition_pieces`), and its content type, for GET /metrics."""
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(GuardianCollector(core.views, core.health))
-    registry.register(core.report_seconds)
-    return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
+    collector = GuardianCollector(core.views, core.health)
+    return lambda: (exposition_pieces(collector, (core.report_seconds,)), CONTENT_TYPE_LATEST)
 
 
 def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path) -> DaemonServer:

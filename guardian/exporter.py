@@ -67,13 +67,16 @@ class GuardianCollector(Collector):
         self.health = health
 
     def collect(self) -> Iterator[Metric]:
-        views = self.views()
+        yield from self.run_families(self.views())
+        if self.health is not None:
+            yield from self._health_metrics(self.health())
+
+    def run_families(self, views: list[RunView]) -> Iterator[Metric]:
+        """The per-run metric families of these views."""
         yield from self._run_metrics(views)
         yield from self._rule_metrics(views)
         yield from self._action_metrics(views)
         yield from self._gpu_metrics(views)
-        if self.health is not None:
-            yield from self._health_metrics(self.health())
 
     def _run_metrics(self, views: list[RunView]) -> Iterator[Metric]:
         for name, (key, doc) in RUN_GAUGES.items():
@@ -203,3 +206,47 @@ class RunTracker:
             done.append("stop")
         for action in done:
             view.actions[(action, source)] = view.actions.get((action, source), 0) + 1
+
+
+class _Just:
+    """A collector of given families, for `generate_latest`."""
+
+    def __init__(self, *families: Metric) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def exposition_pieces(collector: GuardianCollector, extra: tuple[Collector, ...] = (), *, runs_per_piece: int = 5,
+                      samples_per_piece: int = 200) -> Iterator[bytes]:
+    """The Prometheus text exposition of `collector` (then of `extra`), a piece at a time.
+
+    The daemon renders /metrics on its event loop, advancing this between reports: at 1,000 runs the text is
+    ~100,000 lines and about a second of Python, which, rendered in a thread, held the GIL and stalled the
+    reports for as long (BENCHMARKS.md §7). Lines are formatted by `prometheus_client.generate_latest`, one
+    slice of a family's samples at a time; the slices after the first drop the repeated HELP and TYPE."""
+    from prometheus_client import generate_latest
+
+    views = collector.views()
+    yield b""
+    merged: dict[str, Metric] = {}
+    for i in range(0, max(len(views), 1), runs_per_piece):
+        for family in collector.run_families(views[i:i + runs_per_piece]):
+            if family.name in merged:
+                merged[family.name].samples.extend(family.samples)
+            else:
+                merged[family.name] = family
+        yield b""
+    if collector.health is not None:
+        for family in collector._health_metrics(collector.health()):
+            merged[family.name] = family
+    for family in merged.values():
+        samples = family.samples
+        for j in range(0, max(len(samples), 1), samples_per_piece):
+            piece = Metric(family.name, family.documentation, family.type, family.unit)
+            piece.samples = samples[j:j + samples_per_piece]
+            text = generate_latest(_Just(piece))  # type: ignore[arg-type]
+            yield text if j == 0 else text.split(b"\n", 2)[2]
+    for other in extra:
+        yield generate_latest(other)  # type: ignore[arg-type]

@@ -16,9 +16,10 @@ runs never holds up a report.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -27,6 +28,7 @@ from typing import Any
 from guardian.errors import ConfigError
 
 MAX_HEADER_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Reply:
     content_type: str = "application/json"
     close: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # an inline handler's long body: produced a piece at a time, with the event loop free between pieces
+    pieces: Iterator[bytes] | None = None
 
 
 @dataclass
@@ -151,6 +155,8 @@ class HTTPServer:
             return True
         if self.inline(request):
             reply = self.handle(request)
+            if reply.pieces is not None:
+                reply = await self._assemble(reply)
         else:
             assert self._loop is not None
             reply = await self._loop.run_in_executor(self._pool, self.handle, request)
@@ -193,6 +199,21 @@ class HTTPServer:
                 raise BodyTooLarge(size)
             parts.append(await reader.readexactly(n))
             await reader.readexactly(2)
+
+    @staticmethod
+    async def _assemble(reply: Reply) -> Reply:
+        """Produce a reply's body from its pieces, letting the requests that arrive meanwhile through."""
+        assert reply.pieces is not None
+        body = []
+        try:
+            for piece in reply.pieces:
+                body.append(piece)
+                await asyncio.sleep(0)
+        except Exception as exc:  # noqa: BLE001 - a failed rendering must not take the server down
+            log.exception("error producing a reply")
+            return Reply(500, _error(f"internal error: {exc}"))
+        reply.body, reply.pieces = b"".join(body), None
+        return reply
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, reply: Reply, version: str) -> None:

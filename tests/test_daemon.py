@@ -420,6 +420,31 @@ def test_the_daemon_measures_how_long_it_takes_to_answer_reports(daemon: tuple[G
         report(url, [metrics(seq, seq, loss=1.0)])
     with pytest.raises(DaemonError):
         request(url, "POST", "/v1/report", {"events": []})  # refused: not counted as answered
-    text = metrics_endpoint(core)()[0].decode()
+    text = b"".join(metrics_endpoint(core)()[0]).decode()
     assert "guardian_report_duration_seconds_count 3.0" in text
     assert 'guardian_report_duration_seconds_bucket{le="0.0005"}' in text
+
+
+def test_metrics_rendered_in_pieces_are_the_library_s_exposition_byte_for_byte(tmp_path: Path) -> None:
+    """/metrics is produced a slice at a time on the event loop; the result must be what prometheus_client
+    renders in one go (same families, same order, no repeated HELP/TYPE)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from guardian.exporter import GuardianCollector, exposition_pieces
+
+    core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
+    for r in range(30):
+        events = [metrics(s, s, loss=1.0 + 0.1 * (s % 3), grad_norm=float(r + 1)) for s in range(1, 8)]
+        events.append(metrics(8, 8, loss=float("nan")) if r % 4 == 0 else metrics(8, 8, loss=1.0))
+        core.report(wire.parse_report({"v": 1, "run": {"id": f'run "{r}"\\n', "rules": "default"},
+                                       "events": events}), None)
+        core.report_seconds.observe(0.001 * r)
+    collector = GuardianCollector(core.views, core.health)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    registry.register(core.report_seconds)
+    whole = generate_latest(registry)
+    pieces = list(exposition_pieces(collector, (core.report_seconds,), runs_per_piece=7, samples_per_piece=5))
+    assert len(pieces) > 50  # really in pieces
+    assert b"".join(pieces) == whole
+    assert whole.count(b"# TYPE guardian_rule_state gauge") == 1 and b'run_id="run \\"3\\"\\\\n"' in whole
