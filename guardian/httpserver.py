@@ -201,14 +201,20 @@ class HTTPServer:
             await reader.readexactly(2)
 
     @staticmethod
-    async def _assemble(reply: Reply) -> Reply:
-        """Produce a reply's body from its pieces, letting the requests that arrive meanwhile through."""
+    async def _assemble(reply: Reply, patience: float = 2.0) -> Reply:
+        """Produce a reply's body from its pieces, letting the requests that arrive meanwhile through, for
+        `patience` seconds at most: a loop saturated with reports would otherwise starve it (a /metrics
+        scrape took 16 s behind batched reports, past Prometheus' 10-s scrape timeout); then it finishes
+        in one go."""
         assert reply.pieces is not None
         body = []
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + patience
         try:
             for piece in reply.pieces:
                 body.append(piece)
-                await asyncio.sleep(0)
+                if loop.time() < give_up:
+                    await asyncio.sleep(0)
         except Exception as exc:  # noqa: BLE001 - a failed rendering must not take the server down
             log.exception("error producing a reply")
             return Reply(500, _error(f"internal error: {exc}"))

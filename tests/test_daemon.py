@@ -448,3 +448,35 @@ def test_metrics_rendered_in_pieces_are_the_library_s_exposition_byte_for_byte(t
     assert len(pieces) > 50  # really in pieces
     assert b"".join(pieces) == whole
     assert whole.count(b"# TYPE guardian_rule_state gauge") == 1 and b'run_id="run \\"3\\"\\\\n"' in whole
+
+
+@pytest.mark.parametrize(("patience", "interleaved"), [(60.0, True), (0.0, False)])
+def test_a_reply_in_pieces_lets_other_requests_through_until_its_patience_runs_out(
+        patience: float, interleaved: bool) -> None:
+    import asyncio
+
+    from guardian.httpserver import HTTPServer, Reply
+
+    order: list[str] = []
+
+    def pieces() -> Iterator[bytes]:
+        for i in range(4):
+            order.append("piece")
+            yield str(i).encode()
+
+    async def other_requests() -> None:
+        for _ in range(4):
+            order.append("other")
+            await asyncio.sleep(0)
+
+    async def main() -> bytes:
+        others = asyncio.create_task(other_requests())
+        await asyncio.sleep(0)
+        order.clear()
+        reply = await HTTPServer._assemble(Reply(200, pieces=pieces()), patience=patience)
+        await others
+        return reply.body
+
+    assert asyncio.run(main()) == b"0123"
+    first_pieces = order[:4]
+    assert (first_pieces != ["piece"] * 4) is interleaved
