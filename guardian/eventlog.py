@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import IO, Any
 
 from guardian.wire import encode_value
@@ -58,3 +59,19 @@ class EventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any] | None]:
+    """The events of an event file, in file order; None for a line that is not an event (a half-written
+    last line after a crash). Blank lines are skipped."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                yield None
+                continue
+            ok = isinstance(event, dict) and isinstance(event.get("seq"), int) and isinstance(event.get("kind"), str)
+            yield event if ok else None

@@ -69,7 +69,7 @@ class GuardianCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self.run_families(self.views())
         if self.health is not None:
-            yield from self._health_metrics(self.health())
+            yield from self.health_families(self.health())
 
     def run_families(self, views: list[RunView]) -> Iterator[Metric]:
         """The per-run metric families of these views."""
@@ -138,7 +138,7 @@ class GuardianCollector(Collector):
                         family.add_metric([view.run_id, rank, gpu], facts[name])
             yield family
 
-    def _health_metrics(self, health: dict[str, Any]) -> Iterator[Metric]:
+    def health_families(self, health: dict[str, Any]) -> Iterator[Metric]:
         for name, doc in (("events_ingested", "Events stored."), ("events_duplicate", "Resent events already stored."),
                           ("reports", "Reports answered."), ("reports_rejected", "Reports refused as malformed.")):
             yield CounterMetricFamily(f"guardian_{name}", doc, value=health.get(name, 0))
@@ -239,7 +239,7 @@ def exposition_pieces(collector: GuardianCollector, extra: tuple[Collector, ...]
                 merged[family.name] = family
         yield b""
     if collector.health is not None:
-        for family in collector._health_metrics(collector.health()):
+        for family in collector.health_families(collector.health()):
             merged[family.name] = family
     for family in merged.values():
         samples = family.samples

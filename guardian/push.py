@@ -12,17 +12,15 @@ The run's id and rule set come from the file's last `start` event (written by th
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from guardian.attach import default_run_id
 from guardian.client import DaemonLink, request
 from guardian.errors import ConfigError, GuardianError
+from guardian.eventlog import read_events
 
 EVENTS = Path("guardian") / "events.jsonl"
 
@@ -33,20 +31,6 @@ class Pushed:
     events: int  # events read from the file
     last_seq: int  # the daemon has acknowledged every event up to this one
     skipped_lines: int  # lines that were not events (a half-written last line after a crash)
-
-
-def read_events(path: Path) -> Iterator[dict[str, Any] | None]:
-    """The events of an event file, in file order; None for a line that is not an event (a half-written
-    last line after a crash)."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                yield None
-                continue
-            ok = isinstance(event, dict) and isinstance(event.get("seq"), int) and isinstance(event.get("kind"), str)
-            yield event if ok else None
 
 
 def _run_of(path: Path) -> tuple[str | None, str | None, int, int]:

@@ -26,6 +26,7 @@ from guardian import wire
 from guardian.actions import ActionKind, describe_outcome, merge
 from guardian.engine import Decision, decision_from_dict
 from guardian.errors import LogFormatError
+from guardian.eventlog import read_events
 from guardian.logs import EVAL, TRAIN, Observation, read_log
 from guardian.ruleset import RuleSet
 from guardian.store import stored_run
@@ -141,17 +142,9 @@ def guardian_events_file(path: Path) -> Path | None:
 
 def load_embedded(events_file: Path, name: str) -> RunRecord:
     """A run Guardian watched from inside the training process."""
-    events, unreadable = [], 0
-    for line in events_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            unreadable += 1
-            continue
-        if isinstance(event, dict):
-            events.append(event)
+    read = list(read_events(events_file))
+    events = [e for e in read if e is not None]
+    unreadable = len(read) - len(events)
     record = _from_events(name, EMBEDDED, str(events_file), events, [])
     if unreadable:
         record.notes.append(f"{unreadable} unreadable lines in {events_file} were skipped")

@@ -136,8 +136,9 @@ class RobustZScoreDetector:
             return None
         mad = self._spread(median)
         z = (x - median) / max(MAD_SCALE * mad, self._eps(median))
-        strong = self._beyond(x, median, z, self.z_threshold)
-        if not strong and not (self.sustained_steps and self._beyond(x, median, z, self.sustained_z_threshold)):
+        # x is on the watched side of the median and far enough from it: only the size of z is left to judge
+        strong = abs(z) > self.z_threshold
+        if not strong and not (self.sustained_steps and abs(z) > self.sustained_z_threshold):
             self._in_line(x)
             return None
         if self._run == 0:
@@ -198,8 +199,8 @@ class RobustZScoreDetector:
         return _mad(self._sorted, median)
 
     def _may_be_out_of_line(self, x: float, median: float) -> bool:
-        """What `_beyond` requires besides the z-score, which is cheap to check first: the right side of the
-        median (every threshold is > 0, so z has the sign of x - median) and the relative change."""
+        """Everything but the z-score, which is cheap to check first: the watched side of the median (every
+        threshold is > 0, so z has the sign of x - median) and the relative change."""
         if (self.direction == "up" and x <= median) or (self.direction == "down" and x >= median) or x == median:
             return False
         base = self._original(median)
@@ -209,18 +210,6 @@ class RobustZScoreDetector:
         self._accept(x)
         self._run, self._strong, self._run_start = 0, 0, None
         self._recent.clear()
-
-    def _beyond(self, x: float, median: float, z: float, threshold: float) -> bool:
-        if self.direction == "up":
-            beyond = z > threshold
-        elif self.direction == "down":
-            beyond = z < -threshold
-        else:
-            beyond = abs(z) > threshold
-        if not beyond:
-            return False
-        base = self._original(median)
-        return abs(self._original(x) - base) >= self.min_relative_change * abs(base)
 
     def _rebaseline(self) -> None:
         """The level has moved for good: restart the window from the recent anomalous values."""
