@@ -73,7 +73,7 @@ class GoodCheckpoints:
 
 
 def load_into(checkpoint: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Load a Trainer checkpoint's trainable weights, optimizer and scheduler state in place."""
+    """Load a Trainer checkpoint's trainable weights, optimizer and scheduler state in place (None: leave that part)."""
     from safetensors.torch import load_file
 
     adapter = checkpoint / "adapter_model.safetensors"
@@ -89,6 +89,8 @@ def load_into(checkpoint: Path, model: torch.nn.Module, optimizer: Any, schedule
         model.load_state_dict(load_file(str(full)), strict=False)
     else:
         raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors or model.safetensors")
+    if optimizer is None:
+        return
     device = next(model.parameters()).device
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
     sched_file = checkpoint / "scheduler.pt"

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from guardian.actions import Plan
+from guardian.actions import Plan, Restore
 
-_PLAN_FIELDS = 8  # present, skip, rollback, lr_factor, min_lr, stop, restore_best, onset
+_RESTORES = list(Restore)
+_PLAN_FIELDS = 9  # present, skip, rollback, lr_factor, min_lr, stop, restore, restore_lr, onset
 
 
 def _dist() -> Any:
@@ -51,6 +52,14 @@ class RankSync:
                 out[i] = out[i] / self.world_size
         return out
 
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over ranks (NaN if any rank's is NaN)."""
+        if not self.active:
+            return value
+        out = value.clone()
+        self._dist.all_reduce(out)
+        return out / self.world_size
+
     def broadcast_plan(self, plan: Plan | None, onset: int, device: torch.device) -> tuple[Plan | None, int]:
         """Rank 0's plan (or None) and anomaly onset, on every rank."""
         if not self.active:
@@ -58,9 +67,11 @@ class RankSync:
         data = torch.zeros(_PLAN_FIELDS, dtype=torch.float64, device=device)
         if self.rank == 0 and plan is not None:
             data[:] = torch.tensor([1, plan.skip_update, plan.rollback, plan.lr_factor, plan.min_lr, plan.stop,
-                                    plan.restore_best, onset], dtype=torch.float64)
+                                    _RESTORES.index(plan.restore), plan.restore_lr, onset], dtype=torch.float64)
         self._dist.broadcast(data, src=0)
         values = data.tolist()
         if not values[0]:
             return None, onset
-        return Plan(bool(values[1]), bool(values[2]), values[3], values[4], bool(values[5]), bool(values[6])), int(values[7])
+        plan = Plan(bool(values[1]), bool(values[2]), values[3], values[4], bool(values[5]), _RESTORES[int(values[6])],
+                    bool(values[7]))
+        return plan, int(values[8])

@@ -20,6 +20,19 @@ def current_lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+def scheduled_lrs(scheduler: Any | None, optimizer: Any) -> list[float] | None:
+    """The rate of every parameter group as the scheduler last set it (with Guardian's cuts), or None when
+    there is no scheduler that says (a custom loop, or a scheduler without `get_last_lr`)."""
+    inner: Any = unwrap_scheduler(scheduler) if scheduler is not None else None
+    last = getattr(inner, "_last_lr", None)
+    if not isinstance(last, (list, tuple)) or len(last) != len(optimizer.param_groups):
+        return None
+    try:
+        return [float(rate) for rate in last]
+    except (TypeError, ValueError):
+        return None
+
+
 def scale_lr(optimizer: Any, scheduler: Any | None, factor: float, min_lr: float = 0.0) -> float:
     """Multiply every group's rate and its schedule by `factor`, never taking group 0 below `min_lr`.
 

@@ -46,7 +46,8 @@ class StepProbe:
     covers everything a step costs, data loading included.
     """
 
-    def __init__(self, trainer: Any | None) -> None:
+    def __init__(self, trainer: Any | None, reference: Any = None) -> None:
+        self.reference = reference  # a ReferenceBatch offered each micro-batch until it has one
         self._losses: list[torch.Tensor] = []
         self._tokens: list[torch.Tensor] = []
         self._samples = 0
@@ -65,6 +66,8 @@ class StepProbe:
         def step_and_keep_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
             self._count(inputs)
+            if self.reference is not None and not self.reference.ready:
+                self.reference.offer(inputs)
             loss = training_step(*args, **kwargs)
             self._losses.append(loss)
             return loss

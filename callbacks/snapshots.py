@@ -25,6 +25,7 @@ class Snapshot:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any] | None
     lr_scale: float
+    probe_loss: float | None = None  # the reference batch's loss with these weights, when measured
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +65,7 @@ def capture(step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, l
 
 
 def restore(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Put the snapshot's weights, optimizer and scheduler state back, in place."""
+    """Put the snapshot's weights, optimizer and scheduler state back, in place (None: leave that part)."""
     params = trainable_parameters(model)
     missing = set(snapshot.params) ^ set(params)
     if missing:
@@ -72,7 +73,8 @@ def restore(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, schedule
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(snapshot.params[name])
-    optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+    if optimizer is not None:
+        optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
     if scheduler is not None and snapshot.scheduler is not None:
         unwrap_scheduler(scheduler).load_state_dict(copy.deepcopy(snapshot.scheduler))
 
@@ -97,6 +99,10 @@ class SnapshotRing:
 
     def steps(self) -> list[int]:
         return [s.step for s in self._ring]
+
+    def all(self) -> list[Snapshot]:
+        """The snapshots, oldest first."""
+        return list(self._ring)
 
     def __len__(self) -> int:
         return len(self._ring)

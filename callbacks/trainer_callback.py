@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -29,12 +30,13 @@ from typing import Any, TypeVar
 import torch
 from transformers import TrainerCallback
 
-from guardian.actions import ActionKind, ActionSpec, describe_outcome as describe, merge
+from guardian.actions import IMMEDIATE, ActionKind, ActionSpec, describe_outcome as describe, merge
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
 from guardian.callbacks.distributed import RankSync
-from guardian.callbacks.lr import current_lr, scale_lr
+from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
+from guardian.callbacks.reference import ReferenceBatch
 from guardian.client import DaemonLink
 from guardian.doctor import preflight
 from guardian.engine import Decision, Engine, decision_from_dict
@@ -160,8 +162,11 @@ class GuardianCallback(TrainerCallback):
         self._last_decision_step = -(10**9)
         self._pending: list[tuple[int, int, list[Decision]]] = []  # (seq, step, local decisions) awaiting a verdict
         self._pending_since = 0.0
-        self._acted_early: set[tuple[int, str]] = set()
-        self.sync = RankSync()  # (step, rule) of skips made before the verdict
+        self._acted_early: set[tuple[int, str]] = set()  # (step, rule) of skips made before the verdict
+        self.sync = RankSync()
+        self.reference = ReferenceBatch()
+        self._probed: dict[str, float] = {}
+        self._train_ended = False
 
     # ---- read-only views kept for callers ---------------------------------------------------------
 
@@ -192,9 +197,14 @@ class GuardianCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._trainer = self._trainer or find_trainer()
-        self._probe = StepProbe(self._trainer)
+        self._train_ended = False
+        self.reference = ReferenceBatch()
+        self._probe = StepProbe(self._trainer, reference=self.reference)
         self.sync = RankSync()
         self.actuator.in_process_rollback = not _sharded(self._trainer)
+        self.actuator.scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
+        clip = getattr(args, "max_grad_norm", None)
+        self.engine.clipped = isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
         self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
         if state.is_world_process_zero:
             self.actuator.restart_request = Path(args.output_dir) / "guardian" / "restart_request.json"
@@ -228,11 +238,11 @@ class GuardianCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.advice = preflight(args, model, self.ruleset, strict=self.strict_preflight,
                                     snapshots_enabled=self.actuator.use_snapshots)
-        if self.actuator.use_snapshots:
-            self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler)
+        if self.actuator.use_snapshots and self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler):
+            self.engine.remember(state.global_step)
         self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],
                              "source": self.ruleset.source, "trainable_bytes": size,
-                             "max_steps": state.max_steps,
+                             "max_steps": state.max_steps, "clipped": self.engine.clipped,
                              **({"run_id": self.run_id, "rule_set": self.rule_set} if self.link else {})},
                    flush=True)  # run_id and rule_set: so `guardian push` can deliver the file later
         log.info("Guardian: watching with %d rules from %s", len(self.ruleset.rules), self.ruleset.source)
@@ -246,19 +256,26 @@ class GuardianCallback(TrainerCallback):
             self._apply_remote(step, *kit)
         reduce = self.sync.reduce_step_values if self.sync.active else None
         values = self._probe.read(model, reduce) if self._probe else {}
+        self._measure_first_snapshot(state.global_step, model)
         if optimizer is not None:
             values["learning_rate"] = current_lr(optimizer)
-        event = self._emit("metrics", {"step": step, "phase": "train", "epoch": state.epoch,
-                                       "lr_scale": self.lr_scale, "values": values})
-        decisions = self.engine.observe(step, values)
+            scheduled = scheduled_lrs(lr_scheduler, optimizer)
+            if scheduled:
+                values["scheduled_lr"] = scheduled[0]
+        self._probed = {}
+        try:
+            decisions = self.engine.observe(step, values, probe=lambda onset: self._measure_probe(model, onset))
+        finally:  # the step's values are written whatever the engine does
+            event = self._emit("metrics", {"step": step, "phase": "train", "epoch": state.epoch,
+                                           "lr_scale": self.lr_scale, "values": {**values, **self._probed}})
         if not self.remote:
             self._act(step, decisions, *kit, pre_update=True)
             return
         # The daemon decides, but the update being made now cannot wait for it: skips happen here.
-        skips = [d for d in decisions if any(a.kind is ActionKind.SKIP_UPDATE for a in d.actions)]
-        if skips:
-            self._act(step, skips, *kit, pre_update=True, only=(ActionKind.SKIP_UPDATE,))
-            self._acted_early.update((d.step, d.rule) for d in skips)
+        early = [d for d in decisions if any(a.kind in IMMEDIATE for a in d.actions)]
+        if early:
+            self._act(step, early, *kit, pre_update=True, only=tuple(IMMEDIATE))
+            self._acted_early.update((d.step, d.rule) for d in early)
         self._await_verdict(event, step, decisions)
 
     @_never_raises
@@ -266,7 +283,8 @@ class GuardianCallback(TrainerCallback):
                     lr_scheduler: Any = None, **kwargs: Any) -> None:
         step = state.global_step
         if self.actuator.use_snapshots and step % self.snapshot_every_steps == 0 and self._healthy(step):
-            self.actuator.snapshot(step, model, optimizer, lr_scheduler)
+            if self.actuator.snapshot(step, model, optimizer, lr_scheduler, self._reference_loss(model)):
+                self.engine.remember(step)
         if self._gpus is not None and time.monotonic() - self._last_system >= self.system_every_seconds:
             self._last_system = time.monotonic()
             self._emit("system", {"step": step, "rank": self._rank, "gpus": self._gpus.read()})
@@ -288,6 +306,9 @@ class GuardianCallback(TrainerCallback):
         step = state.global_step
         kit = (control, model, optimizer, lr_scheduler)
         event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)
+        if self._train_ended:  # `trainer.evaluate()` after `train()` returned: recorded, never acted on
+            self.engine.observe(step, values)
+            return
         self.actuator.remember_best(step, values.get("eval_loss"), model, optimizer, lr_scheduler)
         decisions = self.engine.observe(step, values)
         if not self.remote:
@@ -304,13 +325,17 @@ class GuardianCallback(TrainerCallback):
             _write_json(folder / STATE_FILE, self._state())
             finite = model is None or snapshots.all_finite(list(snapshots.trainable_parameters(model).values()))
             if self._healthy(step) and finite and self.actuator.good is not None:
-                where = self.actuator.good.protect(folder, step, {"lr_scale": self.lr_scale})
+                probe = self._reference_loss(model) if model is not None else None
+                info = {"lr_scale": self.lr_scale, **({"probe_loss": probe} if probe is not None else {})}
+                where = self.actuator.good.protect(folder, step, info)
                 self._emit("checkpoint", {"step": step, "protected": str(where)}, flush=True)
                 self._tell_supervisor()
 
     @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._train_ended = True
         summary = {"step": state.global_step, **self.counts, "decisions": len(self.decisions),
+                   "incidents": [i.to_dict() for i in self.engine.policy.incidents],
                    "lr_scale": self.lr_scale, "guardian_errors": self.errors, "verdicts": self.verdicts}
         self._emit("end", summary, flush=True)
         if self.link is not None:
@@ -414,6 +439,8 @@ class GuardianCallback(TrainerCallback):
     def _log_outcome(self, record: dict[str, Any]) -> None:
         if record.get("rollback") == "restart":
             self._tell_supervisor()
+        if isinstance(record.get("rollback_to_step"), int):
+            self._rewind(record["rollback"], record["rollback_to_step"])
         self.interventions.append(record)
         if self.sync.rank == 0:
             log.warning("Guardian: step %d: %s", record["step"], describe(record))
@@ -422,7 +449,45 @@ class GuardianCallback(TrainerCallback):
     # ---- bookkeeping -------------------------------------------------------------------------------
 
     def _healthy(self, step: int) -> bool:
+        """No rule fired lately: a snapshot or checkpoint now is good (a rollback target is also checked
+        against the reference batch before it is used)."""
         return step - self._last_decision_step > self.quiet_steps
+
+    def _rewind(self, source: str, step: int) -> None:
+        """The rules' baselines follow the weights back to `step` (from memory, or the checkpoint's state)."""
+        saved = None
+        if source != "memory":
+            try:
+                saved = json.loads((Path(source) / STATE_FILE).read_text()).get("engine")
+            except (OSError, ValueError):
+                saved = None
+        if not self.engine.rewind(step, saved):
+            log.info("Guardian: rules that follow the loss level start afresh after the rollback to step %d", step)
+
+    def _reference_loss(self, model: Any) -> float | None:
+        """The reference batch's loss with the current weights (all ranks together), or None."""
+        if model is None or not self.reference.ready or not self.actuator.in_process_rollback:
+            return None
+        reduce = self.sync.reduce_mean if self.sync.active else None
+        return self.reference.loss(model, reduce)
+
+    def _measure_first_snapshot(self, step: int, model: Any) -> None:
+        """The snapshot taken at train begin, before any batch was seen, gets its reference loss at the first
+        step, before the first update: the weights are still the snapshot's."""
+        snaps = self.actuator.snapshots.all()
+        if snaps and snaps[-1].probe_loss is None and snaps[-1].step == step and self.reference.ready:
+            snaps[-1].probe_loss = self._reference_loss(model)
+
+    def _measure_probe(self, model: Any, onset: int) -> dict[str, float]:
+        """For the engine, when a rule fires: the reference batch's loss now and with the rollback target."""
+        target = self.actuator.target(onset)
+        if target is None or target.probe_loss is None:
+            return {}
+        now = self._reference_loss(model)
+        if now is None:
+            return {}
+        self._probed = {"probe_loss": now, "probe_loss_ref": target.probe_loss}
+        return self._probed
 
     def _emit(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any] | None:
         if self.metrics_server is not None:

@@ -14,19 +14,32 @@ class ActionKind(str, Enum):
 
     ALERT = "alert"
     SKIP_UPDATE = "skip_update"
+    RESTORE_LR = "restore_lr"
     REDUCE_LR = "reduce_lr"
     ROLLBACK = "rollback"
     STOP = "stop"
 
 
-# Parameters each action accepts: name -> (type, default, check, what the check means).
+class Restore(str, Enum):
+    """Which weights a stop leaves in place. A stop never leaves weights that are known to be worse."""
+
+    AUTO = "auto"            # decided by the policy: CURRENT when no incident is open, else LAST_GOOD
+    CURRENT = "current"      # the weights as they are: with no incident open they are the newest good ones
+    LAST_GOOD = "last_good"  # the newest good state from before the incident (or the best evaluation's, if better)
+    BEST_EVAL = "best_eval"  # the weights of the best evaluation so far
+
+
+# Parameters each action accepts: name -> (type, default).
 ACTION_PARAMS: dict[ActionKind, dict[str, tuple[type, Any]]] = {
     ActionKind.ALERT: {},
     ActionKind.SKIP_UPDATE: {},
-    ActionKind.REDUCE_LR: {"factor": (float, 0.5), "min_lr": (float, 0.0)},
+    ActionKind.RESTORE_LR: {},
+    ActionKind.REDUCE_LR: {"factor": (float, 0.5), "min_lr": (float, 0.0), "from_evidence": (bool, False)},
     ActionKind.ROLLBACK: {},
-    ActionKind.STOP: {"restore_best": (bool, False)},
+    ActionKind.STOP: {"restore_best": (bool, False), "restore": (str, Restore.AUTO.value)},
 }
+# The actions that must happen before the update being made now: they cannot wait for a daemon's verdict.
+IMMEDIATE = frozenset({ActionKind.SKIP_UPDATE, ActionKind.RESTORE_LR})
 
 
 def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str]:
@@ -41,10 +54,14 @@ def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str
         expected, _ = allowed[name]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or (expected is float and isinstance(value, bool)):
+        if not isinstance(value, expected) or (expected in (float, int) and isinstance(value, bool)):
             problems.append(
                 f"action '{kind.value}' parameter '{name}' must be a {expected.__name__}, got {value!r}"
             )
+            continue
+        if isinstance(value, str):
+            if (problem := _check_choice(kind, name, value)) is not None:
+                problems.append(problem)
             continue
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"action '{kind.value}' parameter '{name}' must be a finite number, got {value!r}")
@@ -55,6 +72,13 @@ def check_action_params(kind: ActionKind, params: Mapping[str, Any]) -> list[str
         if kind is ActionKind.REDUCE_LR and name == "min_lr" and number < 0.0:
             problems.append(f"reduce_lr min_lr must be >= 0, got {value!r}")
     return problems
+
+
+def _check_choice(kind: ActionKind, name: str, value: str) -> str | None:
+    if kind is ActionKind.STOP and name == "restore" and value not in {r.value for r in Restore}:
+        valid = ", ".join(r.value for r in Restore)
+        return f"stop restore must be one of {valid}, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -87,29 +111,47 @@ class Plan:
     lr_factor: float = 1.0
     min_lr: float = 0.0
     stop: bool = False
-    restore_best: bool = False
+    restore: Restore = Restore.CURRENT
+    restore_lr: bool = False
 
     @property
     def empty(self) -> bool:
         return self == Plan()
 
 
+_RESTORE_ORDER = (Restore.CURRENT, Restore.LAST_GOOD, Restore.BEST_EVAL)
+
+
+def stop_restore(action: ActionSpec) -> Restore:
+    """What a stop action asks to leave in place (`restore_best: true` is the older spelling of best_eval)."""
+    if action.param("restore_best"):
+        return Restore.BEST_EVAL
+    return Restore(action.param("restore"))
+
+
 def merge(actions: Iterable[ActionSpec]) -> Plan:
-    """Merge actions into one plan: the strongest LR cut wins; a rollback also skips the update."""
-    skip = rollback = stop = restore_best = False
+    """Merge actions into one plan: the strongest LR cut wins; a rollback or a stop also skips the update.
+
+    A stop whose restore is still `auto` (not resolved by the policy) keeps the current weights."""
+    skip = rollback = stop = restore_lr = False
+    restore = Restore.CURRENT
     lr_factor, min_lr = 1.0, 0.0
     for action in actions:
         if action.kind is ActionKind.SKIP_UPDATE:
             skip = True
+        elif action.kind is ActionKind.RESTORE_LR:
+            restore_lr = True
         elif action.kind is ActionKind.ROLLBACK:
             rollback = skip = True
         elif action.kind is ActionKind.REDUCE_LR:
             lr_factor = min(lr_factor, action.param("factor"))
             min_lr = max(min_lr, action.param("min_lr"))
         elif action.kind is ActionKind.STOP:
-            stop = True
-            restore_best = restore_best or action.param("restore_best")
-    return Plan(skip, rollback, lr_factor, min_lr, stop, restore_best)
+            stop = skip = True
+            wanted = stop_restore(action)
+            if wanted is not Restore.AUTO and _RESTORE_ORDER.index(wanted) > _RESTORE_ORDER.index(restore):
+                restore = wanted
+    return Plan(skip, rollback, lr_factor, min_lr, stop, restore, restore_lr)
 
 
 def describe_outcome(outcome: dict[str, Any]) -> str:
@@ -125,9 +167,13 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
                          f"in {outcome['rollback_seconds'] * 1000:.1f} ms")
     if outcome.get("skipped_update"):
         parts.append("skipped this update")
+    if "lr_restored" in outcome:
+        parts.append(f"learning rate put back on its schedule: {outcome['lr_restored']['from']:.3g} -> "
+                     f"{outcome['lr_restored']['to']:.3g}")
     if "lr_factor" in outcome:
         parts.append(f"learning rate x{outcome['lr_factor']:.3g} -> {outcome['lr']:.3g} (scale {outcome['lr_scale']:.3g})")
     if outcome.get("stopped"):
-        restored = f", restored {outcome['restored_best']}" if "restored_best" in outcome else ""
+        restored = f", left {outcome['restored']} in place" if "restored" in outcome else ""
+        restored = f", restored {outcome['restored_best']}" if "restored_best" in outcome else restored
         parts.append("stopping training" + restored)
     return "; ".join(parts) or "recorded"

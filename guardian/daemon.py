@@ -183,10 +183,13 @@ class Guardian:
                     state.last_step = event["step"]
                 elif event["kind"] == "action":
                     applied.extend(int(i) for i in event.get("command_ids", []))
+                    if isinstance(event.get("rollback_to_step"), int):  # the run went back: so do the baselines
+                        state.engine.rewind(event["rollback_to_step"])
                 elif event["kind"] == "end":
                     state.ended = True
                 elif event["kind"] == "start":
                     state.ended = False
+                    state.engine.clipped = event.get("clipped") is True  # rules' actions_when_clipped
             state.last_seq = max([state.last_seq] + [e["seq"] for e in new])
             state.last_seen = time.time()
             self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied)

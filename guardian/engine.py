@@ -1,4 +1,4 @@
-"""Observations in, decisions out: detectors, cooldowns, escalation and the rollback budget.
+"""Observations in, decisions out: detectors, cooldowns, escalation, then the incident policy.
 
 Pure Python: no torch and no I/O, so the same engine runs embedded in a training process, in a daemon, or
 over a saved log in replay.
@@ -9,16 +9,22 @@ from __future__ import annotations
 import math
 import numbers
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from guardian.actions import ActionKind, ActionSpec
 from guardian.detectors.base import Detector, Finding
+from guardian.policy import IncidentPolicy
 from guardian.ruleset import Rule, RuleSet, Severity
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+TRAIN_KEYS = frozenset({"loss", "grad_norm"})
+# Measured by the training process on request (see `Engine.observe`'s probe): the loss of a fixed reference
+# batch with the current weights, and the best such loss among the good states it can roll back to.
+PROBE_KEYS = frozenset({"probe_loss", "probe_loss_ref"})
+MEMORIES_KEPT = 8  # the baselines remembered for rewinding (more than the snapshots a run usually keeps)
 
 
 class RuleStatus(str, Enum):
@@ -41,12 +47,15 @@ class Decision:
     diagnosis: str = ""
     fix: str = ""
     note: str = ""
+    incident: int | None = None
 
     @property
     def message(self) -> str:
         actions = ", ".join(str(a) for a in self.actions) or "none"
         level = f" (escalation {self.level})" if self.level else ""
-        text = f"step {self.step} {self.rule} [{self.severity.value}]: {self.finding.message} -> {actions}{level}"
+        incident = f" (incident {self.incident})" if self.incident is not None else ""
+        text = (f"step {self.step} {self.rule} [{self.severity.value}]: {self.finding.message} -> "
+                f"{actions}{level}{incident}")
         if self.note:
             text += f"; {self.note}"
         if self.diagnosis:
@@ -63,7 +72,7 @@ class Decision:
             "actions": [a.to_dict() for a in self.actions], "level": self.level,
             "metric": f.metric, "value": f.value, "threshold": f.threshold,
             "onset_step": f.onset_step, "message": f.message, "evidence": f.evidence,
-            "diagnosis": self.diagnosis, "fix": self.fix, "note": self.note,
+            "diagnosis": self.diagnosis, "fix": self.fix, "note": self.note, "incident": self.incident,
         })
 
 
@@ -107,20 +116,53 @@ class _RuleRuntime:
 
 
 class Engine:
-    """Runs a rule set over one run's observations and returns decisions."""
+    """Runs a rule set over one run's observations and returns decisions.
 
-    def __init__(self, ruleset: RuleSet) -> None:
+    `clipped`: the run clips gradients (`max_grad_norm`), so rules with `actions_when_clipped` use those."""
+
+    def __init__(self, ruleset: RuleSet, *, clipped: bool = False) -> None:
         self.ruleset = ruleset
-        self.rollbacks_used = 0
+        self.clipped = clipped
         self.last_step: int | None = None
         self._rules = [_RuleRuntime(rule, rule.build_detector()) for rule in ruleset.rules]
+        self.policy = IncidentPolicy(ruleset.policy)
+        self._memories: dict[int, dict[str, Any]] = {}  # step -> baselines, for `rewind`
 
-    def observe(self, step: int, metrics: Mapping[str, float]) -> list[Decision]:
-        """Feed one observation (train or eval metrics at a step); return the decisions it triggers."""
+    @property
+    def rollbacks_used(self) -> int:
+        """Incidents that rolled back so far (what the rollback budget counts)."""
+        return self.policy.rollback_incidents
+
+    def observe(self, step: int, metrics: Mapping[str, float],
+                probe: Callable[[int], Mapping[str, float]] | None = None) -> list[Decision]:
+        """Feed one observation (train or eval metrics at a step); return the decisions it triggers.
+
+        `probe`, from a training process that can measure the loss of a reference batch with the current
+        weights, is called with the findings' onset step when a rule asks for more than an alert at this step
+        (and the observation has no probe values yet); what it returns joins the observation, and the rules
+        that judge the weights read it."""
         self.last_step = step
-        decisions = []
+        found = self._run_rules(step, metrics)
+        if probe is not None and PROBE_KEYS.isdisjoint(metrics) and any(not _alert_only(r.rule) for r, _ in found):
+            onset = min(finding.onset_step for _, finding in found)
+            extra = {k: v for k, v in probe(onset).items() if k in PROBE_KEYS}
+            if extra:
+                found += self._run_rules(step, extra, only_new=metrics)
+                order = {id(rt): i for i, rt in enumerate(self._rules)}
+                found.sort(key=lambda pair: order[id(pair[0])])
+                metrics = {**metrics, **extra}
+        decisions = [self._decide(runtime, step, finding) for runtime, finding in found]
+        if any(key.startswith("eval_") for key in metrics) and TRAIN_KEYS.isdisjoint(metrics):
+            return self.policy.review_eval(step, decisions)
+        if TRAIN_KEYS.isdisjoint(metrics):
+            return decisions  # neither a train step nor an evaluation (e.g. the daemon's staleness check)
+        return self.policy.review(step, decisions, metrics)
+
+    def _run_rules(self, step: int, metrics: Mapping[str, float],
+                   only_new: Mapping[str, float] | None = None) -> list[tuple[_RuleRuntime, Finding]]:
+        found = []
         for runtime in self._rules:
-            if runtime.watches.isdisjoint(metrics):
+            if runtime.watches.isdisjoint(metrics) or (only_new is not None and not runtime.watches.isdisjoint(only_new)):
                 continue
             finding = runtime.detector.update(step, metrics)  # a detector reads only the metrics it watches
             if finding is None:
@@ -129,28 +171,19 @@ class Engine:
                 runtime.suppressed_total += 1
                 runtime.last_suppressed = step
                 continue
-            decisions.append(self._decide(runtime, step, finding))
-        return decisions
+            found.append((runtime, finding))
+        return found
 
     def _decide(self, runtime: _RuleRuntime, step: int, finding: Finding) -> Decision:
         rule = runtime.rule
         runtime.record(step)
         actions, level = rule.actions, 0
+        if self.clipped and rule.actions_when_clipped:
+            actions = rule.actions_when_clipped
         for i, esc in enumerate(rule.escalation, start=1):
             if runtime.firings_within(step, esc.within_steps) >= esc.after_firings:
                 actions, level = esc.actions, i
-        actions, note = self._apply_budget(actions)
-        return Decision(step, rule.name, rule.severity, actions, finding, level, rule.diagnosis, rule.fix, note)
-
-    def _apply_budget(self, actions: tuple[ActionSpec, ...]) -> tuple[tuple[ActionSpec, ...], str]:
-        if not any(a.kind is ActionKind.ROLLBACK for a in actions):
-            return actions, ""
-        budget = self.ruleset.rollback_budget
-        if self.rollbacks_used < budget:
-            self.rollbacks_used += 1
-            return actions, f"rollback {self.rollbacks_used} of {budget}"
-        kept = tuple(a for a in actions if a.kind is not ActionKind.ROLLBACK)
-        return (*kept, ActionSpec(ActionKind.STOP)), f"rollback budget of {budget} used up, stopping instead"
+        return Decision(step, rule.name, rule.severity, actions, finding, level, rule.diagnosis, rule.fix)
 
     def replace_rules(self, ruleset: RuleSet) -> list[str]:
         """Switch to a new rule set; rules whose definition did not change keep their state.
@@ -166,6 +199,7 @@ class Engine:
                 fresh.append(rule.name)
             runtimes.append(kept)
         self.ruleset, self._rules = ruleset, runtimes
+        self.policy.settings = ruleset.policy
         return fresh
 
     def rule_status(self) -> dict[str, RuleStatus]:
@@ -175,11 +209,39 @@ class Engine:
         """Per rule: (firings acted on, firings suppressed by cooldown)."""
         return {rt.rule.name: (rt.fired_total, rt.suppressed_total) for rt in self._rules}
 
+    def remember(self, step: int) -> None:
+        """Keep the detectors' baselines as of `step`, when the training side snapshots the weights there."""
+        self._memories[step] = {rt.rule.name: rt.detector.state_dict() for rt in self._rules
+                                if getattr(rt.detector, "follows_weights", False)}
+        for old in sorted(self._memories)[:-MEMORIES_KEPT]:
+            del self._memories[old]
+
+    def rewind(self, step: int, saved: Mapping[str, Any] | None = None) -> bool:
+        """After a rollback to `step`: detectors whose baseline follows the weights (a loss level, a gradient
+        norm level) go back to what they had seen by then, so the restored weights' losses are judged against
+        the losses those weights made, not against the later ones. `saved` is a checkpoint's engine state.
+        Without a memory of that step they start afresh (and warm up again). The policy is not rewound.
+        Returns whether the baselines came from a memory."""
+        memory = self._memories.get(step)
+        if memory is None and saved is not None:
+            memory = {name: rule["detector"] for name, rule in saved.get("rules", {}).items()}
+        for rt in self._rules:
+            if not getattr(rt.detector, "follows_weights", False):
+                continue
+            fresh = rt.rule.build_detector()
+            if memory is not None and rt.rule.name in memory:
+                fresh.load_state_dict(memory[rt.rule.name])
+            rt.detector = fresh
+        for later in [s for s in self._memories if s > step]:
+            del self._memories[later]
+        return memory is not None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this engine is, as JSON types."""
         return {
             "version": STATE_VERSION,
-            "rollbacks_used": self.rollbacks_used,
+            "clipped": self.clipped,
+            "policy": self.policy.state_dict(),
             "last_step": self.last_step,
             "rules": {
                 rt.rule.name: {
@@ -192,10 +254,19 @@ class Engine:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore state saved by `state_dict`; rules not in the state start fresh."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"engine state version {state.get('version')!r} is not {STATE_VERSION}; start fresh")
-        self.rollbacks_used = int(state["rollbacks_used"])
+        """Restore state saved by `state_dict`; rules not in the state start fresh.
+
+        Version 1 states (before incidents) restore the rules; the policy starts fresh with the rollbacks
+        already used counted against its budget."""
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"engine state version {version!r} is not {STATE_VERSION}; start fresh")
+        self.policy = IncidentPolicy(self.ruleset.policy)
+        self.clipped = bool(state.get("clipped", self.clipped))
+        if version == 1:
+            self.policy.rollback_incidents = int(state.get("rollbacks_used", 0))
+        else:
+            self.policy.load_state_dict(state["policy"])
         self.last_step = state.get("last_step")
         for rt in self._rules:
             saved = state["rules"].get(rt.rule.name)
@@ -235,5 +306,13 @@ def decision_from_dict(data: Mapping[str, Any]) -> Decision:
         onset_step=int(data["onset_step"]), message=data["message"], evidence=dict(data.get("evidence", {})),
     )
     actions = tuple(ActionSpec(ActionKind(a["kind"]), dict(a.get("params", {}))) for a in data["actions"])
+    incident = data.get("incident")
     return Decision(int(data["step"]), data["rule"], Severity(data["severity"]), actions, finding,
-                    int(data.get("level", 0)), data.get("diagnosis", ""), data.get("fix", ""), data.get("note", ""))
+                    int(data.get("level", 0)), data.get("diagnosis", ""), data.get("fix", ""), data.get("note", ""),
+                    None if incident is None else int(incident))
+
+
+def _alert_only(rule: Rule) -> bool:
+    """The rule asks for nothing but alerts, in any of its escalation levels."""
+    actions = [*rule.actions, *rule.actions_when_clipped, *(a for e in rule.escalation for a in e.actions)]
+    return all(a.kind is ActionKind.ALERT for a in actions)

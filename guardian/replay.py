@@ -37,11 +37,16 @@ class ReplayResult:
 
 def replay_observations(observations: list[Observation], ruleset: RuleSet) -> list[Decision]:
     """Run the rules over observations in order; return every decision they would have made."""
+    return replay_engine(observations, ruleset)[0]
+
+
+def replay_engine(observations: list[Observation], ruleset: RuleSet) -> tuple[list[Decision], Engine]:
+    """Like `replay_observations`, with the engine afterwards (its policy holds the incidents)."""
     engine = Engine(ruleset)
     decisions: list[Decision] = []
     for obs in observations:
         decisions.extend(engine.observe(obs.step, obs.metrics))
-    return decisions
+    return decisions, engine
 
 
 def replay(path: str | os.PathLike[str], ruleset: RuleSet) -> ReplayResult:

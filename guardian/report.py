@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from guardian import wire
-from guardian.actions import ActionKind, describe_outcome, merge
+from guardian.actions import ActionKind, Restore, describe_outcome, merge, stop_restore
 from guardian.engine import Decision, decision_from_dict
 from guardian.errors import LogFormatError
 from guardian.eventlog import read_events
@@ -89,6 +89,7 @@ class RunRecord:
     start_time: float | None = None
     notes: list[str] = field(default_factory=list)
     rules: str = ""  # the rule file a replay used
+    incidents: list[dict[str, Any]] = field(default_factory=list)  # the policy's, as `Incident.to_dict()`
 
     @property
     def replayed(self) -> bool:
@@ -160,12 +161,14 @@ def load_stored(state_dir: Path, run_id: str) -> RunRecord:
 
 def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:
     """A training log without Guardian's record: its curves and what the rules would have done."""
-    from guardian.replay import replay_observations
+    from guardian.replay import replay_engine
 
     observations = read_log(path)
     train, evals = _series(observations)
-    decisions = replay_observations(observations, ruleset)
-    return RunRecord(_run_name(path), REPLAYED, str(path), train, evals, decisions, rules=ruleset.source)
+    decisions, engine = replay_engine(observations, ruleset)
+    incidents = [i.to_dict() for i in engine.policy.incidents]
+    return RunRecord(_run_name(path), REPLAYED, str(path), train, evals, decisions, rules=ruleset.source,
+                     incidents=incidents)
 
 
 def _run_name(path: Path) -> str:
@@ -183,6 +186,7 @@ def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]]
     scales: dict[int, float] = {}
     decisions, actions, checkpoints, bad = [], [], [], 0
     start_time = None
+    incidents: list[dict[str, Any]] = []
     for event in events:
         kind, step = event.get("kind"), event.get("step")
         if kind == "metrics" and isinstance(step, int):
@@ -198,6 +202,8 @@ def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]]
             checkpoints.append(event)
         elif kind == "start" and start_time is None:
             start_time = wire.decode_number(event.get("time"))
+        elif kind == "end" and isinstance(event.get("incidents"), list):
+            incidents = [i for i in event["incidents"] if isinstance(i, dict)]
     seen = {(d.get("step"), d.get("rule")) for d in decisions}
     decisions += [d for d in extra_decisions if (d.get("step"), d.get("rule")) not in seen]
     parsed = []
@@ -210,9 +216,36 @@ def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]]
     ordered = sorted(scales)
     record = RunRecord(name, mode, source, train, evals, sorted(parsed, key=lambda d: d.step), actions,
                        Series(ordered, [scales[s] for s in ordered]), checkpoints, start_time)
+    record.incidents = incidents or _incidents_from_decisions(record)
     if bad:
         record.notes.append(f"{bad} decisions could not be read and are left out")
     return record
+
+
+def _incidents_from_decisions(record: RunRecord) -> list[dict[str, Any]]:
+    """A run that never said how its incidents ended (it crashed): what its decisions and actions tell."""
+    found: dict[int, dict[str, Any]] = {}
+    for d in record.decisions:
+        if d.incident is None:
+            continue
+        item = found.setdefault(d.incident, {"id": d.incident, "opened_step": d.step, "rules": {}, "skips": 0,
+                                             "rollbacks": [], "lr_cuts": 0, "lr_restores": 0, "stopped": False,
+                                             "notes": [], "outcome": "unknown (the run did not report its end)"})
+        item["last_firing_step"] = d.step
+        item["rules"][d.rule] = item["rules"].get(d.rule, 0) + 1
+        if d.note and d.note not in item["notes"]:
+            item["notes"].append(d.note)
+    for action in record.actions:
+        owner = next((i for i in found.values()
+                      if i["opened_step"] <= action.get("step", -1) <= i.get("last_firing_step", -1)), None)
+        if owner is None:
+            continue
+        owner["skips"] += int(bool(action.get("skipped_update")) and "rollback" not in action)
+        owner["rollbacks"] += [action["step"]] if "rollback_to_step" in action else []
+        owner["lr_cuts"] += int(isinstance(action.get("lr_factor"), (int, float)) and action["lr_factor"] < 1)
+        owner["lr_restores"] += int(bool(action.get("lr_restored")))
+        owner["stopped"] = owner["stopped"] or bool(action.get("stopped"))
+    return [found[k] for k in sorted(found)]
 
 
 def _series(observations: Iterable[Observation]) -> tuple[dict[str, Series], dict[str, Series]]:
@@ -262,7 +295,7 @@ def _would_do(decisions: list[Decision]) -> Interventions:
     skipped, rollbacks, cuts, stops, scale = [], [], [], [], 1.0
     for step in sorted(by_step):
         plan = merge(a for d in by_step[step] for a in d.actions)
-        if plan.skip_update:
+        if plan.skip_update and not plan.stop:  # a stop skips its step's update too, but it is the stop
             skipped.append(step)
         if plan.rollback:
             rollbacks.append({"step": step})
@@ -365,7 +398,7 @@ def render_markdown(record: RunRecord, *, image: str = PNG_NAME) -> str:
     parts = [f"# Guardian report: {record.name}", "", f"**{verdict(record)}**", "", _source_line(record), ""]
     parts += [f"> {note}" for note in record.notes]
     parts += [f"![Loss, gradient norm, learning rate and Guardian's decisions for {record.name}]({image})", ""]
-    parts += _summary(record) + _timeline(record) + _saved(record) + _next_time(record)
+    parts += _summary(record) + _incidents(record) + _timeline(record) + _saved(record) + _next_time(record)
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -395,6 +428,48 @@ def _summary(record: RunRecord) -> list[str]:
         (f"stops{' (would be)' if would else ''}", ", ".join(f"step {s}" for s in acts.stops) or "0"),
     ]
     return ["## Summary", "", "| | |", "| --- | --- |", *(f"| {k} | {_cell(v)} |" for k, v in rows), ""]
+
+
+def _incidents(record: RunRecord) -> list[str]:
+    """One row per incident: when, which rules, what was tried, and how it ended."""
+    if not record.incidents:
+        return []
+    out = ["## Incidents", "",
+           "An incident runs from the first firing of a rule that acts until no rule has fired for a while; "
+           "within one, the policy keeps the actions from compounding." + (" (Replay: what would have happened.)"
+                                                                               if record.replayed else ""), "",
+           "| # | steps | rules | what was tried | outcome |", "| ---: | --- | --- | --- | --- |"]
+    for item in record.incidents[:TIMELINE_ROWS_MAX]:
+        end = item.get("closed_step")
+        steps = f"{item.get('opened_step')}–{item.get('last_firing_step', item.get('opened_step'))}"
+        steps += f" (quiet again by {end})" if isinstance(end, int) else ""
+        rules = ", ".join(f"{rule} ×{count}" for rule, count in dict(item.get("rules", {})).items())
+        out.append(f"| {item.get('id')} | {steps} | {_cell(rules)} | {_cell(_tried(item))} | "
+                   f"{_cell(str(item.get('outcome', '')))} |")
+    if len(record.incidents) > TIMELINE_ROWS_MAX:
+        out.append(f"\n{len(record.incidents) - TIMELINE_ROWS_MAX} later incidents are not listed.")
+    notes = [(item.get("id"), note) for item in record.incidents[:TIMELINE_ROWS_MAX] for note in item.get("notes", [])
+             if "rollback incident" not in note]
+    if notes:
+        out += ["", "Why the policy changed course:", ""]
+        out += [f"- incident {number}: {note}" for number, note in notes[:TIMELINE_ROWS_MAX]]
+    return out + [""]
+
+
+def _tried(item: Mapping[str, Any]) -> str:
+    parts = []
+    if item.get("skips"):
+        parts.append(_plural(int(item["skips"]), "update") + " skipped")
+    if item.get("lr_restores"):
+        parts.append(f"rate put back on its schedule {_plural(int(item['lr_restores']), 'time')}")
+    rollbacks = item.get("rollbacks") or []
+    if rollbacks:
+        parts.append(f"rolled back at step {', '.join(str(s) for s in rollbacks)}")
+    if item.get("lr_cuts"):
+        parts.append(f"learning rate cut {_plural(int(item['lr_cuts']), 'time')}")
+    if item.get("stopped"):
+        parts.append("stopped the run")
+    return "; ".join(parts) or "alerts only"
 
 
 def _timeline(record: RunRecord) -> list[str]:
@@ -444,8 +519,9 @@ def _saved(record: RunRecord) -> list[str]:
         out.append(f"- NaN/inf values in this log at steps {_ranges(unguarded)} (after the run would have stopped, "
                    "or not watched by a rule).")
     for action in record.actions:
-        if action.get("restored_best"):
-            out.append(f"- At step {action['step']}: stopped and restored the {action['restored_best']}.")
+        restored = action.get("restored") or action.get("restored_best")
+        if restored:
+            out.append(f"- At step {action['step']}: stopped and left {restored} in place.")
     if record.replayed and acts.stops:
         out.append("- " + _would_stop_line(record, acts.stops[0]))
     if record.checkpoints:
@@ -477,7 +553,7 @@ def _rollback_line(record: RunRecord, action: Mapping[str, Any]) -> str:
 def _would_stop_line(record: RunRecord, step: int) -> str:
     stop = next(d for d in record.decisions if d.step == step and any(a.kind is ActionKind.STOP for a in d.actions))
     line = f"Step {step}: {stop.rule} would have stopped the run"
-    restore = any(a.kind is ActionKind.STOP and a.param("restore_best") for a in stop.actions)
+    restore = any(a.kind is ActionKind.STOP and stop_restore(a) is Restore.BEST_EVAL for a in stop.actions)
     best = stop.finding.evidence.get("best")
     if restore and isinstance(best, (int, float)):
         line += f" and restored the weights of its best evaluation (step {stop.finding.evidence.get('best_step')}, " \
@@ -641,10 +717,12 @@ def _restored_best(record: RunRecord) -> tuple[int, float] | None:
     if record.replayed:
         acts = interventions(record)
         stop = next((d for d in record.decisions if acts.stops and d.step == acts.stops[0]), None)
-        restores = stop is not None and any(a.kind is ActionKind.STOP and a.param("restore_best") for a in stop.actions)
+        restores = stop is not None and any(a.kind is ActionKind.STOP and stop_restore(a) is Restore.BEST_EVAL
+                                            for a in stop.actions)
         step = stop.finding.evidence.get("best_step") if stop is not None and restores else None
     else:
-        text = next((str(a["restored_best"]) for a in record.actions if a.get("restored_best")), "")
+        text = next((str(a.get("restored") or a["restored_best"]) for a in record.actions
+                     if a.get("restored") or a.get("restored_best")), "")
         found = re.search(r"step (\d+)", text)
         step = int(found.group(1)) if found else None
     return (step, evals[step]) if isinstance(step, int) and step in evals else None

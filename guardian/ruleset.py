@@ -17,6 +17,7 @@ from guardian.actions import ActionKind, ActionSpec, check_action_params
 from guardian.detectors import DETECTORS
 from guardian.detectors.base import Detector
 from guardian.errors import Problem, RuleFileError
+from guardian.policy import PolicySettings
 from guardian.yamlfile import Located, load_yaml
 
 SCHEMA_VERSION = 1
@@ -54,6 +55,7 @@ class Rule:
     description: str = ""
     diagnosis: str = ""
     fix: str = ""
+    actions_when_clipped: tuple[ActionSpec, ...] = ()  # instead of `actions` when the run clips gradients
 
     def build_detector(self) -> Detector:
         return DETECTORS[self.detector](**self.params)
@@ -66,6 +68,7 @@ class Rule:
             "actions": [a.to_dict() for a in self.actions], "cooldown_steps": self.cooldown_steps,
             "escalation": [{"after_firings": e.after_firings, "within_steps": e.within_steps,
                             "actions": [a.to_dict() for a in e.actions]} for e in self.escalation],
+            "actions_when_clipped": [a.to_dict() for a in self.actions_when_clipped],
             "diagnosis": self.diagnosis, "fix": self.fix,
         }
 
@@ -75,8 +78,12 @@ class RuleSet:
     """All rules of a rule file plus the run-wide policy."""
 
     rules: tuple[Rule, ...]
-    rollback_budget: int = 3
+    policy: PolicySettings = PolicySettings()
     source: str = "<memory>"
+
+    @property
+    def rollback_budget(self) -> int:
+        return self.policy.rollback_budget
 
     def by_name(self, name: str) -> Rule:
         return next(rule for rule in self.rules if rule.name == name)
@@ -129,10 +136,10 @@ class _RuleFileReader:
     TOP_KEYS = {"version", "rules", "policy"}
     RULE_KEYS = {
         "name", "description", "metric", "metrics", "detector", "severity", "actions",
-        "cooldown_steps", "escalation", "diagnosis", "fix", "enabled",
+        "cooldown_steps", "escalation", "diagnosis", "fix", "enabled", "actions_when_clipped",
     }
     ESCALATION_KEYS = {"after_firings", "within_steps", "actions"}
-    POLICY_KEYS = {"rollback_budget"}
+    POLICY_KEYS = {"rollback_budget", "incident_quiet_steps", "lr_cut_factor", "repeat_window_steps"}
 
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
@@ -153,28 +160,38 @@ class _RuleFileReader:
         elif not _is_int(version) or version != SCHEMA_VERSION:
             self.problem(data.line_of("version"), None,
                          f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {version!r}")
-        budget = self.read_policy(data.get("policy", Located()), data.line_of("policy"))
+        policy = self.read_policy(data.get("policy", Located()), data.line_of("policy"))
         rules_data = data.get("rules")
         if not isinstance(rules_data, list) or not rules_data:
             self.problem(data.line_of("rules"), None, "'rules' must be a non-empty list of rules")
-            return RuleSet((), budget, self.source)
+            return RuleSet((), policy, self.source)
         rules = [self.read_rule(item, data.line_of("rules")) for item in rules_data]
         kept = tuple(rule for rule in rules if rule is not None)
         self.check_unique_names(rules_data)
         self.name_yaml_problems(rules_data, data)
-        return RuleSet(kept, budget, self.source)
+        return RuleSet(kept, policy, self.source)
 
-    def read_policy(self, policy: Any, line: int) -> int:
+    def read_policy(self, policy: Any, line: int) -> PolicySettings:
+        defaults = PolicySettings()
         if not isinstance(policy, Located):
             self.problem(line, None, "'policy' must be a mapping, e.g. 'policy: {rollback_budget: 3}'")
-            return 3
+            return defaults
         self.unknown_keys(policy, self.POLICY_KEYS, None, "policy")
-        budget = policy.get("rollback_budget", 3)
-        if not _is_int(budget) or budget < 0:
-            self.problem(policy.line_of("rollback_budget"), None,
-                         f"policy.rollback_budget must be an integer >= 0, got {budget!r}")
-            return 3
-        return int(budget)
+        values: dict[str, Any] = {}
+        for key in ("rollback_budget", "incident_quiet_steps", "repeat_window_steps"):
+            value = policy.get(key, getattr(defaults, key))
+            minimum = 1 if key == "incident_quiet_steps" else 0
+            if not _is_int(value) or value < minimum:
+                self.problem(policy.line_of(key), None, f"policy.{key} must be an integer >= {minimum}, got {value!r}")
+                continue
+            values[key] = int(value)
+        factor = policy.get("lr_cut_factor", defaults.lr_cut_factor)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor < 1.0:
+            self.problem(policy.line_of("lr_cut_factor"), None,
+                         f"policy.lr_cut_factor must be a number between 0 and 1 (exclusive), got {factor!r}")
+        else:
+            values["lr_cut_factor"] = float(factor)
+        return dataclasses.replace(defaults, **values)
 
     def check_unique_names(self, items: list[Any]) -> None:
         """Report every enabled rule whose name an earlier enabled rule already has (valid or not)."""
@@ -230,10 +247,13 @@ class _RuleFileReader:
         actions = self.read_actions(item.get("actions"), item.line_of("actions"), name, required=True)
         cooldown = self.read_count(item, "cooldown_steps", name, default=0)
         escalation = self.read_escalation(item, name)
+        clipped = self.read_actions(item.get("actions_when_clipped"), item.line_of("actions_when_clipped"), name,
+                                    required=False)
         texts = {key: self.read_text(item, key, name) for key in ("description", "diagnosis", "fix")}
         if len(self.problems) > before or name is None or detector is None:
             return None
-        return Rule(name, detector, params, watches, severity, actions, cooldown, escalation, **texts)
+        return Rule(name, detector, params, watches, severity, actions, cooldown, escalation, **texts,
+                    actions_when_clipped=clipped)
 
     def read_text(self, item: Located, key: str, rule: str | None) -> str:
         value = item.get(key, "")
@@ -370,7 +390,7 @@ def _is_int(value: Any) -> bool:
 
 def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:
     names: list[str] = []
-    for key in (*METRIC_FIELDS, "train_metric"):
+    for key in (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric"):
         value = getattr(detector, key, None)
         if isinstance(value, str):
             names.append(value)

@@ -14,15 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardian.detectors import (
-    JumpDetector,
     DETECTORS,
     Detector,
     Finding,
+    JumpDetector,
     NonFiniteDetector,
     OverfittingDetector,
     PlateauDetector,
+    RatioDetector,
     RobustZScoreDetector,
     ThresholdDetector,
+    WarmupRiseDetector,
 )
 from guardian.detectors.robust_zscore import _mad, _median
 
@@ -51,7 +53,7 @@ def wiggle(n: int, level: float = 2.0, amplitude: float = 0.01) -> list[float]:
 
 # --- the registry and the conventions the rule-file loader relies on ---------------------------------------
 
-ALLOWED_ANNOTATIONS = {"str", "int", "float", "bool", "float | None", "int | None", "tuple[str, ...]"}
+ALLOWED_ANNOTATIONS = {"str", "int", "float", "bool", "float | None", "int | None", "str | None", "tuple[str, ...]"}
 
 
 def test_registry_maps_each_kind_to_its_class() -> None:
@@ -62,6 +64,8 @@ def test_registry_maps_each_kind_to_its_class() -> None:
         "overfitting": OverfittingDetector,
         "plateau": PlateauDetector,
         "jump": JumpDetector,
+        "ratio": RatioDetector,
+        "warmup_rise": WarmupRiseDetector,
     }
 
 
@@ -505,6 +509,11 @@ def test_plateau_running_sums_decide_as_fresh_sums_do(start: float, shape: str, 
 # --- state round-trips: every detector resumes exactly where it stopped --------------------------------------
 
 
+def _warmup(*, peak: float, warmup: int, losses: list[float]) -> Stream:
+    """A linear warm-up to `peak` over `warmup` steps, then constant, with the given per-step losses."""
+    return [(i, {"loss": loss, "learning_rate": peak * min(1.0, (i + 1) / warmup)}) for i, loss in enumerate(losses)]
+
+
 def _overfit_stream() -> Stream:
     return train_and_eval(TEXTBOOK_OVERFIT, 0.8, 0.04)
 
@@ -537,6 +546,21 @@ ROUND_TRIPS: dict[str, tuple[Callable[[], Detector], Stream, int]] = {
         lambda: RobustZScoreDetector("loss", window_steps=20, warmup_steps=10, z_threshold=50.0, sustained_steps=3),
         series("loss", wiggle(25) + [2.5] * 4 + wiggle(5) + [2.5] * 3),
         26,
+    ),
+    "ratio": (
+        lambda: RatioDetector("probe_loss", "probe_loss_ref", above=1.5),
+        [(i, {"probe_loss": v, "probe_loss_ref": 1.0}) for i, v in enumerate([1.0, 2.0, 1.1, 3.0, NAN])],
+        2,
+    ),
+    "warmup_rise": (
+        lambda: WarmupRiseDetector(smooth_steps=3),
+        _warmup(peak=1.0, warmup=10, losses=[3.0, 2.5, 2.0, 1.8, 2.2, 2.8, 3.3, 3.6, 3.8, 4.0, 4.0, 4.0]),
+        6,
+    ),
+    "jump_scheduled": (
+        lambda: JumpDetector("learning_rate", reference_metric="scheduled_lr"),
+        [(i, {"learning_rate": lr, "scheduled_lr": 1.0}) for i, lr in enumerate([1.0, 1.0, 50.0, 50.0, 1.0, 50.0])],
+        3,
     ),
     "robust_zscore_trend": (
         lambda: RobustZScoreDetector("loss", window_steps=30, warmup_steps=10, baseline_steps=5, noise="diff_mad"),
@@ -754,3 +778,113 @@ def test_jump_flags_a_learning_rate_blowup_but_not_a_schedule(values: list[float
 def test_jump_rejects_a_factor_of_one_or_less() -> None:
     with pytest.raises(ValueError, match="factor must be a finite number > 1"):
         JumpDetector("learning_rate", factor=1.0)
+
+
+# --- RatioDetector ----------------------------------------------------------------------------------------------
+
+
+def test_ratio_fires_when_the_metric_is_far_above_its_reference_or_not_finite() -> None:
+    detector = RatioDetector("probe_loss", "probe_loss_ref", above=1.5)
+    stream = [(1, {"probe_loss": 1.4, "probe_loss_ref": 1.0}), (2, {"probe_loss": 1.6, "probe_loss_ref": 1.0}),
+              (3, {"probe_loss": NAN, "probe_loss_ref": 1.0}), (4, {"probe_loss": 9.0}),
+              (5, {"probe_loss": 9.0, "probe_loss_ref": NAN})]
+    findings = run(detector, stream)
+    assert [f.onset_step for f in findings] == [2, 3]
+    assert "1.6x its reference probe_loss_ref 1 (limit 1.5x)" in findings[0].message
+    assert RatioDetector("a", "b", non_finite=False).update(1, {"a": NAN, "b": 1.0}) is None
+
+
+def test_ratio_min_difference_ignores_tiny_absolute_changes() -> None:
+    detector = RatioDetector("probe_loss", "probe_loss_ref", above=1.5, min_difference=0.1)
+    assert detector.update(1, {"probe_loss": 0.02, "probe_loss_ref": 0.01}) is None
+    assert detector.update(2, {"probe_loss": 0.5, "probe_loss_ref": 0.01}) is not None
+
+
+# --- WarmupRiseDetector -----------------------------------------------------------------------------------------
+
+
+def test_warmup_rise_fires_once_when_the_warmup_ends_above_its_minimum() -> None:
+    losses = [3.0, 2.6, 2.2, 2.0, 2.1, 2.6, 3.0, 3.4, 3.6, 3.8] + [3.8] * 5
+    findings = run(WarmupRiseDetector(smooth_steps=3), _warmup(peak=0.1, warmup=10, losses=losses))
+    assert len(findings) == 1
+    (finding,) = findings
+    assert finding.onset_step == 4  # where the smoothed loss was lowest
+    assert finding.evidence["peak_lr"] == pytest.approx(0.1)
+    assert finding.evidence["lr_factor"] == pytest.approx(0.5 * finding.evidence["lr_at_minimum"] / 0.1)
+    assert "while the learning rate rose from" in finding.message
+
+
+@pytest.mark.parametrize("losses", [
+    [3.0, 2.6, 2.2, 2.0, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3] + [1.2] * 5,   # healthy: falls all through the warm-up
+    [3.0, 2.6, 2.2, 2.0, 1.8, 1.9, 2.0, 2.1, 2.0, 2.1] + [2.1] * 5,   # a small rise: within min_rise
+])
+def test_warmup_rise_is_quiet_on_a_warmup_that_works(losses: list[float]) -> None:
+    assert run(WarmupRiseDetector(smooth_steps=3), _warmup(peak=0.1, warmup=10, losses=losses)) == []
+
+
+def test_warmup_rise_never_judges_a_run_without_warmup() -> None:
+    stream = [(i, {"loss": 1.0 + i, "learning_rate": 0.1}) for i in range(20)]
+    assert run(WarmupRiseDetector(smooth_steps=3), stream) == []
+
+
+# --- JumpDetector against the schedule --------------------------------------------------------------------------
+
+
+def test_a_rate_off_its_schedule_fires_at_every_step_and_is_never_accepted() -> None:
+    detector = JumpDetector("learning_rate", window_steps=3, reference_metric="scheduled_lr")
+    stream = [(i, {"learning_rate": 1.0 if i < 2 else 100.0, "scheduled_lr": 1.0}) for i in range(20)]
+    findings = run(detector, stream)
+    assert len(findings) == 18 and all(f.onset_step == 2 for f in findings)
+    assert "100x the scheduled_lr 1 (limit 1.5x)" in findings[-1].message
+
+
+def test_without_a_schedule_the_rate_is_judged_against_its_recent_maximum() -> None:
+    detector = JumpDetector("learning_rate", window_steps=3, reference_metric="scheduled_lr")
+    stream = [(i, {"learning_rate": 1.0 if i < 2 else 100.0}) for i in range(10)]
+    assert len(run(detector, stream)) == 3  # the new level is accepted after window_steps
+
+
+# --- ThresholdDetector at the run's own scale -------------------------------------------------------------------
+
+
+def test_a_threshold_relative_to_the_first_steps_fits_the_run_scale() -> None:
+    huge = ThresholdDetector("grad_norm", above=1e4, relative_to_first_steps=5)
+    assert run(huge, series("grad_norm", [1e6 * (1 + 0.1 * (i % 3)) for i in range(30)])) == []
+    small = ThresholdDetector("grad_norm", above=1e4, relative_to_first_steps=5)
+    assert fired_steps(small, series("grad_norm", [0.5] * 5 + [2e4])) == [5]  # the floor stays 1e4
+    big = ThresholdDetector("grad_norm", above=1e4, relative_to_first_steps=5)
+    assert [f.value for f in run(big, series("grad_norm", [1e6] * 5 + [5e9, 2e10]))] == [2e10]
+
+
+# --- OverfittingDetector with noisy evaluations -----------------------------------------------------------------
+
+
+def _evals(values: list[float], train_start: float = 2.0) -> Stream:
+    stream: Stream = []
+    for i, value in enumerate(values):
+        stream.append((i * 10, {"loss": train_start - 0.01 * i}))
+        stream.append((i * 10, {"eval_loss": value}))
+    return stream
+
+
+def test_noisy_evaluations_that_keep_improving_do_not_fire() -> None:
+    noisy = [0.57, 0.53, 0.48, 0.46, 0.45, 0.42, 0.41, 0.41, 0.41, 0.395, 0.403, 0.406, 0.383, 0.375, 0.362,
+             0.354, 0.383, 0.368, 0.363, 0.367, 0.367, 0.354, 0.361, 0.345]   # a real ASR run's eval loss
+    assert run(OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0), _evals(noisy)) == []
+    assert run(OverfittingDetector(patience_evals=3, min_delta=0.03), _evals(noisy)) != []  # per-evaluation: fires
+
+
+def test_a_real_rise_fires_in_noise_mode() -> None:
+    rising = [0.53, 0.51, 0.56, 0.75, 0.81, 1.01, 1.06]
+    detector = OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0)
+    fired = fired_steps(detector, _evals(rising))
+    assert fired[0] == 40  # the third evaluation after the best (step 10): their median 0.75 is far above it
+    finding = run(OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0), _evals(rising))[0]
+    assert finding.onset_step == 10 and "noise units" in finding.message
+
+
+def test_an_evaluation_repeated_at_the_same_step_is_not_a_new_one() -> None:
+    detector = OverfittingDetector(patience_evals=1, min_delta=0.0)
+    stream = [(0, {"loss": 1.0}), (0, {"eval_loss": 1.0}), (10, {"loss": 0.9}), (10, {"eval_loss": 0.9})]
+    assert run(detector, stream) == []
+    assert detector.update(10, {"eval_loss": 5.0}) is None  # trainer.evaluate() again at the last step

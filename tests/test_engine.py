@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from guardian.actions import ActionKind, ActionSpec, Plan, merge
+from guardian.actions import ActionKind, ActionSpec, Plan, Restore, merge
 from guardian.detectors import Finding
 from guardian.engine import Decision, Engine, RuleStatus
 from guardian.ruleset import RuleSet, Severity, parse_rules
@@ -18,8 +18,9 @@ HIGH, LOW = 50.0, 1.0  # grad_norm above and below the limit of 10 used by the r
 
 
 def rules(body: str, *, budget: int | None = None) -> RuleSet:
-    """A rule file from its `rules:` entries (indented by two spaces), with an optional rollback budget."""
-    policy = "" if budget is None else f"policy: {{rollback_budget: {budget}}}\n"
+    """A rule file from its `rules:` entries (indented by two spaces), with an optional rollback budget (and
+    then no LR cut for repeated rollback incidents, so escalation levels read plainly)."""
+    policy = "" if budget is None else f"policy: {{rollback_budget: {budget}, repeat_window_steps: 0}}\n"
     return parse_rules(f"version: 1\n{policy}rules:\n{body}", "test.yaml")
 
 
@@ -107,46 +108,7 @@ def test_firings_suppressed_by_cooldown_do_not_count_towards_escalation() -> Non
     assert [(d.step, d.level) for d in decisions] == [(0, 0), (2, 0), (4, 1), (6, 2)]
 
 
-# --- the rollback budget -------------------------------------------------------------------------------------
-
-ROLLBACK = "[rollback, {reduce_lr: {factor: 0.5}}]"
-USED_UP = "rollback budget of {} used up, stopping instead"
-
-
-@pytest.mark.parametrize(
-    ("budget", "notes"),
-    [
-        (2, ["rollback 1 of 2", "rollback 2 of 2", USED_UP.format(2), USED_UP.format(2)]),
-        (1, ["rollback 1 of 1", USED_UP.format(1), USED_UP.format(1), USED_UP.format(1)]),
-        (0, [USED_UP.format(0)] * 4),
-    ],
-)
-def test_rollback_budget(budget: int, notes: list[str]) -> None:
-    engine = Engine(rules(grad_rule(actions=ROLLBACK), budget=budget))
-    decisions = drive(engine, pattern("HHHH"))
-    assert [d.note for d in decisions] == notes
-    rolled = [(ActionKind.ROLLBACK, ActionKind.REDUCE_LR)] * budget
-    stopped = [(ActionKind.REDUCE_LR, ActionKind.STOP)] * (4 - budget)
-    assert [tuple(a.kind for a in d.actions) for d in decisions] == rolled + stopped
-    assert engine.rollbacks_used == budget
-    assert all(d.note in d.message for d in decisions)
-
-
-def test_the_rollback_budget_is_shared_by_all_rules() -> None:
-    body = grad_rule(name="a", actions="[rollback]") + grad_rule(name="b", actions="[rollback]")
-    engine = Engine(rules(body, budget=3))
-    decisions = drive(engine, pattern("HH"))
-    assert [(d.step, d.rule, d.note) for d in decisions] == [
-        (0, "a", "rollback 1 of 3"), (0, "b", "rollback 2 of 3"),
-        (1, "a", "rollback 3 of 3"), (1, "b", USED_UP.format(3)),
-    ]
-
-
-def test_decisions_without_rollback_leave_the_budget_alone() -> None:
-    engine = Engine(rules(grad_rule(), budget=1))
-    drive(engine, pattern("HHH"))
-    assert engine.rollbacks_used == 0
-
+# --- the rollback budget and the incident policy: see test_policy.py ----------------------------------------
 
 # --- what a decision says ------------------------------------------------------------------------------------
 
@@ -165,7 +127,7 @@ def test_decision_message_states_metric_value_threshold_step_actions_and_advice(
     (decision,) = Engine(rules(EXPLAINED)).observe(7, {"grad_norm": 123.0})
     assert decision.message == (
         "step 7 grad_explosion [critical]: grad_norm 123 at step 7 is above the limit 10 "
-        "-> skip_update, reduce_lr(factor=0.5). Likely cause: learning rate too high. "
+        "-> skip_update, reduce_lr(factor=0.5) (incident 1). Likely cause: learning rate too high. "
         "Usual fix: set max_grad_norm to 1.0"
     )
     assert (decision.finding.metric, decision.finding.value, decision.finding.threshold) == ("grad_norm", 123.0, 10.0)
@@ -176,8 +138,8 @@ def test_decision_message_shows_the_escalation_level_and_note() -> None:
     decisions = drive(engine, pattern("HHH"))
     assert decisions[-1].message == (
         "step 2 grad [warning]: grad_norm 50 at step 2 is above the limit 10 for 3 consecutive observations "
-        "since step 0 -> stop (escalation 1); "
-        "rollback budget of 0 used up, stopping instead"
+        "since step 0 -> stop(restore=last_good) (escalation 1) (incident 1); "
+        "rollback budget of 0 incidents used up: stopping with the last good weights in place"
     )
 
 
@@ -254,11 +216,15 @@ MERGES = [
     ([spec("reduce_lr", factor=0.5), spec("reduce_lr", factor=0.1), spec("reduce_lr", factor=0.8)], Plan(lr_factor=0.1)),
     ([spec("reduce_lr", factor=0.5, min_lr=1e-6), spec("reduce_lr", factor=0.9, min_lr=1e-5)],
      Plan(lr_factor=0.5, min_lr=1e-5)),
-    ([spec("stop")], Plan(stop=True)),
+    ([spec("restore_lr")], Plan(restore_lr=True)),
+    ([spec("stop")], Plan(skip_update=True, stop=True)),   # `auto` not resolved by a policy: the current weights
+    ([spec("stop", restore="last_good")], Plan(skip_update=True, stop=True, restore=Restore.LAST_GOOD)),
     ([spec("stop"), spec("stop", restore_best=True), spec("stop", restore_best=False)],
-     Plan(stop=True, restore_best=True)),
+     Plan(skip_update=True, stop=True, restore=Restore.BEST_EVAL)),
+    ([spec("stop", restore="best_eval"), spec("stop", restore="last_good")],
+     Plan(skip_update=True, stop=True, restore=Restore.BEST_EVAL)),
     ([spec("alert"), spec("rollback"), spec("reduce_lr", factor=0.25), spec("stop", restore_best=True)],
-     Plan(skip_update=True, rollback=True, lr_factor=0.25, stop=True, restore_best=True)),
+     Plan(skip_update=True, rollback=True, lr_factor=0.25, stop=True, restore=Restore.BEST_EVAL)),
 ]
 
 
@@ -353,7 +319,7 @@ def test_the_round_trip_stream_exercises_every_policy() -> None:
     decisions = drive(engine, run_stream())
     assert {d.rule for d in decisions} == {"nan", "spike", "grad", "overfit"}
     assert any(d.level for d in decisions)
-    assert any("used up" in d.note for d in decisions)
+    assert any("used up" in d.note or "already cut" in d.note or "skipping instead" in d.note for d in decisions)
     assert any(suppressed for _, suppressed in engine.rule_counts().values())
 
 
@@ -371,5 +337,5 @@ def test_an_unknown_state_version_is_refused(version: object) -> None:
     engine = Engine(rules(grad_rule()))
     state = engine.state_dict()
     state["version"] = version
-    with pytest.raises(ValueError, match=rf"engine state version {version!r} is not 1; start fresh"):
+    with pytest.raises(ValueError, match=rf"engine state version {version!r} is not 2; start fresh"):
         engine.load_state_dict(state)

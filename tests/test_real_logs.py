@@ -69,4 +69,4 @@ def test_overfitting_is_caught_before_the_end_of_the_textbook_run(rules) -> None
     first = result.decisions[0]
     assert (first.rule, first.finding.onset_step) == ("overfitting", 5600)  # the best evaluation
     assert first.step == 14000  # the third evaluation above the best; the run went on to step 27000
-    assert first.actions[0].kind.value == "stop" and first.actions[0].param("restore_best") is True
+    assert first.actions[0].kind.value == "stop" and first.actions[0].param("restore") == "best_eval"

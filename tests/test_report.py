@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +33,19 @@ def guardian(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def guarded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 60-step LoRA run with Guardian: three NaN steps (skip, skip, then rollback + LR cut), two poisoned."""
+    """A real 60-step LoRA run with Guardian: three NaN steps from the forward pass (skipped: the weights are
+    fine), then an inf written into a weight at step 30 (the reference batch says the weights are damaged:
+    one rollback, in the same incident)."""
+    from trainkit import CorruptWeight
+
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
     from guardian.tinyrun import TinyRun
 
     out = tmp_path_factory.mktemp("guarded")
-    faults = FaultInjector([Fault("nan", 20, steps=3), Fault("poison", 40, steps=2)])
-    TinyRun(str(out), max_steps=60, eval_steps=20).trainer([faults, GuardianCallback()]).train()
+    faults = FaultInjector([Fault("nan", 20, steps=3)])
+    TinyRun(str(out), max_steps=60, eval_steps=20).trainer([faults, CorruptWeight(30, math.inf),
+                                                             GuardianCallback()]).train()
     return out
 
 
@@ -57,20 +63,25 @@ def test_an_embedded_run_reports_its_decisions_actions_and_rescues(guarded_run: 
     record = load_run(guarded_run, ruleset=load_rules())
     recorded = [e for e in events_of(guarded_run) if e["kind"] == "decision"]
     assert [(d.step, d.rule) for d in record.decisions] == [(e["step"], e["rule"]) for e in recorded]
-    assert [d.step for d in record.decisions if d.rule == "non_finite_loss"] == [20, 21, 22]
+    assert [d.step for d in record.decisions if d.rule == "non_finite_loss"] == [20, 21, 22, 31]
+    assert [d.step for d in record.decisions if d.rule == "weights_damaged"] == [31]
     png, md = write_report(record, tmp_path / "out")
     assert_png(png)
     text = md.read_text()
     assert text.startswith(f"# Guardian report: {guarded_run.name}\n")
     assert "](report.png)" in text
-    assert "**Guardian stepped in: " in text and "1 rollback" in text and "LR x0.5" in text
-    assert "| rollbacks | 1 |" in text and "| LR cuts | 1 (final LR scale 0.5) |" in text
+    assert "**Guardian stepped in: 4 updates skipped, 1 rollback; ended at step 60" in text
+    assert "| rollbacks | 1 |" in text and "| LR cuts | 0 (final LR scale 1) |" in text
     assert "| 20 | non_finite_loss | critical | loss is nan at step 20" in text
     assert "| skip_update | skipped this update |" in text
-    assert "| rollback, reduce_lr(factor=0.5) (escalation 1) | rolled back to step 0 from memory" in text
-    assert "rolled back to step 0 from memory, restored in" in text and "the 22 steps since then were discarded" in text
-    assert "Updates with a NaN/inf loss or gradient skipped" in text and "steps 20–22" in text
-    assert "### non_finite_loss (3×, steps 20–22)" in text
+    assert "| rollback | rolled back to step 0 from memory" in text and "rollback incident 1 of 3" in text
+    assert "rolled back to step 0 from memory, restored in" in text and "the 31 steps since then were discarded" in text
+    assert "Updates with a NaN/inf loss or gradient skipped" in text and "steps 20–22, 31" in text
+    assert "### non_finite_loss (4×, steps 20–22, 31)" in text
+    # The incident: when, which rules, what was tried, how it ended.
+    assert "## Incidents" in text
+    assert "| 1 | 20–31 (quiet again by 51) | non_finite_loss ×4, weights_damaged ×1 | 3 updates skipped; " \
+           "rolled back at step 31 | recovered: loss" in text
     assert "- Usual fix: lower the learning rate, set max_grad_norm 0.5-1.0" in text
     assert "| NaN loss | — | roll back |" in text
 
@@ -100,7 +111,7 @@ def test_a_replayed_overfitting_log_says_what_the_rules_would_have_done(tmp_path
     text = md.read_text()
     assert "**Replayed: what the rules would have done.**" in text
     assert "| 14000 | overfitting | warning | eval_loss 0.8128 at step 14000 is above its best 0.5089" in text
-    assert "| stop(restore_best=True) | not taken (replay) |" in text
+    assert "| stop(restore=best_eval) | not taken (replay) |" in text
     assert "restored the weights of its best evaluation (step 5600, eval_loss 0.5089)" in text
     assert "ended at eval_loss 1.232" in text
     assert "| overfitting: train loss ↓ while eval loss ↑ | too many epochs, too little data |" in text
@@ -148,6 +159,7 @@ def test_a_run_streamed_to_the_daemon_lists_each_decision_once(guarded_run: Path
     embedded = load_run(guarded_run, ruleset=load_rules())
     assert [(d.step, d.rule) for d in stored.decisions] == [(d.step, d.rule) for d in embedded.decisions]
     assert "rolled back to step 0 from memory" in render_markdown(stored)
+    assert "| 1 | 20–31" in render_markdown(stored)  # the incidents come from the run's end event
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def test_the_template_rule_is_valid() -> None:
 
 # --- one mistake, one problem: (text, line, rule, what the message says) -------------------------------------
 
-NUMBER_KINDS = "jump, non_finite, overfitting, plateau, robust_zscore, threshold"
+NUMBER_KINDS = "jump, non_finite, overfitting, plateau, ratio, robust_zscore, threshold, warmup_rise"
 ZSCORE = "detector: {kind: robust_zscore, %s}"
 ESCALATE = ("escalation:", "  - after_firings: 3", "    within_steps: 20", "    actions: [stop]")
 
@@ -157,11 +157,11 @@ MISTAKES = [
     # actions
     ("action_typo", spike(actions="actions: [alrt]"), 6, "spike", r"unknown action 'alrt'; did you mean 'alert'\?"),
     ("action_unknown", spike(actions="actions: [explode]"), 6, "spike",
-     r"unknown action 'explode'; valid actions: alert, skip_update, reduce_lr, rollback, stop"),
+     r"unknown action 'explode'; valid actions: alert, skip_update, restore_lr, reduce_lr, rollback, stop"),
     ("reduce_lr_factor_too_big", spike(actions="actions: [{reduce_lr: {factor: 1.5}}]"), 6, "spike",
      r"reduce_lr factor must be between 0 and 1 \(exclusive\), got 1.5"),
     ("reduce_lr_unknown_param", spike(actions="actions: [{reduce_lr: {fator: 0.5}}]"), 6, "spike",
-     r"action 'reduce_lr' has no parameter 'fator' \(valid: factor, min_lr\)"),
+     r"action 'reduce_lr' has no parameter 'fator' \(valid: factor, min_lr, from_evidence\)"),
     ("reduce_lr_wrong_type", spike(actions="actions: [{reduce_lr: {factor: half}}]"), 6, "spike",
      r"action 'reduce_lr' parameter 'factor' must be a float, got 'half'"),
     ("reduce_lr_bool", spike(actions="actions: [{reduce_lr: {factor: true}}]"), 6, "spike",
@@ -177,7 +177,7 @@ MISTAKES = [
     ("action_params_not_a_mapping", spike(actions="actions: [{reduce_lr: [0.5]}]"), 6, "spike",
      r"parameters of action 'reduce_lr' must be a mapping, got \[0.5\]"),
     ("action_a_list", spike(actions="actions: [[alert]]"), 6, "spike",
-     r"an action is a name \(alert, skip_update, reduce_lr, rollback, stop\) or a one-key mapping"),
+     r"an action is a name \(alert, skip_update, restore_lr, reduce_lr, rollback, stop\) or a one-key mapping"),
     ("actions_a_number", spike(actions="actions: 7"), 6, "spike",
      r"'actions' must be a list, e.g. \[skip_update\] or \[\{reduce_lr: \{factor: 0.5\}\}\]"),
     ("actions_empty", spike(actions="actions: []"), 6, "spike", r"'actions' must be a list"),

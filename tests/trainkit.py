@@ -70,3 +70,16 @@ def events(output_dir: str | Path) -> list[dict[str, Any]]:
 
 def all_finite(model: Any) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class CorruptWeight(TrainerCallback):
+    """Writes a value into one LoRA weight at the end of a step (a bit flip, a bad all-reduce)."""
+
+    def __init__(self, step: int, value: float) -> None:
+        self.step, self.value = step, value
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            param = next(p for n, p in trainable_parameters(model).items() if "lora_A" in n)
+            with torch.no_grad():
+                param[0, :4] = self.value

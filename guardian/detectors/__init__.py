@@ -7,8 +7,10 @@ from guardian.detectors.jump import JumpDetector
 from guardian.detectors.non_finite import NonFiniteDetector
 from guardian.detectors.overfitting import OverfittingDetector
 from guardian.detectors.plateau import PlateauDetector
+from guardian.detectors.ratio import RatioDetector
 from guardian.detectors.robust_zscore import RobustZScoreDetector
 from guardian.detectors.threshold import ThresholdDetector
+from guardian.detectors.warmup_rise import WarmupRiseDetector
 
 DETECTORS: dict[str, type] = {
     cls.kind: cls
@@ -19,6 +21,8 @@ DETECTORS: dict[str, type] = {
         OverfittingDetector,
         PlateauDetector,
         JumpDetector,
+        RatioDetector,
+        WarmupRiseDetector,
     )
 }
 
@@ -30,6 +34,8 @@ __all__ = [
     "NonFiniteDetector",
     "OverfittingDetector",
     "PlateauDetector",
+    "RatioDetector",
     "RobustZScoreDetector",
     "ThresholdDetector",
+    "WarmupRiseDetector",
 ]

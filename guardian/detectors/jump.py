@@ -27,8 +27,14 @@ class JumpDetector:
         window_steps: how many recent accepted observations form the reference; at least 1.
         warmup_steps: no firing before this step (the first steps of a warm-up start from 0); 0 or more.
 
-    A jumped value is not accepted into the window, so every step of a lasting jump fires; after
-    `window_steps` consecutive jumped observations the new level is accepted as the reference.
+        reference_metric: a metric giving the value the metric should have, e.g. "scheduled_lr" (the rate the
+            scheduler set, which Guardian's training side reports). When it is in the observation, the value is
+            judged against it instead: it fires when the value is more than `reference_factor` x the reference,
+            at every step it stays there (a rate forced off its schedule is never accepted as the new normal).
+        reference_factor: see reference_metric; greater than 1.
+
+    Without a reference, a jumped value is not accepted into the window, so every step of a lasting jump
+    fires; after `window_steps` consecutive jumped observations the new level is accepted as the reference.
     """
 
     kind: ClassVar[str] = "jump"
@@ -37,6 +43,8 @@ class JumpDetector:
     factor: float = 4.0
     window_steps: int = 10
     warmup_steps: int = 0
+    reference_metric: str | None = None
+    reference_factor: float = 1.5
     _window: deque[float] = field(init=False, repr=False, default_factory=deque)
     _run: list[float] = field(init=False, repr=False, default_factory=list)
     _run_start: int | None = field(init=False, default=None, repr=False)
@@ -46,6 +54,9 @@ class JumpDetector:
         check_finite("factor", self.factor, 1.0, strict=True)
         check_positive_int("window_steps", self.window_steps, 1)
         check_positive_int("warmup_steps", self.warmup_steps, 0)
+        if self.reference_metric is not None:
+            check_metric("reference_metric", self.reference_metric)
+        check_finite("reference_factor", self.reference_factor, 1.0, strict=True)
         self._window = deque(maxlen=self.window_steps)
 
     @property
@@ -56,6 +67,9 @@ class JumpDetector:
         x = finite_value(values, self.metric)
         if x is None:
             return None
+        scheduled = finite_value(values, self.reference_metric) if self.reference_metric else None
+        if scheduled is not None and scheduled > 0.0:
+            return self._against_reference(step, x, scheduled)
         reference = max(self._window, default=0.0)
         if step < self.warmup_steps or reference <= 0.0 or x <= self.factor * reference:
             self._window.append(x)
@@ -72,6 +86,22 @@ class JumpDetector:
             message=(f"{self.metric} {x:.4g} at step {step} is {x / reference:.3g}x its recent maximum "
                      f"{reference:.4g} (limit {self.factor:g}x)"),
             evidence={"reference": reference, "ratio": x / reference, "factor": self.factor},
+        )
+
+    def _against_reference(self, step: int, x: float, scheduled: float) -> Finding | None:
+        if x <= self.reference_factor * scheduled:
+            self._window.append(x)
+            self._run, self._run_start = [], None
+            return None
+        if self._run_start is None:
+            self._run_start = step
+        self._run = self._run[-self.window_steps:] + [x]
+        return Finding(
+            metric=self.metric, value=x, threshold=self.reference_factor * scheduled, onset_step=self._run_start,
+            message=(f"{self.metric} {x:.4g} at step {step} is {x / scheduled:.3g}x the {self.reference_metric} "
+                     f"{scheduled:.4g} (limit {self.reference_factor:g}x)"),
+            evidence={"reference": scheduled, "ratio": x / scheduled, "factor": self.reference_factor,
+                      "against": self.reference_metric},
         )
 
     def state_dict(self) -> dict[str, JSONValue]:

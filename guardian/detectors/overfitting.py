@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from guardian.detectors.base import Finding, JSONValue
+from guardian.detectors.stats import MAD_SCALE, median
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
 
 TRAIN_EMA_ALPHA = 0.1
+NOISE_EVALS = 20  # evaluations the noise of the eval metric is estimated from
 
 
 @dataclass
@@ -36,6 +38,15 @@ class OverfittingDetector:
         gap_growth_evals: if above 0, also fire when the gap (eval - train EMA) grew at each of the last this
             many evaluations while the current eval is past its best; 0 disables this earlier warning.
         warmup_evals: no firing until this many evaluations have been seen; 0 or more.
+        noise_z: when above 0, judge the trend, not single evaluations, so a noisy evaluation (a small eval
+            set) cannot stop a run that is still improving: fire only once `patience_evals` evaluations have
+            been made since the best and the median of the last `patience_evals` is both past the best by
+            `min_delta` and more than `noise_z` noise units above it. The noise unit is the robust spread of
+            the evaluation's step-to-step changes (1.4826 x MAD of the differences / sqrt 2, over the last
+            20 evaluations). 0 (the default) judges each evaluation on its own, as above.
+
+    An evaluation at the same step as the previous one (`trainer.evaluate()` called again after training) is
+    not a new evaluation and is ignored.
     """
 
     kind: ClassVar[str] = "overfitting"
@@ -47,6 +58,10 @@ class OverfittingDetector:
     require_train_improving: bool = True
     gap_growth_evals: int = 0
     warmup_evals: int = 1
+    noise_z: float = 0.0
+    _recent: deque[float] = field(init=False, repr=False, default_factory=deque)
+    _evals_since_best: int = field(init=False, default=0, repr=False)
+    _last_eval_step: int | None = field(init=False, default=None, repr=False)
     _best: float | None = field(init=False, default=None, repr=False)
     _best_step: int | None = field(init=False, default=None, repr=False)
     _evals_seen: int = field(init=False, default=0, repr=False)
@@ -66,7 +81,9 @@ class OverfittingDetector:
             raise ValueError(f"require_train_improving must be true or false, got {self.require_train_improving!r}")
         check_positive_int("gap_growth_evals", self.gap_growth_evals, 0)
         check_positive_int("warmup_evals", self.warmup_evals, 0)
+        check_finite("noise_z", self.noise_z, 0.0)
         self._gaps = deque(maxlen=self.gap_growth_evals + 1)
+        self._recent = deque(maxlen=NOISE_EVALS)
 
     @property
     def warming_up(self) -> bool:
@@ -78,15 +95,21 @@ class OverfittingDetector:
             ema = self._train_ema
             self._train_ema = train if ema is None else ema + TRAIN_EMA_ALPHA * (train - ema)
         value = finite_value(values, self.eval_metric)
-        if value is None:
+        if value is None or step == self._last_eval_step:
             return None
+        self._last_eval_step = step
         self._evals_seen += 1
+        self._recent.append(value)
         if self._train_ema is not None:
             self._gaps.append(value - self._train_ema)
         if self._best is None or value < self._best:
             self._best, self._best_step, self._evals_past_best = value, step, 0
+            self._evals_since_best = 0
             self._train_ema_at_best = self._train_ema
             return None
+        self._evals_since_best += 1
+        if self.noise_z > 0:
+            return self._judge_trend(step, value)
         if value <= self._best + self.min_delta * abs(self._best):
             return None
         self._evals_past_best += 1
@@ -101,6 +124,33 @@ class OverfittingDetector:
         if self.gap_growth_evals > 0 and self._gap_growing():
             return self._finding(step, value, "gap_growth")
         return None
+
+    def _judge_trend(self, step: int, value: float) -> Finding | None:
+        """noise_z mode: the median of the recent evaluations against the best, in units of the eval's noise."""
+        best = float(self._best or 0.0)
+        if self._evals_since_best < self.patience_evals:
+            return None
+        recent = median(list(self._recent)[-self.patience_evals:])
+        noise = self.noise()
+        if recent <= best + self.min_delta * abs(best) or recent <= best + self.noise_z * noise:
+            return None
+        self._evals_past_best = self._evals_since_best
+        if self.warming_up or (self.require_train_improving and not self._train_improving()):
+            return None
+        finding = self._finding(step, value, "patience")
+        evidence = {**finding.evidence, "recent_median": recent, "noise": noise, "noise_z": self.noise_z}
+        message = finding.message + (f"; the median of the last {self.patience_evals} is {recent:.4g}, "
+                                     f"{(recent - best) / noise:.1f} noise units ({noise:.3g}) above it" if noise > 0 else "")
+        return Finding(finding.metric, finding.value, finding.threshold, finding.onset_step, message, evidence)
+
+    def noise(self) -> float:
+        """The robust spread of the eval metric's step-to-step changes (0 with fewer than 3 evaluations)."""
+        values = list(self._recent)
+        diffs = [b - a for a, b in zip(values, values[1:])]
+        if len(diffs) < 2:
+            return 0.0
+        center = median(diffs)
+        return MAD_SCALE * median([abs(d - center) for d in diffs]) / 2 ** 0.5
 
     def _train_improving(self) -> bool:
         now, then = self._train_ema, self._train_ema_at_best
@@ -146,6 +196,8 @@ class OverfittingDetector:
             "best": self._best, "best_step": self._best_step, "evals_seen": self._evals_seen,
             "evals_past_best": self._evals_past_best, "train_ema": self._train_ema,
             "train_ema_at_best": self._train_ema_at_best, "gaps": list(self._gaps),
+            "recent": list(self._recent), "evals_since_best": self._evals_since_best,
+            "last_eval_step": self._last_eval_step,
         }
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
@@ -156,6 +208,10 @@ class OverfittingDetector:
         self._train_ema = _opt_float(state["train_ema"])
         self._train_ema_at_best = _opt_float(state["train_ema_at_best"])
         self._gaps = deque((float(g) for g in state["gaps"]), maxlen=self.gap_growth_evals + 1)
+        self._recent = deque((float(x) for x in state.get("recent", [])), maxlen=NOISE_EVALS)  # type: ignore[union-attr]
+        self._evals_since_best = int(state.get("evals_since_best", self._evals_past_best))  # type: ignore[arg-type]
+        last = state.get("last_eval_step")
+        self._last_eval_step = None if last is None else int(last)  # type: ignore[arg-type]
 
 
 def _opt_float(value: JSONValue) -> float | None:

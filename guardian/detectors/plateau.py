@@ -36,6 +36,7 @@ class PlateauDetector:
     """
 
     kind: ClassVar[str] = "plateau"
+    follows_weights: ClassVar[bool] = True  # its baseline is rewound with a rollback
 
     metric: str = "loss"
     window_steps: int = 200

@@ -11,9 +11,9 @@ from itertools import islice
 from typing import ClassVar, Literal
 
 from guardian.detectors.base import Finding, JSONValue
+from guardian.detectors.stats import MAD_SCALE
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
 
-MAD_SCALE = 1.4826  # makes the MAD of normally distributed data estimate its standard deviation
 DIRECTIONS = ("up", "down", "both")
 NOISE_ESTIMATES = ("mad", "diff_mad")
 
@@ -55,6 +55,7 @@ class RobustZScoreDetector:
     """
 
     kind: ClassVar[str] = "robust_zscore"
+    follows_weights: ClassVar[bool] = True  # its baseline is rewound with a rollback
 
     metric: str
     window_steps: int = 100

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from guardian.detectors.base import Finding, JSONValue
+from guardian.detectors.stats import median
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
 
 
@@ -24,6 +25,10 @@ class ThresholdDetector:
         consecutive_steps: how many consecutive observations (logged values, not optimizer steps) must breach
             a limit before it fires; at least 1. It keeps firing on each further breach.
         warmup_steps: observations logged at a step lower than this are ignored; 0 or more.
+        relative_to_first_steps: when above 0, `above` is raised to `above` x the median of the run's first this
+            many (finite, positive) observations after warm-up when that median is above 1, so the limit fits
+            the run's own scale (a model whose healthy gradient norm is 1e6 is not "exploding") and never falls
+            below `above`; nothing fires before they are seen. `below` is not scaled.
     """
 
     kind: ClassVar[str] = "threshold"
@@ -33,6 +38,8 @@ class ThresholdDetector:
     below: float | None = None
     consecutive_steps: int = 1
     warmup_steps: int = 0
+    relative_to_first_steps: int = 0
+    _first: list[float] = field(init=False, repr=False, default_factory=list)
     _run: int = field(init=False, default=0, repr=False)
     _run_start: int | None = field(init=False, default=None, repr=False)
     _last_step: int | None = field(init=False, default=None, repr=False)
@@ -48,10 +55,19 @@ class ThresholdDetector:
             raise ValueError(f"below must be less than above, got below={self.below!r} and above={self.above!r}")
         check_positive_int("consecutive_steps", self.consecutive_steps, 1)
         check_positive_int("warmup_steps", self.warmup_steps, 0)
+        check_positive_int("relative_to_first_steps", self.relative_to_first_steps, 0)
 
     @property
     def warming_up(self) -> bool:
-        return self.warmup_steps > 0 and (self._last_step is None or self._last_step < self.warmup_steps)
+        early = self.warmup_steps > 0 and (self._last_step is None or self._last_step < self.warmup_steps)
+        return early or len(self._first) < self.relative_to_first_steps
+
+    @property
+    def scale(self) -> float:
+        """What `above` is multiplied by: the median of the first observations when above 1, else 1."""
+        if not self.relative_to_first_steps or not self._first:
+            return 1.0
+        return max(1.0, median(self._first))
 
     def update(self, step: int, values: Mapping[str, float]) -> Finding | None:
         value = finite_value(values, self.metric)
@@ -59,6 +75,10 @@ class ThresholdDetector:
             return None
         self._last_step = step
         if step < self.warmup_steps:
+            return None
+        if len(self._first) < self.relative_to_first_steps:
+            if value > 0:
+                self._first.append(value)
             return None
         breach = self._breach(value)
         if breach is None:
@@ -73,8 +93,8 @@ class ThresholdDetector:
 
     def _breach(self, value: float) -> tuple[str, float] | None:
         """The side ("above" or "below") and limit the value crosses, if any."""
-        if self.above is not None and value > self.above:
-            return "above", self.above
+        if self.above is not None and value > self.above * self.scale:
+            return "above", self.above * self.scale
         if self.below is not None and value < self.below:
             return "below", self.below
         return None
@@ -82,19 +102,23 @@ class ThresholdDetector:
     def _finding(self, step: int, value: float, side: str, limit: float) -> Finding:
         onset = self._run_start if self._run_start is not None else step
         run = "" if self._run == 1 else f" for {self._run} consecutive observations since step {onset}"
+        if self.relative_to_first_steps and side == "above" and self.scale > 1.0:
+            run += f" ({self.above:g}x the median {self.scale:.4g} of its first {self.relative_to_first_steps} values)"
         return Finding(
             metric=self.metric,
             value=value,
             threshold=limit,
             onset_step=onset,
             message=f"{self.metric} {value:.4g} at step {step} is {side} the limit {limit:.4g}{run}",
-            evidence={"side": side, "limit": limit, "consecutive": self._run},
+            evidence={"side": side, "limit": limit, "consecutive": self._run,
+                      **({"scale": self.scale} if self.relative_to_first_steps else {})},
         )
 
     def state_dict(self) -> dict[str, JSONValue]:
-        return {"run": self._run, "run_start": self._run_start, "last_step": self._last_step}
+        return {"run": self._run, "run_start": self._run_start, "last_step": self._last_step, "first": list(self._first)}
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
         self._run = int(state["run"])
         self._run_start = None if state["run_start"] is None else int(state["run_start"])
         self._last_step = None if state["last_step"] is None else int(state["last_step"])
+        self._first = [float(x) for x in state.get("first", [])]  # type: ignore[union-attr]
