@@ -888,3 +888,11 @@ def test_an_evaluation_repeated_at_the_same_step_is_not_a_new_one() -> None:
     stream = [(0, {"loss": 1.0}), (0, {"eval_loss": 1.0}), (10, {"loss": 0.9}), (10, {"eval_loss": 0.9})]
     assert run(detector, stream) == []
     assert detector.update(10, {"eval_loss": 5.0}) is None  # trainer.evaluate() again at the last step
+
+
+def test_warmup_rise_is_quiet_when_the_rise_is_within_the_loss_noise() -> None:
+    # A tiny, very noisy regression loss (a real run's first logs): its smoothed minimum is just a low draw.
+    losses = [0.084, 0.02, 0.012, 0.011, 0.08, 0.043, 0.045, 0.069, 0.016, 0.051, 0.037, 0.068, 0.03, 0.069]
+    stream = _warmup(peak=5e-5, warmup=12, losses=losses)
+    assert run(WarmupRiseDetector(), stream) == []
+    assert run(WarmupRiseDetector(noise_z=0.0), _warmup(peak=5e-5, warmup=12, losses=losses)) != []

@@ -34,8 +34,9 @@ EXPECTED = {
     # Its loss still falls over any 1,000 observations (the 400-observation window flagged noise).
     "laminair__mess-plus__data_logs__distillbert__checkpoint-1000__trainer_state.json": {"loss_spike"},
     "10844110__t5-summarization-demo__trainer_state.json": {"grad_explosion"},  # grad norm 35.6 vs median 2.4
-    # Eval rises 3.7 % over its best for 3 evaluations at step 1000 while train falls; it recovers later.
-    "jubaerkhan49__bangla_stt__model__trainer_state.json": {"overfitting"},
+    # Eval rises 3.7 % over its best for 3 evaluations at step 1000 while train falls, within its own noise; it
+    # recovers later. Judged by the trend in noise units the overfitting rule no longer stops it.
+    "jubaerkhan49__bangla_stt__model__trainer_state.json": set(),
     # Grad norms jump between 0.01 and 1600 every log from the first one: no spike stands out of that noise.
     "GulbeycanCagri__IS-584-Term-Project__results__checkpoint-12000__trainer_state.json": set(),
     # Loss flat at 4.68 over only 34 logs: shorter than the plateau rule's 1,000-observation window.

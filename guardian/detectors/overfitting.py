@@ -43,7 +43,8 @@ class OverfittingDetector:
             been made since the best and the median of the last `patience_evals` is both past the best by
             `min_delta` and more than `noise_z` noise units above it. The noise unit is the robust spread of
             the evaluation's step-to-step changes (1.4826 x MAD of the differences / sqrt 2, over the last
-            20 evaluations). 0 (the default) judges each evaluation on its own, as above.
+            20 evaluations), and the latest evaluation must not be lower than the one before it (a run on its way
+            back down is not stopped). 0 (the default) judges each evaluation on its own, as above.
 
     An evaluation at the same step as the previous one (`trainer.evaluate()` called again after training) is
     not a new evaluation and is ignored.
@@ -134,6 +135,8 @@ class OverfittingDetector:
         noise = self.noise()
         if recent <= best + self.min_delta * abs(best) or recent <= best + self.noise_z * noise:
             return None
+        if self._recent[-1] < self._recent[-2]:
+            return None  # the latest evaluation fell: the run may be coming back, wait for the next one
         self._evals_past_best = self._evals_since_best
         if self.warming_up or (self.require_train_improving and not self._train_improving()):
             return None
