@@ -125,10 +125,9 @@ class Actuator:
         started = time.perf_counter()
         target = self.target(onset)
         if target is None:
-            return {"rollback": "impossible",
-                    "reason": f"no good snapshot or checkpoint before step {onset - self.rollback_margin_steps}"}
+            return {"rollback": "impossible", "reason": f"no good snapshot or checkpoint before step {onset}"}
         self._restore(target, model, optimizer, scheduler)
-        self.snapshots.drop_from(onset - self.rollback_margin_steps)
+        self.snapshots.drop_from(target.step + 1)
         self.counts["rollbacks"] += 1
         seconds = time.perf_counter() - started
         return {"rollback": target.source, "rollback_to_step": target.step, "rollback_seconds": round(seconds, 4)}
@@ -173,9 +172,8 @@ class Actuator:
         if self.best_eval is None or value < self.best_eval[0]:
             self.best_eval = (value, snapshots.capture(step, model, optimizer, scheduler, self.lr_scale))
 
-    def candidates(self, onset: int) -> list[GoodState]:
-        """Every good state from before `onset - margin`, newest first (memory before disk at the same step)."""
-        before = onset - self.rollback_margin_steps
+    def candidates(self, before: int) -> list[GoodState]:
+        """Every good state from before step `before`, newest first (memory before disk at the same step)."""
         found = [GoodState(s.step, "memory", s.probe_loss, snapshot=s)
                  for s in (self.snapshots.all() if self.use_snapshots else []) if s.step < before]
         if self.good is not None:
@@ -186,14 +184,17 @@ class Actuator:
         return sorted(found, key=lambda c: -c.step)
 
     def target(self, onset: int) -> GoodState | None:
-        """The rollback target: the newest good state before the onset whose reference loss is not far above
-        the best of them (a state saved after damage had begun is passed over)."""
+        """The rollback target: the newest good state from before the onset whose reference loss is not far
+        above the best of them (a state saved after damage had begun is passed over). A state within
+        `rollback_margin_steps` of the onset is taken only when its reference loss vouches for it; without one,
+        the target must predate the onset by more than the margin (the trouble may have begun unseen)."""
         found = self.candidates(onset)
         probes = [c.probe_loss for c in found if c.probe_loss is not None and math.isfinite(c.probe_loss)]
         best = min(probes, default=None)
         for candidate in found:
             probe = candidate.probe_loss
-            if best is None or probe is None or (math.isfinite(probe) and probe <= PROBE_TOLERANCE * best + 1e-12):
+            vouched = best is not None and probe is not None and math.isfinite(probe) and probe <= PROBE_TOLERANCE * best
+            if vouched or (probe is None and candidate.step < onset - self.rollback_margin_steps):
                 return candidate
         return None
 

@@ -321,11 +321,12 @@ class GuardianCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step = state.global_step
         folder = Path(args.output_dir) / f"checkpoint-{step}"
+        # Every rank measures (the reference loss is averaged over ranks); rank 0 writes.
+        probe = self._reference_loss(model) if self._healthy(step) else None
         if folder.is_dir() and state.is_world_process_zero:
             _write_json(folder / STATE_FILE, self._state())
             finite = model is None or snapshots.all_finite(list(snapshots.trainable_parameters(model).values()))
             if self._healthy(step) and finite and self.actuator.good is not None:
-                probe = self._reference_loss(model) if model is not None else None
                 info = {"lr_scale": self.lr_scale, **({"probe_loss": probe} if probe is not None else {})}
                 where = self.actuator.good.protect(folder, step, info)
                 self._emit("checkpoint", {"step": step, "protected": str(where)}, flush=True)

@@ -390,7 +390,7 @@ def _is_int(value: Any) -> bool:
 
 def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:
     names: list[str] = []
-    for key in (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric"):
+    for key in (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric", "grad_metric"):
         value = getattr(detector, key, None)
         if isinstance(value, str):
             names.append(value)

@@ -17,6 +17,7 @@ from guardian.detectors import (
     DETECTORS,
     Detector,
     Finding,
+    GradCollapseDetector,
     JumpDetector,
     NonFiniteDetector,
     OverfittingDetector,
@@ -66,6 +67,7 @@ def test_registry_maps_each_kind_to_its_class() -> None:
         "jump": JumpDetector,
         "ratio": RatioDetector,
         "warmup_rise": WarmupRiseDetector,
+        "grad_collapse": GradCollapseDetector,
     }
 
 
@@ -514,6 +516,19 @@ def _warmup(*, peak: float, warmup: int, losses: list[float]) -> Stream:
     return [(i, {"loss": loss, "learning_rate": peak * min(1.0, (i + 1) / warmup)}) for i, loss in enumerate(losses)]
 
 
+def _collapse_stream(collapse: bool = True) -> Stream:
+    """A 5-step warm-up with grad norm ~1, then the grad norm falls 10x while the loss stays flat (or, healthy,
+    the grad norm stays while the loss falls)."""
+    stream: Stream = []
+    for i in range(30):
+        lr = 0.1 * min(1.0, (i + 1) / 5)
+        warm = i < 5
+        grad = 1.0 + 0.05 * (i % 2) if warm or not collapse else 0.1 + 0.01 * (i % 2)
+        loss = 3.0 - 0.1 * min(i, 5) if collapse else 3.0 - 0.05 * i
+        stream.append((i + 1, {"loss": loss + 0.01 * (i % 3), "grad_norm": grad, "learning_rate": lr}))
+    return stream
+
+
 def _overfit_stream() -> Stream:
     return train_and_eval(TEXTBOOK_OVERFIT, 0.8, 0.04)
 
@@ -556,6 +571,11 @@ ROUND_TRIPS: dict[str, tuple[Callable[[], Detector], Stream, int]] = {
         lambda: WarmupRiseDetector(smooth_steps=3),
         _warmup(peak=1.0, warmup=10, losses=[3.0, 2.5, 2.0, 1.8, 2.2, 2.8, 3.3, 3.6, 3.8, 4.0, 4.0, 4.0]),
         6,
+    ),
+    "grad_collapse": (
+        lambda: GradCollapseDetector(window_steps=3, watch_steps=20),
+        _collapse_stream(),
+        9,
     ),
     "jump_scheduled": (
         lambda: JumpDetector("learning_rate", reference_metric="scheduled_lr"),
@@ -896,3 +916,27 @@ def test_warmup_rise_is_quiet_when_the_rise_is_within_the_loss_noise() -> None:
     stream = _warmup(peak=5e-5, warmup=12, losses=losses)
     assert run(WarmupRiseDetector(), stream) == []
     assert run(WarmupRiseDetector(noise_z=0.0), _warmup(peak=5e-5, warmup=12, losses=losses)) != []
+
+
+def test_zero_losses_do_not_pull_the_baseline_down() -> None:
+    """Ten steps with every label masked (loss exactly 0), then normal losses: not a single spike."""
+    stream = series("loss", wiggle(30) + [0.0] * 10 + wiggle(20))
+    guarded = RobustZScoreDetector("loss", window_steps=100, warmup_steps=20, baseline_steps=10,
+                                   noise="diff_mad", z_threshold=8.0, ignore_at_or_below=0.0)
+    assert run(guarded, stream) == []
+    plain = RobustZScoreDetector("loss", window_steps=100, warmup_steps=20, baseline_steps=10,
+                                 noise="diff_mad", z_threshold=8.0)
+    assert len(run(plain, stream)) >= 10  # without it every normal loss after the zeros looks like a spike
+
+
+
+def test_grad_collapse_fires_once_when_the_gradient_falls_and_the_loss_stalls() -> None:
+    findings = run(GradCollapseDetector(window_steps=3, watch_steps=20), _collapse_stream())
+    assert len(findings) == 1
+    finding = findings[0]
+    assert finding.evidence["lr_factor"] == 0.1 and finding.onset_step <= 7
+    assert "below its level during the warm-up" in finding.message
+
+
+def test_grad_collapse_is_quiet_while_the_loss_keeps_falling() -> None:
+    assert run(GradCollapseDetector(window_steps=3, watch_steps=20), _collapse_stream(collapse=False)) == []

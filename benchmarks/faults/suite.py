@@ -125,6 +125,28 @@ def run_jobs(jobs: dict[tuple[str, str, int], tuple[scen.Scenario, int, str]], w
     return results
 
 
+def reuse_runs(paths: list[str], jobs: dict[tuple[str, str, int], Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Runs that do not depend on Guardian's code (every variant but guardian), from earlier result files."""
+    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for path in paths:
+        for run in json.loads(Path(path).read_text())["runs"]:
+            key = (str(run["key"][0]), str(run["key"][1]), int(run["key"][2]))
+            if key in jobs and key[0] != "guardian":
+                found[key] = _numbers({k: v for k, v in run.items() if k != "key"})
+    return found
+
+
+def _numbers(value: Any) -> Any:
+    """A result file's values with "nan", "inf" and "-inf" read back as floats."""
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 # ---- units ---------------------------------------------------------------------------------------
 
 
@@ -178,6 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="only scenarios whose id contains this")
     p.add_argument("--families", default=None, help="only these families, comma-separated")
     p.add_argument("--master-seed", type=int, default=scen.MASTER_SEED)
+    p.add_argument("--reuse", action="append", default=[], metavar="JSON",
+                   help="take the runs of variants other than guardian from an earlier result file of the same "
+                        "half and seeds instead of training them again (repeatable; for tuning the rules)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/faults_<half>.json); "
                                                 "the Markdown report goes beside it")
     args = p.parse_args(argv)
@@ -218,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(selected)} scenarios x {len(seeds)} seeds = {len(selected) * len(seeds)} units; {len(jobs)} "
           f"training runs on {args.workers} workers; variants {', '.join(variants)}", flush=True)
     started = time.perf_counter()
-    results = run_jobs(jobs, args.workers, args.rules, args.guardian_kwargs)
+    reused = reuse_runs(args.reuse, jobs)
+    if reused:
+        print(f"reusing {len(reused)} runs from {', '.join(args.reuse)}", flush=True)
+    todo = {k: v for k, v in jobs.items() if k not in reused}
+    results = {**reused, **run_jobs(todo, args.workers, args.rules, args.guardian_kwargs)}
     elapsed = time.perf_counter() - started
     units = assemble(selected, seeds, variants, results)
 
     out = Path(args.out) if args.out else RESULTS_DIR / f"faults_{args.half}.json"
     settings = {"rules": args.rules, "guardian_kwargs": args.guardian_kwargs, "workers": args.workers,
+                "reused_from": args.reuse,
                 "master_seed": args.master_seed, "only": args.only, "families": args.families,
                 "ruin_tolerance": outcomes.RUIN_TOLERANCE, "harm_tolerance": outcomes.HARM_TOLERANCE}
     headers, rows = report.summary_table(report.summary_rows(units, variants), variants)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from guardian.detectors.base import Detector, Finding
+from guardian.detectors.grad_collapse import GradCollapseDetector
 from guardian.detectors.jump import JumpDetector
 from guardian.detectors.non_finite import NonFiniteDetector
 from guardian.detectors.overfitting import OverfittingDetector
@@ -23,6 +24,7 @@ DETECTORS: dict[str, type] = {
         JumpDetector,
         RatioDetector,
         WarmupRiseDetector,
+        GradCollapseDetector,
     )
 }
 
@@ -30,6 +32,7 @@ __all__ = [
     "DETECTORS",
     "Detector",
     "Finding",
+    "GradCollapseDetector",
     "JumpDetector",
     "NonFiniteDetector",
     "OverfittingDetector",

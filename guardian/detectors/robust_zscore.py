@@ -52,6 +52,9 @@ class RobustZScoreDetector:
             Between 2 and window_steps // 2. Such observations are kept out of the window too.
         sustained_z_threshold: the robust z each of those observations must pass (default 4); greater than 0
             and at most z_threshold.
+        ignore_at_or_below: values at or below this are neither judged nor taken into the window (a loss of
+            exactly 0 is a step with no labelled token, not a loss level: ten of them would pull the baseline to
+            0 and make every normal loss after them a "spike"); None (the default) judges every value.
     """
 
     kind: ClassVar[str] = "robust_zscore"
@@ -69,6 +72,7 @@ class RobustZScoreDetector:
     noise: Literal["mad", "diff_mad"] = "mad"
     sustained_steps: int = 0
     sustained_z_threshold: float = 4.0
+    ignore_at_or_below: float | None = None
     _window: deque[float] = field(init=False, repr=False, default_factory=deque)
     _sorted: list[float] = field(init=False, repr=False, default_factory=list)
     _diffs: deque[float] = field(init=False, repr=False, default_factory=deque)
@@ -112,6 +116,8 @@ class RobustZScoreDetector:
                 f"got {self.sustained_steps}"
             )
         check_finite("sustained_z_threshold", self.sustained_z_threshold, 0.0, strict=True)
+        if self.ignore_at_or_below is not None:
+            check_finite("ignore_at_or_below", self.ignore_at_or_below)
         if self.sustained_steps and self.sustained_z_threshold > self.z_threshold:
             raise ValueError(
                 f"sustained_z_threshold must not exceed z_threshold ({self.z_threshold:g}), "
@@ -125,7 +131,10 @@ class RobustZScoreDetector:
         return len(self._window) < self.warmup_steps
 
     def update(self, step: int, values: Mapping[str, float]) -> Finding | None:
-        x = self._transform(finite_value(values, self.metric))
+        raw = finite_value(values, self.metric)
+        if raw is not None and self.ignore_at_or_below is not None and raw <= self.ignore_at_or_below:
+            return None
+        x = self._transform(raw)
         if x is None:
             return None
         if self.warming_up:
