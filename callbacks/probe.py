@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+log = logging.getLogger("guardian")
 
 
 def find_trainer(max_depth: int = 12) -> Any | None:
@@ -46,8 +49,10 @@ class StepProbe:
     covers everything a step costs, data loading included.
     """
 
-    def __init__(self, trainer: Any | None, reference: Any = None) -> None:
+    def __init__(self, trainer: Any | None, *, reference: Any = None,
+                 on_inputs: Callable[[Any], None] | None = None) -> None:
         self.reference = reference  # a ReferenceBatch offered each micro-batch until it has one
+        self.on_inputs = on_inputs  # sees each micro-batch's inputs before its forward pass (SampleTracker.see)
         self._losses: list[torch.Tensor] = []
         self._tokens: list[torch.Tensor] = []
         self._samples = 0
@@ -59,28 +64,41 @@ class StepProbe:
 
     def _wrap(self, trainer: Any) -> None:
         training_step, get_grad_norm = trainer.training_step, trainer._get_grad_norm
-        if getattr(training_step, "_guardian_probe", False):
+        owner = getattr(training_step, "_guardian_probe", None)
+        if isinstance(owner, list):  # wrapped by an earlier train() of this trainer: feed this probe now
+            owner[0] = self
             return
+        owner = [self]
 
         @functools.wraps(training_step)
         def step_and_keep_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+            probe = owner[0]
             inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
-            self._count(inputs)
-            if self.reference is not None and not self.reference.ready:
-                self.reference.offer(inputs)
+            probe._count(inputs)
+            if probe.on_inputs is not None:
+                probe._see(inputs)
+            if probe.reference is not None and not probe.reference.ready:
+                probe.reference.offer(inputs)
             loss = training_step(*args, **kwargs)
-            self._losses.append(loss)
+            probe._losses.append(loss)
             return loss
 
         @functools.wraps(get_grad_norm)
         def grad_norm_and_keep(*args: Any, **kwargs: Any) -> Any:
             norm = get_grad_norm(*args, **kwargs)
-            self._grad_norm = norm
+            owner[0]._grad_norm = norm
             return norm
 
-        step_and_keep_loss._guardian_probe = True  # type: ignore[attr-defined]
+        step_and_keep_loss._guardian_probe = owner  # type: ignore[attr-defined]
         trainer.training_step = step_and_keep_loss
         trainer._get_grad_norm = grad_norm_and_keep
+
+    def _see(self, inputs: Any) -> None:
+        try:
+            self.on_inputs(inputs)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - Guardian must never break the step
+            self.on_inputs = None
+            log.exception("Guardian: the per-batch hook failed; it is off for the rest of this run")
 
     def _count(self, inputs: Any) -> None:
         if not isinstance(inputs, dict):

@@ -31,12 +31,14 @@ import torch
 from transformers import TrainerCallback
 
 from guardian.actions import IMMEDIATE, ActionKind, ActionSpec, describe_outcome as describe, merge
+from guardian.badsample import bad_samples_path
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
 from guardian.callbacks.distributed import RankSync
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
+from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.client import DaemonLink
 from guardian.doctor import preflight
 from guardian.engine import Decision, Engine, decision_from_dict
@@ -101,6 +103,9 @@ class GuardianCallback(TrainerCallback):
             warning; by default findings are only logged.
         lr_factor_at_start: scale the learning rate (and its schedule) once training starts; `guardian run`
             sets it when it restarts a crashed run with `--lr-factor`.
+        mask_known_bad_samples: when `<output_dir>/guardian/bad_samples.jsonl` (the samples of updates an
+            earlier run in this folder skipped) lists samples, mask their labels (-100) wherever they come
+            again; costs one host copy of each micro-batch's input_ids while the list is not empty.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class GuardianCallback(TrainerCallback):
         system_every_seconds: float = 10.0,
         lr_factor_at_start: float | None = None,
         strict_preflight: bool = False,
+        mask_known_bad_samples: bool = True,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
@@ -139,6 +145,8 @@ class GuardianCallback(TrainerCallback):
         self.system_every_seconds = system_every_seconds
         self.lr_factor_at_start = lr_factor_at_start
         self.strict_preflight = strict_preflight
+        self.mask_known_bad_samples = mask_known_bad_samples
+        self.samples: SampleTracker | None = None  # which samples each step used; bad_samples.jsonl
         self.advice: list[Any] = []
         self._supervisor_file = Path(os.environ["GUARDIAN_SUPERVISOR_FILE"]) if os.environ.get(
             "GUARDIAN_SUPERVISOR_FILE") else None
@@ -220,6 +228,7 @@ class GuardianCallback(TrainerCallback):
             log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
         self._output_dir = os.path.abspath(args.output_dir)
         self._resume(args, state)
+        self._track_samples(args, state, kwargs)
         if self.lr_factor_at_start and optimizer is not None:
             applied = scale_lr(optimizer, lr_scheduler, self.lr_factor_at_start)
             self.actuator.lr_scale *= applied
@@ -282,6 +291,8 @@ class GuardianCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                     lr_scheduler: Any = None, **kwargs: Any) -> None:
         step = state.global_step
+        if self.samples is not None:
+            self.samples.end_step()
         if self.actuator.use_snapshots and step % self.snapshot_every_steps == 0 and self._healthy(step):
             if self.actuator.snapshot(step, model, optimizer, lr_scheduler, self._reference_loss(model)):
                 self.engine.remember(step)
@@ -345,6 +356,8 @@ class GuardianCallback(TrainerCallback):
             self.metrics_server.shutdown()
         if self._events:
             self._events.close()
+        if self.samples is not None:
+            self.samples.close()
         log.info("Guardian: run ended at step %d: %d decisions, %d updates skipped, %d rollbacks, "
                  "%d LR cuts (scale %.3g)", state.global_step, len(self.decisions), self.counts["skipped_updates"],
                  self.counts["rollbacks"], self.counts["lr_cuts"], self.lr_scale)
@@ -428,6 +441,8 @@ class GuardianCallback(TrainerCallback):
         onset = min(d.finding.onset_step for d in decisions)
         outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler,
                                           pre_update=pre_update)
+        if outcome.get("skipped_update"):
+            self._flag_samples(step, decisions)
         if outcome:
             self._log_outcome({"step": step, "rules": [d.rule for d in decisions], "source": source, **outcome})
 
@@ -446,6 +461,40 @@ class GuardianCallback(TrainerCallback):
         if self.sync.rank == 0:
             log.warning("Guardian: step %d: %s", record["step"], describe(record))
         self._emit("action", record, flush=True)
+
+    # ---- the samples of skipped updates ------------------------------------------------------------
+
+    @_never_raises
+    def _track_samples(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
+        """Record which samples each step uses; mask those that an earlier run in this folder named as bad."""
+        trainer = self._trainer
+        tokenizer = (kwargs.get("processing_class") or getattr(trainer, "processing_class", None)
+                     or getattr(trainer, "tokenizer", None)
+                     or getattr(getattr(trainer, "data_collator", None), "tokenizer", None))
+        resumed_from = os.environ.get("GUARDIAN_RESUME_FROM")
+        self.samples = SampleTracker(
+            args.output_dir, rank=self.sync.rank, world_size=self.sync.world_size, tokenizer=tokenizer,
+            mask_known_bad=self.mask_known_bad_samples, counts=self.actuator.counts,
+            also_read=[bad_samples_path(d) for d in _run_dirs_of(resumed_from)] if resumed_from else ())
+        self.samples.attach(kwargs.get("train_dataloader"))
+        if self._probe is not None and self._probe.wrapped:
+            self._probe.on_inputs = self.samples.see
+        if self.samples.known_bad and state.is_world_process_zero:
+            log.warning("Guardian: %d samples known bad from an earlier run will be masked (%s)",
+                        len(self.samples.known_bad), self.samples.path)
+
+    @_never_raises
+    def _flag_samples(self, step: int, decisions: list[Decision]) -> None:
+        """This step's update is skipped: write its samples down, unless no rule about the data asked for it
+        (every rank joins; rank 0 writes)."""
+        about_data = [d for d in decisions if d.finding.metric not in NOT_ABOUT_THE_DATA
+                      and any(a.kind is ActionKind.SKIP_UPDATE for a in d.actions)]  # a rollback blames the weights
+        if self.samples is None or not about_data:
+            return
+        incident = next((d.incident for d in about_data if d.incident is not None), None)
+        named = self.samples.flag(step, [d.rule for d in about_data], incident)
+        if named and self.sync.rank == 0:
+            log.warning("Guardian: step %d: its %d samples are listed in %s", step, len(named), self.samples.path)
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 
@@ -533,6 +582,15 @@ class GuardianCallback(TrainerCallback):
         self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
         self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
+
+
+def _run_dirs_of(checkpoint: str) -> list[Path]:
+    """The run folders a checkpoint may belong to: `RUN/checkpoint-N` or `RUN/guardian/good/checkpoint-N`."""
+    folder = Path(checkpoint).resolve()
+    dirs = [folder.parent]
+    if folder.parent.name == "good" and folder.parent.parent.name == "guardian":
+        dirs.append(folder.parent.parent.parent)
+    return dirs
 
 
 def _sharded(trainer: Any) -> bool:

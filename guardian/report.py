@@ -24,6 +24,7 @@ from typing import Any
 
 from guardian import wire
 from guardian.actions import ActionKind, Restore, describe_outcome, merge, stop_restore
+from guardian.badsample import BAD_SAMPLES_FILE, BadSample, read_bad_samples
 from guardian.engine import Decision, decision_from_dict
 from guardian.errors import LogFormatError
 from guardian.eventlog import read_events
@@ -37,6 +38,8 @@ REPLAYED = "replayed"
 PNG_NAME = "report.png"
 MD_NAME = "report.md"
 TIMELINE_ROWS_MAX = 200
+BAD_SAMPLE_ROWS_MAX = 40  # samples of skipped updates listed in report.md (and --json); the file has them all
+BAD_SAMPLE_LINES_MAX = 10  # ... and printed in the terminal
 
 SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#ff9f1c", "critical": "#d62728"}
 ACTION_STYLES = {  # action -> (colour, marker, legend label)
@@ -90,6 +93,8 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     rules: str = ""  # the rule file a replay used
     incidents: list[dict[str, Any]] = field(default_factory=list)  # the policy's, as `Incident.to_dict()`
+    bad_samples: list[BadSample] = field(default_factory=list)  # the samples of the updates Guardian skipped
+    bad_samples_file: str = ""
 
     @property
     def replayed(self) -> bool:
@@ -149,7 +154,17 @@ def load_embedded(events_file: Path, name: str) -> RunRecord:
     record = _from_events(name, EMBEDDED, str(events_file), events, [])
     if unreadable:
         record.notes.append(f"{unreadable} unreadable lines in {events_file} were skipped")
+    _add_bad_samples(record, events_file.parent / BAD_SAMPLES_FILE)
     return record
+
+
+def _add_bad_samples(record: RunRecord, path: Path) -> None:
+    """The run's bad-sample file (written beside its event file), if it has one."""
+    samples, unreadable = read_bad_samples(path)
+    if samples or unreadable:
+        record.bad_samples, record.bad_samples_file = samples, str(path)
+    if unreadable:
+        record.notes.append(f"{unreadable} unreadable lines in {path} were skipped")
 
 
 def load_stored(state_dir: Path, run_id: str) -> RunRecord:
@@ -398,7 +413,8 @@ def render_markdown(record: RunRecord, *, image: str = PNG_NAME) -> str:
     parts = [f"# Guardian report: {record.name}", "", f"**{verdict(record)}**", "", _source_line(record), ""]
     parts += [f"> {note}" for note in record.notes]
     parts += [f"![Loss, gradient norm, learning rate and Guardian's decisions for {record.name}]({image})", ""]
-    parts += _summary(record) + _incidents(record) + _timeline(record) + _saved(record) + _next_time(record)
+    parts += _summary(record) + _incidents(record) + _timeline(record) + _saved(record) + _bad_samples(record)
+    parts += _next_time(record)
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -530,6 +546,61 @@ def _saved(record: RunRecord) -> list[str]:
     if len(out) == 2:
         out.append("Nothing needed saving." if not record.replayed else "Nothing would have needed saving.")
     return out + [""]
+
+
+def _bad_samples(record: RunRecord) -> list[str]:
+    """The samples of the skipped updates, from the run's bad-sample file (the first BAD_SAMPLE_ROWS_MAX)."""
+    samples = record.bad_samples
+    if not samples:
+        return []
+    steps = sorted({s.step for s in samples})
+    verified = sum(s.index_verified for s in samples)
+    out = ["## Samples of the skipped updates", "",
+           f"{_plural(len(samples), 'sample')} of {_plural(len(steps), 'skipped step')} ({_ranges(steps)}) in "
+           f"`{record.bad_samples_file}`; {verified} with a dataset index checked against the dataset. A later "
+           "run in the same output folder masks them (labels -100) unless `mask_known_bad_samples=False`.", "",
+           "| step | rules | micro-batch, row | index | verified | excerpt |",
+           "| ---: | --- | --- | ---: | --- | --- |"]
+    for s in samples[:BAD_SAMPLE_ROWS_MAX]:
+        excerpt = "`" + _cell(_flat(s.excerpt, 80).replace("`", "'")) + "`" if s.excerpt else "—"
+        out.append(f"| {s.step} | {_cell(', '.join(s.rules))} | {s.micro_batch}, {s.row} | {_index(s)} "
+                   f"| {'yes' if s.index_verified else 'no'} | {excerpt} |")
+    if len(samples) > BAD_SAMPLE_ROWS_MAX:
+        out.append(f"\n{len(samples) - BAD_SAMPLE_ROWS_MAX} more samples are not listed (see the file).")
+    return out + [""]
+
+
+def bad_sample_lines(record: RunRecord, limit: int = BAD_SAMPLE_LINES_MAX) -> list[str]:
+    """The samples of the skipped updates as plain lines for the terminal (the first `limit`, then a count)."""
+    samples = record.bad_samples
+    if not samples:
+        return []
+    steps = sorted({s.step for s in samples})
+    lines = [f"{_plural(len(samples), 'sample')} of skipped updates (steps {_ranges(steps)}) in "
+             f"{record.bad_samples_file}:"]
+    for s in samples[:limit]:
+        checked = " (verified)" if s.index_verified else ""
+        excerpt = f"  {_flat(s.excerpt, 60)!r}" if s.excerpt else ""
+        lines.append(f"  step {s.step:>7}  {', '.join(s.rules):<22} index {_index(s)}{checked}{excerpt}")
+    if len(samples) > limit:
+        lines.append(f"  ... and {len(samples) - limit} more")
+    return lines
+
+
+def bad_samples_json(record: RunRecord, limit: int = BAD_SAMPLE_ROWS_MAX) -> dict[str, Any]:
+    """The samples of the skipped updates for `guardian report --json` (the first `limit`, and the total)."""
+    return {"file": record.bad_samples_file or None, "total": len(record.bad_samples),
+            "listed": [s.to_dict() for s in record.bad_samples[:limit]]}
+
+
+def _index(sample: BadSample) -> str:
+    return "null" if sample.index is None else str(sample.index)
+
+
+def _flat(text: str | None, chars: int) -> str:
+    """Text on one line, cut to `chars` characters (an ellipsis marks the cut)."""
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= chars else flat[:chars - 1] + "…"
 
 
 def _rollback_line(record: RunRecord, action: Mapping[str, Any]) -> str:

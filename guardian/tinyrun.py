@@ -20,6 +20,27 @@ def encode(text: str) -> list[int]:
     return [BOS] + [ALPHABET.index(c) + 2 for c in text]
 
 
+class CharTokenizer:
+    """Turns token ids back into text, as a run's `processing_class` does (for Guardian's excerpts)."""
+
+    pad_token_id = PAD
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
+        special = {PAD: "<pad>", BOS: "<s>"}
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
+        return "".join("" if skip_special_tokens and i in special else special.get(i) or ALPHABET[i - 2]
+                       for i in ids)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Trainer saves its processing class with each checkpoint: the alphabet is all there is."""
+        import json
+        import os
+
+        with open(os.path.join(directory, "char_tokenizer.json"), "w") as f:
+            json.dump({"alphabet": ALPHABET, "pad": PAD, "bos": BOS}, f)
+
+
 def make_texts(n: int, seed: int, length: int = 62) -> list[str]:
     """Lines of small sums and counting words: learnable structure with some noise."""
     rng = random.Random(seed)
@@ -88,8 +109,11 @@ class TinyRun:
     eval_size: int = 128
     max_grad_norm: float = 1.0
     quiet: bool = True  # no printing of every log line
+    tokenizer: bool = False  # give the Trainer a CharTokenizer as its processing class
 
-    def trainer(self, callbacks: list[Any] | None = None, model: Any = None, optimizers: tuple[Any, Any] = (None, None)) -> Any:
+    def trainer(self, callbacks: list[Any] | None = None, model: Any = None, optimizers: tuple[Any, Any] = (None, None),
+                train_dataset: Any = None) -> Any:
+        """A Trainer for these settings; `train_dataset` replaces the generated training data."""
         from transformers import PrinterCallback, Trainer, TrainingArguments
 
         args = TrainingArguments(
@@ -103,11 +127,14 @@ class TinyRun:
             max_grad_norm=self.max_grad_norm, report_to=[], use_cpu=True, disable_tqdm=True,
             dataloader_num_workers=0,
         )
+        tokenizer: Any = CharTokenizer() if self.tokenizer else None
         trainer = Trainer(
             model=model if model is not None else build_model(self.seed), args=args,
-            train_dataset=TextDataset(make_texts(self.train_size, seed=self.seed)),
+            train_dataset=train_dataset if train_dataset is not None
+            else TextDataset(make_texts(self.train_size, seed=self.seed)),
             eval_dataset=TextDataset(make_texts(self.eval_size, seed=10_000 + self.seed)),
             callbacks=callbacks or [], optimizers=optimizers,
+            processing_class=tokenizer,
         )
         if self.quiet:
             trainer.remove_callback(PrinterCallback)

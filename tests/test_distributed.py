@@ -45,6 +45,11 @@ def test_a_fault_on_one_rank_is_skipped_by_every_rank(tmp_path: Path) -> None:
     assert records[0]["decisions"][0] == [10, "non_finite_loss"]
     assert [10, "non_finite_loss"] in records[0]["decisions"] and records[0]["global_step"] == 30
     assert all(s["finite"] for s in records[0]["steps"].values())
+    # Rank 0 wrote the samples of every skipped step, its own and rank 1's, with verified indices.
+    skipped = sorted(i["step"] for i in records[0]["interventions"] if i.get("skipped_update"))
+    named = [json.loads(line) for line in (tmp_path / "guardian" / "bad_samples.jsonl").read_text().splitlines()]
+    assert sorted({(s["step"], s["rank"]) for s in named}) == [(step, r) for step in skipped for r in (0, 1)]
+    assert len(named) == 8 * len(skipped) and all(s["index_verified"] for s in named)
 
 
 @pytest.mark.filterwarnings("ignore")
