@@ -98,7 +98,7 @@ def main() -> None:
                           "summary": summary})
     md = args.out.with_suffix(".md")
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    lines += ["| " + " | ".join(f"`{row[0]}`", ) + " | " + " | ".join(row[1:]) + " |" for row in rows]
+    lines += [f"| `{r.log}` | " + " | ".join(row[1:]) + " |" for r, row in zip(results, rows)]
     command = " ".join(["benchmarks/stop_regret.py", *sys.argv[1:]])
     md.write_text(f"# Stop regret on real logs\n\n{describe_machine(info)}\n\nCommand: `.venv/bin/python {command}` "
                   f"(rules: {args.rules or 'shipped'})\n\n" + "\n".join(lines) + f"\n\n{summary}\n")

@@ -80,29 +80,36 @@ def restore(snapshot: Snapshot, model: torch.nn.Module, optimizer: Any, schedule
 
 
 class SnapshotRing:
-    """The newest `capacity` snapshots; `newest_before(step)` picks a rollback target."""
+    """The newest `capacity` snapshots, and the run's first one (kept for good: the state to go back to when
+    the trouble began before every newer snapshot, such as a peak learning rate that was wrong from the start)."""
 
     def __init__(self, capacity: int) -> None:
         self._ring: deque[Snapshot] = deque(maxlen=capacity)
+        self._first: Snapshot | None = None
 
     def add(self, snapshot: Snapshot) -> None:
+        if self._first is None:
+            self._first = snapshot
+            return
         self._ring.append(snapshot)
 
     def newest_before(self, step: int) -> Snapshot | None:
-        return next((s for s in reversed(self._ring) if s.step < step), None)
+        return next((s for s in reversed(self.all()) if s.step < step), None)
 
     def drop_from(self, step: int) -> None:
         """Forget snapshots taken at `step` or later (suspect after an anomaly that began before them)."""
         kept = [s for s in self._ring if s.step < step]
         self._ring.clear()
         self._ring.extend(kept)
+        if self._first is not None and self._first.step >= step:
+            self._first = None
 
     def steps(self) -> list[int]:
-        return [s.step for s in self._ring]
+        return [s.step for s in self.all()]
 
     def all(self) -> list[Snapshot]:
         """The snapshots, oldest first."""
-        return list(self._ring)
+        return ([self._first] if self._first is not None else []) + list(self._ring)
 
     def __len__(self) -> int:
-        return len(self._ring)
+        return len(self.all())
