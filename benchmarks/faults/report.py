@@ -13,9 +13,11 @@ from scenarios import FAMILIES
 PEER_LABELS = {"guardian": "Guardian", "hf_early_stop": "HF early stop", "spike_stop": "spike stop"}
 
 
-def fmt(x: float | None) -> str:
+def fmt(x: float | str | None) -> str:
+    """A loss with 4 decimals; "nan"/"inf" as such (also when read back from the JSON, where they are strings)."""
     if x is None:
         return "—"
+    x = float(x)
     return f"{x:.4f}" if math.isfinite(x) else str(x)
 
 
@@ -97,15 +99,16 @@ def console_table(rows: list[tuple[str, dict[str, int]]], variants: Sequence[str
     peers = [v for v in outcomes.PEERS if v in variants]
     tag = "/".join(SHORT[v] for v in peers)
     others = [v for v in peers if v != "guardian"]
-    headers = ["family", "units", "ruined", f"saved {tag}", f"harmed {tag}"]
+    headers = ["family", "units", "ruined"] + ([f"saved {tag}", f"harmed {tag}"] if peers else [])
     if "guardian" in peers:
         headers.append("healthy: G false actions / alerts")
     if others:
         headers.append("healthy stops " + "/".join(SHORT[v] for v in others))
     out = []
     for name, r in rows:
-        cells = [name, str(r["units"]), str(r["ruined"]), "/".join(str(r[f"saved_{v}"]) for v in peers),
-                 "/".join(str(r[f"harmed_{v}"]) for v in peers)]
+        cells = [name, str(r["units"]), str(r["ruined"])]
+        if peers:
+            cells += ["/".join(str(r[f"saved_{v}"]) for v in peers), "/".join(str(r[f"harmed_{v}"]) for v in peers)]
         if "guardian" in peers:
             cells.append(f"{r['false_actions']} / {r['healthy_alerts']}")
         if others:
@@ -146,8 +149,11 @@ def unit_rows(units: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> tu
     return headers, rows
 
 
-def markdown(*, info: Mapping[str, Any], machine: str, half: str, variants: Sequence[str], seeds: Sequence[int],
-             units: Sequence[Mapping[str, Any]], elapsed_seconds: float, runs: int, settings: Mapping[str, Any]) -> str:
+def markdown(doc: Mapping[str, Any], machine: str) -> str:
+    """The report of one suite run, from its JSON document (`suite.build_document`)."""
+    info, half, variants, seeds = doc["machine"], doc["half"], doc["variants"], doc["seeds"]
+    units, settings, elapsed_seconds, runs = doc["units"], doc["settings"], doc["elapsed_seconds"], len(doc["runs"])
+    cpu = doc["cpu_seconds"]
     headers, table = summary_table(summary_rows(units, variants), variants)
     uh, ur = unit_rows(units, variants)
     return "\n".join([
@@ -157,7 +163,9 @@ def markdown(*, info: Mapping[str, Any], machine: str, half: str, variants: Sequ
         f"- date (UTC): {info['date_utc']}",
         f"- command: `{info['command']}`",
         f"- half: {half}; seeds {', '.join(map(str, seeds))}; variants {', '.join(variants)}; "
-        f"{len(units)} units, {runs} training runs, {elapsed_seconds / 60:.1f} min",
+        f"{len(units)} units, {runs} training runs, {elapsed_seconds / 60:.1f} min wall with {settings['workers']} "
+        f"workers; the runs' CPU time {cpu / 60:.1f} min (about {cpu / 60 / max(1, settings['workers']):.0f} min of "
+        "wall time on an otherwise idle machine with that many cores)",
         f"- settings: {dict(settings)}",
         f"- Guardian code: {info.get('guardian_code')}",
         "",

@@ -196,9 +196,13 @@ class _LossScale:
 
 def _trainer_class(kind: str, scaled: bool) -> type:
     if kind == "sft":
-        from trl import SFTTrainer as base
+        from trl import SFTTrainer
+
+        base: type = SFTTrainer
     else:
-        from transformers import Trainer as base
+        from transformers import Trainer
+
+        base = Trainer
     if not scaled:
         return base
     return type(f"LossScaled{base.__name__}", (_LossScale, base), {})

@@ -17,9 +17,13 @@ used only through `GuardianCallback(rules=..., **kwargs)` and its `decisions`, `
 Writes benchmarks/results/faults_<half>.json (every run record, every unit's outcome, the machine) and .md.
 Runs in a pool of `--workers` spawned processes with one torch thread each, longest units first.
 
-Measured on the development machine (2 cores, --workers 2, default variants): the tuning half
-(68 units, 319 training runs) took MEASURED_TUNE; the held-out half with clean,unguarded only
-(118 runs) took MEASURED_HELDOUT_CU, so with all five variants it takes about the same as the tuning half.
+Measured on the development machine (AMD EPYC, 2 cores, --workers 2, shared with other engineers' test runs):
+the tuning half with the default variants (68 units, 320 training runs) took 63.9 min wall at a load average of
+about 5, for 50.4 min of CPU time in the runs, i.e. about 25 min on an idle 2-core machine. The held-out half
+with clean,unguarded only (116 runs) took 14.0 min wall for 15.5 min of CPU; its scenarios are a little cheaper
+than the tuning half's, so with all five variants (320 runs) it needs about 43 CPU-minutes: about 22 min on an
+idle 2-core machine, about an hour when the machine is as busy as it was. Each report states its wall and CPU
+time.
 """
 
 from __future__ import annotations
@@ -173,6 +177,16 @@ def assemble(selected: list[scen.Scenario], seeds: list[int], variants: list[str
     return units
 
 
+def write_outputs(doc: dict[str, Any], out: Path) -> Path:
+    """The JSON document at `out` (strict JSON) and its Markdown report beside it; returns the report's path."""
+    doc["summary"] = dict(zip(("headers", "rows"), report.summary_table(report.summary_rows(doc["units"], doc["variants"]),
+                                                                        doc["variants"])))
+    write_json(out, report.json_safe(doc))
+    md = out.with_suffix(".md")
+    md.write_text(report.markdown(doc, describe_machine(doc["machine"])))
+    return md
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     try:
         from rich.console import Console
@@ -190,7 +204,9 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--half", choices=["tune", "heldout", "all"], required=True)
+    p.add_argument("--half", choices=["tune", "heldout", "all"])
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only rewrite the Markdown report of an existing results file (nothing is run)")
     p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (default 0,1)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated; clean and unguarded always run (they are the references)")
@@ -206,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/faults_<half>.json); "
                                                 "the Markdown report goes beside it")
     args = p.parse_args(argv)
+    if not args.half and not args.render:
+        p.error("--half is required (or --render JSON)")
     unknown = set(args.variants.split(",")) - set(DEFAULT_VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; valid: {', '.join(DEFAULT_VARIANTS)}")
@@ -223,6 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        doc = json.loads(path.read_text())
+        doc.setdefault("cpu_seconds", round(sum(r.get("cpu_seconds", 0.0) for r in doc["runs"]), 1))
+        print(f"wrote {write_outputs(doc, path)}")
+        return 0
     info = machine_info()
     info["torch_threads"] = 1  # per worker
     warning = busy_warning(info)
@@ -256,17 +280,14 @@ def main(argv: list[str] | None = None) -> int:
                 "reused_from": args.reuse,
                 "master_seed": args.master_seed, "only": args.only, "families": args.families,
                 "ruin_tolerance": outcomes.RUIN_TOLERANCE, "harm_tolerance": outcomes.HARM_TOLERANCE}
-    headers, rows = report.summary_table(report.summary_rows(units, variants), variants)
     doc = {"benchmark": "faults", "half": args.half, "machine": info, "settings": settings, "seeds": seeds,
-           "variants": variants, "elapsed_seconds": round(elapsed, 1), "summary": {"headers": headers, "rows": rows},
+           "variants": variants, "elapsed_seconds": round(elapsed, 1),
+           "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in results.values()), 1),
            "scenarios": [asdict(s) for s in selected], "units": units,
            "runs": [{"key": list(k), **r} for k, r in sorted(results.items(), key=lambda kv: str(kv[0]))]}
-    write_json(out, report.json_safe(doc))
-    md = out.with_suffix(".md")
-    md.write_text(report.markdown(info=info, machine=describe_machine(info), half=args.half, variants=variants,
-                                  seeds=seeds, units=units, elapsed_seconds=elapsed, runs=len(jobs),
-                                  settings=settings))
+    md = write_outputs(doc, out)
     print_table(*report.console_table(report.summary_rows(units, variants), variants))
+    print(f"CPU time of the runs: {doc['cpu_seconds'] / 60:.1f} min")
     print(f"{len(jobs)} runs in {_clock(elapsed)}; wrote {out} and {md}")
     return 0
 
