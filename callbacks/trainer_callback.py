@@ -86,7 +86,8 @@ class GuardianCallback(TrainerCallback):
         snapshots_kept: how many snapshots the ring holds.
         snapshot_max_bytes: no in-memory snapshots when the trainable weights are larger than this
             (full fine-tuning of a big model); rollbacks then use good checkpoints on disk.
-        rollback_margin_steps: a rollback target must predate the anomaly's onset by more than this.
+        rollback_margin_steps: a rollback target must predate the anomaly's onset by more than this, unless
+            its reference-batch loss vouches for it.
         quiet_steps: a snapshot or checkpoint counts as good only if no rule fired in this many steps.
         protect_checkpoints: how many good checkpoints to keep safe from `save_total_limit` rotation.
         event_log: write metrics and decisions to `<output_dir>/guardian/events.jsonl`.

@@ -4,6 +4,7 @@ must then return data, and the exposition must pass `promtool check metrics`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from daemonkit import DaemonProcess, free_port
 from dashboardkit import annotation_queries, load_dashboard, panel_queries
 from test_daemon_runs import AtStep
+from trainkit import CorruptWeight
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
@@ -69,8 +71,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     prom_url = f"http://127.0.0.1:{prom_port}"
     try:
         _wait(lambda: _query(prom_url, 'up{job="guardian"} == 1'), 60, tmp / "prometheus.log")
-        # The faulted run: three NaNs in a row (skip, skip, then the daemon escalates to rollback + LR cut),
-        # a poisoned batch, and a manual stop through the daemon near the end.
+        # The faulted run: three NaNs in a row (three skips), a corrupted weight (rollback), the same again in a
+        # second incident (rollback + LR cut), a poisoned batch, and a manual stop through the daemon.
         guardian = GuardianCallback(url=daemon.url, run_id="faulted-run", deadline_seconds=2.0, snapshot_every_steps=5)
 
         def stop() -> None:
@@ -83,9 +85,10 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                 "guardian_lr_scale", "guardian_rollbacks_total", "guardian_skipped_updates_total",
                 "guardian_rule_firings_total")), 60, tmp / "prometheus.log")
 
-        faults = [Fault("nan", 20), Fault("nan", 21), Fault("nan", 22), Fault("poison", 40)]
+        faults = [Fault("nan", 20), Fault("nan", 21), Fault("nan", 22), Fault("poison", 80)]
         TinyRun(str(tmp / "run"), max_steps=200, eval_steps=20).trainer(
-            [FaultInjector(faults), guardian, AtStep({5: scraped_before_the_faults, 70: stop})]).train()
+            [FaultInjector(faults), CorruptWeight(30, math.inf), CorruptWeight(55, math.inf), guardian,
+             AtStep({5: scraped_before_the_faults, 90: stop})]).train()
         # No GPU on this machine: a node reports GPU facts over the same wire, so the GPU panels are exercised
         # end to end (daemon -> exporter -> Prometheus -> query). On a GPU the callback sends these from NVML.
         request(daemon.url, "POST", "/v1/report", {"run": {"id": "gpu-node", "meta": {"host": "h100"}}, "events": [
