@@ -315,6 +315,8 @@ class GuardianCallback(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     model: Any = None, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        if isinstance(state.epoch, (int, float)):
+            values.setdefault("epoch", float(state.epoch))  # the overfitting rule waits for a second pass
         step = state.global_step
         kit = (control, model, optimizer, lr_scheduler)
         event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)

@@ -68,7 +68,7 @@ def test_replay_prints_when_each_rule_would_have_fired() -> None:
     result = guardian("replay", str(REAL_LOGS / "Nicolassalvan__mti881-projet2__ResultsEtape3__trainer_state.json"),
                       str(REAL_LOGS / "Dheena731__tinyLlama-finetune__trainer_state.json"))
     assert result.returncode == 0, result.stderr
-    assert "step   14000  overfitting" in result.stdout
+    assert "step   16800  overfitting" in result.stdout
     assert "stop(restore=best_eval)" in result.stdout
     assert "no rule would have fired" in result.stdout
 

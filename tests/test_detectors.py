@@ -898,9 +898,32 @@ def test_a_real_rise_fires_in_noise_mode() -> None:
     rising = [0.53, 0.51, 0.56, 0.75, 0.81, 1.01, 1.06]
     detector = OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0)
     fired = fired_steps(detector, _evals(rising))
-    assert fired[0] == 40  # the third evaluation after the best (step 10): their median 0.75 is far above it
+    # the lowest median of 3 is 0.53 (steps 0-20); the first median of 3 later evaluations (30-50) is 0.81
+    assert fired[0] == 50
     finding = run(OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0), _evals(rising))[0]
-    assert finding.onset_step == 10 and "noise units" in finding.message
+    assert finding.onset_step == 10 and "noise units" in finding.message and "lowest median of 3 (0.53)" in finding.message
+
+
+def test_a_lucky_low_evaluation_is_not_the_bar() -> None:
+    # A flat, noisy eval loss with one lucky draw: against that draw (0.40) the later median (0.50) looks 25 %
+    # worse, but no level of 3 evaluations was ever below 0.49.
+    flat = [0.50, 0.49, 0.51, 0.40, 0.52, 0.49, 0.50, 0.52, 0.48, 0.51, 0.50, 0.53, 0.50, 0.52]
+    assert run(OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0), _evals(flat)) == []
+
+
+def _with_epochs(stream: Stream, steps_per_epoch: int) -> Stream:
+    return [(step, {**values, "epoch": step / steps_per_epoch}) if "eval_loss" in values else (step, values)
+            for step, values in stream]
+
+
+def test_no_stop_in_the_first_pass_over_the_data() -> None:
+    rising = _evals([0.53, 0.51, 0.56, 0.75, 0.81, 1.01, 1.06, 1.1, 1.2])
+    first_pass = OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0, min_epoch=1.0)
+    assert run(first_pass, _with_epochs(rising, steps_per_epoch=100)) == []  # epoch 0.8 at the last evaluation
+    second = OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0, min_epoch=1.0)
+    assert fired_steps(second, _with_epochs(rising, steps_per_epoch=60))[0] == 60  # epoch 1.0 at step 60
+    unknown = OverfittingDetector(patience_evals=3, min_delta=0.03, noise_z=2.0, min_epoch=1.0)
+    assert fired_steps(unknown, rising)[0] == 50  # a run that reports no epoch is judged as before
 
 
 def test_an_evaluation_repeated_at_the_same_step_is_not_a_new_one() -> None:

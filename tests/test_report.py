@@ -105,12 +105,12 @@ def test_the_default_output_folder_is_named_after_the_run(guarded_run: Path, tmp
 def test_a_replayed_overfitting_log_says_what_the_rules_would_have_done(tmp_path: Path) -> None:
     record = load_run(REAL_LOGS / NICOLAS, ruleset=load_rules())
     assert record.replayed and not record.actions
-    assert verdict(record) == "replayed: the rules would have stopped this run at step 14000 (overfitting)"
+    assert verdict(record) == "replayed: the rules would have stopped this run at step 16800 (overfitting)"
     png, md = write_report(record, tmp_path)
     assert_png(png)
     text = md.read_text()
     assert "**Replayed: what the rules would have done.**" in text
-    assert "| 14000 | overfitting | warning | eval_loss 0.8128 at step 14000 is above its best 0.5089" in text
+    assert "| 16800 | overfitting | warning | eval_loss 1.012 at step 16800 is above its best 0.5089" in text
     assert "| stop(restore=best_eval) | not taken (replay) |" in text
     assert "restored the weights of its best evaluation (step 5600, eval_loss 0.5089)" in text
     assert "ended at eval_loss 1.232" in text

@@ -38,13 +38,19 @@ class OverfittingDetector:
         gap_growth_evals: if above 0, also fire when the gap (eval - train EMA) grew at each of the last this
             many evaluations while the current eval is past its best; 0 disables this earlier warning.
         warmup_evals: no firing until this many evaluations have been seen; 0 or more.
-        noise_z: when above 0, judge the trend, not single evaluations, so a noisy evaluation (a small eval
-            set) cannot stop a run that is still improving: fire only once `patience_evals` evaluations have
-            been made since the best and the median of the last `patience_evals` is both past the best by
-            `min_delta` and more than `noise_z` noise units above it. The noise unit is the robust spread of
-            the evaluation's step-to-step changes (1.4826 x MAD of the differences / sqrt 2, over the last
-            20 evaluations), and the latest evaluation must not be lower than the one before it (a run on its way
-            back down is not stopped). 0 (the default) judges each evaluation on its own, as above.
+        noise_z: when above 0, judge levels, not single evaluations, so a noisy evaluation (a small eval
+            set) cannot stop a run that is still improving. The level is the median of `patience_evals`
+            consecutive evaluations, and the reference is the lowest level so far (not the lowest single
+            evaluation: the minimum of many noisy draws is a lucky one, and a run compared with it looks worse
+            than it is). Fire when the latest level, from evaluations made after those of the lowest one, is
+            past the lowest by `min_delta` and by more than `noise_z` noise units. The noise unit is the
+            robust spread of the evaluation's step-to-step changes (1.4826 x MAD of the differences / sqrt 2,
+            over the last 20 evaluations); the latest evaluation must not be lower than the one before it (a
+            run on its way back down is not stopped). 0 (the default) judges each evaluation on its own.
+        min_epoch: no firing before the `epoch` metric reaches this (when the run reports it). Within the
+            first pass over the data every training batch is unseen, so a falling training loss is itself a
+            falling held-out loss: an eval loss that rises meanwhile says the eval set is small or unlike the
+            training data, which stopping does not fix. 0 (the default) fires from the start.
 
     An evaluation at the same step as the previous one (`trainer.evaluate()` called again after training) is
     not a new evaluation and is ignored.
@@ -60,6 +66,7 @@ class OverfittingDetector:
     gap_growth_evals: int = 0
     warmup_evals: int = 1
     noise_z: float = 0.0
+    min_epoch: float = 0.0
     _recent: deque[float] = field(init=False, repr=False, default_factory=deque)
     _evals_since_best: int = field(init=False, default=0, repr=False)
     _last_eval_step: int | None = field(init=False, default=None, repr=False)
@@ -70,6 +77,9 @@ class OverfittingDetector:
     _train_ema: float | None = field(init=False, default=None, repr=False)
     _train_ema_at_best: float | None = field(init=False, default=None, repr=False)
     _gaps: deque[float] = field(init=False, repr=False, default_factory=deque)
+    _level_best: float | None = field(init=False, default=None, repr=False)
+    _level_best_eval: int = field(init=False, default=0, repr=False)  # the count of evaluations it ended at
+    _epoch: float | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_metric("eval_metric", self.eval_metric)
@@ -83,6 +93,7 @@ class OverfittingDetector:
         check_positive_int("gap_growth_evals", self.gap_growth_evals, 0)
         check_positive_int("warmup_evals", self.warmup_evals, 0)
         check_finite("noise_z", self.noise_z, 0.0)
+        check_finite("min_epoch", self.min_epoch, 0.0)
         self._gaps = deque(maxlen=self.gap_growth_evals + 1)
         self._recent = deque(maxlen=NOISE_EVALS)
 
@@ -95,6 +106,9 @@ class OverfittingDetector:
         if train is not None:
             ema = self._train_ema
             self._train_ema = train if ema is None else ema + TRAIN_EMA_ALPHA * (train - ema)
+        epoch = finite_value(values, "epoch")
+        if epoch is not None:
+            self._epoch = epoch
         value = finite_value(values, self.eval_metric)
         if value is None or step == self._last_eval_step:
             return None
@@ -103,6 +117,10 @@ class OverfittingDetector:
         self._recent.append(value)
         if self._train_ema is not None:
             self._gaps.append(value - self._train_ema)
+        level = self._level()
+        new_level = level is not None and (self._level_best is None or level < self._level_best)
+        if new_level:
+            self._level_best, self._level_best_eval = level, self._evals_seen
         if self._best is None or value < self._best:
             self._best, self._best_step, self._evals_past_best = value, step, 0
             self._evals_since_best = 0
@@ -110,7 +128,7 @@ class OverfittingDetector:
             return None
         self._evals_since_best += 1
         if self.noise_z > 0:
-            return self._judge_trend(step, value)
+            return None if new_level else self._judge_trend(step, value)
         if value <= self._best + self.min_delta * abs(self._best):
             return None
         self._evals_past_best += 1
@@ -126,24 +144,34 @@ class OverfittingDetector:
             return self._finding(step, value, "gap_growth")
         return None
 
-    def _judge_trend(self, step: int, value: float) -> Finding | None:
-        """noise_z mode: the median of the recent evaluations against the best, in units of the eval's noise."""
-        best = float(self._best or 0.0)
-        if self._evals_since_best < self.patience_evals:
+    def _level(self) -> float | None:
+        """The median of the last `patience_evals` evaluations (None until there are that many)."""
+        if len(self._recent) < self.patience_evals:
             return None
-        recent = median(list(self._recent)[-self.patience_evals:])
+        return median(list(self._recent)[-self.patience_evals:])
+
+    def _judge_trend(self, step: int, value: float) -> Finding | None:
+        """noise_z mode: the latest level against the lowest one, in units of the eval's noise."""
+        recent, lowest = self._level(), self._level_best
+        if recent is None or lowest is None or self._evals_seen - self._level_best_eval < self.patience_evals:
+            return None  # the latest level must not share an evaluation with the lowest one
         noise = self.noise()
-        if recent <= best + self.min_delta * abs(best) or recent <= best + self.noise_z * noise:
+        if recent <= lowest + self.min_delta * abs(lowest) or recent <= lowest + self.noise_z * noise:
             return None
         if self._recent[-1] < self._recent[-2]:
             return None  # the latest evaluation fell: the run may be coming back, wait for the next one
+        if self._epoch is not None and self._epoch < self.min_epoch:
+            return None  # still the first pass: the training loss is a held-out loss, and it is falling
         self._evals_past_best = self._evals_since_best
         if self.warming_up or (self.require_train_improving and not self._train_improving()):
             return None
         finding = self._finding(step, value, "patience")
-        evidence = {**finding.evidence, "recent_median": recent, "noise": noise, "noise_z": self.noise_z}
-        message = finding.message + (f"; the median of the last {self.patience_evals} is {recent:.4g}, "
-                                     f"{(recent - best) / noise:.1f} noise units ({noise:.3g}) above it" if noise > 0 else "")
+        evidence = {**finding.evidence, "recent_median": recent, "lowest_median": lowest, "noise": noise,
+                    "noise_z": self.noise_z, "epoch": self._epoch}
+        k = self.patience_evals
+        message = finding.message + (f"; the median of the last {k} is {recent:.4g}, "
+                                     f"{(recent - lowest) / noise:.1f} noise units ({noise:.3g}) above the lowest "
+                                     f"median of {k} ({lowest:.4g})" if noise > 0 else "")
         return Finding(finding.metric, finding.value, finding.threshold, finding.onset_step, message, evidence)
 
     def noise(self) -> float:
@@ -200,7 +228,8 @@ class OverfittingDetector:
             "evals_past_best": self._evals_past_best, "train_ema": self._train_ema,
             "train_ema_at_best": self._train_ema_at_best, "gaps": list(self._gaps),
             "recent": list(self._recent), "evals_since_best": self._evals_since_best,
-            "last_eval_step": self._last_eval_step,
+            "last_eval_step": self._last_eval_step, "level_best": self._level_best,
+            "level_best_eval": self._level_best_eval, "epoch": self._epoch,
         }
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
@@ -215,6 +244,9 @@ class OverfittingDetector:
         self._evals_since_best = int(state.get("evals_since_best", self._evals_past_best))  # type: ignore[arg-type]
         last = state.get("last_eval_step")
         self._last_eval_step = None if last is None else int(last)  # type: ignore[arg-type]
+        self._level_best = _opt_float(state.get("level_best"))
+        self._level_best_eval = int(state.get("level_best_eval") or 0)  # type: ignore[arg-type]
+        self._epoch = _opt_float(state.get("epoch"))
 
 
 def _opt_float(value: JSONValue) -> float | None:
