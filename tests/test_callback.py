@@ -196,6 +196,18 @@ rules:
     assert trainer.evaluate()["eval_loss"] == pytest.approx(min(evals), rel=1e-6)
 
 
+def test_the_shipped_overfitting_rule_waits_for_the_second_pass_and_restores_the_best(tmp_path: Path) -> None:
+    guardian = GuardianCallback()  # the shipped rules
+    trainer = run(tmp_path, [guardian], max_steps=400, train_size=16, eval_steps=10, learning_rate=5e-3,
+                  warmup_steps=0, lr_scheduler_type="constant")
+    evaluations = [e for e in events(tmp_path) if e["kind"] == "metrics" and e["phase"] == "eval"]
+    assert evaluations and all(e["values"]["epoch"] == e["step"] / 2 for e in evaluations)  # 16 lines, batch 8
+    [stop] = [d for d in guardian.decisions if d.rule == "overfitting"]
+    assert stop.finding.evidence["epoch"] >= 1.0 and trainer.state.global_step == stop.step < 400
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(min(evals), rel=1e-6)
+
+
 def test_guardian_state_survives_a_resume(tmp_path: Path) -> None:
     first = GuardianCallback()
     run(tmp_path, [first], max_steps=30, save_steps=30)

@@ -336,3 +336,31 @@ def test_run_unit_clean_and_guardian_smoke() -> None:
     assert clean.guardian is None and clean.fault == {}
     assert set(guarded.guardian) == {"decisions", "interventions", "counts", "events_lines"}
     assert guarded.guardian["events_lines"] > 0 and guarded.fault["corrupted_steps"][:3] == [15, 16, 17]
+
+
+# --- the overfitting rule replayed on recorded runs ---------------------------------------------------------
+
+
+def _recorded(family: str, evals: list[float], tests: list[float], *, train_size: int) -> dict[str, Any]:
+    steps = [10 * (i + 1) for i in range(len(evals))]
+    return {"key": ["clean", family, 0], "scenario_id": family, "family": family, "seed": 0, "variant": "clean",
+            "train_loss": [2.0 - 0.001 * s for s in range(1, steps[-1] + 1)],
+            "eval_history": [[s, e] for s, e in zip(steps, evals)],
+            "test_at_eval": [[s, t] for s, t in zip(steps, tests)], "final_test_loss": tests[-1],
+            "scenario": {"id": family, "batch_size": 4, "grad_accum": 1, "train_size": train_size}}
+
+
+def test_the_replay_stops_an_overfitting_run_and_leaves_a_first_pass_alone(tmp_path: Path) -> None:
+    import json
+
+    import replay_overfitting as ro
+
+    rising = [1.0, 0.9, 0.85, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+    runs = [_recorded("overfit_noisy_eval", rising, [x + 0.01 for x in rising], train_size=16),   # epoch 2.5 at 10
+            _recorded("healthy_noisy_eval", rising, [1.0 - 0.01 * i for i in range(10)], train_size=4032)]
+    doc = {"scenarios": [r.pop("scenario") for r in runs], "runs": runs}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    params = dict(ro.load_rules().by_name("overfitting").params)
+    overfit, first_pass = ro.replay_file(tmp_path / "r.json", params)
+    assert overfit.stop_step == 70 and overfit.left == pytest.approx(0.86) and overfit.saved and not overfit.harmed
+    assert first_pass.stop_step is None and not first_pass.harmed  # epoch 0.1: the train loss is a held-out loss
