@@ -326,10 +326,19 @@ def store_sizes(state_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in state_dir.glob("guardian.db*") if p.is_file()}
 
 
-def start_daemon(state_dir: Path) -> Any:
+def start_daemon(state_dir: Path, src: Path | None = None) -> Any:
+    """A real `guardian serve` (tests/daemonkit.py); with `src`, the daemon of another source tree (a checkout
+    of an older commit, for a side-by-side run): started from that folder, so its `guardian` package is imported."""
     from daemonkit import DaemonProcess  # tests/daemonkit.py: `python -m guardian.cli serve --port P --state-dir D`
 
-    return DaemonProcess(state_dir).start()
+    if src is None:
+        return DaemonProcess(state_dir).start()
+    here = os.getcwd()
+    os.chdir(src)  # `python -m` puts the working folder first on sys.path, ahead of the editable install
+    try:
+        return DaemonProcess(state_dir).start()
+    finally:
+        os.chdir(here)
 
 
 # ---- one load phase -------------------------------------------------------------------------------------
@@ -400,10 +409,11 @@ def percentiles(values: list[float] | array) -> dict[str, float | None]:
 def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, warmup: float, procs: int,
              threads: int, workdir: Path, prefill: int = 0, decisions_since: bool = True,
              sample_seconds: float = 0.0, profile: dict[str, Any] | None = None,
-             timeout: float = 5.0, scrape_seconds: float = 0.0) -> dict[str, Any]:
+             timeout: float = 5.0, scrape_seconds: float = 0.0,
+             daemon_src: Path | None = None) -> dict[str, Any]:
     state_dir = workdir / label.replace(" ", "_").replace("/", "_")
     shutil.rmtree(state_dir, ignore_errors=True)
-    daemon = start_daemon(state_dir)
+    daemon = start_daemon(state_dir, daemon_src)
     pid = daemon.proc.pid
     ctx = mp.get_context("spawn")
     n_procs = max(1, min(procs, n_runs))
@@ -517,7 +527,7 @@ def run_load(*, label: str, n_runs: int, rate: float | None, duration: float, wa
     events_window = sum(n_ev[k] for k in in_window)
     offered = n_runs * rate if rate else None
     result = {
-        "label": label, "daemon": "stock", "runs": n_runs,
+        "label": label, "daemon": "baseline" if daemon_src else "stock", "runs": n_runs,
         "rate_steps_per_s_per_run": rate if rate else "max",
         "offered_events_per_s": offered, "duration_s": duration, "warmup_s": warmup, "procs": n_procs,
         "threads_per_proc": threads, "client_threads": sum(min(threads, len(run_ids[j::n_procs])) for j in range(n_procs)),
@@ -765,6 +775,9 @@ def main() -> None:
     parser.add_argument("--profile-phase", default="100:max", help="RUNS:RATE of the profiled run (default %(default)s)")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--baseline-src", default=None,
+                        help="a checkout of an older commit (e.g. `git worktree add /tmp/base HEAD~3`): run every "
+                             "phase on its daemon too, right before this tree's, for a side-by-side table")
     parser.add_argument("--out", default=str(RESULTS_DIR / "scale.json"))
     args = parser.parse_args()
     if args.soak_prefill is None:
@@ -785,17 +798,20 @@ def main() -> None:
     print(f"per-report costs in-process (no HTTP, no SQLite): {costs}", flush=True)
     began = time.perf_counter()
     phases = []
+    baseline = Path(args.baseline_src).resolve() if args.baseline_src else None
     for n, rate, secs in parse_phases(args.phases):
-        label = f"{n}runs@{rate or 'max'}"
-        print(f"\nphase {label}: {n} runs at {rate or 'max'} steps/s each for {secs:.0f} s ...", flush=True)
-        r = run_load(label=label, n_runs=n, rate=rate, duration=secs, warmup=min(args.warmup, secs / 3),
-                     procs=args.procs, threads=args.threads, workdir=workdir,
-                     decisions_since=not args.no_decisions_since, sample_seconds=args.sample_seconds,
-                     timeout=args.client_timeout, scrape_seconds=args.scrape_seconds)
-        print(table(PHASE_HEADERS, [phase_row(r)]), flush=True)
-        if r["errors"]:
-            print(f"  errors: {r['errors']}", flush=True)
-        phases.append(r)
+        # with --baseline-src, each phase runs on the older daemon and then on this tree's, back to back
+        for src in ([baseline] if baseline else []) + [None]:
+            label = f"{n}runs@{rate or 'max'}" + ("-baseline" if src else "")
+            print(f"\nphase {label}: {n} runs at {rate or 'max'} steps/s each for {secs:.0f} s ...", flush=True)
+            r = run_load(label=label, n_runs=n, rate=rate, duration=secs, warmup=min(args.warmup, secs / 3),
+                         procs=args.procs, threads=args.threads, workdir=workdir,
+                         decisions_since=not args.no_decisions_since, sample_seconds=args.sample_seconds,
+                         timeout=args.client_timeout, scrape_seconds=args.scrape_seconds, daemon_src=src)
+            print(table(PHASE_HEADERS, [phase_row(r)]), flush=True)
+            if r["errors"]:
+                print(f"  errors: {r['errors']}", flush=True)
+            phases.append(r)
 
 
     profile_summary = None
