@@ -423,9 +423,12 @@ def _ok(body: dict[str, Any]) -> Reply:
 class DaemonServer(HTTPServer):
     """The daemon's HTTP server: `routes` answer, `metrics` (set by `serve`) renders GET /metrics."""
 
-    def __init__(self, routes: _Routes, host: str, port: int) -> None:
+    def __init__(self, routes: _Routes, host: str, port: int, **options: Any) -> None:
+        # a web page must not reach the daemon: no Origin, JSON bodies only, and on loopback only requests
+        # addressed to loopback (DNS rebinding); `options` (timeouts, limits) go to HTTPServer
         super().__init__(host, port, handle=routes.handle, inline=routes.inline, too_large=routes.too_large,
-                         max_body=wire.MAX_BODY_BYTES)
+                         max_body=wire.MAX_BODY_BYTES, refuse_browsers=True, loopback_hosts=_is_loopback(host),
+                         **options)
         self.routes = routes
 
     @property
@@ -446,9 +449,11 @@ def metrics_endpoint(core: Guardian) -> Any:
     return lambda: (exposition_pieces(collector, (core.report_seconds,)), CONTENT_TYPE_LATEST)
 
 
-def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path) -> DaemonServer:
-    """The daemon's server, listening already; the token is needed for everything off loopback."""
-    return DaemonServer(_Routes(core, token, token_path, require_token=not _is_loopback(host)), host, port)
+def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path, **options: Any) -> DaemonServer:
+    """The daemon's server, listening already; the token is needed for everything off loopback. `options`:
+    HTTPServer's timeouts and limits."""
+    return DaemonServer(_Routes(core, token, token_path, require_token=not _is_loopback(host)), host, port,
+                        **options)
 
 
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,

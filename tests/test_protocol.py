@@ -63,7 +63,7 @@ def body_of(reply: bytes) -> dict[str, Any]:
 
 
 def post(path: str, body: bytes, *headers: str, version: str = "HTTP/1.1") -> bytes:
-    lines = [f"POST {path} {version}", "Host: x", *headers]
+    lines = [f"POST {path} {version}", "Host: 127.0.0.1", "Content-Type: application/json", *headers]
     if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -75,7 +75,7 @@ REPORT = json.dumps({"v": 1, "run": {"id": "raw"}, "events": [
 
 def test_keep_alive_serves_several_requests_on_one_connection(served: tuple[Guardian, int]) -> None:
     _, port = served
-    two = post("/v1/report", REPORT) + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    two = post("/v1/report", REPORT) + b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     reply = exchange(port, two)
     assert reply.count(b"HTTP/1.1 200 OK") == 2
     assert b'"ack_seq":1' in reply and reply.rstrip().endswith(b'"ok":true}')
@@ -103,7 +103,7 @@ def test_http_1_0_gets_an_answer_and_the_connection_closes(served: tuple[Guardia
     (post("/v1/report", b"zz\r\n", "Transfer-Encoding: chunked"), b"400", "bad chunk size"),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"431", "request headers over"),
     (post("/v1/report", b"x" * (wire.MAX_BODY_BYTES + 1)), b"413", "send smaller batches"),
-    (b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n", b"404", "no such endpoint"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", b"404", "no such endpoint"),
 ])
 def test_malformed_http_gets_a_clear_error(served: tuple[Guardian, int], data: bytes, status: bytes,
                                            says: str) -> None:
