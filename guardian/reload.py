@@ -23,7 +23,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from guardian.errors import RuleFileError
+from guardian.errors import Problem, RuleFileError
 from guardian.ruleset import RuleSet, load_rules, parse_rules, read_rule_bytes, rule_text
 
 log = logging.getLogger("guardian.reload")
@@ -55,10 +55,17 @@ class RuleLibrary:
         self._stopping = False
         self._worker: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
-        if rules_dir is not None and rules_dir.is_dir():
-            for path in sorted(rules_dir.iterdir()):
-                if _is_rule_file(path.name):
-                    self.reload(path.name[: -len(".yaml")])
+        for name in self._names_in_folder():
+            self.reload(name)
+
+    def _names_in_folder(self) -> list[str]:
+        if self.rules_dir is None or not self.rules_dir.is_dir():
+            return []
+        try:
+            return sorted(path.name[: -len(".yaml")] for path in self.rules_dir.iterdir() if _is_rule_file(path.name))
+        except OSError as exc:
+            log.error("cannot list the rules folder %s (%s); serving the shipped rules only", self.rules_dir, exc)
+            return []
 
     @property
     def errors(self) -> dict[str, str]:
@@ -101,6 +108,10 @@ class RuleLibrary:
                 ruleset, error = self._parse(rule_text(data, str(path)), str(path)), None
             except RuleFileError as exc:
                 ruleset, error = None, exc
+            except Exception as exc:  # noqa: BLE001 - a file the validator trips on must not stop the daemon
+                log.exception("validating %s failed", path)
+                ruleset, error = None, RuleFileError([Problem(str(path), None, None, (
+                    f"could not be validated ({type(exc).__name__}); this is a bug in Guardian, please report it"))])
             if not self._unchanged(path, data):
                 log.info("rule file %s changed while it was read; reading it again", path)
                 continue
@@ -171,8 +182,8 @@ class RuleLibrary:
 
     def _changed(self, path: Path) -> None:
         """A watchdog event for `path`: queue its name, due once it has been quiet for the debounce time."""
-        if self.rules_dir is None or path.parent != self.rules_dir or not _is_rule_file(path.name):
-            return
+        if self.rules_dir is None or not _is_rule_file(path.name):
+            return  # by name only: it is read back as rules_dir/NAME.yaml (watchdog may spell the folder otherwise)
         with self._lock:
             self._due[path.name[: -len(".yaml")]] = time.monotonic() + self.debounce_seconds
             self._wake.notify()

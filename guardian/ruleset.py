@@ -123,7 +123,8 @@ def read_rule_bytes(path: Path, *, follow_symlinks: bool = True) -> bytes:
     except OSError as exc:
         raise _refused(path, f"cannot read the file: {exc.strerror}") from None
     _check_regular(path, before.st_mode)
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= 0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:

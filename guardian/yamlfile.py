@@ -4,8 +4,8 @@ Rule files are data: they are read with PyYAML's safe loader (no tags, no code),
 back as a `Located` dict that knows its own line and the line of each key, so validation errors can point
 at the line to fix. Anchors, aliases and merge keys are refused as the parser meets them (before anything
 is expanded: a few hundred bytes of aliases would otherwise grow into gigabytes), and so is nesting deeper
-than `MAX_DEPTH`, a value Python cannot hold (a 5,000-digit integer, a bad date) and text with lone
-surrogates. Values quoted in problems are cut to `QUOTE_CHARS`.
+than `MAX_DEPTH`, a value Python cannot hold (a 5,000-digit integer, a bad date), an integer beyond
+`MAX_INT` and text with lone surrogates. Values quoted in problems are cut to `QUOTE_CHARS`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from guardian.errors import Problem
 
 MAX_DEPTH = 32  # rule files nest about 7 deep
 QUOTE_CHARS = 300  # the most of a value a problem quotes
+MAX_INT = 2**53  # the largest integer a float holds exactly; step counts and windows are far below it
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -77,10 +78,16 @@ class _Loader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             value = super().construct_object(node, deep=deep)
-        except (ValueError, OverflowError) as exc:  # e.g. int() of 5,000 digits, month 13 in a date
+        except (ValueError, OverflowError, ArithmeticError, LookupError, AttributeError, TypeError) as exc:
+            # what PyYAML's constructors raise for values they cannot hold: int() of 5,000 digits,
+            # month 13 in a !!timestamp, `!!bool loss`
             reason = "the number has too many digits" if "digits" in str(exc) else clip(str(exc))
-            raise RefusedYAML(f"cannot read this value: {reason}; write a plain number or text",
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise RefusedYAML(f"cannot read this value as {kind} ({reason}); write a plain number or text",
                               node.start_mark) from None
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise RefusedYAML(f"the integer {clip(str(value), 40)} is out of range; integers in rule files are "
+                              "at most 2^53 (9007199254740992) in size", node.start_mark)
         if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
             raise RefusedYAML(f"text {shown(value)} holds a lone surrogate (\\ud800-\\udfff), which is not a "
                               "character; remove it", node.start_mark)

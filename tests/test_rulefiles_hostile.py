@@ -106,12 +106,17 @@ def test_merge_keys_are_refused() -> None:
     [
         ("[" * 20_000 + "]" * 20_000, "hostile.yaml:1: the YAML nests deeper than 32 levels"),
         (rule_file().replace("above: 10.0", "above: " + "7" * 5000), "hostile.yaml:5: rule 'spike': cannot read "
-                                                                      "this value: the number has too many digits"),
+                                                                      "this value as int (the number has too many digits)"),
         (rule_file().replace("name: spike", 'name: "bad\\ud800"'), "hostile.yaml:3: rule 'bad\\ud800': text "
                                                                    "'bad\\ud800' holds a lone surrogate"),
-        (rule_file() + "stamp: !!timestamp 2026-13-40\n", "hostile.yaml:7: cannot read this value: month must be"),
+        (rule_file().replace("kind: threshold", "kind: robust_zscore, window_steps: 99999999999999999999999"),
+         "hostile.yaml:5: rule 'spike': the integer 99999999999999999999999 is out of range; integers in rule files "
+         "are at most 2^53"),
+        (rule_file().replace("metric: loss", "metric: !!bool loss"), "hostile.yaml:4: rule 'spike': cannot read this "
+                                                                    "value as bool ('loss')"),
+        (rule_file() + "stamp: !!timestamp 2026-13-40\n", "hostile.yaml:7: cannot read this value as timestamp (month must be"),
     ],
-    ids=["nesting_20000_deep", "int_of_5000_digits", "lone_surrogate", "impossible_date"],
+    ids=["nesting_20000_deep", "int_of_5000_digits", "int_of_2^76", "lone_surrogate", "bool_of_text", "impossible_date"],
 )
 def test_yaml_python_cannot_hold_is_one_clear_problem(text: str, message: str) -> None:
     (problem,) = problems_of(text)
@@ -331,3 +336,14 @@ def test_many_quick_edits_are_reloaded_in_turn_and_the_last_one_wins(tmp_path: P
         wait_for(lambda: (rs := library.get("mine")) is not None and rs.rules[0].params["above"] == 40.0)
     finally:
         library.stop()
+
+
+def test_files_whose_names_cannot_be_a_rule_set_name_are_ignored(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for name in (b"\xff.yaml", b"two words.yaml", b"line\nbreak.yaml", b"-dash.yaml", b"good.yaml"):
+        with open(os.path.join(os.fsencode(rules), name), "w") as out:
+            out.write(rule_file())
+    library = RuleLibrary(rules)
+    assert library.names() == ["default", "good"] and library.errors == {}
+    json.dumps(library.names()).encode("utf-8")  # every name is plain text
