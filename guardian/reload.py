@@ -83,16 +83,8 @@ class RuleLibrary:
 
     def reload(self, name: str) -> bool:
         """Read, validate and swap in the rule file of `name`; on error keep the old rules. True if swapped."""
-        if self.rules_dir is None:
-            return False
-        path = self.rules_dir / f"{name}.yaml"
-        if not RULE_SET_NAME.fullmatch(name):
-            log.error("ignoring %r in the rules folder: a rule file is named NAME.yaml with NAME made of letters, "
-                      "digits, '.', '_' and '-' (at most 64, starting with a letter or digit)", path.name)
-            return False
-        if not self._admits(name):
-            log.error("ignoring %s: the rules folder already holds %d rule sets, the most a daemon reads; remove "
-                      "rule files you do not use", path, MAX_RULE_SETS)
+        path = self._path_of(name)
+        if path is None:
             return False
         for _ in range(_READ_ATTEMPTS):
             try:
@@ -102,26 +94,40 @@ class RuleLibrary:
                     self._errors.pop(name, None)
                 return False
             except RuleFileError as exc:
-                self._failed(name, path, exc)
-                return False
-            try:
-                ruleset, error = self._parse(rule_text(data, str(path)), str(path)), None
-            except RuleFileError as exc:
-                ruleset, error = None, exc
-            except Exception as exc:  # noqa: BLE001 - a file the validator trips on must not stop the daemon
-                log.exception("validating %s failed", path)
-                ruleset, error = None, RuleFileError([Problem(str(path), None, None, (
-                    f"could not be validated ({type(exc).__name__}); this is a bug in Guardian, please report it"))])
-            if not self._unchanged(path, data):
-                log.info("rule file %s changed while it was read; reading it again", path)
-                continue
-            if ruleset is None:
-                assert error is not None
-                self._failed(name, path, error)
-                return False
-            return self._swap(name, path, ruleset)
+                return self._failed(name, path, exc)
+            outcome = self._validate(data, path)
+            if self._unchanged(path, data):
+                if isinstance(outcome, RuleFileError):
+                    return self._failed(name, path, outcome)
+                return self._swap(name, path, outcome)
+            log.info("rule file %s changed while it was read; reading it again", path)
         log.warning("rule file %s kept changing while it was read; waiting for its next change", path)
         return False
+
+    def _path_of(self, name: str) -> Path | None:
+        """The file of rule set `name`, or None (logged) if it may not be one."""
+        if self.rules_dir is None:
+            return None
+        path = self.rules_dir / f"{name}.yaml"
+        if not RULE_SET_NAME.fullmatch(name):
+            log.error("ignoring %r in the rules folder: a rule file is named NAME.yaml with NAME made of letters, "
+                      "digits, '.', '_' and '-' (at most 64, starting with a letter or digit)", path.name)
+            return None
+        if not self._admits(name):
+            log.error("ignoring %s: the rules folder already holds %d rule sets, the most a daemon reads; remove "
+                      "rule files you do not use", path, MAX_RULE_SETS)
+            return None
+        return path
+
+    def _validate(self, data: bytes, path: Path) -> RuleSet | RuleFileError:
+        try:
+            return self._parse(rule_text(data, str(path)), str(path))
+        except RuleFileError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - a file the validator trips on must not stop the daemon
+            log.exception("validating %s failed", path)
+            return RuleFileError([Problem(str(path), None, None, (
+                f"could not be validated ({type(exc).__name__}); this is a bug in Guardian, please report it"))])
 
     def _unchanged(self, path: Path, data: bytes) -> bool:
         try:
@@ -143,12 +149,13 @@ class RuleLibrary:
             self.on_change(name, ruleset)
         return True
 
-    def _failed(self, name: str, path: Path, exc: RuleFileError) -> None:
+    def _failed(self, name: str, path: Path, exc: RuleFileError) -> bool:
         with self._lock:
             self._errors[name] = str(exc)
         log.error("rule file %s is invalid; keeping the last good rules for '%s':\n%s", path, name, exc)
         if self.on_error:
             self.on_error(name, exc)
+        return False
 
     # ---- watching ----------------------------------------------------------------------------------
 

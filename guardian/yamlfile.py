@@ -22,11 +22,14 @@ MAX_DEPTH = 32  # rule files nest about 7 deep
 QUOTE_CHARS = 300  # the most of a value a problem quotes
 MAX_INT = 2**53  # the largest integer a float holds exactly; step counts and windows are far below it
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def clip(text: str, limit: int = QUOTE_CHARS) -> str:
-    """`text`, cut to `limit` characters with a note of how long it was."""
+    """`text` with control characters escaped (no forged log lines), cut to `limit` characters with a note of
+    how long it was."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters in all)"
 
 

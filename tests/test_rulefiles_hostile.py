@@ -133,6 +133,12 @@ def test_values_quoted_in_problems_are_cut_short() -> None:
     assert "(100,002 characters in all)" in problems[1]
 
 
+def test_control_characters_in_quoted_names_are_escaped() -> None:
+    text = rule_file().replace("    actions: [alert]\n", '    actions: [alert]\n    "x\\nERROR forged\\e[2J": 1\n')
+    (problem,) = problems_of(text)
+    assert "unknown key 'x\\nERROR forged\\x1b[2J' in a rule" in problem and "\n" not in problem
+
+
 def test_the_problems_listed_are_capped_and_the_rest_counted() -> None:
     text = "version: 1\n" + "".join(f"version: {i}\n" for i in range(5000)) + rule_file().split("\n", 1)[1]
     problems = problems_of(text)
