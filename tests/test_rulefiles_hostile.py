@@ -213,6 +213,7 @@ REFUSED = {"inside": "a symbolic link", "pipe": "a FIFO", "secret": "a symbolic 
 
 
 def test_only_regular_files_in_the_folder_are_loaded(hostile_folder: Path) -> None:
+    (hostile_folder / "lol.yaml").write_text(laughs(8))  # 9^8 laughs: a 312 MB store row before
     result = in_child(f"""
 import json
 from pathlib import Path
@@ -222,7 +223,9 @@ print(json.dumps({{"names": library.names(), "errors": library.errors}}))
 """, timeout=60)
     assert result["names"] == ["default", "good"]
     errors = result["errors"]
-    assert isinstance(errors, dict) and sorted(errors) == sorted(REFUSED)
+    assert isinstance(errors, dict) and sorted(errors) == sorted([*REFUSED, "lol"])
+    assert errors.pop("lol") == (f"{hostile_folder}/lol.yaml:2: anchors and aliases are not allowed in rule files "
+                                 "(&name, *name); write each value out in full")
     for name, kind in REFUSED.items():
         assert errors[name] == (f"{hostile_folder / name}.yaml: this is {kind}, not a regular file: rules are read "
                                 f"only from regular files; " + ("put the rule file itself in the rules folder"
@@ -286,7 +289,7 @@ def test_a_daemon_with_a_fifo_and_links_in_its_rules_folder_listens(hostile_fold
         body = request(proc.url, "GET", "/v1/rules", token=proc.token)
         assert body["rule_sets"] == ["default", "good"]
         assert sorted(body["errors"]) == sorted(REFUSED)
-        assert SECRET not in wire.dumps(body).decode()
+        assert SECRET not in wire.dumps(body).decode() and len(wire.dumps(body)) < 20_000
     finally:
         proc.stop()
 
