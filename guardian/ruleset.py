@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
+import stat
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,11 +20,14 @@ from guardian.detectors import DETECTORS
 from guardian.detectors.base import Detector
 from guardian.errors import Problem, RuleFileError
 from guardian.policy import PolicySettings
-from guardian.yamlfile import Located, load_yaml
+from guardian.yamlfile import Located, clip, load_yaml, shown
 
 SCHEMA_VERSION = 1
 # Detector fields that name the metrics a rule watches; set from the rule's `metric`/`metrics`.
 METRIC_FIELDS = ("metric", "metrics", "eval_metric")
+MAX_FILE_BYTES = 256 * 1024  # a rule file is a few KiB; this bounds the time and memory one can cost
+MAX_PROBLEMS = 20  # problems listed per file; the rest are counted
+MESSAGE_CHARS = 1000  # the longest problem message kept (values quoted in it are cut shorter still)
 
 
 class Severity(str, Enum):
@@ -98,14 +103,84 @@ def load_rules(path: str | Path | None = None) -> RuleSet:
     """Load and validate a rule file (the shipped defaults when `path` is None)."""
     path = Path(path) if path is not None else default_rules_path()
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_rule_bytes(path)
+    except FileNotFoundError as exc:
+        raise _refused(path, f"cannot read the file: {exc.strerror}") from None
+    return parse_rules(rule_text(data, str(path)), str(path))
+
+
+def read_rule_bytes(path: Path, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a rule file: a regular file of at most `MAX_FILE_BYTES`, opened without blocking.
+
+    FIFOs, devices, folders (and, unless `follow_symlinks`, symbolic links) are refused before they are
+    opened, so nothing can block the reader or feed it forever. Raises `FileNotFoundError` when there is
+    no such file and `RuleFileError` for anything else.
+    """
+    try:
+        before = os.stat(path) if follow_symlinks else os.lstat(path)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        raise RuleFileError([Problem(str(path), None, None, f"cannot read the file: {exc.strerror}")]) from None
-    return parse_rules(text, str(path))
+        raise _refused(path, f"cannot read the file: {exc.strerror}") from None
+    _check_regular(path, before.st_mode)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= 0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: it became a symbolic link since the lstat
+        raise _refused(path, f"cannot read the file: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        _check_regular(path, info.st_mode)
+        data = _read_at_most(fd, MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise _refused(path, f"the file is larger than {MAX_FILE_BYTES // 1024} KiB, the most a rule file may be; "
+                             "a rule file needs a few KiB")
+    return data
+
+
+def rule_text(data: bytes, source: str) -> str:
+    """The text of a rule file's bytes (UTF-8), or a `RuleFileError` saying where it is not text."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RuleFileError([Problem(source, line, None, f"the file is not UTF-8 text (byte {exc.start}); "
+                                                         "save it as UTF-8")]) from None
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    fix = "put the rule file itself in the rules folder" if stat.S_ISLNK(mode) else "use a plain file"
+    raise _refused(path, f"this is {kind}, not a regular file: rules are read only from regular files; {fix}")
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _refused(path: Path, message: str) -> RuleFileError:
+    return RuleFileError([Problem(str(path), None, None, message)])
 
 
 def parse_rules(text: str, source: str = "<string>") -> RuleSet:
-    """Validate rule-file text; raise `RuleFileError` listing every problem found."""
+    """Validate rule-file text; raise `RuleFileError` listing every problem found (the first `MAX_PROBLEMS`)."""
     data, problems = load_yaml(text, source)
     if data is not None or not problems:
         ruleset = _RuleFileReader(source, problems).read(data)
@@ -113,7 +188,17 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
             return ruleset
     else:  # the YAML did not parse: name the rule the error is in from the text
         problems = [dataclasses.replace(p, rule=p.rule or _rule_at_line(text, p.line)) for p in problems]
-    raise RuleFileError(sorted(problems, key=lambda p: p.line or 0))
+    raise RuleFileError(_bounded(sorted(problems, key=lambda p: p.line or 0), source))
+
+
+def _bounded(problems: list[Problem], source: str) -> list[Problem]:
+    """The first `MAX_PROBLEMS` problems, each cut to `MESSAGE_CHARS`, and a count of the rest."""
+    kept = [dataclasses.replace(p, rule=p.rule and clip(p.rule), message=clip(p.message, MESSAGE_CHARS))
+            for p in problems[:MAX_PROBLEMS]]
+    if len(problems) > MAX_PROBLEMS:
+        kept.append(Problem(source, None, None, f"and {len(problems) - MAX_PROBLEMS} more problems; "
+                                                "fix the ones above first"))
+    return kept
 
 
 _RULE_START = re.compile(r"""^\s*-\s+name:\s*['"]?([^'"#\s]+)""")
@@ -159,7 +244,7 @@ class _RuleFileReader:
             self.problem(1, None, f"'version' is missing; add 'version: {SCHEMA_VERSION}' at the top of the file")
         elif not _is_int(version) or version != SCHEMA_VERSION:
             self.problem(data.line_of("version"), None,
-                         f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {version!r}")
+                         f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {shown(version)}")
         policy = self.read_policy(data.get("policy", Located()), data.line_of("policy"))
         rules_data = data.get("rules")
         if not isinstance(rules_data, list) or not rules_data:
@@ -182,13 +267,13 @@ class _RuleFileReader:
             value = policy.get(key, getattr(defaults, key))
             minimum = 1 if key == "incident_quiet_steps" else 0
             if not _is_int(value) or value < minimum:
-                self.problem(policy.line_of(key), None, f"policy.{key} must be an integer >= {minimum}, got {value!r}")
+                self.problem(policy.line_of(key), None, f"policy.{key} must be an integer >= {minimum}, got {shown(value)}")
                 continue
             values[key] = int(value)
         factor = policy.get("lr_cut_factor", defaults.lr_cut_factor)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor < 1.0:
             self.problem(policy.line_of("lr_cut_factor"), None,
-                         f"policy.lr_cut_factor must be a number between 0 and 1 (exclusive), got {factor!r}")
+                         f"policy.lr_cut_factor must be a number between 0 and 1 (exclusive), got {shown(factor)}")
         else:
             values["lr_cut_factor"] = float(factor)
         return dataclasses.replace(defaults, **values)
@@ -225,11 +310,11 @@ class _RuleFileReader:
             if key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
                 fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(sorted(allowed))}"
-                self.problem(mapping.line_of(key), rule, f"unknown key '{key}' in {where}; {fix}")
+                self.problem(mapping.line_of(key), rule, f"unknown key '{clip(str(key))}' in {where}; {fix}")
 
     def read_rule(self, item: Any, line: int) -> Rule | None:
         if not isinstance(item, Located):
-            self.problem(line, None, f"each rule must be a mapping with name, detector and actions, got {item!r}")
+            self.problem(line, None, f"each rule must be a mapping with name, detector and actions, got {shown(item)}")
             return None
         name = item.get("name")
         if not isinstance(name, str) or not name.strip():
@@ -237,7 +322,7 @@ class _RuleFileReader:
             name = None
         enabled = item.get("enabled", True)
         if not isinstance(enabled, bool):
-            self.problem(item.line_of("enabled"), name, f"'enabled' must be true or false, got {enabled!r}")
+            self.problem(item.line_of("enabled"), name, f"'enabled' must be true or false, got {shown(enabled)}")
         elif not enabled:
             return None
         before = len(self.problems)
@@ -258,14 +343,14 @@ class _RuleFileReader:
     def read_text(self, item: Located, key: str, rule: str | None) -> str:
         value = item.get(key, "")
         if not isinstance(value, str):
-            self.problem(item.line_of(key), rule, f"'{key}' must be text, got {value!r}")
+            self.problem(item.line_of(key), rule, f"'{key}' must be text, got {shown(value)}")
             return ""
         return " ".join(value.split())
 
     def read_count(self, item: Located, key: str, rule: str | None, default: int, minimum: int = 0) -> int:
         value = item.get(key, default)
         if not _is_int(value) or value < minimum:
-            self.problem(item.line_of(key), rule, f"'{key}' must be an integer >= {minimum}, got {value!r}")
+            self.problem(item.line_of(key), rule, f"'{key}' must be an integer >= {minimum}, got {shown(value)}")
             return default
         return int(value)
 
@@ -275,7 +360,7 @@ class _RuleFileReader:
             return Severity(value)
         except ValueError:
             valid = ", ".join(s.value for s in Severity)
-            self.problem(item.line_of("severity"), rule, f"severity must be one of {valid}, got {value!r}")
+            self.problem(item.line_of("severity"), rule, f"severity must be one of {valid}, got {shown(value)}")
             return Severity.WARNING
 
     def read_detector(self, item: Located, rule: str | None) -> tuple[str | None, dict[str, Any], tuple[str, ...]]:
@@ -289,7 +374,7 @@ class _RuleFileReader:
         if not isinstance(kind, str) or kind not in DETECTORS:
             hint = difflib.get_close_matches(str(kind), DETECTORS, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"valid kinds: {', '.join(sorted(DETECTORS))}"
-            self.problem(spec.line_of("kind"), rule, f"unknown detector kind '{kind}'; {fix}")
+            self.problem(spec.line_of("kind"), rule, f"unknown detector kind '{clip(str(kind))}'; {fix}")
             return None, {}, ()
         params = {key: value for key, value in spec.items() if key != "kind"}
         from_rule = self.metric_params(item, kind, rule)
@@ -352,10 +437,10 @@ class _RuleFileReader:
         except ValueError:
             hint = difflib.get_close_matches(value, [k.value for k in ActionKind], n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"valid actions: {valid}"
-            self.problem(line, rule, f"unknown action '{value}'; {fix}")
+            self.problem(line, rule, f"unknown action '{clip(value)}'; {fix}")
             return None
         if not isinstance(params, Mapping):
-            self.problem(line, rule, f"parameters of action '{value}' must be a mapping, got {params!r}")
+            self.problem(line, rule, f"parameters of action '{value}' must be a mapping, got {shown(params)}")
             return None
         messages = check_action_params(kind, params)
         for message in messages:
@@ -371,7 +456,7 @@ class _RuleFileReader:
         steps = []
         for entry in value:
             if not isinstance(entry, Located):
-                self.problem(item.line_of("escalation"), rule, f"each escalation entry must be a mapping, got {entry!r}")
+                self.problem(item.line_of("escalation"), rule, f"each escalation entry must be a mapping, got {shown(entry)}")
                 continue
             self.unknown_keys(entry, self.ESCALATION_KEYS, rule, "an escalation entry")
             after = self.read_count(entry, "after_firings", rule, default=2, minimum=2)
@@ -420,13 +505,13 @@ class _DetectorParams:
             if key not in self.fields:
                 hint = difflib.get_close_matches(str(key), self.fields, n=1)
                 fix = f"did you mean '{hint[0]}'?" if hint else f"valid parameters: {', '.join(self.fields)}"
-                result.problems.append((key, f"detector '{kind}' has no parameter '{key}'; {fix}"))
+                result.problems.append((key, f"detector '{kind}' has no parameter '{clip(str(key))}'; {fix}"))
                 continue
             ok, coerced, expected = _coerce(value, self.fields[key][0])
             if ok:
                 result.values[key] = coerced
             else:
-                result.problems.append((key, f"detector '{kind}' parameter '{key}' must be {expected}, got {value!r}"))
+                result.problems.append((key, f"detector '{kind}' parameter '{key}' must be {expected}, got {shown(value)}"))
         for name, (_, f) in self.fields.items():
             missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if missing and name not in result.values and not any(k == name for k, _ in result.problems):
