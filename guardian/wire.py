@@ -22,12 +22,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 VERSION = 1
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_EVENTS_PER_REPORT = 5000
+MAX_DEPTH = 32  # nesting of objects and lists in a message
+MAX_SEQ = 2**53 - 1  # seq and step: exact in every JSON reader
+MAX_INT = 2**63 - 1  # any other integer: fits SQLite's and Prometheus' 64 bits
+MAX_META_BYTES = 16 * 1024
+MAX_VALUES_PER_EVENT = 256
+MAX_GPUS_PER_EVENT = 64
+MAX_NAME_CHARS = 128  # a string that becomes a label, a key or a file name
+MAX_RUN_ID_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# how a lone surrogate reaches json.loads: escaped, or encoded raw (it decodes bytes with 'surrogatepass')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 EVENT_KINDS = ("start", "metrics", "system", "decision", "action", "checkpoint", "end")
 
 
@@ -69,10 +81,7 @@ def loads(body: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """Parse and check the envelope of a message; raise WireError with a clear reason."""
     if len(body) > max_bytes:
         raise WireError(f"message of {len(body)} bytes is over the limit of {max_bytes}; send smaller batches", 413)
-    try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"body is not valid JSON: {exc}") from None
+    message = parse_json(body)
     if not isinstance(message, dict):
         raise WireError("body must be a JSON object with a 'v' field")
     version = message.get("v")
@@ -89,19 +98,80 @@ class Report:
     events: list[dict[str, Any]]
 
 
+def parse_json(body: bytes) -> Any:
+    """JSON with bounded nesting and integers, valid Unicode (no lone surrogates); WireError (400) otherwise."""
+    try:
+        message = json.loads(body)
+    except RecursionError:
+        raise WireError(f"body is nested too deeply; at most {MAX_DEPTH} levels of objects and lists") from None
+    except UnicodeDecodeError as exc:
+        raise WireError(f"body is not valid UTF-8: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, and ints over Python's 4,300-digit limit
+        raise WireError(f"body is not valid JSON: {exc}") from None
+    check_tree(message, "body", surrogates=_SURROGATE_ESCAPE.search(body) is not None)
+    return message
+
+
+def check_tree(value: Any, where: str, *, max_depth: int = MAX_DEPTH, surrogates: bool = True) -> None:
+    """Refuse nesting over `max_depth`, integers beyond 64 bits and (when `surrogates`) lone surrogates
+    (json.loads accepts "\\ud800", which no UTF-8 writer, Prometheus' included, can encode)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            items: Any = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            _check_scalar(node, where, surrogates)
+            continue
+        if depth > max_depth:
+            raise WireError(f"{where} is nested too deeply; at most {max_depth} levels of objects and lists")
+        for key, child in items:
+            if surrogates and isinstance(key, str):
+                _check_scalar(key, where, True)
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif isinstance(child, int) or (surrogates and isinstance(child, str)):
+                _check_scalar(child, where, surrogates)
+
+
+def _check_scalar(value: Any, where: str, surrogates: bool) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT - 1 <= value <= MAX_INT:
+        raise WireError(f"{where} holds the integer {str(value)[:20]}... beyond 64 bits; send smaller numbers")
+    if surrogates and isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise WireError(f"{where} holds a lone surrogate (\\ud800-\\udfff) in {value[:40]!r}; "
+                            "send valid Unicode") from None
+
+
+def check_name(value: Any, where: str, *, max_chars: int = MAX_NAME_CHARS) -> str:
+    """A string that becomes a label, a key or a file name: 1..max_chars characters, no control characters."""
+    if not isinstance(value, str) or not value.strip():
+        raise WireError(f"{where} must be a non-empty string, got {str(value)[:40]!r}")
+    if len(value) > max_chars:
+        raise WireError(f"{where} must be at most {max_chars} characters, got {len(value)}")
+    if _CONTROL.search(value):
+        raise WireError(f"{where} must not hold control characters, got {value[:40]!r}")
+    return value
+
+
 def parse_report(message: dict[str, Any]) -> Report:
     """Check a `/v1/report` body field by field."""
     run = message.get("run")
     if not isinstance(run, dict) or not isinstance(run.get("id"), str) or not run["id"].strip():
         raise WireError("'run' must be an object with a non-empty string 'id'")
-    if len(run["id"]) > 200:
-        raise WireError("'run.id' must be at most 200 characters")
+    check_name(run["id"], "'run.id'", max_chars=MAX_RUN_ID_CHARS)
     rules = run.get("rules", "default")
     if not isinstance(rules, str):
         raise WireError("'run.rules' must be the name of a rule set, e.g. \"default\"")
+    check_name(rules, "'run.rules'")
     meta = run.get("meta", {})
     if not isinstance(meta, dict):
         raise WireError("'run.meta' must be an object")
+    check_meta(meta)
     events = message.get("events")
     if not isinstance(events, list):
         raise WireError("'events' must be a list")
@@ -121,16 +191,50 @@ def _check_event(i: int, event: Any) -> None:
         raise WireError(f"{where}.seq must be an integer >= 1, got {seq!r}")
     if event.get("kind") not in EVENT_KINDS:
         raise WireError(f"{where}.kind must be one of {', '.join(EVENT_KINDS)}, got {event.get('kind')!r}")
+    if seq > MAX_SEQ:
+        raise WireError(f"{where}.seq must be at most 2^53-1, got {seq}")
     step = event.get("step")
-    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-        raise WireError(f"{where}.step must be an integer >= 0, got {step!r}")
-    if event["kind"] == "metrics":
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_SEQ):
+        raise WireError(f"{where}.step must be an integer from 0 to 2^53-1, got {step!r}")
+    kind = event["kind"]
+    if kind == "metrics":
         values = event.get("values")
         if not isinstance(values, dict) or step is None:
             raise WireError(f"{where}: a metrics event needs 'step' and a 'values' object")
+        if len(values) > MAX_VALUES_PER_EVENT:
+            raise WireError(f"{where}.values has {len(values)} keys; send at most {MAX_VALUES_PER_EVENT}")
         for key, value in values.items():
+            check_name(key, f"{where}.values key")
             if decode_number(value) is None:
                 raise WireError(f"{where}.values.{key} must be a number (or \"nan\"/\"inf\"), got {value!r}")
+    elif kind == "system":
+        _check_system(where, event)
+    elif kind == "action" and "source" in event:
+        check_name(event["source"], f"{where}.source")
+
+
+def _check_system(where: str, event: dict[str, Any]) -> None:
+    rank = event.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, (int, str)):
+        raise WireError(f"{where}.rank must be an integer or a short string, got {rank!r}")
+    if isinstance(rank, str):
+        check_name(rank, f"{where}.rank")
+    gpus = event.get("gpus", [])
+    if not isinstance(gpus, list) or len(gpus) > MAX_GPUS_PER_EVENT or not all(isinstance(g, dict) for g in gpus):
+        raise WireError(f"{where}.gpus must be a list of at most {MAX_GPUS_PER_EVENT} objects")
+    for gpu in gpus:
+        if isinstance(gpu.get("gpu"), str):
+            check_name(gpu["gpu"], f"{where}.gpus[].gpu")
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    """`run.meta`: at most MAX_META_BYTES encoded; `host` (a label) a plain name."""
+    check_tree(meta, "'run.meta'", max_depth=8)
+    size = len(json.dumps(meta))
+    if size > MAX_META_BYTES:
+        raise WireError(f"'run.meta' is {size} bytes encoded; send at most {MAX_META_BYTES}")
+    if "host" in meta:
+        check_name(meta["host"], "'run.meta.host'")
 
 
 def metric_values(event: dict[str, Any]) -> dict[str, float]:
