@@ -98,26 +98,35 @@ def metrics_events(n: int, keys: int = 1, first: int = 1) -> list[dict[str, Any]
 # ---- bounded JSON ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "says"), [
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": ' + b"9" * 5000 + b', "kind": "end"}]}', "not valid JSON"),
-    (json.dumps(report("x", [{"seq": 2**70, "kind": "end"}])).encode(), "beyond 64 bits"),
-    (json.dumps(report("x", [{"seq": 2**60, "kind": "end"}])).encode(), "seq must be at most 2^53-1"),
-    (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 2**60, "values": {}}])).encode(),
-     "step must be an integer from 0 to 2^53-1"),
-    (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 2**70, "values": {}}])).encode(), "beyond 64 bits"),
-])
-def test_deep_json_and_huge_integers_are_400_not_500(served: Served, body: bytes, says: str) -> None:
-    status, reply = served.post("/v1/report", body)
-    assert status == 400 and says in reply["error"], reply
-    served.still_serves_everyone()
-
-
 def _nested(depth: int) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for _ in range(depth):
         meta = {"a": meta}
     return meta
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": ' + b"9" * 5000 + b', "kind": "end"}]}', "beyond 64 bits"),
+    (b'{"v": 1, "run": {"id": "x", "meta": {"n": -' + b"9" * 30 + b'}}, "events": []}', "beyond 64 bits"),
+    (json.dumps(report("x", [{"seq": 2**70, "kind": "end"}])).encode(), "seq must be at most 2^53-1"),
+    (json.dumps(report("x", [{"seq": 1, "kind": "end", "time": 2**70}])).encode(), "events[0].time holds the integer"),
+    (json.dumps(report("x", [{"seq": 1, "kind": "action", "command_ids": [2**70]}])).encode(),
+     "events[0].command_ids holds the integer"),
+    (json.dumps(report("x", [{"seq": 1, "kind": "end", "x": _nested(40)}])).encode(), "events[0].x is nested too"),
+    (json.dumps({**report("x"), "decisions_since_step": 2**70}).encode(), "body holds the integer"),
+    (json.dumps(report("x", [{"seq": 2**60, "kind": "end"}])).encode(), "seq must be at most 2^53-1"),
+    (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 2**60, "values": {}}])).encode(),
+     "step must be an integer from 0 to 2^53-1"),
+    (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 2**70, "values": {}}])).encode(),
+     "step must be an integer from 0 to 2^53-1"),
+    (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 10**400}}])).encode(),
+     "values.loss must be a number"),
+])
+def test_deep_json_and_huge_integers_are_400_not_500(served: Served, body: bytes, says: str) -> None:
+    status, reply = served.post("/v1/report", body)
+    assert status == 400 and says in reply["error"], reply
+    served.still_serves_everyone()
 
 
 def test_a_600_deep_meta_is_refused_and_the_listing_still_answers(served: Served) -> None:
@@ -146,9 +155,10 @@ SURROGATE = "\\ud800"  # as JSON spells it: json.loads accepts it, no UTF-8 writ
     ("run id", '{"v":1,"run":{"id":"s%s"},"events":[]}'),
 ])
 def test_a_lone_surrogate_is_refused_and_metrics_still_answer(served: Served, where: str, body: str) -> None:
-    for encoded in ((body % SURROGATE).encode(), (body % "\ud800").encode("utf-8", "surrogatepass")):
-        status, reply = served.post("/v1/report", encoded)
-        assert status == 400 and "lone surrogate" in reply["error"], (where, reply)
+    status, reply = served.post("/v1/report", (body % SURROGATE).encode())
+    assert status == 400 and "lone surrogate" in reply["error"], (where, reply)
+    status, reply = served.post("/v1/report", (body % "\ud800").encode("utf-8", "surrogatepass"))  # raw
+    assert status == 400 and "not valid UTF-8" in reply["error"], (where, reply)
     served.still_serves_everyone()
     ok = (body % "\\ud83d\\ude00").encode()  # a surrogate pair is a real character
     assert served.post("/v1/report", ok)[0] == 200
