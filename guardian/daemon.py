@@ -7,7 +7,6 @@ mode 0600) is required for control actions, and for everything when listening be
 
 from __future__ import annotations
 
-import copy
 import hmac
 import ipaddress
 import json
@@ -349,7 +348,7 @@ class Guardian:
                 view.stalled = view.rule_status.get("stalled") == "firing"
                 view.ended = state.ended
                 view.last_report = state.last_seen
-                views.append(copy.deepcopy(view))
+                views.append(view.copy())
         return views
 
     def health(self) -> dict[str, Any]:
