@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="map webhook alerts to actions (default STATE_DIR/alert-actions.yaml if present)")
     serve.add_argument("--retain-days", type=float, help="delete runs not heard from in this many days")
     serve.add_argument("--fresh-store", action="store_true",
-                       help="move the store (e.g. a damaged one) aside to guardian.db.damaged-TIME and start empty")
+                       help="if the store is damaged, move it aside to guardian.db.damaged-TIME and start empty")
     serve.set_defaults(func=_serve)
 
     runs = sub.add_parser("runs", help="the runs the daemon knows: running, stalled, firing, ended")

@@ -34,7 +34,7 @@ from guardian.httpserver import HTTPServer, Reply, Request
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
 from guardian.ruleset import RuleSet
-from guardian.store import ReportWrite, Store, move_aside
+from guardian.store import ReportWrite, Store, StoreError, move_aside
 
 log = logging.getLogger("guardian.daemon")
 DEFAULT_PORT = 8765
@@ -546,17 +546,23 @@ def make_server(core: Guardian, host: str, port: int, token: str, token_path: Pa
 
 
 def open_store(state_dir: Path, *, fresh: bool = False) -> Store:
-    """The daemon's store in `state_dir`; StoreError (which file, what to do) when it is damaged. With `fresh`,
-    an existing store is moved aside with a timestamp first. Warns when a store is created in a state folder
-    that was in use before (its token is there): the old store may have been moved or deleted."""
+    """The daemon's store in `state_dir`; StoreError (which file, what is wrong, what to do) when it is damaged.
+    With `fresh`, a damaged store is moved aside with a timestamp and an empty one started (a sound store is
+    kept: the flag can stay in a service file). Warns when a store is created in a state folder that was in
+    use before (its token is there): the old store may have been moved or deleted."""
     path = state_dir / "guardian.db"
-    if fresh:
-        moved = move_aside(path)
-        if moved is not None:
-            log.warning("moved the old store %s aside to %s; starting with an empty store", path, moved)
     used_before = (state_dir / "token").exists()
-    store = Store(path)
-    if store.created and used_before and not fresh:
+    try:
+        store = Store(path)
+    except StoreError as exc:
+        if not fresh:
+            raise
+        moved = move_aside(path)
+        log.warning("%s; moved it aside to %s and started an empty store", str(exc).split(";")[0], moved)
+        return Store(path)
+    if fresh:
+        log.warning("--fresh-store: %s is sound, so it is kept", path)
+    elif store.created and used_before:
         log.warning("%s is new, but %s was used before (its token is there): runs stored earlier are not in it. "
                     "If the store was moved, stop the daemon and put it back", path, state_dir)
     return store
@@ -565,7 +571,7 @@ def open_store(state_dir: Path, *, fresh: bool = False) -> Store:
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
           alert_actions: Path | None = None, tick_seconds: float = 1.0, maintain_seconds: float = 600.0,
           retain_days: float | None = None, ready: threading.Event | None = None, fresh_store: bool = False) -> None:
-    """Run the daemon until SIGINT/SIGTERM. `fresh_store` moves a damaged (or any) store aside first."""
+    """Run the daemon until SIGINT/SIGTERM. `fresh_store` moves a damaged store aside and starts an empty one."""
     token_path = state_dir / "token"
     store = open_store(state_dir, fresh=fresh_store)
     token = load_or_create_token(state_dir)

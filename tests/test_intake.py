@@ -352,7 +352,19 @@ def test_a_damaged_store_is_a_clear_error_and_fresh_store_moves_it_aside(tmp_pat
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     moved = [p.name for p in tmp_path.glob("guardian.db.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
-    assert len(moved) == 1 and "moved the old store" in output and moved[0] in output
+    assert len(moved) == 1 and "moved it aside" in output and moved[0] in output
+    fresh = Store(db)
+    assert fresh.runs() == []  # the new store; a sound one is kept by --fresh-store:
+    fresh.close()
+    proc = subprocess.Popen([sys.executable, "-m", "guardian.cli", "serve", "--port", str(port),
+                             "--state-dir", str(tmp_path), "--fresh-store"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "is sound, so it is kept" in output and len(list(tmp_path.glob("guardian.db.damaged-*[0-9Z]"))) == 1
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
