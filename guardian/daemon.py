@@ -495,6 +495,8 @@ def event_page(store: Store, run_id: str, query: dict[str, list[str]]) -> dict[s
     since_seq = _query_int(query, "since_seq", 0, 0, wire.MAX_SEQ)
     limit = _query_int(query, "limit", EVENTS_PAGE_DEFAULT, 1, EVENTS_PAGE_MAX)
     kinds = tuple(query["kinds"][0].split(",")) if query.get("kinds") else ()
+    if not set(kinds) <= set(wire.EVENT_KINDS):
+        raise wire.WireError(f"query parameter 'kinds' must be a comma-separated list of {', '.join(wire.EVENT_KINDS)}")
     events = store.events(run_id, kinds, since_seq=since_seq, limit=limit)
     more = len(events) == limit
     return {"events": events, "next_since_seq": events[-1]["seq"] if more else None,

@@ -260,7 +260,7 @@ def test_events_are_read_a_page_at_a_time(served: Served) -> None:
     assert seqs == list(range(1, 2501))
     assert len(served.get_json("/v1/runs/paged/events?limit=10000")["events"]) == 2500
     for query, says in (("limit=10001", "'limit'"), ("limit=0", "'limit'"), ("since_seq=-1", "'since_seq'"),
-                        ("since_seq=" + "9" * 40, "'since_seq'")):
+                        ("since_seq=" + "9" * 40, "'since_seq'"), ("kinds=metrics,bogus", "'kinds'")):
         status, body = served.get(f"/v1/runs/paged/events?{query}")
         assert status == 400 and says in json.loads(body)["error"]
 
