@@ -15,7 +15,15 @@ resend freely. Event kinds: `start`, `metrics` (phase train or eval), `system` (
      "decisions": [<Decision.to_dict()>...], "commands": [{"id": 3, "action": "stop", "params": {}}]}
 
 Errors are `{"v": 1, "error": "<what is wrong and what to do>"}` with status 400 (malformed), 401 (token),
-404, 413 (too large) or 409 (unsupported version). The JSON Schema: `guardian/schema/wire-v1.schema.json`.
+404, 413 (too large), 409 (unsupported version) or 429 (too many new runs). The JSON Schema:
+`guardian/schema/wire-v1.schema.json`.
+
+Bounds, checked at intake so that nothing stored can break a later listing or scrape: a body of at most 4 MiB
+in UTF-8 (no lone surrogates), nested at most 32 deep, integers within 64 bits (seq and step within 2^53-1);
+at most 5,000 events a report and 256 values an event; `run.meta` at most 16 KiB encoded and 8 deep; every
+string that becomes a label, a key or a file name (`run.id` up to 200 characters; `run.rules`, value keys,
+`meta.host`, a system event's `rank` and `gpu`, an action's `source` up to 128) printable, without control
+characters.
 """
 
 from __future__ import annotations
