@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from rich.console import Console
 from rich.markup import escape
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--alert-actions", type=Path,
                        help="map webhook alerts to actions (default STATE_DIR/alert-actions.yaml if present)")
     serve.add_argument("--retain-days", type=float, help="delete runs not heard from in this many days")
+    serve.add_argument("--fresh-store", action="store_true",
+                       help="if the store is damaged, move it aside to guardian.db.damaged-TIME and start empty")
     serve.set_defaults(func=_serve)
 
     runs = sub.add_parser("runs", help="the runs the daemon knows: running, stalled, firing, ended")
@@ -184,7 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir,
-          alert_actions=args.alert_actions, retain_days=args.retain_days)
+          alert_actions=args.alert_actions, retain_days=args.retain_days, fresh_store=args.fresh_store)
     return 0
 
 
@@ -217,13 +220,15 @@ def _events(args: argparse.Namespace) -> int:
     from guardian.actions import describe_outcome
     from guardian.client import request
 
-    kinds = "" if args.all else "?kinds=decision,action,start,end,checkpoint"
-    data = request(args.url, "GET", f"/v1/runs/{args.run}/events{kinds}", token=_token(args))
+    from guardian.eventpages import all_events
+
+    kinds = () if args.all else ("decision", "action", "start", "end", "checkpoint")
+    data = all_events(lambda path: request(args.url, "GET", path, token=_token(args)), args.run, kinds)
     if args.json:
         _print_json({"run": args.run, **data})
         return 0
     console = Console()
-    console.print(f"[bold]Decisions of the daemon for {args.run}[/]")
+    console.print(f"[bold]Decisions of the daemon for {escape(args.run)}[/]")
     for d in data["decisions"]:
         actions = ", ".join(a["kind"] for a in d["actions"])
         console.print(f"  step {d['step']:>7}  {d['rule']:<22} {actions:<24} {d['message']}", markup=False,
@@ -250,12 +255,12 @@ def _ctl(args: argparse.Namespace) -> int:
 
     action = args.action.replace("-", "_")
     params = {"factor": args.factor} if action == "reduce_lr" else {}
-    reply = request(args.url, "POST", f"/v1/runs/{args.run}/control", {"action": action, "params": params},
-                    token=_token(args))
+    reply = request(args.url, "POST", f"/v1/runs/{quote(args.run, safe='')}/control",
+                    {"action": action, "params": params}, token=_token(args))
     if args.json:
         _print_json({"run": args.run, "action": action, "params": params, **reply})
         return 0
-    Console().print(f"queued {action} for {args.run} (command {reply['command_id']}); it is carried out at the "
+    Console().print(f"queued {action} for {escape(args.run)} (command {reply['command_id']}); it is carried out at the "
                     "run's next step", highlight=False)
     return 0
 

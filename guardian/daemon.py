@@ -7,7 +7,6 @@ mode 0600) is required for control actions, and for everything when listening be
 
 from __future__ import annotations
 
-import copy
 import hmac
 import ipaddress
 import json
@@ -18,6 +17,7 @@ import secrets
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +29,12 @@ from prometheus_client import Histogram
 from guardian import wire
 from guardian.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.engine import Engine
-from guardian.exporter import GuardianCollector, RunTracker, RunView, exposition_pieces
+from guardian.exporter import GuardianCollector, KeyBudget, RunTracker, RunView, exposition_pieces
 from guardian.httpserver import HTTPServer, Reply, Request
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
 from guardian.ruleset import RuleSet
-from guardian.store import ReportWrite, Store
+from guardian.store import ReportWrite, Store, StoreError, move_aside
 
 log = logging.getLogger("guardian.daemon")
 DEFAULT_PORT = 8765
@@ -45,6 +45,13 @@ CONTROL_ACTIONS = {"stop", "rollback", "reduce_lr", "skip_update"}
 # report does, and with 1,000 runs saving every 5 s the saves alone wrote 4 MB/s and held replies up to a second.
 # After a crash the metrics events stored since the last save are replayed, so nothing is lost.
 STATE_SAVE_SECONDS = 60.0
+# Runs in memory: one silent this long, or ended this long ago, is saved and dropped (its next report reloads
+# it from the store); new runs (not in the store) are admitted at most NEW_RUNS_PER_MINUTE a minute.
+IDLE_RUN_SECONDS = 30 * 60.0
+ENDED_RUN_SECONDS = 5 * 60.0
+NEW_RUNS_PER_MINUTE = 600
+# A report body over this is judged in the thread pool, so the event loop keeps answering the others.
+INLINE_REPORT_BYTES = 256 * 1024
 
 
 def _first_save_due() -> float:
@@ -78,17 +85,26 @@ class RunState:
     tracker: RunTracker | None = None
     state_saved: float = field(default_factory=_first_save_due)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    evicted: bool = False
 
 
 class Guardian:
     """Runs, their engines and the store; thread-safe; knows nothing of HTTP."""
 
-    def __init__(self, store: Store, library: RuleLibrary, *, alert_actions: list[Mapping] | None = None) -> None:
+    def __init__(self, store: Store, library: RuleLibrary, *, alert_actions: list[Mapping] | None = None,
+                 idle_run_seconds: float = IDLE_RUN_SECONDS, ended_run_seconds: float = ENDED_RUN_SECONDS,
+                 new_runs_per_minute: int = NEW_RUNS_PER_MINUTE) -> None:
         self.store = store
         self.library = library
         self.alert_actions = alert_actions or []
         self._alerts_handled: set[tuple[str, str, int]] = set()
+        # written from the event loop and the pool threads: change them through `count`
         self.counters = {"events_ingested": 0, "events_duplicate": 0, "reports": 0, "reports_rejected": 0}
+        self._counters_lock = threading.Lock()
+        self.budget = KeyBudget()  # value keys the runs in memory may show in /metrics, together
+        self.idle_run_seconds, self.ended_run_seconds = idle_run_seconds, ended_run_seconds
+        self.new_runs_per_minute = new_runs_per_minute
+        self._new_runs: deque[float] = deque()  # when the new runs of the last minute arrived
         # from a report's arrival (body read) to its reply: parsing, the rules, the store; the daemon's own
         # share of a run's verdict latency (the rest is the network and the run's sender)
         self.report_seconds = Histogram(
@@ -112,8 +128,10 @@ class Guardian:
             ruleset = self.library.get(name)
             if ruleset is None:
                 raise wire.WireError(f"no rule set named '{name}'; available: {', '.join(self.library.names())}", 404)
+            if row is None:
+                self._admit_new_run()
             engine = Engine(ruleset)
-            state = RunState(run_id, name, engine, tracker=RunTracker(run_id, name))
+            state = RunState(run_id, name, engine, tracker=RunTracker(run_id, name, budget=self.budget))
             if row is not None:
                 state.last_seq, state.last_step, state.ended = row.last_seq, row.last_step, row.ended
                 since_seq = 0  # no state saved yet: replay every stored event
@@ -127,6 +145,52 @@ class Guardian:
                 self._catch_up(engine, run_id, since_seq)
             self._runs[run_id] = state
             return state
+
+    def _admit_new_run(self) -> None:
+        """Count a new run against the per-minute cap (call holding `self._lock`); 429 when it is spent."""
+        now = time.monotonic()
+        while self._new_runs and now - self._new_runs[0] >= 60.0:
+            self._new_runs.popleft()
+        if len(self._new_runs) >= self.new_runs_per_minute:
+            raise wire.WireError(f"too many new runs: {self.new_runs_per_minute} started in the last minute, the "
+                                 "most this daemon admits; retry this report in a minute (runs that reported "
+                                 "before are not limited)", 429)
+        self._new_runs.append(now)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of `counters` (thread-safe)."""
+        with self._counters_lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Save and drop from memory the runs silent for `idle_run_seconds` (ended: `ended_run_seconds`); their
+        next report reloads them from the store. Return how many were dropped."""
+        now = time.time() if now is None else now
+        with self._lock:
+            states = list(self._runs.values())
+        dropped = 0
+        for state in states:
+            if now - state.last_seen < (self.ended_run_seconds if state.ended else self.idle_run_seconds):
+                continue
+            if not state.lock.acquire(blocking=False):
+                continue  # a report is being answered: it is not idle
+            try:
+                if state.evicted or now - state.last_seen < (self.ended_run_seconds if state.ended
+                                                             else self.idle_run_seconds):
+                    continue
+                self._commit(state, {}, [], [], save_state=True)
+                state.evicted = True
+                with self._lock:
+                    if self._runs.get(state.id) is state:
+                        del self._runs[state.id]
+                if state.tracker is not None:
+                    state.tracker.release()
+                dropped += 1
+            finally:
+                state.lock.release()
+        if dropped:
+            log.info("%d idle or ended runs left memory (their state is in the store)", dropped)
+        return dropped
 
     def _catch_up(self, engine: Engine, run_id: str, since_seq: int) -> None:
         """Replay the stored metrics events after `since_seq` through `engine` (their decisions are stored)."""
@@ -153,6 +217,8 @@ class Guardian:
             with self._lock:
                 if self._runs.get(state.id) is state:
                     del self._runs[state.id]
+            if state.tracker is not None:
+                state.tracker.release()
             raise
         if save_state:
             state.state_saved = time.monotonic()
@@ -193,9 +259,10 @@ class Guardian:
             state.last_seq = max([state.last_seq] + [e["seq"] for e in new])
             state.last_seen = time.time()
             self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied)
-            self.counters["events_ingested"] += len(new)
-            self.counters["events_duplicate"] += len(report.events) - len(new)
-            self.counters["reports"] += 1
+            with self._counters_lock:
+                self.counters["events_ingested"] += len(new)
+                self.counters["events_duplicate"] += len(report.events) - len(new)
+                self.counters["reports"] += 1
             if decisions_since_step is not None:
                 decisions = self.store.decisions(report.run_id, since_step=decisions_since_step)
             return {"ack_seq": state.last_seq, "decided_through_step": state.last_step, "decisions": decisions,
@@ -249,6 +316,7 @@ class Guardian:
     def tick(self, now: float | None = None) -> None:
         """Feed `seconds_since_report` to every live run, so a `stalled` rule can fire."""
         now = time.time() if now is None else now
+        self.evict_idle(now)
         with self._lock:
             states = [s for s in self._runs.values() if not s.ended and s.last_step is not None]
         for state in states:
@@ -280,7 +348,7 @@ class Guardian:
                 view.stalled = view.rule_status.get("stalled") == "firing"
                 view.ended = state.ended
                 view.last_report = state.last_seen
-                views.append(copy.deepcopy(view))
+                views.append(view.copy())
         return views
 
     def health(self) -> dict[str, Any]:
@@ -288,7 +356,10 @@ class Guardian:
         statuses: dict[str, int] = {}
         for run in self.runs():
             statuses[run["status"]] = statuses.get(run["status"], 0) + 1
-        return {**self.counters, "store_size_bytes": self.store.size_bytes(), "runs": statuses,
+        with self._counters_lock:
+            counters = dict(self.counters)
+        return {**counters, "value_keys_dropped": self.budget.dropped,
+                "store_size_bytes": self.store.size_bytes(), "runs": statuses,
                 "reloads_ok": reloads.get(True, 0), "reloads_error": reloads.get(False, 0)}
 
     def runs(self) -> list[dict[str, Any]]:
@@ -299,7 +370,8 @@ class Guardian:
             with self._lock:
                 state = self._runs.get(row.id)
             status = {k: v.value for k, v in state.engine.rule_status().items()} if state else {}
-            stalled = status.get("stalled") == "firing"
+            # a run not in memory and silent this long was dropped as idle: it is stalled by any measure
+            stalled = status.get("stalled") == "firing" or (state is None and now - row.last_seen >= self.idle_run_seconds)
             phase = "ended" if row.ended else "stalled" if stalled else (
                 "firing" if "firing" in status.values() else "running")
             out.append({"id": row.id, "rules": row.rules, "status": phase, "last_step": row.last_step,
@@ -346,7 +418,9 @@ class _Routes:
         """Reports are answered on the event loop, and so are scrapes (rendered there a piece at a time, between
         reports); everything else (listings, control) in the thread pool."""
         path = request.target.split("?")[0].rstrip("/")
-        return (request.method, path) in (("POST", "/v1/report"), ("GET", "/metrics"))
+        if (request.method, path) == ("POST", "/v1/report"):
+            return len(request.body) <= INLINE_REPORT_BYTES  # a large one is judged in the pool, off the loop
+        return (request.method, path) == ("GET", "/metrics")
 
     @staticmethod
     def too_large(size: int) -> Reply:
@@ -367,7 +441,7 @@ class _Routes:
                                      f"(the token is in {self.token_path})", 401)
             return self._route(request, parts, parse_qs(url.query))
         except wire.WireError as exc:
-            self.core.counters["reports_rejected"] += method == "POST" and parts[-1:] == ["report"]
+            self.core.count("reports_rejected", method == "POST" and parts[-1:] == ["report"])
             return Reply(exc.status, wire.dumps({"error": str(exc)}))
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
             log.exception("error handling %s %s", method, request.target)
@@ -392,9 +466,7 @@ class _Routes:
         if method == "GET" and parts == ["v1", "runs"]:
             return _ok({"runs": core.runs()})
         if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "events":
-            kinds = tuple(query.get("kinds", [""])[0].split(",")) if query.get("kinds") else ()
-            return _ok({"events": core.store.events(parts[2], kinds), "decisions": core.store.decisions(parts[2]),
-                        "commands": core.store.commands(parts[2])})
+            return _ok(event_page(core.store, parts[2], query))
         if method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "control":
             message = wire.loads(request.body)
             params = message.get("params", {})
@@ -405,15 +477,39 @@ class _Routes:
             if not self._authorized(request):
                 raise wire.WireError("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
                                      "http_config.authorization.credentials_file)", 401)
-            try:
-                payload = json.loads(request.body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise wire.WireError(f"body is not valid JSON: {exc}") from None
-            return _ok({"queued": core.alerts(payload)})
+            return _ok({"queued": core.alerts(wire.parse_json(request.body))})
         if method == "GET" and parts == ["v1", "rules"]:
             return _ok({"rule_sets": core.library.names(), "errors": core.library.errors,
                         "reloads": core.store.reloads()})
         raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
+
+
+EVENTS_PAGE_DEFAULT = 1000
+EVENTS_PAGE_MAX = 10_000
+
+
+def event_page(store: Store, run_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
+    """One page of GET /v1/runs/{id}/events: the events after `since_seq` (at most `limit`, default 1000, at most
+    10,000; `kinds` a comma-separated filter), `next_since_seq` to ask for the next page with (null when this
+    was the last), and the run's decisions and commands."""
+    since_seq = _query_int(query, "since_seq", 0, 0, wire.MAX_SEQ)
+    limit = _query_int(query, "limit", EVENTS_PAGE_DEFAULT, 1, EVENTS_PAGE_MAX)
+    kinds = tuple(query["kinds"][0].split(",")) if query.get("kinds") else ()
+    if not set(kinds) <= set(wire.EVENT_KINDS):
+        raise wire.WireError(f"query parameter 'kinds' must be a comma-separated list of {', '.join(wire.EVENT_KINDS)}")
+    events = store.events(run_id, kinds, since_seq=since_seq, limit=limit)
+    more = len(events) == limit
+    return {"events": events, "next_since_seq": events[-1]["seq"] if more else None,
+            "decisions": store.decisions(run_id), "commands": store.commands(run_id)}
+
+
+def _query_int(query: dict[str, list[str]], name: str, default: int, low: int, high: int) -> int:
+    text = query.get(name, [""])[0]
+    if not text:
+        return default
+    if not text.isdigit() or len(text) > 16 or not low <= int(text) <= high:
+        raise wire.WireError(f"query parameter '{name}' must be an integer from {low} to {high}, got {text[:20]!r}")
+    return int(text)
 
 
 def _ok(body: dict[str, Any]) -> Reply:
@@ -456,13 +552,36 @@ def make_server(core: Guardian, host: str, port: int, token: str, token_path: Pa
                         **options)
 
 
+def open_store(state_dir: Path, *, fresh: bool = False) -> Store:
+    """The daemon's store in `state_dir`; StoreError (which file, what is wrong, what to do) when it is damaged.
+    With `fresh`, a damaged store is moved aside with a timestamp and an empty one started (a sound store is
+    kept: the flag can stay in a service file). Warns when a store is created in a state folder that was in
+    use before (its token is there): the old store may have been moved or deleted."""
+    path = state_dir / "guardian.db"
+    used_before = (state_dir / "token").exists()
+    try:
+        store = Store(path)
+    except StoreError as exc:
+        if not fresh:
+            raise
+        moved = move_aside(path)
+        log.warning("%s; moved it aside to %s and started an empty store", str(exc).split(";")[0], moved)
+        return Store(path)
+    if fresh:
+        log.warning("--fresh-store: %s is sound, so it is kept", path)
+    elif store.created and used_before:
+        log.warning("%s is new, but %s was used before (its token is there): runs stored earlier are not in it. "
+                    "If the store was moved, stop the daemon and put it back", path, state_dir)
+    return store
+
+
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
           alert_actions: Path | None = None, tick_seconds: float = 1.0, maintain_seconds: float = 600.0,
-          retain_days: float | None = None, ready: threading.Event | None = None) -> None:
-    """Run the daemon until SIGINT/SIGTERM."""
+          retain_days: float | None = None, ready: threading.Event | None = None, fresh_store: bool = False) -> None:
+    """Run the daemon until SIGINT/SIGTERM. `fresh_store` moves a damaged store aside and starts an empty one."""
     token_path = state_dir / "token"
+    store = open_store(state_dir, fresh=fresh_store)
     token = load_or_create_token(state_dir)
-    store = Store(state_dir / "guardian.db")
     library = RuleLibrary(rules_dir if rules_dir is not None else state_dir / "rules")
     actions_file = alert_actions or state_dir / "alert-actions.yaml"
     mappings = load_alert_actions(actions_file) if alert_actions or actions_file.exists() else []

@@ -21,7 +21,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardian.errors import LogFormatError
+from guardian import wire
+from guardian.errors import ConfigError, LogFormatError
+
+
+class StoreError(ConfigError):
+    """The store file cannot be used (truncated, not SQLite, unreadable): says which file and what to do."""
+
+
+def damaged_store_error(path: Path, exc: BaseException) -> StoreError:
+    return StoreError(
+        f"{path}: the daemon's store is unreadable ({exc}); it may be truncated or not a guardian store. "
+        f"Move it (and {path.name}-wal, {path.name}-shm) aside to keep it, or start with "
+        "`guardian serve --fresh-store`, which moves it aside with a timestamp and starts an empty store")
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a damaged store (and its -wal/-shm files) to `<name>.damaged-<UTC time>`; return the new path."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("-wal", "-shm", ""):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(target.with_name(target.name + suffix))
+    return target
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -91,10 +116,24 @@ class Store:
         self.metrics_kept = metrics_kept
         self.thin_every = thin_every
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.created = not self.path.exists()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._open()
+            # Listings and event pages read through a second, read-only connection: in WAL mode a reader never
+            # waits for the writer, so a large read does not hold up reports (and cannot write by mistake).
+            self._reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                           check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as exc:  # not a database, truncated, malformed
+            raise damaged_store_error(self.path, exc) from None
+        self._read_lock = threading.Lock()
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; fsync per checkpoint
         self._db.executescript(SCHEMA)
+        if self._db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("integrity check failed")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
         if "engine_state" in columns:  # a store from before run_states: move its states there (once: then NULL)
             seq = "engine_seq" if "engine_seq" in columns else "last_seq"
@@ -118,6 +157,11 @@ class Store:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A query on the read-only connection (sees every committed write)."""
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
     # ---- runs --------------------------------------------------------------------------------------
 
     def run(self, run_id: str) -> RunRow | None:
@@ -126,7 +170,7 @@ class Store:
 
     def runs(self) -> list[RunRow]:
         """Every run, newest first, without its engine state."""
-        return [_run_row(r) for r in self._query(_RUN_SELECT.format(state="NULL") + " ORDER BY r.last_seen DESC")]
+        return [_run_row(r) for r in self._read(_RUN_SELECT.format(state="NULL") + " ORDER BY r.last_seen DESC")]
 
     def pending_command_runs(self) -> set[str]:
         """The runs with commands not yet delivered."""
@@ -178,18 +222,18 @@ class Store:
             args.extend(kinds)
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
-        return [json.loads(row[0]) for row in self._query(sql, tuple(args))]
+        return [json.loads(row[0]) for row in self._read(sql, tuple(args))]
 
     def event_seqs(self, run_id: str) -> list[int]:
         return [row[0] for row in self._query("SELECT seq FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
 
     def decisions(self, run_id: str, limit: int = 10_000, since_step: int | None = None) -> list[dict[str, Any]]:
-        rows = self._query("SELECT body FROM decisions WHERE run_id = ? AND step >= ? ORDER BY id DESC LIMIT ?",
+        rows = self._read("SELECT body FROM decisions WHERE run_id = ? AND step >= ? ORDER BY id DESC LIMIT ?",
                            (run_id, -1 if since_step is None else since_step, limit))
         return [json.loads(row[0]) for row in reversed(rows)]
 
     def decision_counts(self) -> dict[str, int]:
-        return dict(self._query("SELECT run_id, COUNT(*) FROM decisions GROUP BY run_id"))
+        return dict(self._read("SELECT run_id, COUNT(*) FROM decisions GROUP BY run_id"))
 
     # ---- commands ----------------------------------------------------------------------------------
 
@@ -212,7 +256,7 @@ class Store:
         return [{"id": r[0], "action": r[1], "params": json.loads(r[2]), "source": r[3]} for r in rows]
 
     def commands(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT id, action, params, source, created, delivered, applied FROM commands "
+        rows = self._read("SELECT id, action, params, source, created, delivered, applied FROM commands "
                            "WHERE run_id = ? ORDER BY id", (run_id,))
         keys = ("id", "action", "params", "source", "created", "delivered", "applied")
         return [dict(zip(keys, (*r[:2], json.loads(r[2]), *r[3:]))) for r in rows]
@@ -262,6 +306,8 @@ class Store:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -271,8 +317,21 @@ _RUN_SELECT = ("SELECT r.id, r.rules, r.meta, r.first_seen, r.last_seen, r.last_
 
 
 def _run_row(row: tuple[Any, ...]) -> RunRow:
-    return RunRow(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
+    return RunRow(row[0], row[1], _meta(row[2]), row[3], row[4], row[5], row[6],
                   json.loads(row[9]) if row[9] else None, bool(row[7]), row[8])
+
+
+def _meta(text: str) -> dict[str, Any]:
+    """A run's stored meta; one a daemon before intake checks accepted (too deep, too large, lone surrogates)
+    reads as a note, so listing the runs never fails over it."""
+    try:
+        meta = json.loads(text)
+        if len(text) > wire.MAX_META_BYTES or not isinstance(meta, dict):
+            raise wire.WireError("too large")
+        wire.check_tree(meta, "meta", max_depth=8)
+        return meta
+    except (RecursionError, ValueError):  # WireError and JSONDecodeError are ValueErrors
+        return {"unreadable": f"stored meta of {len(text)} bytes is not valid (from an older daemon); ignored"}
 
 
 @contextmanager

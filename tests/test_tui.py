@@ -433,7 +433,7 @@ def test_daemon_source_fetches_a_runs_events_only_when_it_changed_and_survives_a
     assert str(run.loss) == "nan" and run.history["loss"][0] == 3.0
     assert run.decisions == (DecisionLine(2, "non_finite_loss", "critical", "skip_update", "loss is nan"),)
     source.snapshot()
-    assert fake.fetched == ["/v1/runs/r1/events"]  # unchanged: not fetched again
+    assert fake.fetched == ["/v1/runs/r1/events?since_seq=0&limit=1000"]  # unchanged: not fetched again
     fake.down = True
     stale = source.snapshot()
     assert stale.runs == (run,) and stale.error is not None and "Connection refused" in stale.error

@@ -25,6 +25,7 @@ from guardian import wire
 from guardian.client import DaemonError, request
 from guardian.engine import Engine, decision_from_dict
 from guardian.errors import GuardianError, RuleFileError
+from guardian.eventpages import pages
 from guardian.exporter import RunTracker
 from guardian.ruleset import RuleSet, load_rules
 
@@ -214,11 +215,13 @@ Fetch = Callable[..., dict[str, Any]]
 class DaemonSource:
     """Polls `GET /v1/runs` and each run's events.
 
-    The events endpoint answers with all of a run's stored events, so a run's events are fetched again only
-    when the run changed, and no more often than every `FETCH_COST_FACTOR` times the last fetch took (a
-    run of 100k steps is a large answer; this keeps the daemon and the screen responsive)."""
+    A run's events are read a page at a time from the last one seen (`since_seq`), at most `PAGES_PER_POLL`
+    pages a poll (a run of 100k steps catches up over a few polls); they are fetched again only when the run
+    changed, and no more often than every `FETCH_COST_FACTOR` times the last fetch took, which keeps the
+    daemon and the screen responsive."""
 
     FETCH_COST_FACTOR = 5.0
+    PAGES_PER_POLL = 5
 
     def __init__(self, url: str, token: str | None = None, *, timeout_seconds: float = 3.0,
                  fetch: Fetch = request, clock: Callable[[], float] = time.monotonic) -> None:
@@ -252,21 +255,24 @@ class DaemonSource:
         record = self._records.setdefault(run_id, RunRecord(run_id, decisions_from_events=False))
         changed = (row.get("last_seen"), row.get("last_step"), row.get("decisions"), row.get("status"))
         if self._seen.get(run_id) != changed and self.clock() >= self._next_fetch.get(run_id, 0.0):
-            self._fetch_events(record)
-            self._seen[run_id] = changed
+            if self._fetch_events(record):
+                self._seen[run_id] = changed
         meta = row.get("meta") or {}
         max_steps = meta.get("max_steps") if isinstance(meta.get("max_steps"), int) else None
         return record.snapshot(row.get("rule_status") or {}, status=str(row.get("status", "running")),
                                max_steps=max_steps, seconds_since_report=row.get("seconds_since_report"))
 
-    def _fetch_events(self, record: RunRecord) -> None:
+    def _fetch_events(self, record: RunRecord) -> bool:
+        """Read the run's new events; True when it is caught up (False: more pages wait for the next poll)."""
         started = self.clock()
-        data = self._get(f"/v1/runs/{quote(record.run_id, safe='')}/events")
-        for event in data.get("events", []):
-            record.apply(event)
+        data: dict[str, Any] = {}
+        for data in pages(self._get, record.run_id, since_seq=record.last_seq, max_pages=self.PAGES_PER_POLL):
+            for event in data.get("events", []):
+                record.apply(event)
         record.set_decisions(data.get("decisions", []))
         finished = self.clock()
         self._next_fetch[record.run_id] = finished + self.FETCH_COST_FACTOR * (finished - started)
+        return data.get("next_since_seq") is None
 
     def control(self, run_id: str, action: str, params: Mapping[str, Any]) -> int:
         """Queue an action for a run (as `guardian ctl` does); return the command's id."""
