@@ -47,7 +47,9 @@ CONTROL_ACTIONS = {"stop", "rollback", "reduce_lr", "skip_update"}
 STATE_SAVE_SECONDS = 60.0
 # Runs in memory: one silent this long, or ended this long ago, is saved and dropped (its next report reloads
 # it from the store); new runs (not in the store) are admitted at most NEW_RUNS_PER_MINUTE a minute.
-IDLE_RUN_SECONDS = 30 * 60.0
+# a live run silent this long leaves memory (its stall alert has fired for most of a day by then: a hung run must
+# keep alerting through a night); an ended one after a few minutes
+IDLE_RUN_SECONDS = 24 * 3600.0
 ENDED_RUN_SECONDS = 5 * 60.0
 NEW_RUNS_PER_MINUTE = 600
 # A report body over this is judged in the thread pool, so the event loop keeps answering the others.

@@ -445,20 +445,24 @@ class HTTPServer:
             self._pool_load -= 1
 
     @staticmethod
-    async def _assemble(reply: Reply, patience: float = 2.0) -> Reply:
+    async def _assemble(reply: Reply, patience: float = 2.0, slice_seconds: float = 0.02) -> Reply:
         """Produce a reply's body from its pieces, letting the requests that arrive meanwhile through, for
-        `patience` seconds at most: a loop saturated with reports would otherwise starve it (a /metrics
-        scrape took 16 s behind batched reports, past Prometheus' 10-s scrape timeout); then it finishes
-        in one go."""
+        `patience` seconds after every piece: a loop saturated with reports would otherwise starve it (a
+        /metrics scrape took 16 s behind batched reports, past Prometheus' 10-s scrape timeout); after that
+        it still lets them through every `slice_seconds`, so no report waits behind a long scrape for more
+        than that."""
         assert reply.pieces is not None
         body = []
         loop = asyncio.get_running_loop()
         give_up = loop.time() + patience
+        next_yield = 0.0
         try:
             for piece in reply.pieces:
                 body.append(piece)
-                if loop.time() < give_up:
+                now = loop.time()
+                if now < give_up or now >= next_yield:
                     await asyncio.sleep(0)
+                    next_yield = now + slice_seconds
         except Exception as exc:  # noqa: BLE001 - a failed rendering must not take the server down
             log.exception("error producing a reply")
             return error_reply(500, f"internal error: {exc}", close=False)
