@@ -111,13 +111,17 @@ def _check(token: str, path: Path) -> None:
 
 
 def _make_private_dir(state_dir: Path) -> None:
-    """Create the state folder with mode 0700; warn when an existing one is open to others."""
+    """Create the state folder with mode 0700, or make an existing one of ours so (one made by an older version
+    has the umask's 0755); warn when it is someone else's and open to others."""
     if not state_dir.exists():
         state_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
+    info = state_dir.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
         return
-    mode = stat.S_IMODE(state_dir.stat().st_mode)
-    if mode & 0o077:
+    if info.st_uid == os.getuid():
+        os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
+    else:
         log.warning("%s (the daemon's state: token and store) has mode %04o, open to other users; run chmod 700 %s",
                     state_dir, mode, state_dir)
 

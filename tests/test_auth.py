@@ -196,7 +196,8 @@ def test_the_token_file_is_private_refused_when_short_and_replaced_when_empty(
     assert len(token) >= 32 and (state / "token").read_text() == token + "\n"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700 and stat.S_IMODE((state / "token").stat().st_mode) == 0o600
     assert [p.name for p in state.iterdir()] == ["token"]  # no temporary file left behind
-    assert load_or_create_token(state) == token
+    state.chmod(0o755)  # as an older version made it
+    assert load_or_create_token(state) == token and stat.S_IMODE(state.stat().st_mode) == 0o700
     (state / "token").write_text("")  # a first start on a full disk left it empty
     fresh = load_or_create_token(state)
     assert len(fresh) >= 32 and fresh != token and (state / "token").read_text().strip() == fresh
