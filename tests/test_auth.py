@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from daemonkit import DaemonProcess
+from transformers import TrainerCallback
 
 from guardian import wire
 from guardian.client import DaemonError, DaemonLink, request
@@ -381,3 +382,43 @@ def test_request_says_what_answered_when_it_is_not_a_daemon() -> None:
             request(server.url, "POST", "/v1/report", report("r", []), token="t")
     finally:
         server.close()
+
+
+# ---- a real Trainer run: a crashed process resumed continues its run; a stranger with its id does not ---
+
+
+class _CrashAt(TrainerCallback):  # type: ignore[misc]
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise RuntimeError("the training process dies here")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_crashed_run_resumed_in_its_folder_continues_at_the_daemon(tmp_path: Path) -> None:
+    from guardian.callbacks import GuardianCallback
+    from guardian.tinyrun import TinyRun
+
+    daemon = DaemonProcess(tmp_path / "state").start()
+    out = tmp_path / "run"
+    try:
+        first = GuardianCallback(url=daemon.url, run_id="resumed", deadline_seconds=2.0)
+        with pytest.raises(RuntimeError, match="dies here"):
+            TinyRun(str(out), max_steps=30, eval_steps=0, save_steps=10).trainer([first, _CrashAt(15)]).train()
+        assert first.link is not None
+        first.link.close()  # what the dead process had sent; no `end`: the run is live at the daemon
+        stranger = GuardianCallback(url=daemon.url, run_id="resumed", deadline_seconds=0.2)  # another folder
+        TinyRun(str(tmp_path / "other"), max_steps=5, eval_steps=0).trainer([stranger]).train()
+        assert stranger.link is not None and "(403)" in stranger.link.last_error  # refused; trained all the same
+        again = GuardianCallback(url=daemon.url, run_id="resumed", deadline_seconds=2.0)
+        TinyRun(str(out), max_steps=30, eval_steps=0, save_steps=10).trainer([again]).train(
+            resume_from_checkpoint=True)
+        assert again.link is not None and again.link.failures == 0 and again.verdicts["local_fallback"] == 0
+        run = {r["id"]: r for r in request(daemon.url, "GET", "/v1/runs")["runs"]}["resumed"]
+        assert run["status"] == "ended" and run["last_step"] == 30
+        seqs = request(daemon.url, "GET", "/v1/runs/resumed/events")["events"]
+        assert [e["seq"] for e in seqs] == list(range(1, len(seqs) + 1))
+    finally:
+        daemon.stop()
