@@ -181,6 +181,8 @@ class Guardian:
         state = self._state(report.run_id, report.rules)
         with state.lock:
             bound = self._claim(state, run_key)
+            if bound is not None and state.key_hash is not None:
+                self._check_numbering(state, report.events)
             new = self._continuing(state, report.events)
             decisions: list[dict[str, Any]] = []
             applied: list[int] = []
@@ -237,6 +239,16 @@ class Guardian:
             raise wire.WireError(f"{RUN_KEY_HEADER} must be 32 to 200 printable ASCII characters without spaces; "
                                  "leave it out to have the daemon make one (the reply's run_key)")
         return given
+
+    @staticmethod
+    def _check_numbering(state: RunState, events: list[dict[str, Any]]) -> None:
+        """A new process taking over an ended run continues its numbering; events numbered from 1 again would
+        be taken for the earlier process's (acknowledged, never stored), so they are refused."""
+        first = min((e["seq"] for e in events), default=state.last_seq + 1)
+        if first <= state.last_seq:
+            raise wire.WireError(
+                f"run '{state.id}' was reported by an earlier process up to seq {state.last_seq}, and this report's "
+                f"events start at seq {first}: give this run its own run id", 409)
 
     @staticmethod
     def _continuing(state: RunState, events: list[dict[str, Any]]) -> list[dict[str, Any]]:

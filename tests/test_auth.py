@@ -120,6 +120,9 @@ def test_run_keys_survive_a_daemon_restart_and_an_ended_run_may_be_claimed_afres
         core.report(wire.Report("r", "default", {}, [{"seq": 2, "kind": "end", "step": 1}]), run_key=OTHER_KEY)
     assert refused.value.status == 403
     core.report(wire.Report("r", "default", {}, [{"seq": 2, "kind": "end", "step": 1}]), run_key=KEY)
+    with pytest.raises(wire.WireError, match="earlier process up to seq 2.*its own run id") as renumbered:
+        core.report(wire.Report("r", "default", {}, [{"seq": 1, "kind": "start", "step": 0}]), run_key=OTHER_KEY)
+    assert renumbered.value.status == 409  # numbered from 1 again: would be taken for the old process's events
     reply = core.report(wire.Report("r", "default", {}, [{"seq": 3, "kind": "start", "step": 1}]), run_key=OTHER_KEY)
     assert reply["run_key"] == OTHER_KEY and reply["ack_seq"] == 3  # ended: a new process took it over
     with pytest.raises(wire.WireError, match="another process"):
