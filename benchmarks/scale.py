@@ -179,7 +179,12 @@ def run_thread(runs: list[SimRun], port: int, end: float, stats: ThreadStats, pr
                timeout: float = 5.0) -> None:
     heap = [(r.t0 if r.rate else 0.0, i) for i, r in enumerate(runs)]
     heapq.heapify(heap)
-    headers = {"Content-Type": "application/json"}
+    from guardian.client import headers_for
+    from guardian.token import find_token
+
+    # writes need the daemon's token (found through GUARDIAN_HOME, set by DaemonProcess) and a run key: one
+    # for every simulated run (the first report of each binds it)
+    headers = headers_for(find_token()[0], "scale-benchmark-run-key-0123456789")
     while heap:
         due, i = heap[0]
         now = time.time()
@@ -1011,7 +1016,8 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
         for sim in sims:
             events, last, _ = sim.batch(step, time.time())
             message = json.loads(sim.body(events))
-            core.report(wire.parse_report(message), message.get("decisions_since_step"))
+            core.report(wire.parse_report(message), message.get("decisions_since_step"),
+                        run_key="scale-benchmark-run-key-0123456789")
             sim.started, sim.seq, sim.step = True, events[-1]["seq"], last
         if step % 50 == 0:
             current = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None

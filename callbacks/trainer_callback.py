@@ -42,6 +42,7 @@ from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.client import DaemonLink
 from guardian.doctor import preflight
 from guardian.engine import Decision, Engine, decision_from_dict
+from guardian.token import TOKEN_ENV, default_state_dir, find_token, token_path
 from guardian.errors import ConfigError
 from guardian.eventlog import EventLog
 from guardian.exporter import GuardianCollector, RunTracker, RunView
@@ -95,7 +96,9 @@ class GuardianCallback(TrainerCallback):
             embedded only).
         run_id: the run's id at the daemon (default: from the output folder; stable across resumes).
         rule_set: the name of the daemon's rule set for this run.
-        token: the daemon's token, needed when it listens beyond loopback (default: `GUARDIAN_TOKEN`).
+        token: the daemon's token, needed for every report (default: `GUARDIAN_TOKEN`, else the daemon's
+            token file `$GUARDIAN_HOME/token`, i.e. `~/.guardian/token`, readable when the run's user started
+            the daemon).
         deadline_seconds: the longest a step waits for the daemon's verdict on the previous step.
         metrics_port: serve Prometheus metrics for this run on 127.0.0.1:PORT (embedded mode; the daemon
             serves them at its own /metrics otherwise).
@@ -140,7 +143,7 @@ class GuardianCallback(TrainerCallback):
         self.url = url if url is not None else os.environ.get("GUARDIAN_URL") or None
         self.run_id = run_id
         self.rule_set = rule_set
-        self.token = token if token is not None else os.environ.get("GUARDIAN_TOKEN") or None
+        self.token = token or None  # else found when the run starts (see `_daemon_token`)
         self.deadline_seconds = deadline_seconds
         self.metrics_port = metrics_port
         self.system_every_seconds = system_every_seconds
@@ -224,8 +227,9 @@ class GuardianCallback(TrainerCallback):
             self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
             meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
                     "host": socket.gethostname(), "pid": os.getpid()}
+            self.token = self.token or _daemon_token(self.url)
             self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
-                                   spool=events_path)
+                                   spool=events_path, run_key_dir=events_path.parent)
             log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
         self._output_dir = os.path.abspath(args.output_dir)
         self._resume(args, state)
@@ -585,6 +589,17 @@ class GuardianCallback(TrainerCallback):
         self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
         self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
+
+
+def _daemon_token(url: str) -> str | None:
+    """`GUARDIAN_TOKEN`, else the daemon's token file; None (said loudly: the daemon refuses every report
+    without it) when neither is there. Training goes on either way, with local verdicts."""
+    token, where = find_token()
+    if token is None:
+        log.warning("Guardian: no token for the daemon at %s: %s. The daemon refuses reports without it, so this "
+                    "run's steps are judged locally only. Set %s, or GUARDIAN_HOME to the daemon's state folder "
+                    "(its token file is %s)", url, where, TOKEN_ENV, token_path(default_state_dir()))
+    return token
 
 
 def _run_dirs_of(checkpoint: str) -> list[Path]:

@@ -630,7 +630,7 @@ def attach(output_dir: Path, ruleset: RuleSet, *, once: bool = False, linger_sec
         meta = {"output_dir": os.path.abspath(output_dir), "host": socket.gethostname(), "attached": True,
                 "pid": pid}
         link = DaemonLink(url, run_id, rules=rule_set, meta=meta, token=token,
-                          spool=output_dir / "guardian" / "events.jsonl")
+                          spool=output_dir / "guardian" / "events.jsonl", run_key_dir=output_dir / "guardian")
         print(f"attach: reporting run {run_id} to {url}", file=out, flush=True)
     sink = EventSink(output_dir / "guardian" / "events.jsonl", link)
     follower = Follower(output_dir, ruleset, sink, policy=policy, quiet_steps=quiet_steps, out=out)

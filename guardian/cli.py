@@ -165,7 +165,9 @@ def _print_json(data: object) -> None:
 
 
 def _default_state_dir() -> Path:
-    return Path(os.environ.get("GUARDIAN_HOME", Path.home() / ".guardian"))
+    from guardian.token import default_state_dir
+
+    return default_state_dir()
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -176,10 +178,10 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    if args.token:
-        return str(args.token)
-    path = _default_state_dir() / "token"
-    return path.read_text().strip() if path.is_file() else None
+    """--token, else $GUARDIAN_TOKEN, else the daemon's token file in $GUARDIAN_HOME (or ~/.guardian)."""
+    from guardian.token import find_token
+
+    return str(args.token) if args.token else find_token()[0]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -433,7 +435,8 @@ def _attach(args: argparse.Namespace) -> int:
 
     return attach(args.output_dir, load_rules(args.rules), once=args.once, linger_seconds=args.linger,
                   pid=args.pid, stop_signal=args.stop_signal, stop_on=args.stop_on, url=args.url,
-                  token=args.token, run_id=args.run_id, rule_set=args.rule_set, poll_seconds=args.poll_seconds,
+                  token=_token(args) if args.url else None, run_id=args.run_id, rule_set=args.rule_set,
+                  poll_seconds=args.poll_seconds,
                   quiet_steps=args.quiet_steps)
 
 

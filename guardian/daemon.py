@@ -2,18 +2,21 @@
 
 `Guardian` is the core (no HTTP): runs, their engines and the store. `serve()` wires it to an HTTP server,
 the rule-file watcher and the stall ticker. Bind to loopback by default; a token (created on first start,
-mode 0600) is required for control actions, and for everything when listening beyond loopback.
+mode 0600, see guardian.token) is required for every write (reports, control, alerts), and for reads too when
+listening beyond loopback. A run id is bound to the key its first report carried (`X-Guardian-Run-Key`): later
+reports need the same key until the run has ended. A run's events are taken in seq order without gaps: a report
+that skips ahead is answered 409 with the `expected_seq`, and the sender resends from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -35,6 +38,9 @@ from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
 from guardian.ruleset import RuleSet
 from guardian.store import ReportWrite, Store, StoreError, move_aside
+from guardian.token import RUN_KEY_HEADER, load_or_create_token, new_run_key, token_path, valid_run_key
+
+__all__ = ["Guardian", "SeqGap", "load_or_create_token", "make_server", "serve"]
 
 log = logging.getLogger("guardian.daemon")
 DEFAULT_PORT = 8765
@@ -62,17 +68,17 @@ def _first_save_due() -> float:
     return time.monotonic() - random.uniform(0.0, STATE_SAVE_SECONDS)
 
 
-def load_or_create_token(state_dir: Path) -> str:
-    """The daemon's token, created on first start in `state_dir/token` with mode 0600."""
-    path = state_dir / "token"
-    if path.exists():
-        return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+class SeqGap(wire.WireError):
+    """A report whose events do not continue the run's sequence: answered 409 with the seq expected next."""
+
+    def __init__(self, run_id: str, first: int, expected: int) -> None:
+        super().__init__(f"run '{run_id}': events must continue from seq {expected} without gaps, got {first}; "
+                         f"resend from seq {expected}", 409)
+        self.expected_seq = expected
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass
@@ -84,6 +90,7 @@ class RunState:
     last_step: int | None = None
     last_seen: float = field(default_factory=time.time)
     ended: bool = False
+    key_hash: str | None = None  # of the key its reports must carry (None: not bound yet)
     tracker: RunTracker | None = None
     state_saved: float = field(default_factory=_first_save_due)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -136,6 +143,7 @@ class Guardian:
             state = RunState(run_id, name, engine, tracker=RunTracker(run_id, name, budget=self.budget))
             if row is not None:
                 state.last_seq, state.last_step, state.ended = row.last_seq, row.last_step, row.ended
+                state.key_hash = self.store.run_key_hash(run_id)
                 since_seq = 0  # no state saved yet: replay every stored event
                 if row.engine_state:
                     try:
@@ -206,7 +214,8 @@ class Guardian:
         return decided or state.ended or time.monotonic() - state.state_saved >= STATE_SAVE_SECONDS
 
     def _commit(self, state: RunState, meta: dict[str, Any], events: list[dict[str, Any]],
-                decisions: list[dict[str, Any]], save_state: bool, applied: Sequence[int] = ()) -> None:
+                decisions: list[dict[str, Any]], save_state: bool, applied: Sequence[int] = (),
+                key_hash: str | None = None) -> None:
         """Store a run's new events, decisions and progress in one transaction (call holding `state.lock`).
 
         If that fails (a full or read-only disk), the run is dropped from memory and the error raised: nothing
@@ -214,7 +223,7 @@ class Guardian:
         engine_state = json.dumps(state.engine.state_dict()) if save_state else None
         try:
             self.store.commit(ReportWrite(state.id, state.rules, meta, events, decisions, engine_state,
-                                          state.last_seq, state.last_step, state.ended, list(applied)))
+                                          state.last_seq, state.last_step, state.ended, list(applied), key_hash))
         except Exception:
             with self._lock:
                 if self._runs.get(state.id) is state:
@@ -233,11 +242,16 @@ class Guardian:
             with state.lock:
                 self._commit(state, {}, [], [], save_state=True)
 
-    def report(self, report: wire.Report, decisions_since_step: int | None = None) -> dict[str, Any]:
-        """Ingest a report; return the reply body (ack, decisions, commands)."""
+    def report(self, report: wire.Report, decisions_since_step: int | None = None,
+               run_key: str | None = None) -> dict[str, Any]:
+        """Ingest a report sent with `run_key`; return the reply body (ack, decisions, commands, and `run_key`
+        when the report bound the run to a key)."""
         state = self._state(report.run_id, report.rules)
         with state.lock:
-            new = sorted((e for e in report.events if e["seq"] > state.last_seq), key=lambda e: e["seq"])
+            bound = self._claim(state, run_key)
+            if bound is not None and state.key_hash is not None:
+                self._check_numbering(state, report.events)
+            new = self._continuing(state, report.events)
             decisions: list[dict[str, Any]] = []
             applied: list[int] = []
             assert state.tracker is not None
@@ -258,17 +272,68 @@ class Guardian:
                 elif event["kind"] == "start":
                     state.ended = False
                     state.engine.clipped = event.get("clipped") is True  # rules' actions_when_clipped
-            state.last_seq = max([state.last_seq] + [e["seq"] for e in new])
+            state.last_seq = new[-1]["seq"] if new else state.last_seq
             state.last_seen = time.time()
-            self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied)
+            self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied,
+                         None if bound is None else _key_hash(bound))
+            if bound is not None:
+                state.key_hash = _key_hash(bound)
             with self._counters_lock:
                 self.counters["events_ingested"] += len(new)
-                self.counters["events_duplicate"] += len(report.events) - len(new)
+                self.counters["events_duplicate"] += len(report.events) - len(new)  # and those after a gap
                 self.counters["reports"] += 1
             if decisions_since_step is not None:
                 decisions = self.store.decisions(report.run_id, since_step=decisions_since_step)
-            return {"ack_seq": state.last_seq, "decided_through_step": state.last_step, "decisions": decisions,
-                    "commands": self._take_commands(report.run_id)}
+            reply = {"ack_seq": state.last_seq, "decided_through_step": state.last_step, "decisions": decisions,
+                     "commands": self._take_commands(report.run_id)}
+            return reply if bound is None else {**reply, "run_key": bound}
+
+    @staticmethod
+    def _claim(state: RunState, given: str | None) -> str | None:
+        """Check a report's run key (holding `state.lock`); return the key the run is bound to anew, if it is.
+
+        A run is bound to the key of its first report (the daemon makes one when none was sent); after that a
+        report without that key is refused (403) until the run has ended, when a new process may claim it."""
+        if given is not None and state.key_hash is not None and hmac.compare_digest(_key_hash(given), state.key_hash):
+            return None
+        if state.key_hash is not None and not state.ended:
+            why = "carries no run key" if given is None else "carries another run key"
+            raise wire.WireError(
+                f"run '{state.id}' is being reported by another process and this report {why} "
+                f"({RUN_KEY_HEADER}); give this run its own run id, or resume it from its output_dir (its key is "
+                "kept in <output_dir>/guardian/run_key)", 403)
+        if given is None:
+            return new_run_key()
+        if not valid_run_key(given):
+            raise wire.WireError(f"{RUN_KEY_HEADER} must be 32 to 200 printable ASCII characters without spaces; "
+                                 "leave it out to have the daemon make one (the reply's run_key)")
+        return given
+
+    @staticmethod
+    def _check_numbering(state: RunState, events: list[dict[str, Any]]) -> None:
+        """A new process taking over an ended run continues its numbering; events numbered from 1 again would
+        be taken for the earlier process's (acknowledged, never stored), so they are refused."""
+        first = min((e["seq"] for e in events), default=state.last_seq + 1)
+        if first <= state.last_seq:
+            raise wire.WireError(
+                f"run '{state.id}' was reported by an earlier process up to seq {state.last_seq}, and this report's "
+                f"events start at seq {first}: give this run its own run id", 409)
+
+    @staticmethod
+    def _continuing(state: RunState, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events that continue the run from `state.last_seq`, in seq order, each seq once; the ones before
+        a gap when there is one, and SeqGap when the very first new one leaves a gap."""
+        out: list[dict[str, Any]] = []
+        expected = state.last_seq + 1
+        for event in sorted((e for e in events if e["seq"] > state.last_seq), key=lambda e: e["seq"]):
+            if event["seq"] > expected:
+                if not out:
+                    raise SeqGap(state.id, event["seq"], expected)
+                break
+            if event["seq"] == expected:  # a second event with a seq already taken is a duplicate
+                out.append(event)
+                expected += 1
+        return out
 
     def _take_commands(self, run_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -433,18 +498,28 @@ class _Routes:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self.token.encode())
 
+    def _token_needed(self, parts: list[str]) -> str:
+        if parts == ["v1", "alerts"]:
+            return ("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
+                    f"http_config.authorization.credentials_file: {self.token_path})")
+        what = "every request" if self.require_token else "writes (reports, control, alerts)"
+        return (f"a valid token is required for {what}: send 'Authorization: Bearer <token>'; the token is in "
+                f"{self.token_path} (the callback, push and ctl read it from $GUARDIAN_TOKEN, else "
+                "$GUARDIAN_HOME/token)")
+
     def handle(self, request: Request) -> Reply:
         method, url = request.method, urlparse(request.target)
         parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
         try:
-            needs_token = self.require_token or (method == "POST" and parts[-1:] == ["control"])
-            if needs_token and not self._authorized(request):
-                raise wire.WireError("a valid token is required: send 'Authorization: Bearer <token>' "
-                                     f"(the token is in {self.token_path})", 401)
+            if (self.require_token or method not in ("GET", "HEAD")) and not self._authorized(request):
+                raise wire.WireError(self._token_needed(parts), 401)
             return self._route(request, parts, parse_qs(url.query))
         except wire.WireError as exc:
             self.core.count("reports_rejected", method == "POST" and parts[-1:] == ["report"])
-            return Reply(exc.status, wire.dumps({"error": str(exc)}))
+            body: dict[str, Any] = {"error": str(exc)}
+            if isinstance(exc, SeqGap):
+                body["expected_seq"] = exc.expected_seq
+            return Reply(exc.status, wire.dumps(body))
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
             log.exception("error handling %s %s", method, request.target)
             return Reply(500, wire.dumps({"error": f"internal error: {exc}"}))
@@ -462,7 +537,8 @@ class _Routes:
             started = time.perf_counter()
             message = wire.loads(request.body)
             since = message.get("decisions_since_step")
-            reply = _ok(core.report(wire.parse_report(message), since if isinstance(since, int) else None))
+            reply = _ok(core.report(wire.parse_report(message), since if isinstance(since, int) else None,
+                                    request.headers.get(RUN_KEY_HEADER.lower())))
             core.report_seconds.observe(time.perf_counter() - started)
             return reply
         if method == "GET" and parts == ["v1", "runs"]:
@@ -476,9 +552,6 @@ class _Routes:
                 raise wire.WireError("body must be {\"v\": 1, \"action\": \"stop|rollback|reduce_lr\", \"params\": {}}")
             return _ok({"command_id": core.control(parts[2], message["action"], params, source="ctl")})
         if method == "POST" and parts == ["v1", "alerts"]:
-            if not self._authorized(request):
-                raise wire.WireError("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
-                                     "http_config.authorization.credentials_file)", 401)
             return _ok({"queued": core.alerts(wire.parse_json(request.body))})
         if method == "GET" and parts == ["v1", "rules"]:
             return _ok({"rule_sets": core.library.names(), "errors": core.library.errors,
@@ -512,6 +585,14 @@ def _query_int(query: dict[str, list[str]], name: str, default: int, low: int, h
     if not text.isdigit() or len(text) > 16 or not low <= int(text) <= high:
         raise wire.WireError(f"query parameter '{name}' must be an integer from {low} to {high}, got {text[:20]!r}")
     return int(text)
+
+
+def _private(db: Path) -> None:
+    """The store's files readable by this user only (SQLite gives -wal and -shm files it makes later the mode of
+    the database file)."""
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            os.chmod(path, 0o600)
 
 
 def _ok(body: dict[str, Any]) -> Reply:
@@ -581,15 +662,16 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
           alert_actions: Path | None = None, tick_seconds: float = 1.0, maintain_seconds: float = 600.0,
           retain_days: float | None = None, ready: threading.Event | None = None, fresh_store: bool = False) -> None:
     """Run the daemon until SIGINT/SIGTERM. `fresh_store` moves a damaged store aside and starts an empty one."""
-    token_path = state_dir / "token"
-    store = open_store(state_dir, fresh=fresh_store)
+    token_path_ = token_path(state_dir)
+    store = open_store(state_dir, fresh=fresh_store)  # before the token: a new store in a used folder is warned of
     token = load_or_create_token(state_dir)
+    _private(store.path)
     library = RuleLibrary(rules_dir if rules_dir is not None else state_dir / "rules")
     actions_file = alert_actions or state_dir / "alert-actions.yaml"
     mappings = load_alert_actions(actions_file) if alert_actions or actions_file.exists() else []
     core = Guardian(store, library, alert_actions=mappings)
     library.watch()
-    server = make_server(core, host, port, token, token_path)
+    server = make_server(core, host, port, token, token_path_)
     server.metrics = metrics_endpoint(core)
     stopping = threading.Event()
 

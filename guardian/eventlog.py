@@ -43,12 +43,13 @@ class EventLog:
 
     def write(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any]:
         """Record an event; return it as written (with its `seq`, `kind` and `time`)."""
-        self.seq += 1
-        event = encode_value({"seq": self.seq, "kind": kind, "time": round(time.time(), 3), **payload})
+        seq = self.seq + 1
+        event = encode_value({"seq": seq, "kind": kind, "time": round(time.time(), 3), **payload})
         if self._file is not None:
             self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-            if flush:
-                self._file.flush()
+        self.seq = seq  # only once written: an event that was not leaves no gap (the daemon takes no seq after one)
+        if flush and self._file is not None:
+            self._file.flush()
         return dict(event)
 
     def flush(self) -> None:

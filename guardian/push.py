@@ -21,6 +21,7 @@ from guardian.attach import default_run_id
 from guardian.client import DaemonLink, request
 from guardian.errors import ConfigError, GuardianError
 from guardian.eventlog import read_events
+from guardian.token import find_token, load_or_create_run_key
 
 EVENTS = Path("guardian") / "events.jsonl"
 
@@ -61,10 +62,13 @@ def push(output_dir: str | os.PathLike[str], url: str, *, token: str | None = No
         raise ConfigError(f"{path}: no events in it")
     run_id = run_id or found_id or default_run_id(output_dir)
     rule_set = rule_set or found_rules or "default"
-    # one empty report first: a daemon that is down or a wrong token is told at once, not after the timeout
+    # one empty report first: a daemon that is down, a wrong token or a run another process holds (the run's
+    # key, kept beside the event file, is not the one it started with) is told at once, not after the timeout
+    key = load_or_create_run_key(path.parent)
+    token = token or find_token()[0]
     request(url, "POST", "/v1/report", {"run": {"id": run_id, "rules": rule_set, "meta": {}}, "events": []},
-            token=token)
-    link = DaemonLink(url, run_id, rules=rule_set, token=token, max_buffered=chunk + 1)
+            token=token, run_key=key)
+    link = DaemonLink(url, run_id, rules=rule_set, token=token, max_buffered=chunk + 1, run_key_dir=path.parent)
     deadline = time.monotonic() + timeout_seconds
     skipped, pending, top = 0, 0, 0
     try:

@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS runs (
 -- A run's rule state (~20 KB of detector windows) has a table of its own: the runs row is updated with every
 -- report, and carrying the state in it made each report's commit a third slower.
 CREATE TABLE IF NOT EXISTS run_states (run_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL);
+-- The hash of the key a run's sender holds (see Guardian.report): reports for the run must carry the key.
+CREATE TABLE IF NOT EXISTS run_keys (run_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step INTEGER, time REAL,
     body TEXT NOT NULL, PRIMARY KEY (run_id, seq)
@@ -105,6 +107,7 @@ class ReportWrite:
     last_step: int | None
     ended: bool
     applied: list[int] = field(default_factory=list)  # command ids the run reports as applied
+    key_hash: str | None = None  # the run's key was bound (anew) with this report; None: unchanged
 
 
 class Store:
@@ -206,7 +209,13 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO run_states (run_id, seq, state) VALUES (?, ?, ?)",
                            (w.run_id, w.last_seq, w.engine_state))
             db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(now, i) for i in w.applied])
+            if w.key_hash is not None:
+                db.execute("INSERT OR REPLACE INTO run_keys (run_id, key_hash) VALUES (?, ?)", (w.run_id, w.key_hash))
         return added
+
+    def run_key_hash(self, run_id: str) -> str | None:
+        rows = self._query("SELECT key_hash FROM run_keys WHERE run_id = ?", (run_id,))
+        return str(rows[0][0]) if rows else None
 
     def touch(self, run_id: str) -> None:
         with self._tx() as db:
@@ -298,7 +307,7 @@ class Store:
         with self._tx() as db:
             old = [r[0] for r in db.execute("SELECT id FROM runs WHERE last_seen < ?", (cutoff,)).fetchall()]
             for table, column in (("events", "run_id"), ("decisions", "run_id"), ("commands", "run_id"),
-                                  ("run_states", "run_id"), ("runs", "id")):
+                                  ("run_states", "run_id"), ("run_keys", "run_id"), ("runs", "id")):
                 db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(r,) for r in old])
         return len(old)
 

@@ -20,13 +20,17 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    """`guardian serve` in a child process, on a port of its own, with its state in `state_dir`."""
+    """`guardian serve` in a child process, on a port of its own, with its state in `state_dir`.
+
+    While it runs, GUARDIAN_HOME points at its state folder in this process, as it would for a user whose
+    daemon it is: callbacks and CLI calls made by the test find its token there."""
 
     def __init__(self, state_dir: Path, port: int | None = None, rules_dir: Path | None = None) -> None:
         self.state_dir, self.port, self.rules_dir = state_dir, port or free_port(), rules_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir / "daemon.log"
+        self._home: str | None = None
 
     def start(self) -> DaemonProcess:
         args = [sys.executable, "-m", "guardian.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir)]
@@ -35,6 +39,9 @@ class DaemonProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        if self._home is None:
+            self._home = os.environ.get("GUARDIAN_HOME", "")
+        os.environ["GUARDIAN_HOME"] = str(self.state_dir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -56,6 +63,12 @@ class DaemonProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        if self._home is not None:
+            if self._home:
+                os.environ["GUARDIAN_HOME"] = self._home
+            else:
+                os.environ.pop("GUARDIAN_HOME", None)
+            self._home = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -262,7 +262,8 @@ def test_attach_reports_to_the_daemon(tmp_path: Path) -> None:
         run.mkdir()
         shutil.copy(REAL_LOGS / "AolinGuo__graduate_agent__trainer_log.jsonl", run / "trainer_log.jsonl")
         result = subprocess.run([*GUARDIAN, "attach", str(run), "--once", "--url", daemon.url, "--run-id", "aolin"],
-                                capture_output=True, text=True, env=ENV, timeout=60)
+                                capture_output=True, text=True, timeout=60,
+                                env={**ENV, "GUARDIAN_HOME": str(daemon.state_dir)})  # where its token is
         assert result.returncode == 0, result.stdout + result.stderr
         runs = {r["id"]: r for r in request(daemon.url, "GET", "/v1/runs")["runs"]}
         assert runs["aolin"]["decisions"] == 1

@@ -14,15 +14,21 @@ import pytest
 from daemonkit import DaemonProcess, free_port
 
 from guardian import wire
-from guardian.client import DaemonError, request
+from guardian.client import DaemonError, headers_for, request
 from guardian.daemon import Guardian, _is_loopback, load_or_create_token, make_server
 from guardian.reload import RuleLibrary
 from guardian.store import Store
+from guardian.token import find_token
+
+
+# every report of these tests carries this run key (the first report of a run binds the run to it)
+RUN_KEY = "test-run-key-0123456789abcdefghijklmnop"
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[Guardian, str, str]]:
-    """An in-process daemon on a free loopback port: (core, url, token)."""
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Guardian, str, str]]:
+    """An in-process daemon on a free loopback port: (core, url, token); GUARDIAN_HOME is its state folder."""
+    monkeypatch.setenv("GUARDIAN_HOME", str(tmp_path))
     token = load_or_create_token(tmp_path)
     core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
     server = make_server(core, "127.0.0.1", 0, token, tmp_path / "token")
@@ -38,7 +44,8 @@ def metrics(seq: int, step: int, **values: float | str) -> dict[str, object]:
 
 
 def report(url: str, events: list[dict[str, object]], run: str = "r1", **extra: object) -> dict[str, object]:
-    return request(url, "POST", "/v1/report", {"run": {"id": run, "rules": "default"}, "events": events, **extra})
+    return request(url, "POST", "/v1/report", {"run": {"id": run, "rules": "default"}, "events": events, **extra},
+                   token=find_token()[0], run_key=RUN_KEY)
 
 
 def raw_post(url: str, body: bytes, path: str = "/v1/report") -> tuple[int, dict[str, object]]:
@@ -47,7 +54,7 @@ def raw_post(url: str, body: bytes, path: str = "/v1/report") -> tuple[int, dict
 
     parsed = urlparse(url)
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    conn.request("POST", path, body=body, headers=headers_for(find_token()[0], RUN_KEY))
     response = conn.getresponse()
     return response.status, json.loads(response.read())
 
@@ -159,7 +166,7 @@ def test_rule_state_survives_a_daemon_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / "g.db")
     first = Guardian(store, RuleLibrary(None))
     events = [metrics(i, i, loss=2.0 + 0.01 * (i % 3), grad_norm=1.0) for i in range(1, 40)]
-    first.report(wire.Report("r", "default", {}, events))
+    first.report(wire.Report("r", "default", {}, events), run_key=RUN_KEY)
     saved = first._state("r", "default").engine.state_dict()
     store.close()
     second = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
@@ -172,10 +179,10 @@ def test_rule_state_is_saved_now_and_then_and_a_crash_replays_the_rest(tmp_path:
     store = Store(tmp_path / "g.db")
     first = Guardian(store, RuleLibrary(None))
     steps = [metrics(i, i, loss=2.0 + 0.01 * (i % 3), grad_norm=1.0 + 0.01 * (i % 5)) for i in range(1, 80)]
-    first.report(wire.Report("r", "default", {}, steps[:30]))
+    first.report(wire.Report("r", "default", {}, steps[:30]), run_key=RUN_KEY)
     first.flush()
     for event in steps[30:]:  # one report per step, as a run sends them; none of them saves the state
-        first.report(wire.Report("r", "default", {}, [event]))
+        first.report(wire.Report("r", "default", {}, [event]), run_key=RUN_KEY)
     row = store.run("r")
     assert row is not None and (row.engine_seq, row.last_seq) == (30, 79)
     saved = first._state("r", "default").engine.state_dict()
@@ -195,13 +202,14 @@ def test_hot_reload_reaches_live_runs_and_keeps_the_last_good_rules(tmp_path: Pa
     core = Guardian(store, RuleLibrary(rules_dir, debounce_seconds=0.05))
     core.library.watch()
     try:
-        core.report(wire.Report("r", "mine", {}, [metrics(i, i, loss=1.0 + 0.01 * (i % 2)) for i in range(1, 11)]))
+        core.report(wire.Report("r", "mine", {}, [metrics(i, i, loss=1.0 + 0.01 * (i % 2)) for i in range(1, 11)]),
+                    run_key=RUN_KEY)
         spike_state = core._state("r", "mine").engine.state_dict()["rules"]["spike"]
         (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n" + spike + high.replace("THRESHOLD", "5"))
         _wait(lambda: core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0)
         engine = core._state("r", "mine").engine
         assert engine.state_dict()["rules"]["spike"] == spike_state  # unchanged rule kept its state
-        reply = core.report(wire.Report("r", "mine", {}, [metrics(11, 11, loss=6.0)]))
+        reply = core.report(wire.Report("r", "mine", {}, [metrics(11, 11, loss=6.0)]), run_key=RUN_KEY)
         assert "high" in [d["rule"] for d in reply["decisions"]]
 
         (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n  - name: broken\n    detector: {kind: nope}\n")
@@ -265,8 +273,8 @@ def test_cli_talks_to_a_real_daemon_process(tmp_path: Path) -> None:
 def test_store_growth_is_bounded(tmp_path: Path) -> None:
     store = Store(tmp_path / "g.db", metrics_kept=100, thin_every=10)
     core = Guardian(store, RuleLibrary(None))
-    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=1.0) for i in range(1, 301)]))
-    core.report(wire.Report("r", "default", {}, [{"seq": 301, "kind": "end", "step": 300}]))
+    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=1.0) for i in range(1, 301)]), run_key=RUN_KEY)
+    core.report(wire.Report("r", "default", {}, [{"seq": 301, "kind": "end", "step": 300}]), run_key=RUN_KEY)
     core.maintain(retain_days=None)
     seqs = store.event_seqs("r")
     old, recent = [s for s in seqs if s <= 200], [s for s in seqs if s > 200]
@@ -283,7 +291,7 @@ def test_replay_of_a_stored_run_and_of_guardian_events(tmp_path: Path) -> None:
     store = Store(tmp_path / "state" / "guardian.db")
     core = Guardian(store, RuleLibrary(None))
     events = [metrics(i, i, loss=1.0, grad_norm=0.5) for i in range(1, 20)] + [metrics(20, 20, loss="inf")]
-    core.report(wire.Report("stored", "default", {}, events))
+    core.report(wire.Report("stored", "default", {}, events), run_key=RUN_KEY)
     assert [d.rule for d in replay_stored(tmp_path / "state", "stored", load_rules()).decisions] == ["non_finite_loss"]
     log = tmp_path / "run" / "guardian" / "events.jsonl"
     log.parent.mkdir(parents=True)
@@ -309,11 +317,12 @@ def test_real_messages_follow_the_published_schema(daemon: tuple[Guardian, str, 
     events = [metrics(i, i, loss=2.0, grad_norm=1.0) for i in range(1, 5)] + [metrics(5, 5, loss="nan", grad_norm="inf")]
     body = {"v": 1, "run": {"id": "s", "rules": "default", "meta": {}}, "events": events}
     check("report", body)
-    request(url, "POST", "/v1/report", {k: v for k, v in body.items() if k != "v"})
+    request(url, "POST", "/v1/report", {k: v for k, v in body.items() if k != "v"}, token=token, run_key=RUN_KEY)
     control = {"v": 1, "action": "reduce_lr", "params": {"factor": 0.5}}
     check("control", control)
     request(url, "POST", "/v1/runs/s/control", {"action": "reduce_lr", "params": {"factor": 0.5}}, token=token)
-    reply = request(url, "POST", "/v1/report", {"run": {"id": "s"}, "events": [], "decisions_since_step": 0})
+    reply = request(url, "POST", "/v1/report", {"run": {"id": "s"}, "events": [], "decisions_since_step": 0},
+                    token=token, run_key=RUN_KEY)
     check("reply", reply)
     assert reply["decisions"] and reply["commands"]
     with pytest.raises(jsonschema.ValidationError):
@@ -325,13 +334,13 @@ def test_a_report_the_store_cannot_take_is_not_acknowledged_and_its_resend_is_st
 
     store = Store(tmp_path / "g.db")
     core = Guardian(store, RuleLibrary(None))
-    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=2.0) for i in range(1, 6)]))
+    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=2.0) for i in range(1, 6)]), run_key=RUN_KEY)
     store._db.execute("PRAGMA query_only = 1")  # the disk refuses writes (full, read-only, ...)
     lost = [metrics(i, i, loss=2.0) for i in range(6, 9)]
     with pytest.raises(sqlite3.OperationalError):
-        core.report(wire.Report("r", "default", {}, lost))
+        core.report(wire.Report("r", "default", {}, lost), run_key=RUN_KEY)
     store._db.execute("PRAGMA query_only = 0")
-    reply = core.report(wire.Report("r", "default", {}, lost))  # the client resends what was not acknowledged
+    reply = core.report(wire.Report("r", "default", {}, lost), run_key=RUN_KEY)  # the client resends what it lost
     assert reply["ack_seq"] == 8
     assert store.event_seqs("r") == list(range(1, 9))
     assert core.counters["events_ingested"] == 8  # counted when stored: the failed attempt is not
@@ -375,8 +384,8 @@ def test_pacing_waits_longer_and_sends_less_while_the_daemon_is_slow() -> None:
 def test_a_sender_facing_a_stalled_daemon_backs_off_then_delivers_everything_once(daemon: tuple[Guardian, str, str]) -> None:
     from guardian.client import DaemonLink
 
-    core, url, _ = daemon
-    link = DaemonLink(url, "slow", timeout_seconds=0.3, batch_size=100)
+    core, url, token = daemon
+    link = DaemonLink(url, "slow", timeout_seconds=0.3, batch_size=100, token=token)
     try:
         with core.store._lock:  # the daemon's event loop stalls on its store, as under a flood of reports
             for seq in range(1, 101):

@@ -95,7 +95,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             {"seq": 1, "kind": "metrics", "step": 1, "phase": "train", "values": {"loss": 2.0}},
             {"seq": 2, "kind": "system", "step": 1, "rank": 0, "gpus": [
                 {"gpu": 0, "memory_used_bytes": 6.2e10, "memory_total_bytes": 8.5e10, "utilization_ratio": 0.93,
-                 "temperature_celsius": 61.0, "power_watts": 512.0}]}]})
+                 "temperature_celsius": 61.0, "power_watts": 512.0}]}]}, token=daemon.token)
         _wait(lambda: _query(prom_url, 'guardian_gpu_memory_used_bytes{run_id="gpu-node"}'), 30, tmp / "prometheus.log")
         time.sleep(3)  # a few more scrapes, so rates and increases have two points
         yield {"prometheus": prom_url, "daemon": daemon, "guardian": guardian}

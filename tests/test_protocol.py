@@ -26,6 +26,8 @@ from guardian.store import Store
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Guardian, int]]:
     tmp = tmp_path_factory.mktemp("protocol")
+    (tmp / "token").write_text(TOKEN)
+    (tmp / "token").chmod(0o600)
     core = Guardian(Store(tmp / "guardian.db"), RuleLibrary(tmp / "rules"))
     server = make_server(core, "127.0.0.1", 0, load_or_create_token(tmp), tmp / "token")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -62,8 +64,12 @@ def body_of(reply: bytes) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
+TOKEN = "protocol-test-token-0123456789abcdefghij"
+AUTH = (f"Authorization: Bearer {TOKEN}", f"X-Guardian-Run-Key: {TOKEN}")  # writes need the token (and a run key)
+
+
 def post(path: str, body: bytes, *headers: str, version: str = "HTTP/1.1") -> bytes:
-    lines = [f"POST {path} {version}", "Host: 127.0.0.1", "Content-Type: application/json", *headers]
+    lines = [f"POST {path} {version}", "Host: 127.0.0.1", "Content-Type: application/json", *AUTH, *headers]
     if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
