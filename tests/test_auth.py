@@ -162,6 +162,8 @@ def test_a_jump_to_the_largest_seq_does_not_freeze_the_run(daemon: tuple[Guardia
     core, url, token = daemon
     assert raw(url, "POST", "/v1/report", report("r", [metrics(1, 1, loss=1.0)]), auth(token))[0] == 200
     status, body = raw(url, "POST", "/v1/report", report("r", [metrics(2**63 - 1, 2, loss=1.0)]), auth(token))
+    assert status == 400 and "seq" in body["error"]  # beyond the wire's bound (2^53 - 1) at intake
+    status, body = raw(url, "POST", "/v1/report", report("r", [metrics(2**53 - 1, 2, loss=1.0)]), auth(token))
     assert status == 409 and body["expected_seq"] == 2 and "resend from seq 2" in body["error"]
     status, body = raw(url, "POST", "/v1/report",
                        report("r", [metrics(2, 2, loss=1.0), metrics(3, 3, loss="nan"), metrics(9, 9, loss=1.0)]),

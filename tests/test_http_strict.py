@@ -34,11 +34,17 @@ REPORT = json.dumps({"v": 1, "run": {"id": "strict"}, "events": [
     {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 1.0}}]}).encode()
 
 
+TOKEN = "strict-test-token-0123456789abcdefghijkl"
+AUTH = (f"Authorization: Bearer {TOKEN}", f"X-Guardian-Run-Key: {TOKEN}")  # every write needs the token, a run its key
+
+
 @pytest.fixture(scope="module")
 def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """The daemon's server with small timeouts."""
     tmp = tmp_path_factory.mktemp("strict")
     core = Guardian(Store(tmp / "guardian.db"), RuleLibrary(tmp / "rules"))
+    (tmp / "token").write_text(TOKEN + "\n")
+    (tmp / "token").chmod(0o600)
     server = make_server(core, "127.0.0.1", 0, load_or_create_token(tmp), tmp / "token", **SMALL)
     with serving(server):
         yield int(server.server_address[1])
@@ -364,7 +370,7 @@ def test_100_continue_goes_to_http_1_1_clients_only(port: int) -> None:
     for version, continued in (("HTTP/1.1", True), ("HTTP/1.0", False)):
         with connect(port) as sock:
             sock.sendall(request("POST", "/v1/report", "Content-Type: application/json", "Expect: 100-continue",
-                                 f"Content-Length: {len(REPORT)}", version=version))
+                                 f"Content-Length: {len(REPORT)}", *AUTH, version=version))
             if continued:
                 assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
             sock.sendall(REPORT)
@@ -430,7 +436,7 @@ def test_browser_shaped_requests_are_refused(port: int, data: bytes, status: int
                                   "guardian.localhost"])
 def test_loopback_hosts_and_json_bodies_are_served(port: int, host: str) -> None:
     data = request("POST", "/v1/report", "Content-Type: Application/JSON; charset=utf-8", "Connection: close",
-                   body=REPORT, host=host)
+                   *AUTH, body=REPORT, host=host)
     (status, _, body), = replies(exchange(port, data))
     assert status == 200 and json.loads(body)["ack_seq"] == 1
 
