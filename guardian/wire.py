@@ -14,8 +14,12 @@ resend freely. Event kinds: `start`, `metrics` (phase train or eval), `system` (
     {"v": 1, "ack_seq": 17, "decided_through_step": 17,
      "decisions": [<Decision.to_dict()>...], "commands": [{"id": 3, "action": "stop", "params": {}}]}
 
-Errors are `{"v": 1, "error": "<what is wrong and what to do>"}` with status 400 (malformed), 401 (token),
-404, 413 (too large), 409 (unsupported version) or 429 (too many new runs). The JSON Schema:
+Every write carries `Authorization: Bearer <token>`, and a report its run's key in `X-Guardian-Run-Key` (the
+first report binds the run to it; the reply then carries `run_key`). Errors are
+`{"v": 1, "error": "<what is wrong and what to do>"}` with status 400 (malformed), 401 (no valid token), 403
+(another process's run, or a browser's request), 404, 408 (too slow), 409 (unsupported version; a seq gap,
+with `"expected_seq"` added: resend from there), 413 (too large), 415 (not JSON), 421 (a Host that is not
+loopback), 429 (too many new runs) or 503 (the daemon is full; retry). The JSON Schema:
 `guardian/schema/wire-v1.schema.json`.
 
 Bounds, checked at intake so that nothing stored can break a later listing or scrape: a body of at most 4 MiB
