@@ -20,9 +20,10 @@ from guardian.ruleset import RuleSet, default_rules_path, load_rules
 
 
 EXIT_CODES = """\
-exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, `doctor
---strict`: a warning, `demo`: the guarded run was not rescued, `run`: the restart budget ran out); 2 a usage or
-input error, an unreachable daemon or a refused request (the message says what to fix); 130 interrupted.
+exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, `doctor`:
+an error, or with --strict any warning, `demo`: the guarded run was not rescued, `run`: the restart budget ran
+out); 2 a usage or input error, an unreachable daemon or a refused request (the message says what to fix); 130
+interrupted.
 Commands that print tables take --json: the same facts as one JSON document on stdout (errors stay on stderr)."""
 
 
@@ -145,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-snapshots", action="store_true",
                         help="Guardian's in-memory snapshots are off (snapshot_every_steps=0 or a model too big)")
     doctor.add_argument("--dataset-size", type=int, help="training samples, to check the number of epochs")
-    doctor.add_argument("--strict", action="store_true", help="exit 1 if there is any warning or error")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 on any warning too (an error always does)")
+    doctor.add_argument("--method", help="training method when the file does not say (dpo, kto, ppo, grpo, sft, ...)")
     _json_arg(doctor)
     doctor.set_defaults(func=_doctor)
     _add_attach(sub)
@@ -492,13 +494,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
     advice = check_config(read_config(args.config), rules=load_rules(args.rules), world_size=args.world_size,
                           device=args.device, snapshots_enabled=not args.no_snapshots,
-                          dataset_size=args.dataset_size)
+                          dataset_size=args.dataset_size, method=args.method)
     if args.json:
         _print_json({"config": str(args.config), "advice": [a.to_dict() for a in advice]})
     else:
         render_advice(advice, Console(), title=str(args.config))
     serious = [a for a in advice if a.severity != "info"]
-    return 1 if args.strict and serious else 0
+    return 1 if any(a.severity == "error" for a in advice) or (args.strict and serious) else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Pre-flight: settings that make a run fragile, found before it starts (`guardian doctor`, and at train begin).
 
 The configuration is a dict of Hugging Face `TrainingArguments` fields (`args.to_dict()`, a saved JSON dump)
-or LLaMA-Factory YAML keys. A key that is missing takes the Trainer's default. The ranges are the ones the
-fine-tuning guides our users follow recommend (learning rate by fine-tuning type, warm-up, clipping, batch,
-LoRA rank/alpha/dropout, weight decay, epochs by dataset size).
+or LLaMA-Factory YAML keys. A key that is missing takes the Trainer's default (and LLaMA-Factory's own defaults
+for its keys: `finetuning_type` lora, `stage` sft). The ranges are the ones the fine-tuning guides our users follow
+recommend (learning rate by fine-tuning type and by method, warm-up, clipping, batch, LoRA rank/alpha/dropout,
+weight decay, epochs by dataset size). Library defaults and published recipes (weight_decay 0, lora_dropout 0,
+QLoRA's r 64 with alpha 16) are not findings. A learning rate is graded by how far it is out of its range.
 
 Pure Python: no torch or transformers import, so the check runs anywhere.
 """
@@ -33,8 +35,25 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0, "lr_scheduler_type": "linear", "use_cpu": False,
 }
 ALIASES = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "lora_rank": "lora_r"}
+# Learning rates by fine-tuning type, for supervised stages (pt, sft, rm) ...
 LR_RANGES = {"lora": (1e-4, 5e-4), "qlora": (2e-4, 1e-3), "full": (1e-5, 5e-5)}
+# ... and for preference and RL methods, which train near the reference model at far lower rates: TRL's DPOConfig
+# defaults to 1e-6 (full), LLaMA-Factory's DPO/KTO LoRA examples use 5e-6, its PPO LoRA example 1e-5.
+PREFERENCE_LR_RANGES = {"lora": (5e-6, 5e-5), "qlora": (5e-6, 5e-5), "full": (5e-7, 5e-6)}
 LR_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tuning"}
+METHOD_NAMES = {"dpo": "DPO", "kto": "KTO", "bco": "BCO", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO",
+                "orpo": "ORPO", "simpo": "SimPO", "cpo": "CPO", "xpo": "XPO", "nash_md": "Nash-MD"}
+PREFERENCE_METHODS = frozenset(METHOD_NAMES)
+# How far out of its range a learning rate may be before it is a warning, and (too high only) an error: a rate
+# too low wastes the run's time, one too high wrecks the weights.
+LR_NEAR_FACTOR, LR_FAR_FACTOR = 3.0, 30.0
+# Keys only LLaMA-Factory's configuration has: with any of them, an omitted finetuning_type means lora.
+LLAMA_FACTORY_KEYS = frozenset({"stage", "template", "lora_target", "cutoff_len", "quantization_bit", "plot_loss",
+                                "val_size", "dataset_dir", "pref_loss"})
+# Trainer and config class names (TRL's, LLaMA-Factory's subclasses of them) -> method; matched on the name's end.
+_METHOD_STEMS = {"dpo": "dpo", "kto": "kto", "bco": "bco", "ppo": "ppo", "ppov2": "ppo", "grpo": "grpo",
+                 "rloo": "rloo", "orpo": "orpo", "cpo": "cpo", "xpo": "xpo", "nashmd": "nash_md", "reward": "rm",
+                 "pairwise": "rm", "sft": "sft"}
 
 
 class Level(str, Enum):
@@ -101,7 +120,7 @@ def _parse(path: Path, text: str) -> Any:
 
 def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size: int = 1, device: str | None = None,
                  peft: Mapping[str, Any] | None = None, snapshots_enabled: bool = True,
-                 dataset_size: int | None = None) -> list[Advice]:
+                 dataset_size: int | None = None, method: str | None = None) -> list[Advice]:
     """Every finding about a run's settings, most serious first.
 
     Args:
@@ -113,12 +132,15 @@ def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size
             "lora_dropout": 0.05, "quantized": False}.
         snapshots_enabled: whether Guardian keeps in-memory snapshots (its first rollback source).
         dataset_size: training samples, when known, to judge the number of epochs.
+        method: the training method when known ("dpo", "kto", "ppo", "grpo", "sft", ...; see `method_of_trainer`);
+            None: LLaMA-Factory's `stage` (and `pref_loss`), else supervised fine-tuning.
     """
     cfg = _Config(config)
     ruleset = rules if rules is not None else load_rules()
     kind = finetuning_type(config, peft)
     found: list[Advice] = []
-    for check in (_learning_rate(cfg, kind), _warmup(cfg), _clipping(cfg), _precision(cfg, device),
+    rate = _learning_rate(cfg, kind, training_method(config, method))
+    for check in (rate, _warmup(cfg), _clipping(cfg), _precision(cfg, device),
                   _evaluation(cfg, ruleset), _rollback_source(cfg, ruleset, snapshots_enabled),
                   _rotation(cfg, ruleset, snapshots_enabled), _nan_filter(cfg), _batch(cfg, world_size),
                   _lora(cfg, kind, peft), _weight_decay(cfg), _epochs(cfg, dataset_size), _scheduler(cfg, ruleset)):
@@ -157,10 +179,13 @@ class _Config:
 
 
 def finetuning_type(config: Mapping[str, Any], peft: Mapping[str, Any] | None) -> str | None:
-    """lora, qlora, full, freeze or None (unknown), from LLaMA-Factory's keys or the live model's adapter."""
+    """lora, qlora, full, freeze or None (unknown), from LLaMA-Factory's keys, TRL's `use_peft`, or the live model's
+    adapter. LLaMA-Factory's default is lora; `quantization_bit` 4 or 8 (TRL: load_in_4bit/8bit) with LoRA is QLoRA."""
     quantized = bool(config.get("quantization_bit") or config.get("load_in_4bit") or config.get("load_in_8bit")
                      or (peft or {}).get("quantized"))
     declared = str(config.get("finetuning_type") or "").lower()
+    if not declared and (LLAMA_FACTORY_KEYS.intersection(config) or _truthy(config.get("use_peft"))):
+        declared = "lora"
     if declared in ("lora", "qlora"):
         return "qlora" if quantized or declared == "qlora" else "lora"
     if declared in ("full", "freeze"):
@@ -170,29 +195,86 @@ def finetuning_type(config: Mapping[str, Any], peft: Mapping[str, Any] | None) -
     return None
 
 
+def _truthy(value: Any) -> bool:
+    return value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+
+
+def training_method(config: Mapping[str, Any], method: str | None = None) -> str:
+    """The method the rates are judged for: `method` if given, else LLaMA-Factory's stage (dpo with pref_loss orpo
+    or simpo is that method), else sft."""
+    if method:
+        return method.strip().lower()
+    stage = str(config.get("stage") or "sft").strip().lower()
+    loss = str(config.get("pref_loss") or "").strip().lower()
+    return loss if stage == "dpo" and loss in ("orpo", "simpo") else stage
+
+
+def method_of_trainer(trainer: Any) -> str | None:
+    """The training method of a trainer, its class, its class name, or its TRL config (DPOConfig, ...):
+    "dpo", "kto", "bco", "ppo", "grpo", "rloo", "orpo", "cpo", "xpo", "nash_md", "rm", "sft", or None (a plain
+    `Trainer`, or one we do not know). Subclasses count as their base (LLaMA-Factory's CustomDPOTrainer is dpo)."""
+    if isinstance(trainer, str):
+        names = [trainer]
+    else:
+        cls = trainer if isinstance(trainer, type) else type(trainer)
+        names = [c.__name__ for c in getattr(cls, "__mro__", (cls,))]
+    for name in names:
+        lowered = name.strip().lower()
+        stem = next((lowered.removesuffix(end) for end in ("trainer", "config") if lowered.endswith(end)), None)
+        if not stem:
+            continue
+        for key in sorted(_METHOD_STEMS, key=len, reverse=True):
+            if stem.endswith(key):
+                return _METHOD_STEMS[key]
+    return None
+
+
 def _advice(level: Level, setting: str, value: Any, why: str, fix: str) -> list[Advice]:
     return [Advice(level, setting, value, why, fix)]
 
 
-def _learning_rate(cfg: _Config, kind: str | None) -> list[Advice]:
+def _learning_rate(cfg: _Config, kind: str | None, method: str) -> list[Advice]:
     lr = cfg.number("learning_rate")
-    if lr is None:
+    if lr is None or lr <= 0:
         return []
-    if kind not in LR_RANGES:
-        ranges = "; ".join(f"{LR_NAMES[k]} {_sci(lo)}–{_sci(hi)}" for k, (lo, hi) in LR_RANGES.items())
-        what = "freeze tuning" if kind == "freeze" else "the fine-tuning type is unknown"
-        return _advice(Level.INFO, "learning_rate", lr, f"{what}, so the rate was not checked against a range",
-                       f"usual ranges: {ranges}")
-    low, high = LR_RANGES[kind]
-    name = LR_NAMES[kind]
+    preference = method in PREFERENCE_METHODS
+    ranges = PREFERENCE_LR_RANGES if preference else LR_RANGES
+    prefix = f"{METHOD_NAMES[method]} with " if preference else ""
+    if kind in ranges:
+        low, high = ranges[kind]
+        return _rate_against(lr, low, high, prefix + LR_NAMES[kind])
+    # Unknown type (or freeze): only a rate outside every type's range is sure to be wrong.
+    low, high = min(lo for lo, _ in ranges.values()), max(hi for _, hi in ranges.values())
+    what = "freeze tuning" if kind == "freeze" else "the fine-tuning type is unknown"
+    found = _rate_against(lr, low, high, f"{prefix}any fine-tuning type")
+    if found:
+        return found
+    usual = "; ".join(f"{prefix}{LR_NAMES[k]} {_sci(lo)}–{_sci(hi)}" for k, (lo, hi) in ranges.items())
+    return _advice(Level.INFO, "learning_rate", lr, f"{what}, so the rate was not checked against a range",
+                   f"usual ranges: {usual}")
+
+
+def _rate_against(lr: float, low: float, high: float, name: str) -> list[Advice]:
+    """Nothing inside low–high; a note within LR_NEAR_FACTOR of it; a warning beyond; above it, an error beyond
+    LR_FAR_FACTOR."""
     span = f"{_sci(low)}–{_sci(high)}"
     if lr < low:
-        return _advice(Level.WARNING, "learning_rate", lr, f"below the usual {span} for {name}: the run learns "
-                       "slowly and may look like a plateau", f"raise it to {span}")
+        factor = low / lr
+        level = Level.INFO if factor <= LR_NEAR_FACTOR else Level.WARNING
+        return _advice(level, "learning_rate", lr, f"below the usual {span} for {name} ({_times(factor)}): the run "
+                       "learns slowly and may look like a plateau", f"raise it to {span}")
     if lr > high:
-        return _advice(Level.WARNING, "learning_rate", lr, f"above the usual {span} for {name}: spikes, "
+        factor = lr / high
+        level = (Level.INFO if factor <= LR_NEAR_FACTOR else Level.WARNING if factor <= LR_FAR_FACTOR
+                 else Level.ERROR)
+        return _advice(level, "learning_rate", lr, f"above the usual {span} for {name} ({_times(factor)}): spikes, "
                        "gradient explosions and NaN are likelier", f"lower it to {span}")
     return []
+
+
+def _times(factor: float) -> str:
+    """4.2x, 180x."""
+    return f"{factor:.1f}x" if factor < 10 else f"{factor:.0f}x"
 
 
 def _sci(value: float) -> str:
@@ -322,12 +404,13 @@ def _lora(cfg: _Config, kind: str | None, peft: Mapping[str, Any] | None) -> lis
     found: list[Advice] = []
     if not 8 <= rank <= 64:
         found += _advice(Level.INFO, "lora_rank", rank, "outside the usual r 8–64", "use a rank of 8–64")
-    if not 2 * rank <= alpha <= 4 * rank:
-        found += _advice(Level.INFO, "lora_alpha", alpha, f"outside 2–4 x the rank ({2 * rank:g}–{4 * rank:g}): "
+    # alpha from r/4 (QLoRA's r 64, alpha 16) through r (PEFT's default) and 2r (LLaMA-Factory's) to 4r
+    if not rank / 4 <= alpha <= 4 * rank:
+        found += _advice(Level.INFO, "lora_alpha", alpha, f"outside 0.25–4 x the rank ({rank / 4:g}–{4 * rank:g}): "
                          "the adapter's effective step size changes with alpha / r", f"set lora_alpha to {2 * rank:g}")
-    if not 0.05 <= dropout <= 0.1:
-        found += _advice(Level.INFO, "lora_dropout", dropout, "outside the usual 0.05–0.1",
-                         "set lora_dropout 0.05–0.1 (0.1–0.2 against overfitting)")
+    if dropout > 0.2:  # 0 is PEFT's and LLaMA-Factory's default
+        found += _advice(Level.INFO, "lora_dropout", dropout, "above the usual 0–0.1 (0.2 against overfitting)",
+                         "set lora_dropout 0.05–0.1")
     return found
 
 
@@ -340,10 +423,10 @@ def _first_number(*values: Any) -> float:
 
 def _weight_decay(cfg: _Config) -> list[Advice]:
     decay = cfg.number("weight_decay") or 0.0
-    if 0.01 <= decay <= 0.1:
+    if decay <= 0.1:  # 0 is the Trainer's default
         return []
-    return _advice(Level.INFO, "weight_decay", decay, "outside the usual 0.01–0.1",
-                   "use 0.01 (AdamW's default) to 0.1 (against overfitting)")
+    return _advice(Level.INFO, "weight_decay", decay, "above the usual 0–0.1: strong decay pulls fine-tuned weights "
+                   "back towards zero", "use 0 (the Trainer's default) to 0.1 (against overfitting)")
 
 
 def _epochs(cfg: _Config, dataset_size: int | None) -> list[Advice]:
@@ -370,10 +453,13 @@ def _scheduler(cfg: _Config, ruleset: RuleSet) -> list[Advice]:
 
 
 def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = False, snapshots_enabled: bool,
-              dataset_size: int | None = None) -> list[Advice]:
+              dataset_size: int | None = None, method: str | None = None) -> list[Advice]:
     """Check a live `TrainingArguments` and model; log every finding; with `strict`, refuse a risky run.
 
-    Raises ConfigError (strict only) when there is any warning or error."""
+    `method`: the training method (`method_of_trainer(trainer)`); None: read from the arguments' class (TRL's
+    DPOConfig, GRPOConfig, ...), else supervised fine-tuning. Raises ConfigError (strict only) when there is any
+    warning or error."""
+    method = method or method_of_trainer(args)
     config = dict(args.to_dict()) if hasattr(args, "to_dict") else dict(vars(args))
     peft = peft_info(model)
     if peft is None and model is not None and not config.get("finetuning_type"):
@@ -382,7 +468,7 @@ def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = Fa
         config["quantization_bit"] = config.get("quantization_bit") or 4
     device = "cpu" if config.get("use_cpu") else _device_type(args)
     advice = check_config(config, rules=rules, world_size=int(getattr(args, "world_size", 1) or 1), device=device,
-                          peft=peft, snapshots_enabled=snapshots_enabled, dataset_size=dataset_size)
+                          peft=peft, snapshots_enabled=snapshots_enabled, dataset_size=dataset_size, method=method)
     for item in advice:
         (log.info if item.severity is Level.INFO else log.warning)("Guardian pre-flight: %s", item)
     serious = [a for a in advice if a.severity is not Level.INFO]
