@@ -27,9 +27,9 @@ printed on one line and written, with the metrics, to `<output_dir>/guardian/eve
 
 On a resume the rules go back to their state just before the resume step (as an in-process Guardian
 restores its state from the checkpoint it resumes from), so the decisions from then on are the ones
-`guardian replay` gives on the whole log. Decisions already made about the abandoned steps stay in the
-event file, before the `start` event (with `"resumed": true`) that marks the resume. A daemon's engine is
-not rewound: it sees the observations in the order they came.
+`guardian replay` gives on the whole log (with the rules `for_log_interval` gives). Decisions already
+made about the abandoned steps stay in the event file, before the `start` event (with `"resumed": true`)
+that marks the resume. A daemon's engine is not rewound: it sees the observations in the order they came.
 
 What can be done from outside the training process, and what cannot:
 
@@ -661,8 +661,10 @@ class Follower:
         logged = {n for n in train if first <= n <= last}
         if len(logged) == last - first + 1:
             return None
-        if self.interval is not None and self.interval > 1:
-            return (f"the log covers only every {_ordinal(self.interval)} step, so steps {first}-{last} cannot "
+        steps = sorted(logged)
+        gaps = {b - a for a, b in zip(steps, steps[1:])} or {self.interval or 1}
+        if len(gaps) == 1 and min(gaps) > 1:  # a line every k steps, not a few lines lost
+            return (f"the log covers only every {_ordinal(min(gaps))} step, so steps {first}-{last} cannot "
                     f"all be known healthy (log every step, logging_steps: 1, for good checkpoints)")
         missing = next(n for n in range(first, last + 1) if n not in logged)
         return f"step {missing} is not in the log, so steps {first}-{last} cannot all be known healthy"
