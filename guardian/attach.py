@@ -13,16 +13,23 @@ run writes:
 The source is chosen when the first log appears: `trainer_log.jsonl` if it exists then (it is written at
 every logging step), else the checkpoints. Checkpoints are always watched, as resume points.
 
-Every observation goes through the rules (`--rules FILE`, default the shipped ones). Each decision is
+LLaMA-Factory's log has no grad_norm: each line takes its step's from the newest trainer_state.json in the
+output directory or a checkpoint (written at each save) when one already holds that step; live, the lines
+since the last save have none. The summary names the rules that could not fire for lack of a metric.
+
+Every observation goes through the rules (`--rules FILE`, default the shipped ones). Warm-ups that count
+observations (robust_zscore's `warmup_steps`, threshold's `relative_to_first_steps`) mean steps in-process,
+where every step is observed, but log lines here: from the second train line on (the log's interval known)
+they are scaled to last about as many steps (`for_log_interval`). Each decision is
 printed on one line and written, with the metrics, to `<output_dir>/guardian/events.jsonl` (kinds
 `metrics`, `decision`, `action`, `checkpoint`, `start`, `end`, each with `"source": "attach"`); with
 `--url` the same events stream to the daemon, so the run shows in `guardian runs` and on its /metrics.
 
 On a resume the rules go back to their state just before the resume step (as an in-process Guardian
 restores its state from the checkpoint it resumes from), so the decisions from then on are the ones
-`guardian replay` gives on the whole log. Decisions already made about the abandoned steps stay in the
-event file, before the `start` event (with `"resumed": true`) that marks the resume. A daemon's engine is
-not rewound: it sees the observations in the order they came.
+`guardian replay` gives on the whole log (with the rules `for_log_interval` gives). Decisions already
+made about the abandoned steps stay in the event file, before the `start` event (with `"resumed": true`)
+that marks the resume. A daemon's engine is not rewound: it sees the observations in the order they came.
 
 What can be done from outside the training process, and what cannot:
 
@@ -34,9 +41,12 @@ What can be done from outside the training process, and what cannot:
   are those of the rules named with `--stop-on RULE`, or by default every critical decision and every
   decision asking for stop or rollback. Without `--pid` nothing is ever signalled. The process ends
   without saving: the work since its last checkpoint is lost.
-* Good checkpoints: a checkpoint is marked good when no rule fired in the `--quiet-steps` steps (10) up
-  to its step: `checkpoint-N/guardian_good.json` is written, and `<output_dir>/guardian/
-  last_good_checkpoint` holds its path (both atomically). On a decision that calls for a stop, attach
+* Good checkpoints: a checkpoint is marked good when every step since the checkpoint before it (and at
+  least the `--quiet-steps` steps, 10, up to its step) has a train line in the log and no rule fired in
+  them: `checkpoint-N/guardian_good.json` is written, and `<output_dir>/guardian/last_good_checkpoint`
+  holds its path (both atomically). A log with a line every k > 1 steps cannot show the steps between
+  (their loss is averaged into the next line, NaNs left out): no checkpoint is marked good, and attach
+  says why. On a decision that calls for a stop, attach
   prints the newest good checkpoint from before the anomaly's onset, to restart with
   `--resume_from_checkpoint PATH`. It cannot keep `save_total_limit` rotation from deleting that
   checkpoint (the in-process callback hard-links good checkpoints to keep them).
@@ -49,6 +59,7 @@ What can be done from outside the training process, and what cannot:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -70,7 +81,7 @@ from guardian.client import DaemonLink
 from guardian.engine import Decision, Engine
 from guardian.errors import ConfigError, LogFormatError
 from guardian.eventlog import EventLog
-from guardian.logs import Observation, _Assembler, _jsonl_record, _parse_trainer_state
+from guardian.logs import TRAIN, Observation, _Assembler, _jsonl_record, _parse_trainer_state
 from guardian.ruleset import RuleSet, Severity
 
 JSONL = "trainer_log.jsonl"
@@ -79,6 +90,9 @@ GOOD_MARK = "guardian_good.json"
 LAST_GOOD = "last_good_checkpoint"
 SOURCE = "attach"
 _KIND_ORDER = {"train": 0, "eval": 1}
+# The warm-ups that count observations, by detector (the other warm-ups compare a step number).
+_WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "relative_to_first_steps"}
+MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
 
 
 def default_run_id(output_dir: str | os.PathLike[str]) -> str:
@@ -126,6 +140,40 @@ class JsonlTail:
             return rewritten, []  # a partial line stays on disk until its newline comes
         self.offset += end + 1
         return rewritten, [line.decode("utf-8", errors="replace") for line in data[:end].split(b"\n")]
+
+
+def for_log_interval(ruleset: RuleSet, interval: int) -> tuple[RuleSet, list[str]]:
+    """The rules as they apply to a log with a line every `interval` steps, and what changed.
+
+    A warm-up that counts observations means steps in-process (the callback observes every step) but log
+    lines here: at `logging_steps: 5` loss_spike's 20 would last 100 steps, longer than many short runs.
+    Such warm-ups become `warmup_steps / interval` lines (at least MIN_WARMUP_LINES, at most what they were),
+    so they last about as many steps as the rule says. Windows, consecutive counts and step-based warm-ups
+    are left as they are (on the real logs in the fixtures this changes no decision)."""
+    if interval <= 1:
+        return ruleset, []
+    rules, notes = [], []
+    for rule in ruleset.rules:
+        param = _WARMUPS_COUNT_OBSERVATIONS.get(rule.detector)
+        if param is not None:
+            warmup = int(getattr(rule.build_detector(), param))
+            lines = min(warmup, max(MIN_WARMUP_LINES, math.ceil(warmup / interval)))
+            if lines != warmup:
+                rule = dataclasses.replace(rule, params={**rule.params, param: lines})
+                notes.append(f"{rule.name} {warmup} -> {lines} lines ({lines * interval} steps)")
+        rules.append(rule)
+    return dataclasses.replace(ruleset, rules=tuple(rules)), notes
+
+
+def log_interval(observations: Iterable[Observation]) -> int | None:
+    """Steps between the first two train observations (the log's logging_steps), None before there are two."""
+    steps = [o.step for o in observations if o.kind == TRAIN][:2]
+    return steps[1] - steps[0] if len(steps) == 2 and steps[1] > steps[0] else None
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _order(obs: Observation) -> tuple[int, int]:
@@ -248,7 +296,9 @@ class Follower:
         self.output_dir = Path(os.path.abspath(output_dir))
         self.ruleset, self.sink, self.policy, self.quiet_steps = ruleset, sink, policy, quiet_steps
         self.out, self.kill = out or sys.stdout, kill
+        self.rules_in_use = ruleset  # the rules with warm-ups scaled to the log's interval, once it is known
         self.engine = Engine(ruleset)
+        self.interval: int | None = None  # steps between log lines
         self.source: str | None = None
         self.resumes = self.late = self.skipped_lines = 0
         self.signalled = False
@@ -261,6 +311,10 @@ class Follower:
         self._known: set[int] = set()  # checkpoint steps seen (judged or pending)
         self._pending: dict[int, Path] = {}
         self._good: list[tuple[int, Path]] = []
+        self._judged: list[int] = []  # checkpoint steps judged, good or not
+        self._grad_norms: dict[int, float] = {}  # step -> grad_norm from a trainer_state.json, for a jsonl log
+        self._grad_file: tuple[Path, tuple[int, int, int]] | None = None
+        self._grad_used: dict[int, float] = {}  # the grad norms given to the rules, by step
 
     # ---- views ------------------------------------------------------------------------------------------
 
@@ -319,6 +373,21 @@ class Follower:
         notes += [f"{self.skipped_lines} unreadable lines skipped"] if self.skipped_lines else []
         good = f"; last good checkpoint: {self.last_good}" if self.last_good else ""
         self._say(f"attach: {', '.join(notes)}{good}")
+        if self._grad_used and self._grad_file is not None:
+            self._say(f"attach: grad_norm for {len(self._grad_used)} of {sum(o.kind == TRAIN for o in self._fed)} "
+                      f"logged steps read from {self._grad_file[0].relative_to(self.output_dir)}")
+        for line in self.rules_that_cannot_fire():
+            self._say(line)
+
+    def rules_that_cannot_fire(self) -> list[str]:
+        """One line per missing metric: the rules that watch only metrics the log never gave."""
+        seen = {key for obs in self._fed for key in self._metrics(obs)}
+        lacking: dict[str, list[str]] = {}
+        for rule in self.rules_in_use.rules:
+            if seen.isdisjoint(rule.watches):
+                lacking.setdefault(", ".join(rule.watches), []).append(rule.name)
+        return [f"attach: cannot fire for lack of {metrics} in the log: {', '.join(names)}"
+                for metrics, names in lacking.items()]
 
     # ---- sources ----------------------------------------------------------------------------------------
 
@@ -336,6 +405,7 @@ class Follower:
                                  "rules": [r.name for r in self.ruleset.rules]}, flush=True)
 
     def _read_jsonl(self) -> None:
+        self._load_grad_norms()
         rewritten, lines = self._tail.read()
         if rewritten:
             self._say(f"{JSONL} was truncated or replaced: reading it again from the start")
@@ -369,6 +439,26 @@ class Follower:
             self.late += 1  # kept by the reader, but after later steps were fed: the rules saw their moment pass
             return
         self._feed(obs)
+
+    def _load_grad_norms(self) -> None:
+        """The grad norms in the newest trainer_state.json (the output directory's, or a checkpoint's), which
+        LLaMA-Factory writes beside its trainer_log.jsonl at every save; they join the lines of their steps."""
+        newest: tuple[int, Path, tuple[int, int, int]] | None = None
+        for path in self._state_files():
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if newest is None or st.st_mtime_ns > newest[0]:
+                newest = (st.st_mtime_ns, path, (st.st_ino, st.st_size, st.st_mtime_ns))
+        if newest is None or (self._grad_file is not None and self._grad_file == newest[1:]):
+            return
+        history, doc = self._state_history(newest[1])
+        if doc is None:
+            return  # half-written: read again on the next pass
+        self._grad_file = (newest[1], newest[2])
+        self._grad_norms = {o.step: o.metrics["grad_norm"] for o in history
+                            if o.kind == TRAIN and "grad_norm" in o.metrics}
 
     def _state_files(self) -> list[Path]:
         files = [p for p in self.output_dir.glob(f"checkpoint-*/{STATE}") if p.parent.name[11:].isdigit()]
@@ -425,14 +515,45 @@ class Follower:
 
     def _feed(self, obs: Observation) -> None:
         self._judge(obs.step - 1)  # checkpoints before this step are judged on what was known at their step
-        decisions = self.engine.observe(obs.step, obs.metrics)
+        if self.interval is None and obs.kind == TRAIN:
+            self._learn_interval(obs)
+        if self.source == JSONL and obs.kind == TRAIN and "grad_norm" not in obs.metrics:
+            self._grad_used.pop(obs.step, None)  # an abandoned run's, at the same step
+            grad = self._grad_norms.get(obs.step)
+            if grad is not None:
+                self._grad_used[obs.step] = grad
+        metrics = self._metrics(obs)
+        decisions = self.engine.observe(obs.step, metrics)
         self._fed.append(obs)
-        self.sink.emit("metrics", {"step": obs.step, "phase": obs.kind, "values": obs.metrics})
+        self.sink.emit("metrics", {"step": obs.step, "phase": obs.kind, "values": metrics})
         for decision in decisions:
             self._decided.append((len(self._fed) - 1, decision))
             self._report(decision)
         if decisions:
             self._act(obs.step, decisions)
+
+    def _metrics(self, obs: Observation) -> dict[str, float]:
+        """What the rules get for an observation: a jsonl line's metrics with the grad norm that a
+        trainer_state.json gave for its step (LLaMA-Factory's log has none)."""
+        grad = self._grad_used.get(obs.step) if obs.kind == TRAIN else None
+        return obs.metrics if grad is None or "grad_norm" in obs.metrics else {**obs.metrics, "grad_norm": grad}
+
+    def _learn_interval(self, obs: Observation) -> None:
+        """At the second train line: the log's interval; warm-ups that count lines are scaled to it, and the
+        rules see the first line again (no warm-up ends within it, so no decision about it changes)."""
+        interval = log_interval([*self._fed, obs])
+        if interval is None:
+            return
+        self.interval = interval
+        scaled, notes = for_log_interval(self.ruleset, interval)
+        if not notes:
+            return
+        self.rules_in_use = scaled
+        self.engine = Engine(scaled)
+        for earlier in self._fed:
+            self.engine.observe(earlier.step, self._metrics(earlier))
+        self._say(f"attach: the log has a line every {interval} steps; warm-ups that count lines are scaled to "
+                  f"last as many steps: {'; '.join(notes)}")
 
     def _resume(self, keep: int, step: int, why: str) -> None:
         """The run went back to `step`: the first `keep` observations stand, the rules return to their state."""
@@ -440,14 +561,15 @@ class Follower:
         dropped = sum(1 for i, _ in self._decided if i >= keep)
         self._fed = self._fed[:keep]
         self._decided = [(i, d) for i, d in self._decided if i < keep]
-        self.engine = Engine(self.ruleset)
+        self.engine = Engine(self.rules_in_use)
         for obs in self._fed:
-            self.engine.observe(obs.step, obs.metrics)
+            self.engine.observe(obs.step, self._metrics(obs))
         self.resumes += 1
         self.log_ended = False
         self._known = {n for n in self._known if n < step}
         self._pending = {n: p for n, p in self._pending.items() if n < step}
         self._good = [(n, p) for n, p in self._good if n < step]
+        self._judged = [n for n in self._judged if n < step]
         since = f"their state at step {self.last_step}" if self._fed else "scratch"
         extra = f"; {dropped} decisions made about the abandoned steps no longer count" if dropped else ""
         self._say(f"resume at step {step}: {why}; {replaced} observations from step {step} on are replaced and "
@@ -517,13 +639,37 @@ class Follower:
             folder = self._pending.pop(step)
             if not folder.is_dir() or not self._fed or self._fed[0].step > step:
                 continue  # rotated away already, or no log covers it
-            near = [d for _, d in self._decided if step - self.quiet_steps <= d.step <= step]
+            earlier = max((n for n in self._judged if n < step), default=0)
+            self._judged.append(step)
+            start = max(0, min(step - self.quiet_steps, earlier + 1))  # the quiet window, or since the last checkpoint
+            near = [d for _, d in self._decided if start <= d.step <= step]
+            gap = self._unlogged(max(start, 1), step)
             if near:
-                self._not_good(step, folder, near[-1])
+                self._not_good(step, folder, f"{near[-1].rule} fired at step {near[-1].step}", near[-1].rule)
+            elif gap is not None:
+                self._not_good(step, folder, gap, None)
             else:
-                self._mark_good(step, folder)
+                self._mark_good(step, folder, max(start, 1))
 
-    def _mark_good(self, step: int, folder: Path) -> None:
+    def _unlogged(self, first: int, last: int) -> str | None:
+        """Why the log cannot show steps `first`..`last` were healthy (some have no train line), or None.
+
+        A log line every k steps says nothing certain of the steps between (Trainer's logged loss is an
+        average, and NaN losses are left out of it), so a checkpoint is judged only on steps the log shows."""
+        train = [o.step for o in self._fed if o.kind == TRAIN]
+        first = max(first, train[0]) if train else first  # a log that starts later (a resumed run) from its start
+        logged = {n for n in train if first <= n <= last}
+        if len(logged) == last - first + 1:
+            return None
+        steps = sorted(logged)
+        gaps = {b - a for a, b in zip(steps, steps[1:])} or {self.interval or 1}
+        if len(gaps) == 1 and min(gaps) > 1:  # a line every k steps, not a few lines lost
+            return (f"the log covers only every {_ordinal(min(gaps))} step, so steps {first}-{last} cannot "
+                    f"all be known healthy (log every step, logging_steps: 1, for good checkpoints)")
+        missing = next(n for n in range(first, last + 1) if n not in logged)
+        return f"step {missing} is not in the log, so steps {first}-{last} cannot all be known healthy"
+
+    def _mark_good(self, step: int, folder: Path, start: int) -> None:
         mark = {"step": step, "path": str(folder), "quiet_steps": self.quiet_steps, "rules": self.ruleset.source,
                 "judged_through_step": self.last_step, "marked_by": "guardian attach", "time": round(time.time(), 3)}
         try:
@@ -533,15 +679,17 @@ class Follower:
             self._say(f"{folder.name}: could not mark it good ({exc})")
             return
         self._good.append((step, folder))
-        self._say(f"{folder.name} is good (no rule fired in steps {max(0, step - self.quiet_steps)}-{step}): "
+        self._say(f"{folder.name} is good (every step {start}-{step} logged, no rule fired): "
                   f"written to guardian/{LAST_GOOD}")
         self.sink.emit("checkpoint", {"step": step, "good": True, "path": str(folder)}, flush=True)
 
-    def _not_good(self, step: int, folder: Path, decision: Decision) -> None:
+    def _not_good(self, step: int, folder: Path, why: str, rule: str | None) -> None:
         (folder / GOOD_MARK).unlink(missing_ok=True)  # a mark left by an abandoned run's checkpoint
-        self._say(f"{folder.name} is not marked good: {decision.rule} fired at step {decision.step}")
-        self.sink.emit("checkpoint", {"step": step, "good": False, "path": str(folder), "rule": decision.rule},
-                       flush=True)
+        self._say(f"{folder.name} is not marked good: {why}")
+        record: dict[str, Any] = {"step": step, "good": False, "path": str(folder), "why": why}
+        if rule is not None:
+            record["rule"] = rule
+        self.sink.emit("checkpoint", record, flush=True)
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)

@@ -399,9 +399,10 @@ daemon with --url). Exits when the run has ended (last log line, max_steps reach
 What it can do from outside the training process:
   stop     only with --pid: sends --stop-signal once, on decisions of the --stop-on rules (default: every
            critical decision and every decision asking for stop or rollback); no --pid, no signal
-  mark     checkpoints with no decision in the --quiet-steps before them are marked good
-           (checkpoint-N/guardian_good.json, OUTPUT_DIR/guardian/last_good_checkpoint); on an anomaly it
-           prints the --resume_from_checkpoint to restart from
+  mark     checkpoints whose steps since the checkpoint before (at least --quiet-steps) are all logged, with
+           no decision, are marked good (checkpoint-N/guardian_good.json, OUTPUT_DIR/guardian/
+           last_good_checkpoint); a log with a line every k > 1 steps marks none; on an anomaly it prints
+           the --resume_from_checkpoint to restart from
 What it cannot do: skip_update, rollback, reduce_lr and restore_best need the Trainer's objects (use
 GuardianCallback); it sees an anomaly only once a log line or checkpoint shows it, and cannot keep
 save_total_limit from deleting the good checkpoint.
@@ -421,7 +422,7 @@ def _add_attach(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     attach.add_argument("--stop-on", action="append", default=[], metavar="RULE",
                         help="stop on this rule's decisions only (repeatable)")
     attach.add_argument("--quiet-steps", type=int, default=10,
-                        help="a checkpoint is good if no rule fired in this many steps up to it (default 10)")
+                        help="a checkpoint is good if no rule fired in at least this many steps up to it (default 10)")
     attach.add_argument("--poll-seconds", type=float, default=2.0,
                         help="re-scan this often even without file events (default 2)")
     attach.add_argument("--url", default=os.environ.get("GUARDIAN_URL") or None,

@@ -18,7 +18,7 @@ import pytest
 from daemonkit import DaemonProcess
 from realpaths import REAL_LOGS, needs_fixtures
 
-from guardian.attach import EventSink, Follower, JsonlTail, StopPolicy
+from guardian.attach import EventSink, Follower, JsonlTail, StopPolicy, for_log_interval, log_interval
 from guardian.client import request
 from guardian.logs import Observation, read_log
 from guardian.replay import replay
@@ -68,7 +68,8 @@ class Pace(TrainerCallback):
     def on_step_end(self, *args, **kwargs):
         time.sleep(0.05)
 
-trainer = TinyRun(sys.argv[1], max_steps=60, eval_steps=20, save_steps=10, logging_steps=5).trainer(
+# logging every step: attach marks a checkpoint good only on steps the log shows
+trainer = TinyRun(sys.argv[1], max_steps=60, eval_steps=20, save_steps=10, logging_steps=1).trainer(
     [FaultInjector([Fault("nan", 35)]), Pace()])
 trainer.args.logging_nan_inf_filter = False  # else Trainer leaves the NaN losses out of its logs
 trainer.train()
@@ -174,7 +175,8 @@ def test_attach_live_decides_as_replay_does_on_the_whole_file(tmp_path: Path, na
     assert writer.wait(timeout=120) == 0
     text = finish(attach, tmp_path / "attach.out")
 
-    ruleset = load_rules(tmp_path / "rules.yaml" if rules else None)
+    ruleset, _ = for_log_interval(load_rules(tmp_path / "rules.yaml" if rules else None),
+                                  log_interval(read_log(REAL_LOGS / name)) or 1)  # as attach scales warm-ups
     expected = [(d.step, d.rule) for d in replay(REAL_LOGS / name, ruleset).decisions]
     decisions, observations = effective(run)
     assert decisions == expected
@@ -383,3 +385,127 @@ rules:
     decisions = {d.rule: d for d in Engine(rules).observe(1, {"loss": 5.0})}
     assert {name for name, d in decisions.items() if StopPolicy().wants_stop(d)} == {"crit", "back"}
     assert {name for name, d in decisions.items() if StopPolicy(rules=frozenset({"warn"})).wants_stop(d)} == {"warn"}
+
+
+# ---- sparse logs: LLaMA-Factory at logging_steps 5 ------------------------------------------------------
+
+
+def llamafactory_run(run: Path, *, total: int = 60, every: int = 5, spike_at: int | None = None,
+                     grad_spike_at: int | None = None, checkpoints: tuple[int, ...] = (20, 40, 60),
+                     state_beside: bool = False) -> None:
+    """A LLaMA-Factory-style output directory: trainer_log.jsonl (no grad_norm, as LLaMA-Factory writes it)
+    and each checkpoint-N/trainer_state.json (HF's log_history, with grad_norm), a line every `every` steps."""
+    run.mkdir(parents=True, exist_ok=True)
+    history, lines = [], []
+    for step in range(every, total + 1, every):
+        loss = 2.0 - step / 100 + (0.02 if step % 10 else -0.02)
+        loss = loss * 7.7 if step == spike_at else loss
+        grad = 1.0e6 if step == grad_spike_at else 0.8 + (0.05 if step % 10 else -0.05)
+        history.append({"step": step, "epoch": step / total, "loss": round(loss, 4), "grad_norm": grad,
+                        "learning_rate": 5e-5})
+        lines.append({"current_steps": step, "total_steps": total, "loss": round(loss, 4), "lr": 5e-5,
+                      "epoch": round(step / total, 2), "percentage": round(100 * step / total, 2),
+                      "elapsed_time": f"0:00:{step:02d}", "remaining_time": f"0:00:{total - step:02d}"})
+    (run / "trainer_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for n, step in enumerate(checkpoints):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir()
+        state = {"global_step": step, "max_steps": total, "logging_steps": every,
+                 "log_history": [e for e in history if e["step"] <= step]}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+        os.utime(folder / "trainer_state.json", ns=(10**18 + n, 10**18 + n))  # saved in step order
+    if state_beside:
+        state = {"global_step": total, "max_steps": total, "logging_steps": every, "log_history": history}
+        (run / "trainer_state.json").write_text(json.dumps(state))
+        os.utime(run / "trainer_state.json", ns=(10**18 + 99, 10**18 + 99))
+
+
+def attach_once(run: Path, *args: str) -> str:
+    result = subprocess.run([*GUARDIAN, "attach", str(run), "--once", *args], capture_output=True, text=True,
+                            timeout=60, env=ENV)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_a_spike_in_a_short_run_logged_every_5_steps_is_caught(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    llamafactory_run(run, spike_at=40)
+    text = attach_once(run)
+
+    # loss_spike's warm-up of 20 would have been 20 lines, 100 steps: longer than the run
+    assert printed_decisions(text) == [(40, "loss_spike")]
+    assert "the log has a line every 5 steps" in text and "loss_spike 20 -> 5 lines (25 steps)" in text
+    healthy = tmp_path / "healthy"  # the same run without the spike: nothing fires
+    llamafactory_run(healthy)
+    assert printed_decisions(attach_once(healthy)) == []
+
+
+def test_no_checkpoint_is_marked_good_on_steps_the_log_does_not_show(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    llamafactory_run(run)  # healthy as logged; what happened at the steps between its lines is not known
+    text = attach_once(run)
+
+    for step in (20, 40, 60):
+        assert f"checkpoint-{step} is not marked good: the log covers only every 5th step" in text
+        assert not (run / f"checkpoint-{step}" / "guardian_good.json").exists()
+    assert not (run / "guardian" / "last_good_checkpoint").exists()
+    checkpoints = [e for e in events(run) if e["kind"] == "checkpoint"]
+    assert [(e["step"], e["good"]) for e in checkpoints] == [(20, False), (40, False), (60, False)]
+
+
+def test_a_checkpoint_needs_every_step_since_the_one_before_logged_and_healthy(tmp_path: Path) -> None:
+    def entry(step: int) -> dict[str, Any]:
+        return {"step": step, "loss": 2.0 - step / 100, "grad_norm": 1.0, "learning_rate": 1e-4}
+
+    history = [entry(s) for s in range(1, 41) if s not in (24, 25)]  # two steps lost from the log
+    write_checkpoints(tmp_path, history, [10, 20, 30, 40], max_steps=40)
+    f, out = follower(tmp_path)
+    f.poll()
+    f.finish()
+    text = out.getvalue()
+
+    assert "checkpoint-10 is good (every step 1-10 logged, no rule fired)" in text
+    assert "checkpoint-20 is good" in text
+    assert "checkpoint-30 is not marked good: step 24 is not in the log" in text
+    assert "checkpoint-40 is good (every step 30-40 logged, no rule fired)" in text
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_grad_norm_comes_from_the_trainer_state_beside_a_llamafactory_log(tmp_path: Path, beside: bool) -> None:
+    run = tmp_path / "run"
+    llamafactory_run(run, grad_spike_at=55, checkpoints=(20, 40, 60) if beside else (), state_beside=beside)
+    text = attach_once(run)
+
+    if beside:  # the run's own trainer_state.json is the newest: every line gets its step's grad norm
+        assert (55, "grad_explosion") in printed_decisions(text)
+        assert "grad_norm for 12 of 12 logged steps read from trainer_state.json" in text
+        assert "for lack of grad_norm" not in text
+        metrics = [e for e in events(run) if e["kind"] == "metrics"]
+        assert all("grad_norm" in e["values"] for e in metrics)
+    else:
+        assert printed_decisions(text) == []
+        lacking = re.search(r"^attach: cannot fire for lack of grad_norm in the log: (.*)$", text, re.MULTILINE)
+        assert lacking is not None, text
+        assert {"grad_explosion", "grad_explosion_absolute", "vanishing_gradient"} <= set(lacking[1].split(", "))
+
+
+@needs_fixtures
+def test_attach_stays_quiet_on_the_real_logs(tmp_path: Path) -> None:
+    """Scaled warm-ups and grad norms from beside add no alarm on real runs: attach decides as replay does
+    (on the trainer_state.json, with its grad norms, where a LLaMA-Factory run has one beside its log)."""
+    names = sorted(p.name for p in REAL_LOGS.glob("*trainer_*.json*"))
+    for name in names:
+        run = tmp_path / name
+        run.mkdir()
+        target = "trainer_log.jsonl" if name.endswith(".jsonl") else "trainer_state.json"
+        shutil.copy(REAL_LOGS / name, run / target)
+        twin = REAL_LOGS / name.replace("trainer_log.jsonl", "trainer_state.json")
+        reference = REAL_LOGS / name
+        if target == "trainer_log.jsonl" and twin.is_file():
+            shutil.copy(twin, run / "trainer_state.json")
+            reference = twin
+        f, _ = follower(run)
+        f.poll()
+        f.finish()
+        expected = [(d.step, d.rule) for d in replay(reference, load_rules()).decisions]
+        assert [(d.step, d.rule) for d in f.decisions] == expected, name
