@@ -17,6 +17,9 @@ checkpoint will not load, the crashed process still holds the GPU) is restarted 
 command is known to work, so the cause may pass; the next attempt resumes from the good checkpoint before the one
 that failed to load, if there is one.
 
+Each attempt gets GUARDIAN_RESTART: 0 in the first, N in the Nth restart (the pre-flight advice, for one, is
+given once per run).
+
 Exit codes: 0 the run finished; 1 gave up (the command failed before its first step, or a crash loop used up the
 restart budget); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 2 bad usage.
 """
@@ -41,6 +44,7 @@ from guardian.inject import ENV_OPTIONS, ENV_RESUME
 
 log = logging.getLogger("guardian.run")
 ENV_STATE = "GUARDIAN_SUPERVISOR_FILE"
+ENV_RESTART = "GUARDIAN_RESTART"  # 0 in the first attempt, N in the Nth restart: say once-per-run things at 0
 EXIT_GAVE_UP, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
 EVENTS_TAIL_BYTES = 1 << 20  # the part of the event log read to find this attempt's steps
 
@@ -142,6 +146,7 @@ class Supervisor:
             options["lr_factor_at_start"] = self.lr_factor_on_restart ** self.restarts
         env[ENV_OPTIONS] = json.dumps(options)
         env[ENV_STATE] = str(state_file)
+        env[ENV_RESTART] = str(self.restarts)
         env.pop(ENV_RESUME, None)
         if resume:
             env[ENV_RESUME] = resume

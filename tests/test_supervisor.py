@@ -108,6 +108,7 @@ def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_p
         "state = pathlib.Path(os.environ['GUARDIAN_SUPERVISOR_FILE'])\n"
         "log = pathlib.Path(__file__).with_name('resumes.txt')\n"
         "with log.open('a') as f: f.write(os.environ.get('GUARDIAN_RESUME_FROM', '-') + '\\n')\n"
+        "with log.with_name('restarts.txt').open('a') as f: f.write(os.environ['GUARDIAN_RESTART'] + '\\n')\n"
         f"request = {{'resume_from': {str(good)!r}, 'onset_step': 25}}\n"
         "first = log.read_text().count('\\n') == 1\n"
         "state.write_text(json.dumps({'good_checkpoints': [], 'restart_request': request if first else None}))\n"
@@ -116,6 +117,7 @@ def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_p
     assert result.returncode == 0, result.stderr
     assert "asked for a restart from its last good checkpoint (sharded state)" in result.stderr
     assert (tmp_path / "resumes.txt").read_text().splitlines() == ["-", str(good)]
+    assert (tmp_path / "restarts.txt").read_text().splitlines() == ["0", "1"]  # what is said once per run, once
 
 
 def test_sharded_state_turns_a_rollback_into_a_restart_request(tmp_path: Path) -> None:
