@@ -21,9 +21,9 @@ from guardian.ruleset import RuleSet, default_rules_path, load_rules
 
 EXIT_CODES = """\
 exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, `doctor`:
-an error, or with --strict any warning, `demo`: the guarded run was not rescued, `run`: the restart budget ran
-out); 2 a usage or input error, an unreachable daemon or a refused request (the message says what to fix); 130
-interrupted.
+an error, or with --strict any warning, `demo`: the guarded run was not rescued, `run`: the training command
+failed before its first step, or the restart budget ran out); 2 a usage or input error, an unreachable daemon or a
+refused request (the message says what to fix); 130 interrupted.
 Commands that print tables take --json: the same facts as one JSON document on stdout (errors stay on stderr)."""
 
 
@@ -108,8 +108,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a training command with Guardian injected; restart it if it dies",
                          description="Runs COMMAND with Guardian in every transformers Trainer it creates (no code "
-                         "change) and restarts it from the last good checkpoint when it dies. Exit codes: 0 finished, "
-                         "1 gave up (restart budget used up), 130 interrupted, 143 terminated.")
+                         "change) and restarts it from the last good checkpoint when it dies mid-training (a command "
+                         "that fails before its first step is not restarted). Exit codes: 0 finished, 1 gave up "
+                         "(failed before its first step, or the restart budget used up), 130 interrupted, "
+                         "143 terminated.")
     run.add_argument("--max-restarts", type=int, default=3, help="restart budget (default 3)")
     run.add_argument("--backoff", type=float, default=5.0, help="seconds before the first restart; doubles (default 5)")
     run.add_argument("--lr-factor", type=float, help="multiply the learning rate by this at each restart, e.g. 0.5")

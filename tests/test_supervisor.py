@@ -108,6 +108,7 @@ def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_p
         "state = pathlib.Path(os.environ['GUARDIAN_SUPERVISOR_FILE'])\n"
         "log = pathlib.Path(__file__).with_name('resumes.txt')\n"
         "with log.open('a') as f: f.write(os.environ.get('GUARDIAN_RESUME_FROM', '-') + '\\n')\n"
+        "with log.with_name('restarts.txt').open('a') as f: f.write(os.environ['GUARDIAN_RESTART'] + '\\n')\n"
         f"request = {{'resume_from': {str(good)!r}, 'onset_step': 25}}\n"
         "first = log.read_text().count('\\n') == 1\n"
         "state.write_text(json.dumps({'good_checkpoints': [], 'restart_request': request if first else None}))\n"
@@ -116,6 +117,7 @@ def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_p
     assert result.returncode == 0, result.stderr
     assert "asked for a restart from its last good checkpoint (sharded state)" in result.stderr
     assert (tmp_path / "resumes.txt").read_text().splitlines() == ["-", str(good)]
+    assert (tmp_path / "restarts.txt").read_text().splitlines() == ["0", "1"]  # what is said once per run, once
 
 
 def test_sharded_state_turns_a_rollback_into_a_restart_request(tmp_path: Path) -> None:
@@ -141,3 +143,73 @@ def test_sharded_state_turns_a_rollback_into_a_restart_request(tmp_path: Path) -
     assert control.should_training_stop and outcome["rollback"] == "restart"
     request = json.loads(actuator.restart_request.read_text())
     assert request == {"resume_from": str(tmp_path / "guardian" / "good" / "checkpoint-10"), "onset_step": 25}
+
+
+STARTUP_FAILURE = ("the training command failed before its first step (exit code {}); Guardian restarts only runs "
+                   "that crash mid-training — fix the error above and run again")
+
+
+def test_a_command_that_fails_at_once_is_not_restarted(tmp_path: Path) -> None:
+    starts = tmp_path / "starts.txt"
+    code = f"import sys; open({str(starts)!r}, 'a').write('start\\n'); sys.exit(3)"
+    result = subprocess.run([*GUARDIAN, "--", sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert starts.read_text().splitlines() == ["start"]
+    assert STARTUP_FAILURE.format(3) in result.stderr and "restart 1" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_trainer_script_whose_tokenizer_cannot_load_is_not_restarted(tmp_path: Path) -> None:
+    """As with LLaMA-Factory's tokenizer that could not load: restarting it three times only wasted 35 s."""
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{ not json")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        "with open(pathlib.Path(__file__).with_name('starts.txt'), 'a') as f: f.write('start\\n')\n"
+        "from transformers import AutoTokenizer, Trainer, TrainingArguments\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "Trainer(model=None, args=TrainingArguments(output_dir=sys.argv[2], report_to=[])).train()\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([*GUARDIAN, "--", sys.executable, str(script), str(broken), str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (tmp_path / "starts.txt").read_text().splitlines() == ["start"]
+    assert STARTUP_FAILURE.format(1) in result.stderr and "restart 1" not in result.stderr
+    assert "Traceback" in result.stderr  # the child's own error is there to read, above the message
+
+
+@pytest.mark.slow
+def test_a_crash_at_the_first_step_of_a_real_trainer_is_not_restarted(tmp_path: Path) -> None:
+    """Training began (Guardian's callback told the supervisor), but no step got through: not a mid-training crash."""
+    result = guarded(tmp_path, FAULT_CRASH_STEP="1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert [e["step"] for e in events(tmp_path) if e["kind"] == "start"] == [0]
+    assert STARTUP_FAILURE.format(1) in result.stderr and "restart 1" not in result.stderr
+
+
+def test_a_resumed_run_that_fails_at_its_start_up_uses_the_budget_and_goes_back_a_checkpoint(tmp_path: Path) -> None:
+    """After a crash mid-training the command is known to work: a failed resume (a checkpoint that will not load,
+    a GPU the crashed process still holds) may pass, so it is retried within the budget, from an older good
+    checkpoint where there is one; the budget still ends it."""
+    good = [tmp_path / "guardian" / "good" / f"checkpoint-{step}" for step in (10, 20)]
+    for folder in good:
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, os, pathlib, sys\n"
+        "log = pathlib.Path(__file__).with_name('resumes.txt')\n"
+        "with log.open('a') as f: f.write(os.environ.get('GUARDIAN_RESUME_FROM', '-') + '\\n')\n"
+        "if 'GUARDIAN_RESUME_FROM' in os.environ: sys.exit('the checkpoint will not load')\n"
+        "state = pathlib.Path(os.environ['GUARDIAN_SUPERVISOR_FILE'])\n"
+        f"state.write_text(json.dumps({{'good_checkpoints': {[str(g) for g in good]!r}, 'restart_request': None}}))\n"
+        "sys.exit('crashed mid-training')\n"
+    )
+    result = subprocess.run([*GUARDIAN, "--", sys.executable, str(child)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert (tmp_path / "resumes.txt").read_text().splitlines() == ["-", str(good[1]), str(good[0]), str(good[0])]
+    assert f"exited with code 1 before its first step (resuming from {good[1]}); restart 2 of 3" in result.stderr
+    assert "gave up after 3 restarts" in result.stderr and "fix the error above" not in result.stderr
