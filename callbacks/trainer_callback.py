@@ -209,6 +209,7 @@ class GuardianCallback(TrainerCallback):
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
+        show_log_lines(int(getattr(args, "process_index", 0)))
         self._trainer = self._trainer or find_trainer()
         self._train_ended = False
         self.reference = ReferenceBatch()
@@ -606,6 +607,24 @@ class GuardianCallback(TrainerCallback):
         self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
         self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
+
+
+def show_log_lines(rank: int = 0) -> None:
+    """Make Guardian's log lines ("watching with N rules", "run ended ...") visible in the training process.
+
+    When the process has logging of its own (a handler on the root logger or on `guardian`), they go there.
+    When it has none (a script that configured no logging, the child of `guardian run`), Python would drop
+    every line below WARNING: one handler on stderr shows them, INFO and up on rank 0 and WARNING and up on the
+    other ranks, and the lines do not also go to a root handler added later (no line twice)."""
+    logger = logging.getLogger("guardian")
+    if logger.hasHandlers():
+        return
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the lines name Guardian themselves
+    logger.addHandler(handler)
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _daemon_token(url: str) -> str | None:

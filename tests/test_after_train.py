@@ -3,7 +3,10 @@ process that configured no logging, and the rollback target when memory and disk
 
 from __future__ import annotations
 
-import math
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.tinyrun import TextDataset, TinyRun, make_texts
 
+SCRIPT = Path(__file__).parent / "scripts" / "plain_train.py"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 OVERFIT_STOPS = """
@@ -65,12 +69,33 @@ def test_evaluations_after_train_are_recorded_and_never_acted_on(tmp_path: Path)
     assert not [e for e in written if e["kind"] in ("decision", "action")]
 
 
-@pytest.mark.parametrize("fault_step", [23, 40])
+@pytest.mark.slow
+def test_a_guarded_run_says_guardian_is_attached_and_how_it_ended(tmp_path: Path) -> None:
+    """The child of `guardian run` configures no logging: Guardian's INFO lines are shown once each."""
+    env = {**os.environ, "MAX_STEPS": "10", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "guardian.cli", "run", "--", sys.executable, str(SCRIPT),
+                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Guardian: watching with ") == 1, result.stderr[-3000:]
+    assert result.stderr.count("Guardian: run ended at step 10: 0 decisions") == 1, result.stderr[-3000:]
+
+
+def test_a_process_with_its_own_logging_gets_the_lines_there(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pytest's handlers are on the root logger, as a script's `logging.basicConfig` would put them."""
+    caplog.set_level(logging.INFO, logger="guardian")
+    handlers = list(logging.getLogger("guardian").handlers)
+    train(tmp_path, [GuardianCallback()], max_steps=2, train_size=16)
+    assert logging.getLogger("guardian").handlers == handlers  # none added
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if line.startswith("Guardian: watching with ")]) == 1
+    assert len([line for line in lines if line.startswith("Guardian: run ended at step 2")]) == 1
+
+
+@pytest.mark.parametrize("fault_step", [23, 30])
 def test_a_rollback_takes_the_newest_good_checkpoint_over_an_older_snapshot(tmp_path: Path, fault_step: int) -> None:
     """The ring holds only the snapshot taken at step 0; a good checkpoint of step 20 is on disk."""
-    recorder = Recorder()
     guardian = GuardianCallback(rules(NAN_ROLLS_BACK), snapshot_every_steps=1000)
-    train(tmp_path, [FaultInjector([Fault("nan", fault_step)]), guardian, recorder], max_steps=fault_step + 5,
+    train(tmp_path, [FaultInjector([Fault("nan", fault_step)]), guardian], max_steps=fault_step + 2,
           save_steps=20)
     assert [s.step for s in guardian.snapshots.all()] == [0]
     assert (tmp_path / "guardian" / "good" / "checkpoint-20").is_dir()
