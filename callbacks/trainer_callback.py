@@ -171,6 +171,7 @@ class GuardianCallback(TrainerCallback):
         self._trainer: Any = None
         self._probe: StepProbe | None = None
         self._events: EventLog | None = None
+        self._ended_log: Path | None = None  # where evaluations after train end are appended
         self._last_decision_step = -(10**9)
         self._pending: list[tuple[int, int, list[Decision]]] = []  # (seq, step, local decisions) awaiting a verdict
         self._pending_since = 0.0
@@ -208,6 +209,7 @@ class GuardianCallback(TrainerCallback):
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
+        show_log_lines(int(getattr(args, "process_index", 0)))
         self._trainer = self._trainer or find_trainer()
         self._train_ended = False
         self.reference = ReferenceBatch()
@@ -223,6 +225,7 @@ class GuardianCallback(TrainerCallback):
         events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
         if state.is_world_process_zero and (self.event_log_enabled or self.url):
             self._events = EventLog(events_path)
+            self._ended_log = events_path
         if state.is_world_process_zero and self.url:
             self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
             meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
@@ -323,10 +326,10 @@ class GuardianCallback(TrainerCallback):
             values.setdefault("epoch", float(state.epoch))  # the overfitting rule waits for a second pass
         step = state.global_step
         kit = (control, model, optimizer, lr_scheduler)
-        event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)
-        if self._train_ended:  # `trainer.evaluate()` after `train()` returned: recorded, never acted on
-            self.engine.observe(step, values)
+        if self._train_ended:
+            self._record_after_end({"step": step, "phase": "eval", "values": values, "after_train": True})
             return
+        event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)
         self.actuator.remember_best(step, values.get("eval_loss"), model, optimizer, lr_scheduler)
         decisions = self.engine.observe(step, values)
         if not self.remote:
@@ -363,11 +366,26 @@ class GuardianCallback(TrainerCallback):
             self.metrics_server.shutdown()
         if self._events:
             self._events.close()
+            self._events = None
         if self.samples is not None:
             self.samples.close()
         log.info("Guardian: run ended at step %d: %d decisions, %d updates skipped, %d rollbacks, "
                  "%d LR cuts (scale %.3g)", state.global_step, len(self.decisions), self.counts["skipped_updates"],
                  self.counts["rollbacks"], self.counts["lr_cuts"], self.lr_scale)
+
+    def _record_after_end(self, payload: dict[str, Any]) -> None:
+        """`trainer.evaluate()` after `train()` returned: the model is the user's now. The evaluation is
+        appended to the event log (opened for it and closed again) and is not shown to the rules, so nothing
+        is decided or done about it; the daemon gets it with the rest of the file from `guardian push`."""
+        if self._ended_log is None:
+            return
+        events = EventLog(self._ended_log)
+        try:
+            events.write("metrics", payload, flush=True)
+        finally:
+            events.close()
+        log.info("Guardian: an evaluation at step %s after training ended is recorded in %s; no rule acts on it",
+                 payload["step"], self._ended_log)
 
     # ---- the daemon's verdicts ---------------------------------------------------------------------
 
@@ -589,6 +607,24 @@ class GuardianCallback(TrainerCallback):
         self.actuator.lr_scale = float(data.get("lr_scale", 1.0))
         self.actuator.counts.update(data.get("counts", {}))
         log.info("Guardian: resumed rule state from %s", saved)
+
+
+def show_log_lines(rank: int = 0) -> None:
+    """Make Guardian's log lines ("watching with N rules", "run ended ...") visible in the training process.
+
+    When the process has logging of its own (a handler on the root logger or on `guardian`), they go there.
+    When it has none (a script that configured no logging, the child of `guardian run`), Python would drop
+    every line below WARNING: one handler on stderr shows them, INFO and up on rank 0 and WARNING and up on the
+    other ranks, and the lines do not also go to a root handler added later (no line twice)."""
+    logger = logging.getLogger("guardian")
+    if logger.hasHandlers():
+        return
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the lines name Guardian themselves
+    logger.addHandler(handler)
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _daemon_token(url: str) -> str | None:
