@@ -40,7 +40,7 @@ from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.client import DaemonLink
-from guardian.doctor import preflight
+from guardian.doctor import method_of_trainer, preflight
 from guardian.engine import Decision, Engine, decision_from_dict
 from guardian.token import TOKEN_ENV, default_state_dir, find_token, token_path
 from guardian.errors import ConfigError
@@ -48,6 +48,7 @@ from guardian.eventlog import EventLog
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
 from guardian.ruleset import RuleSet, load_rules
+from guardian.supervisor import ENV_RESTART
 
 log = logging.getLogger("guardian")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -254,7 +255,9 @@ class GuardianCallback(TrainerCallback):
                         "good checkpoints on disk only", size / 1e9)
         if state.is_world_process_zero:
             self.advice = preflight(args, model, self.ruleset, strict=self.strict_preflight,
-                                    snapshots_enabled=self.actuator.use_snapshots)
+                                    snapshots_enabled=self.actuator.use_snapshots,
+                                    method=method_of_trainer(self._trainer) if self._trainer is not None else None,
+                                    quiet=_restart_number() > 0)
         if self.actuator.use_snapshots and self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler):
             self.engine.remember(state.global_step)
         self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],
@@ -625,6 +628,15 @@ def show_log_lines(rank: int = 0) -> None:
     logger.propagate = False
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _restart_number() -> int:
+    """Which attempt of a supervised run this is (`guardian run` sets GUARDIAN_RESTART: 0 first, N at the Nth
+    restart); 0 outside `guardian run`."""
+    try:
+        return max(0, int(os.environ.get(ENV_RESTART, "0")))
+    except ValueError:
+        return 0
 
 
 def _daemon_token(url: str) -> str | None:

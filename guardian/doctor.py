@@ -120,7 +120,7 @@ def _parse(path: Path, text: str) -> Any:
 
 def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size: int = 1, device: str | None = None,
                  peft: Mapping[str, Any] | None = None, snapshots_enabled: bool = True,
-                 dataset_size: int | None = None, method: str | None = None) -> list[Advice]:
+                 dataset_size: int | None = None, method: str | None = None, quiet: bool = False) -> list[Advice]:
     """Every finding about a run's settings, most serious first.
 
     Args:
@@ -453,11 +453,12 @@ def _scheduler(cfg: _Config, ruleset: RuleSet) -> list[Advice]:
 
 
 def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = False, snapshots_enabled: bool,
-              dataset_size: int | None = None, method: str | None = None) -> list[Advice]:
+              dataset_size: int | None = None, method: str | None = None, quiet: bool = False) -> list[Advice]:
     """Check a live `TrainingArguments` and model; log every finding; with `strict`, refuse a risky run.
 
     `method`: the training method (`method_of_trainer(trainer)`); None: read from the arguments' class (TRL's
-    DPOConfig, GRPOConfig, ...), else supervised fine-tuning. Raises ConfigError (strict only) when there is any
+    DPOConfig, GRPOConfig, ...), else supervised fine-tuning. `quiet` (a supervised restart): one summary line
+    instead of every finding, which the first start showed. Raises ConfigError (strict only) when there is any
     warning or error."""
     method = method or method_of_trainer(args)
     config = dict(args.to_dict()) if hasattr(args, "to_dict") else dict(vars(args))
@@ -469,7 +470,9 @@ def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = Fa
     device = "cpu" if config.get("use_cpu") else _device_type(args)
     advice = check_config(config, rules=rules, world_size=int(getattr(args, "world_size", 1) or 1), device=device,
                           peft=peft, snapshots_enabled=snapshots_enabled, dataset_size=dataset_size, method=method)
-    for item in advice:
+    if quiet and advice:  # a supervised restart: the findings were shown at the first start
+        log.info("Guardian pre-flight: %d findings, shown at the run's first start", len(advice))
+    for item in advice if not quiet else []:
         (log.info if item.severity is Level.INFO else log.warning)("Guardian pre-flight: %s", item)
     serious = [a for a in advice if a.severity is not Level.INFO]
     if strict and serious:

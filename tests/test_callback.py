@@ -224,6 +224,30 @@ def test_guardian_state_survives_a_resume(tmp_path: Path) -> None:
     assert second_state_at_start == saved
 
 
+def test_preflight_judges_the_trainers_method_and_speaks_once_per_supervised_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A LoRA rate of 5e-6 is 20x too low for supervised fine-tuning and right for DPO: the callback tells the
+    pre-flight which trainer it watches. A supervised restart (GUARDIAN_RESTART > 0) gets one summary line."""
+    import logging
+
+    sft = GuardianCallback()
+    run(tmp_path / "sft", [sft], max_steps=2, learning_rate=5e-6)
+    assert ("learning_rate", "warning") in {(a.setting, a.severity.value) for a in sft.advice}
+    dpo = GuardianCallback()
+    trainer = TinyRun(str(tmp_path / "dpo"), max_steps=2, learning_rate=5e-6).trainer([dpo])
+    trainer.__class__ = type("DPOTrainer", (type(trainer),), {})  # what TRL's DPOTrainer is to the pre-flight
+    trainer.train()
+    assert "learning_rate" not in {a.setting for a in dpo.advice}
+
+    monkeypatch.setenv("GUARDIAN_RESTART", "1")
+    again = GuardianCallback()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="guardian"):
+        run(tmp_path / "restart", [again], max_steps=2, learning_rate=5e-6)
+    lines = [r.getMessage() for r in caplog.records if "pre-flight" in r.getMessage()]
+    assert again.advice and lines == [f"Guardian pre-flight: {len(again.advice)} findings, shown at the run's first start"]
+
+
 def test_preflight_advice_is_logged_and_strict_mode_refuses_to_start(tmp_path: Path) -> None:
     from guardian.errors import ConfigError
 
