@@ -381,39 +381,45 @@ def _exported_gpu_facts(text: str) -> dict[str, float]:
 
 
 def check_nvml(device: str) -> Result:
-    if device != "cuda":
-        raise Skip("no NVML/GPU: skipped")
+    """On the CPU only the run's /metrics endpoint is exercised (no facts to export), then the check is skipped."""
     need_device(device)
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.trainer_callback import _gpu_reader
 
-    reader = _gpu_reader()  # the reader GuardianCallback uses: NVML, matched to this process's GPU by PCI bus id
-    figures: dict[str, Any] = {"reader": None if reader is None else "guardian.gpu.GpuReader"}
-    require(reader is not None, "NVML gave no GPU (pynvml missing, or no handle for the CUDA device)", figures)
-    assert reader is not None
-    direct = reader.read()
-    figures["direct"] = direct
-    require(len(direct) == 1, f"{len(direct)} GPUs read, expected this process's one", figures)
-    missing = [k for k in GPU_FACTS if not (isinstance(direct[0].get(k), float) and math.isfinite(direct[0][k]))]
-    require(not missing, f"NVML facts missing or not finite: {missing}", figures)
-    require(direct[0]["memory_total_bytes"] > 0, "memory_total_bytes is 0", figures)
+    figures: dict[str, Any] = {}
+    direct: list[dict[str, float]] = []
+    if device == "cuda":
+        reader = _gpu_reader()  # the reader GuardianCallback uses: NVML, matched to this process's GPU by bus id
+        figures["reader"] = None if reader is None else "guardian.gpu.GpuReader"
+        require(reader is not None, "NVML gave no GPU (pynvml missing, or no handle for the CUDA device)", figures)
+        assert reader is not None
+        direct = reader.read()
+        figures["direct"] = direct
+        require(len(direct) == 1, f"{len(direct)} GPUs read, expected this process's one", figures)
+        missing = [k for k in GPU_FACTS if not (isinstance(direct[0].get(k), float) and math.isfinite(direct[0][k]))]
+        require(not missing, f"NVML facts missing or not finite: {missing}", figures)
+        require(direct[0]["memory_total_bytes"] > 0, "memory_total_bytes is 0", figures)
     with tempfile.TemporaryDirectory(prefix="gpu-check-nvml-") as out:
         port = free_port()
         guardian = GuardianCallback(metrics_port=port, system_every_seconds=0.0, snapshot_every_steps=0)
         scrape = _Scrape(port, 5)
-        trainer = tiny_llama_trainer(out, device, "bf16", [guardian, scrape], 8)
+        trainer = tiny_llama_trainer(out, device, "bf16" if device == "cuda" else "fp32", [guardian, scrape], 8)
         trainer.train()
         systems = [json.loads(line) for line in (Path(out) / "guardian" / "events.jsonl").read_text().splitlines()
                    if '"system"' in line]
         systems = [e for e in systems if e.get("kind") == "system"]
+    require("guardian_" in scrape.text, "the run's /metrics endpoint gave no Guardian metrics", figures)
+    if device != "cuda":
+        raise Skip("no NVML/GPU: skipped")
     exported = _exported_gpu_facts(scrape.text)
     figures["exported"] = exported
     figures["system_events"] = len(systems)
-    figures["event_gpus"] = systems[-1]["gpus"] if systems else None
+    last = systems[-1]["gpus"] if systems else []
+    figures["event_gpus"] = last
     missing = [k for k in GPU_FACTS if not math.isfinite(exported.get(k, math.nan))]
     require(not missing, f"not exported on /metrics (or not finite): {missing}", figures)
-    require(bool(systems) and all(k in systems[-1]["gpus"][0] for k in GPU_FACTS),
-            "no system event with every GPU fact in events.jsonl", figures)
+    require(bool(last) and all(k in last[0] for k in GPU_FACTS), "no system event with every GPU fact in events.jsonl",
+            figures)
     d = direct[0]
     text = (f"{d['memory_used_bytes'] / 2**30:.1f}/{d['memory_total_bytes'] / 2**30:.0f} GiB, "
             f"util {d['utilization_ratio']:.2f}, {d['temperature_celsius']:.0f} C, {d['power_watts']:.0f} W; "
