@@ -760,7 +760,8 @@ def render_png(record: RunRecord, path: Path, headline: str) -> None:
     fig.suptitle(record.name, fontsize=13, fontweight="bold")
     loss_ax.set_title(headline, fontsize=10, loc="left")
     handles = _legend_handles(record, flags)
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    if handles:  # a healthy run with nothing marked has no legend (matplotlib refuses zero columns)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
     fig.savefig(path)
 
 

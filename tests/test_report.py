@@ -198,3 +198,27 @@ def test_an_unknown_stored_run_is_a_clear_error(tmp_path: Path) -> None:
     assert "ghost: no such file or directory, and " in result.stderr and "no run 'ghost'" in result.stderr
     result = guardian("report", "--run", "ghost", "--state-dir", str(tmp_path / "elsewhere"))
     assert result.returncode == 2 and "no daemon store here" in result.stderr
+
+
+def test_a_healthy_run_with_no_rule_firing_is_reported(tmp_path: Path) -> None:
+    """The common case: nothing fired, nothing to mark (once a traceback: a legend of no entries)."""
+    history = [{"step": s, "epoch": s / 40, "loss": 2.0 * 0.98**s, "grad_norm": 1.0, "learning_rate": 1e-4}
+               for s in range(1, 41)]
+    log = tmp_path / "trainer_state.json"
+    log.write_text(json.dumps({"global_step": 40, "max_steps": 40, "log_history": history}))
+    result = guardian("report", str(log), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert_png(tmp_path / "out" / "report.png")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**replayed: no rule would have fired**" in text and "| decisions | 0 |" in text
+
+
+@needs_fixtures
+def test_every_real_log_is_reported(tmp_path: Path) -> None:
+    """Healthy ones included: `guardian report` works on every fixture."""
+    logs = sorted(p for p in REAL_LOGS.iterdir() if p.suffix in (".json", ".jsonl"))
+    assert len(logs) >= 20
+    for log in logs:
+        png, md = write_report(load_run(log, ruleset=load_rules()), tmp_path / log.name)
+        assert_png(png)
+        assert md.read_text().strip(), log.name
