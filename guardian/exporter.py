@@ -138,6 +138,7 @@ class GuardianCollector(Collector):
                                       labels=["run_id", "rule"])
         for view in views:
             for rule, status in view.rule_status.items():
+                status = "ok" if view.ended else status  # an ended run has nothing firing any more
                 firing.add_metric([view.run_id, rule], float(status == "firing"))
                 for s in RULE_STATES:
                     state.add_metric([view.run_id, rule, s], float(status == s))
@@ -248,8 +249,7 @@ class RunTracker:
                 continue
             if value != value or value in (float("inf"), float("-inf")):
                 view.nonfinite[key] = view.nonfinite.get(key, 0) + 1
-            else:
-                view.latest[key] = value
+            view.latest[key] = value  # NaN and infinities too: a run that ended on NaN must not look healthy
         view.latest["step"] = float(event.get("step", 0))
         for key in ("epoch", "lr_scale"):
             if isinstance(event.get(key), (int, float)):

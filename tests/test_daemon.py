@@ -494,3 +494,30 @@ def test_a_reply_in_pieces_lets_other_requests_through_until_its_patience_runs_o
     at = [i for i, what in enumerate(order) if what == "piece"]
     # the first piece always lets others through once; after that, do the other pieces come back to back?
     assert (at[1:] != list(range(at[1], at[1] + 3))) is interleaved
+
+
+def test_metrics_tell_a_run_that_ended_on_nan_from_a_healthy_one(tmp_path: Path) -> None:
+    """A run whose last loss was NaN exports NaN (not its last finite loss), and once it has ended no rule of it
+    is exported as firing (dashboards and the GuardianRuleFiring alert would show it alive and in trouble)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from guardian.exporter import GuardianCollector
+
+    core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
+    events = [metrics(s, s, loss=1.0 + 0.01 * (s % 3), grad_norm=1.0) for s in range(1, 30)]
+    events.append(metrics(30, 30, loss="nan", grad_norm="inf"))
+    key = core.report(wire.parse_report({"v": 1, "run": {"id": "r", "rules": "default"}, "events": events}),
+                      None)["run_key"]
+
+    def scrape() -> str:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(GuardianCollector(core.views, core.health))
+        return generate_latest(registry).decode()
+
+    text = scrape()
+    assert 'guardian_train_loss{run_id="r"} NaN' in text and 'guardian_grad_norm{run_id="r"} +Inf' in text
+    assert 'guardian_rule_firing{rule="non_finite_loss",run_id="r"} 1.0' in text
+    core.report(wire.Report("r", "default", {}, [{"seq": 31, "kind": "end", "step": 30}]), None, run_key=key)
+    text = scrape()
+    assert 'guardian_rule_firing{rule="non_finite_loss",run_id="r"} 0.0' in text
+    assert 'guardian_run_ended{run_id="r"} 1.0' in text
