@@ -91,6 +91,7 @@ class RunState:
     last_seen: float = field(default_factory=time.time)
     ended: bool = False
     key_hash: str | None = None  # of the key its reports must carry (None: not bound yet)
+    key: str | None = None  # that key itself, once a report showed it (memory only: no hash on every report)
     tracker: RunTracker | None = None
     state_saved: float = field(default_factory=_first_save_due)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -277,7 +278,7 @@ class Guardian:
             self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied,
                          None if bound is None else _key_hash(bound))
             if bound is not None:
-                state.key_hash = _key_hash(bound)
+                state.key_hash, state.key = _key_hash(bound), bound
             with self._counters_lock:
                 self.counters["events_ingested"] += len(new)
                 self.counters["events_duplicate"] += len(report.events) - len(new)  # and those after a gap
@@ -294,7 +295,10 @@ class Guardian:
 
         A run is bound to the key of its first report (the daemon makes one when none was sent); after that a
         report without that key is refused (403) until the run has ended, when a new process may claim it."""
+        if given is not None and state.key is not None and hmac.compare_digest(given, state.key):
+            return None
         if given is not None and state.key_hash is not None and hmac.compare_digest(_key_hash(given), state.key_hash):
+            state.key = given
             return None
         if state.key_hash is not None and not state.ended:
             why = "carries no run key" if given is None else "carries another run key"

@@ -7,10 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from guardian.client import DaemonError, request
+from guardian.daemon import Guardian, load_or_create_token, make_server
+from guardian.reload import RuleLibrary
+from guardian.store import Store
 
 
 def free_port() -> int:
@@ -75,3 +81,28 @@ class DaemonProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+@contextmanager
+def in_process_daemon(state_dir: Path) -> Iterator[tuple[Guardian, str, str]]:
+    """The daemon's core and server in this process, on a free loopback port: (core, url, token)."""
+    token = load_or_create_token(state_dir)
+    core = Guardian(Store(state_dir / "guardian.db"), RuleLibrary(state_dir / "rules"))
+    server = make_server(core, "127.0.0.1", 0, token, state_dir / "token")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield core, f"http://127.0.0.1:{server.server_address[1]}", token
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Poll `condition` until it holds; AssertionError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonkit import DaemonProcess
+from daemonkit import DaemonProcess, in_process_daemon
 from transformers import TrainerCallback
 
 from guardian import wire
@@ -32,14 +32,8 @@ OTHER_KEY = "o" * 40
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[Guardian, str, str]]:
     """An in-process daemon on a free loopback port: (core, url, token)."""
-    token = load_or_create_token(tmp_path)
-    core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
-    server = make_server(core, "127.0.0.1", 0, token, tmp_path / "token")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield core, f"http://127.0.0.1:{server.server_address[1]}", token
-    server.shutdown()
-    server.server_close()
+    with in_process_daemon(tmp_path) as served:
+        yield served
 
 
 def metrics(seq: int, step: int, **values: float | str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonkit import DaemonProcess, free_port
+from daemonkit import DaemonProcess, free_port, in_process_daemon, wait_for
 
 from guardian import wire
 from guardian.client import DaemonError, headers_for, request
@@ -29,14 +29,8 @@ RUN_KEY = "test-run-key-0123456789abcdefghijklmnop"
 def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Guardian, str, str]]:
     """An in-process daemon on a free loopback port: (core, url, token); GUARDIAN_HOME is its state folder."""
     monkeypatch.setenv("GUARDIAN_HOME", str(tmp_path))
-    token = load_or_create_token(tmp_path)
-    core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
-    server = make_server(core, "127.0.0.1", 0, token, tmp_path / "token")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield core, f"http://127.0.0.1:{server.server_address[1]}", token
-    server.shutdown()
-    server.server_close()
+    with in_process_daemon(tmp_path) as served:
+        yield served
 
 
 def metrics(seq: int, step: int, **values: float | str) -> dict[str, object]:
@@ -206,14 +200,14 @@ def test_hot_reload_reaches_live_runs_and_keeps_the_last_good_rules(tmp_path: Pa
                     run_key=RUN_KEY)
         spike_state = core._state("r", "mine").engine.state_dict()["rules"]["spike"]
         (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n" + spike + high.replace("THRESHOLD", "5"))
-        _wait(lambda: core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0)
+        wait_for(lambda: core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0)
         engine = core._state("r", "mine").engine
         assert engine.state_dict()["rules"]["spike"] == spike_state  # unchanged rule kept its state
         reply = core.report(wire.Report("r", "mine", {}, [metrics(11, 11, loss=6.0)]), run_key=RUN_KEY)
         assert "high" in [d["rule"] for d in reply["decisions"]]
 
         (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n  - name: broken\n    detector: {kind: nope}\n")
-        _wait(lambda: "mine" in core.library.errors)
+        wait_for(lambda: "mine" in core.library.errors)
         assert "mine.yaml:4: rule 'broken': unknown detector kind 'nope'" in core.library.errors["mine"]
         assert core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0
         failed = [r for r in store.reloads() if not r["ok"]]
@@ -222,13 +216,6 @@ def test_hot_reload_reaches_live_runs_and_keeps_the_last_good_rules(tmp_path: Pa
         core.library.stop()
 
 
-def _wait(condition: object, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def test_cli_talks_to_a_real_daemon_process(tmp_path: Path) -> None:

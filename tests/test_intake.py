@@ -326,8 +326,6 @@ def _serve(state_dir: Path, *extra: str, timeout: float = 30) -> subprocess.Comp
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_store_is_a_clear_error_and_fresh_store_moves_it_aside(tmp_path: Path, damage: str) -> None:
-    from daemonkit import free_port
-
     db = tmp_path / "guardian.db"
     if damage == "garbage":
         db.write_bytes(b"this is not a database\n" * 500)
@@ -342,29 +340,29 @@ def test_a_damaged_store_is_a_clear_error_and_fresh_store_moves_it_aside(tmp_pat
     done = _serve(tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert str(db) in done.stderr and "--fresh-store" in done.stderr, done.stderr
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "guardian.cli", "serve", "--port", str(port),
-                             "--state-dir", str(tmp_path), "--fresh-store"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc)
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+    output = _serve_fresh_store(tmp_path)
     moved = [p.name for p in tmp_path.glob("guardian.db.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
     assert len(moved) == 1 and "moved it aside" in output and moved[0] in output
     fresh = Store(db)
     assert fresh.runs() == []  # the new store; a sound one is kept by --fresh-store:
     fresh.close()
+    output = _serve_fresh_store(tmp_path)
+    assert "is sound, so it is kept" in output and len(list(tmp_path.glob("guardian.db.damaged-*[0-9Z]"))) == 1
+
+
+def _serve_fresh_store(state_dir: Path) -> str:
+    """What `guardian serve --fresh-store` says until it answers /healthz (then it is stopped)."""
+    from daemonkit import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "guardian.cli", "serve", "--port", str(port),
-                             "--state-dir", str(tmp_path), "--fresh-store"],
+                             "--state-dir", str(state_dir), "--fresh-store"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", proc)
     finally:
         proc.terminate()
-        output = proc.communicate(timeout=30)[0]
-    assert "is sound, so it is kept" in output and len(list(tmp_path.glob("guardian.db.damaged-*[0-9Z]"))) == 1
+    return proc.communicate(timeout=30)[0]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonkit import DaemonProcess
+from daemonkit import DaemonProcess, wait_for
 
 from guardian import wire
 from guardian.client import request
@@ -65,13 +65,6 @@ def problems_of(text: str) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
-def wait_for(condition: object, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 # --- the YAML: no aliases, no merge keys, no unbounded nesting, values quoted short ---------------------------
