@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (GuardianError, DaemonError) as exc:
-        Console(stderr=True).print("[red]error:[/] " + escape(str(exc)), highlight=False)
+        message = _token_advice(args) if isinstance(exc, DaemonError) and exc.status == 401 else str(exc)
+        Console(stderr=True).print("[red]error:[/] " + escape(message), highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -50,18 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train a tiny LoRA run clean, faulted, and faulted with Guardian")
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default 400)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_demo_steps, default=400,
+                      help=f"optimizer steps per run (default 400, at least {DEMO_MIN_STEPS})")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the model, data and faults (default 0)")
     demo.add_argument("--out", type=Path, default=Path("guardian-demo"), help="where the runs write (default ./guardian-demo)")
     demo.set_defaults(func=_demo)
 
-    rules = sub.add_parser("rules", help="check or list rule files").add_subparsers(metavar="ACTION")
+    rules_parser = sub.add_parser("rules", help="check or list rule files")
+    rules_parser.set_defaults(func=lambda _: _print_help(rules_parser))
+    rules = rules_parser.add_subparsers(metavar="ACTION")
     check = rules.add_parser("check", help="validate rule files; exit 1 if any has a problem")
-    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="a rule file (YAML) to validate")
     _json_arg(check)
     check.set_defaults(func=_rules_check)
     show = rules.add_parser("show", help="list the rules of a file (default: the shipped rules)")
-    show.add_argument("file", nargs="?", type=Path)
+    show.add_argument("file", nargs="?", type=Path, help="the rule file to list (default: the shipped rules)")
     _json_arg(show)
     show.set_defaults(func=_rules_show)
     detectors = rules.add_parser("detectors", help="document every detector kind and its parameters")
@@ -69,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the guardian daemon that many runs report to")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need the token)")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
     serve.add_argument("--state-dir", type=Path, default=_default_state_dir(),
                        help="database, token and rules (default $GUARDIAN_HOME or ~/.guardian)")
     serve.add_argument("--rules-dir", type=Path, help="rule files, one rule set per NAME.yaml (default STATE_DIR/rules)")
@@ -86,15 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=_runs)
 
     events = sub.add_parser("events", help="the decisions and actions of one run, with their evidence")
-    events.add_argument("run")
+    events.add_argument("run", help="the run's id (`guardian runs` lists them)")
     events.add_argument("--all", action="store_true", help="also list every metrics event")
     _client_args(events)
     _json_arg(events)
     events.set_defaults(func=_events)
 
     ctl = sub.add_parser("ctl", help="act on a run by hand (needs the daemon's token)")
-    ctl.add_argument("action", choices=["stop", "rollback", "reduce-lr", "skip-update"])
-    ctl.add_argument("run")
+    ctl.add_argument("action", choices=["stop", "rollback", "reduce-lr", "skip-update"],
+                     help="what to do at the run's next step: stop, rollback, reduce-lr or skip-update")
+    ctl.add_argument("run", help="the run's id (`guardian runs` lists them)")
     ctl.add_argument("--factor", type=float, default=0.5, help="for reduce-lr (default 0.5)")
     _client_args(ctl)
     _json_arg(ctl)
@@ -157,6 +162,55 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEMO_MIN_STEPS = 200
+
+
+def _demo_steps(text: str) -> int:
+    """--steps of `guardian demo`: the faults come at 15 %, 37 % and 62 % of the run, and the rules need about
+    30 steps of warm-up before the first one."""
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps, got {text!r}") from None
+    if steps < DEMO_MIN_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {DEMO_MIN_STEPS}, got {steps}: the faults come at 15%, 37% and 62% of the run and "
+            "the rules need about 30 steps of warm-up before the first (try --steps 400, the default)")
+    return steps
+
+
+def _url(text: str) -> str:
+    """--url: http://HOST:PORT; a loopback HOST:PORT without the scheme is taken as http://."""
+    from guardian.client import daemon_url
+
+    try:
+        return daemon_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _token_advice(args: argparse.Namespace) -> str:
+    """What to do when the daemon refused a request for want of its token (401), in the CLI's words."""
+    from guardian.token import TOKEN_ENV, find_token
+
+    url = getattr(args, "url", None) or "the daemon"
+    found, where = (None, "") if getattr(args, "token", None) else find_token()
+    if getattr(args, "token", None):
+        tried = f"the token given (--token or ${TOKEN_ENV}) is not its token"
+    elif found:
+        tried = f"the token in {where} is not its token (is GUARDIAN_HOME another daemon's state folder?)"
+    else:
+        tried = f"no token was found: {where}"
+    return (f"{url} needs the daemon's token for this, and {tried}. Pass --token TOKEN, or set {TOKEN_ENV}, or "
+            "set GUARDIAN_HOME to the daemon's state folder so its token file (STATE_DIR/token, written by "
+            "`guardian serve`) is read")
+
+
 def _json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document for scripts instead of text")
 
@@ -175,8 +229,8 @@ def _default_state_dir() -> Path:
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("GUARDIAN_URL", "http://127.0.0.1:8765"),
-                        help="the daemon (default $GUARDIAN_URL or http://127.0.0.1:8765)")
+    parser.add_argument("--url", default=os.environ.get("GUARDIAN_URL", "http://127.0.0.1:8765"), type=_url,
+                        help="the daemon, http://HOST:PORT (default $GUARDIAN_URL or http://127.0.0.1:8765)")
     parser.add_argument("--token", default=os.environ.get("GUARDIAN_TOKEN"),
                         help="the daemon's token (default $GUARDIAN_TOKEN, else read from the state dir)")
 
@@ -230,6 +284,11 @@ def _events(args: argparse.Namespace) -> int:
 
     kinds = () if args.all else ("decision", "action", "start", "end", "checkpoint")
     data = all_events(lambda path: request(args.url, "GET", path, token=_token(args)), args.run, kinds)
+    if not (data["events"] or data["decisions"] or data["commands"]):
+        known = [r["id"] for r in request(args.url, "GET", "/v1/runs", token=_token(args))["runs"]]
+        if args.run not in known:
+            listed = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "") if known else "none yet"
+            raise ConfigError(f"no run '{args.run}' at {args.url}; `guardian runs` lists them (runs: {listed})")
     if args.json:
         _print_json({"run": args.run, **data})
         return 0
@@ -370,6 +429,9 @@ def _replay(args: argparse.Namespace) -> int:
             "path": r.path, "format": r.report.format, "observations": r.observations,
             "duplicates_dropped": r.report.duplicates_dropped, "resumes": r.report.restarts,
             "unreadable_lines_skipped": r.report.skipped_lines, "rules_fired": r.rules_fired(),
+            "steps": r.train_steps, "last_step": r.last_step,
+            "stopped_at_step": r.stop.step if r.stop is not None else None,
+            "decisions_after_stop": len(r.after_stop),
             "decisions": [d.to_dict() for d in r.decisions]} for r in results]})
         return 0
     for result in results:
@@ -382,13 +444,20 @@ def _replay(args: argparse.Namespace) -> int:
             notes.append(f"{report.restarts} resume(s)")
         if report.skipped_lines:
             notes.append(f"{report.skipped_lines} unreadable lines skipped")
-        console.print(f"[bold]{path}[/] ({', '.join(notes)})", highlight=False)
+        console.print(f"[bold]{escape(path)}[/] ({', '.join(notes)})", highlight=False)
+        console.print(f"  {result.summary()}", highlight=False, markup=False)
         if not result.decisions:
             console.print("  no rule would have fired")
-        for decision in result.decisions:
+        for decision in result.until_stop:
             actions = ", ".join(map(str, decision.actions))
             console.print(f"  step {decision.step:>7}  {decision.rule:<22} {actions:<28} {decision.finding.message}",
                           highlight=False, markup=False, soft_wrap=True)
+        after, stop = result.after_stop, result.stop
+        if stop is not None:
+            later = (f"; the {len(after)} later {'decision is' if len(after) == 1 else 'decisions are'} not "
+                     "listed (--json has them)") if after else ""
+            console.print(f"  a guarded run would have stopped at step {stop.step} ({stop.rule}){later}",
+                          highlight=False, markup=False)
     return 0
 
 

@@ -18,6 +18,7 @@ service at `GUARDIAN_URL`, a proxy's HTML page) counts as a failed attempt and t
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import itertools
 import json
 import logging
@@ -89,9 +90,42 @@ def parse_reply(status: int, data: bytes, where: str) -> dict[str, Any]:
     return message
 
 
+def daemon_url(url: str) -> str:
+    """A daemon's URL, http://HOST[:PORT]; a loopback HOST:PORT written without the scheme gets http:// (the
+    daemon speaks plain HTTP). ValueError saying exactly what to write otherwise."""
+    text = url.strip()
+    if "://" not in text:
+        host = urlparse(f"http://{text}").hostname or ""
+        if host == "localhost" or _loopback_address(host):
+            return f"http://{text}"
+        raise ValueError(f"the daemon URL {url!r} has no scheme: write http://{text} (the daemon speaks plain HTTP)")
+    parsed = urlparse(text)
+    if parsed.scheme != "http" or not parsed.hostname:
+        rest = text.split("://", 1)[1]
+        raise ValueError(f"the daemon URL {url!r} must look like http://HOST:PORT: write http://{rest} (the daemon "
+                         "speaks plain HTTP)")
+    try:
+        parsed.port
+    except ValueError:
+        raise ValueError(f"the daemon URL {url!r} has a port that is not a number: write http://HOST:PORT, e.g. "
+                         "http://127.0.0.1:8765") from None
+    return text
+
+
+def _loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def request(url: str, method: str, path: str, body: dict[str, Any] | None = None, *, token: str | None = None,
             run_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """One JSON request to a daemon (used by the CLI); raises DaemonError with the daemon's reason."""
+    try:
+        url = daemon_url(url)
+    except ValueError as exc:
+        raise DaemonError(str(exc)) from None
     parsed = urlparse(url)
     conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=timeout)
     headers = headers_for(token, run_key)

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from prometheus_client import Histogram
 from guardian import wire
 from guardian.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.engine import Engine
-from guardian.exporter import GuardianCollector, KeyBudget, RunTracker, RunView, exposition_pieces
+from guardian.exporter import GuardianCollector, KeyBudget, Peaks, RunTracker, RunView, exposition_pieces
 from guardian.httpserver import HTTPServer, Reply, Request
 from guardian.errors import RuleFileError
 from guardian.reload import RuleLibrary
@@ -144,6 +145,8 @@ class Guardian:
             state = RunState(run_id, name, engine, tracker=RunTracker(run_id, name, budget=self.budget))
             if row is not None:
                 state.last_seq, state.last_step, state.ended = row.last_seq, row.last_step, row.ended
+                state.last_seen = row.last_seen  # its last report, not now: a stall is measured from there
+                self._restore_view(state, row.meta)
                 state.key_hash = self.store.run_key_hash(run_id)
                 since_seq = 0  # no state saved yet: replay every stored event
                 if row.engine_state:
@@ -156,6 +159,37 @@ class Guardian:
                 self._catch_up(engine, run_id, since_seq)
             self._runs[run_id] = state
             return state
+
+    def _restore_view(self, state: RunState, meta: dict[str, Any]) -> None:
+        """A stored run's exporter view: its latest values (its newest metrics event), its host and its action
+        counters (its action events), as they were before a restart or eviction."""
+        assert state.tracker is not None
+        state.tracker.view.host = str(meta.get("host", ""))
+        for event in self.store.events(state.id, ("action",)):
+            state.tracker.apply(event, {})
+        last = self.store.last_event(state.id, "metrics")
+        if last is not None:
+            state.tracker.apply(last, wire.metric_values(last))
+        state.tracker.peaks = Peaks()  # what came before the restart is not a new peak
+
+    def restore(self, now: float | None = None) -> int:
+        """Bring back into memory the runs a daemon had there before it stopped (live ones heard from within
+        `idle_run_seconds`, ended ones within `ended_run_seconds`), with their rule states, so /metrics and
+        `guardian runs` show their last reports and firing rules after a restart; return how many."""
+        now = time.time() if now is None else now
+        restored = 0
+        for row in self.store.runs():
+            if now - row.last_seen >= (self.ended_run_seconds if row.ended else self.idle_run_seconds):
+                continue
+            try:
+                self._state(row.id, row.rules)
+            except wire.WireError as exc:  # its rule set is gone: it comes back if it reports again
+                log.warning("run %s not restored: %s", row.id, exc)
+                continue
+            restored += 1
+        if restored:
+            log.info("%d runs restored from the store with their rule states", restored)
+        return restored
 
     def _admit_new_run(self) -> None:
         """Count a new run against the per-minute cap (call holding `self._lock`); 429 when it is spent."""
@@ -224,7 +258,8 @@ class Guardian:
         engine_state = json.dumps(state.engine.state_dict()) if save_state else None
         try:
             self.store.commit(ReportWrite(state.id, state.rules, meta, events, decisions, engine_state,
-                                          state.last_seq, state.last_step, state.ended, list(applied), key_hash))
+                                          state.last_seq, state.last_step, state.ended, list(applied), key_hash,
+                                          last_seen=state.last_seen))
         except Exception:
             with self._lock:
                 if self._runs.get(state.id) is state:
@@ -405,8 +440,9 @@ class Guardian:
             if pruned:
                 log.info("deleted %d runs not heard from in %g days", pruned, retain_days)
 
-    def views(self) -> list[RunView]:
-        """The exporter's view of every run in memory, built now."""
+    def views(self, scraper: str = "") -> list[RunView]:
+        """The exporter's view of every run in memory, built now for a scrape by `scraper` (its peaks since its
+        previous scrape: see exporter.Peaks)."""
         with self._lock:
             states = list(self._runs.values())
         views = []
@@ -419,6 +455,7 @@ class Guardian:
                 view.stalled = view.rule_status.get("stalled") == "firing"
                 view.ended = state.ended
                 view.last_report = state.last_seen
+                view.peaks = state.tracker.peaks.take(scraper, view.latest)
                 views.append(view.copy())
         return views
 
@@ -511,6 +548,16 @@ class _Routes:
                 f"{self.token_path} (the callback, push and ctl read it from $GUARDIAN_TOKEN, else "
                 "$GUARDIAN_HOME/token)")
 
+    def index(self) -> dict[str, Any]:
+        """GET /: what this daemon serves, and which requests need the token."""
+        from guardian import __version__
+
+        reads = "token needed" if self.require_token else "open on loopback"
+        return {"service": "guardian daemon", "version": __version__, "token_file": str(self.token_path),
+                "reads": reads, "writes": "token needed (Authorization: Bearer <token>)",
+                "endpoints": [{"method": method, "path": path, "token": self.require_token or method == "POST",
+                               "what": what} for method, path, what in ENDPOINTS]}
+
     def handle(self, request: Request) -> Reply:
         method, url = request.method, urlparse(request.target)
         parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
@@ -533,8 +580,10 @@ class _Routes:
         if method == "GET" and parts == ["healthz"]:
             return Reply(200, wire.dumps({"ok": True}))
         if method == "GET" and parts == ["metrics"] and self.metrics is not None:
-            pieces, content_type = self.metrics()
+            pieces, content_type = self.metrics(scraper_of(request, query))
             return Reply(200, content_type=content_type, pieces=pieces)
+        if method == "GET" and not parts:
+            return _ok(self.index())
         if parts[:1] != ["v1"]:
             raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
         if method == "POST" and parts == ["v1", "report"]:
@@ -561,6 +610,29 @@ class _Routes:
             return _ok({"rule_sets": core.library.names(), "errors": core.library.errors,
                         "reloads": core.store.reloads()})
         raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
+
+
+ENDPOINTS = (
+    ("GET", "/", "this index"),
+    ("GET", "/healthz", "liveness: {\"ok\": true}"),
+    ("GET", "/metrics", "Prometheus metrics (?scraper=NAME tells scrapers apart for the *_max gauges)"),
+    ("GET", "/v1/runs", "every run with its status, rule states and meta"),
+    ("GET", "/v1/runs/{run_id}/events", "a run's events, a page at a time (since_seq, limit, kinds), decisions "
+                                        "and commands"),
+    ("GET", "/v1/rules", "rule sets, reload errors and reloads"),
+    ("POST", "/v1/report", "a run's events (the callback sends these)"),
+    ("POST", "/v1/runs/{run_id}/control", "queue stop, rollback, reduce_lr or skip_update for a run"),
+    ("POST", "/v1/alerts", "Alertmanager or Grafana webhooks, mapped to actions by alert-actions.yaml"),
+)
+MAX_SCRAPER_NAME = 200
+
+
+def scraper_of(request: Request, query: dict[str, list[str]]) -> str:
+    """Who is scraping /metrics, for the peaks since its previous scrape: `?scraper=NAME` (Prometheus scrape
+    config `params: {scraper: [NAME]}`), else its address and User-Agent."""
+    named = query.get("scraper", [""])[0]
+    who = f"name {named}" if named else f"{request.peer} {request.headers.get('user-agent', '')}"
+    return who[:MAX_SCRAPER_NAME]
 
 
 EVENTS_PAGE_DEFAULT = 1000
@@ -628,8 +700,11 @@ def metrics_endpoint(core: Guardian) -> Any:
     event loop (see `exposition_pieces`), and its content type, for GET /metrics."""
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-    collector = GuardianCollector(core.views, core.health)
-    return lambda: (exposition_pieces(collector, (core.report_seconds,)), CONTENT_TYPE_LATEST)
+    def render(scraper: str = "") -> tuple[Any, str]:
+        collector = GuardianCollector(lambda: core.views(scraper), core.health)
+        return exposition_pieces(collector, (core.report_seconds,)), CONTENT_TYPE_LATEST
+
+    return render
 
 
 def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path, **options: Any) -> DaemonServer:
@@ -662,6 +737,13 @@ def open_store(state_dir: Path, *, fresh: bool = False) -> Store:
     return store
 
 
+def daemon_url(host: str, port: int) -> str:
+    """The URL clients use for a daemon bound to (host, port): this machine's name for a wildcard address."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
           alert_actions: Path | None = None, tick_seconds: float = 1.0, maintain_seconds: float = 600.0,
           retain_days: float | None = None, ready: threading.Event | None = None, fresh_store: bool = False) -> None:
@@ -674,6 +756,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
     actions_file = alert_actions or state_dir / "alert-actions.yaml"
     mappings = load_alert_actions(actions_file) if alert_actions or actions_file.exists() else []
     core = Guardian(store, library, alert_actions=mappings)
+    core.restore()  # the runs in memory before a restart, with their last reports and rule states
     library.watch()
     server = make_server(core, host, port, token, token_path_)
     server.metrics = metrics_endpoint(core)
@@ -698,9 +781,9 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    bound = server.server_address
-    log.warning("guardian daemon listening on http://%s:%s (state in %s, rules in %s)", bound[0], bound[1],
-                state_dir, library.rules_dir)
+    url = daemon_url(str(server.server_address[0]), int(server.server_address[1]))
+    log.info("guardian daemon listening on %s (state in %s, rules in %s); the token for writes is in %s. "
+             "Runs report here with:\n    export GUARDIAN_URL=%s", url, state_dir, library.rules_dir, token_path_, url)
     if ready is not None:
         ready.set()
     try:

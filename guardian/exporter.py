@@ -34,6 +34,16 @@ GPU_GAUGES = {
     "temperature_celsius": "GPU temperature.",
     "power_watts": "GPU power draw.",
 }
+# Per-step values whose spikes fall between two scrapes (a 6.0 loss at one step, 1.8 at the next, scraped at
+# the next): also exported as the highest value reported since the scraper's previous scrape (see `Peaks`).
+PEAK_GAUGES = {
+    "train_loss_max": ("loss", "Highest training loss reported since this scraper's previous scrape (the last "
+                               "value when no step came between; NaN if any was NaN)."),
+    "grad_norm_max": ("grad_norm", "Highest gradient norm reported since this scraper's previous scrape (the last "
+                                   "value when no step came between; NaN if any was NaN)."),
+}
+PEAK_KEYS = frozenset(key for key, _ in PEAK_GAUGES.values())
+MAX_SCRAPERS = 8  # scrapers a run keeps a window for; the one that scraped longest ago is dropped first
 RULE_STATES = ("ok", "warming_up", "firing", "cooling_down")
 ACTIONS = ("skip_update", "rollback", "reduce_lr", "stop")
 SOURCES = ("local", "daemon", "command")
@@ -66,6 +76,34 @@ class KeyBudget:
             self.dropped += n
 
 
+class Peaks:
+    """The highest value of each of a run's PEAK_KEYS since each scraper's previous scrape.
+
+    Every scraper (the daemon tells them apart by address and User-Agent, or `?scraper=NAME`) has a window of
+    its own, so two Prometheus servers both see a spike, and a `curl /metrics` takes it from neither. A window
+    starts at the scraper's first scrape; until then (and when no step came between two scrapes) the scrape
+    shows the run's last value. A NaN in a window stays (a NaN step is never hidden behind a larger value)."""
+
+    def __init__(self, max_scrapers: int = MAX_SCRAPERS) -> None:
+        self.max_scrapers = max_scrapers
+        self._windows: dict[str, dict[str, float]] = {}  # scraper -> key -> max; oldest scrape first
+
+    def observe(self, key: str, value: float) -> None:
+        for window in self._windows.values():
+            old = window.get(key)
+            if old is None or value != value or (old == old and value > old):
+                window[key] = value
+
+    def take(self, scraper: str, latest: dict[str, float]) -> dict[str, float]:
+        """The peaks for this scrape by `scraper`; its window starts again, empty."""
+        window = self._windows.pop(scraper, {})
+        peaks = {key: window.get(key, latest.get(key, 0.0)) for key in PEAK_KEYS if key in window or key in latest}
+        self._windows[scraper] = {}
+        while len(self._windows) > self.max_scrapers:
+            del self._windows[next(iter(self._windows))]
+        return peaks
+
+
 @dataclass
 class RunView:
     """What the exporter needs to know about one run."""
@@ -84,12 +122,13 @@ class RunView:
     skipped_updates: int = 0
     nonfinite: dict[str, int] = field(default_factory=dict)  # metric -> count
     gpus: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (rank, gpu) -> facts
+    peaks: dict[str, float] = field(default_factory=dict)  # PEAK_KEYS since the scraper's last scrape (Peaks)
 
     def copy(self) -> RunView:
         """A copy to render from while the run moves on (its dicts copied; ~10x faster than deepcopy)."""
         return replace(self, latest=dict(self.latest), rule_status=dict(self.rule_status),
                        rule_firings=dict(self.rule_firings), actions=dict(self.actions), nonfinite=dict(self.nonfinite),
-                       gpus={key: dict(facts) for key, facts in self.gpus.items()})
+                       peaks=dict(self.peaks), gpus={key: dict(facts) for key, facts in self.gpus.items()})
 
 
 class GuardianCollector(Collector):
@@ -117,6 +156,12 @@ class GuardianCollector(Collector):
             for view in views:
                 if key in view.latest:
                     family.add_metric([view.run_id], view.latest[key])
+            yield family
+        for name, (key, doc) in PEAK_GAUGES.items():
+            family = GaugeMetricFamily(f"guardian_{name}", doc, labels=["run_id"])
+            for view in views:
+                if key in view.peaks:
+                    family.add_metric([view.run_id], view.peaks[key])
             yield family
         info = GaugeMetricFamily("guardian_run_info", "A run Guardian watches (always 1).", labels=["run_id", "rules", "host"])
         seen = GaugeMetricFamily("guardian_last_report_timestamp_seconds", "Unix time of the run's last report.",
@@ -201,6 +246,7 @@ class RunTracker:
         self.max_keys, self.budget = max_keys, budget
         self.keys: set[Any] = set()  # the value keys and (rank, gpu) pairs the view holds
         self.dropped = 0
+        self.peaks = Peaks()
 
     def _keep(self, key: Any) -> bool:
         if key in self.keys:
@@ -249,6 +295,8 @@ class RunTracker:
                 continue
             if value != value or value in (float("inf"), float("-inf")):
                 view.nonfinite[key] = view.nonfinite.get(key, 0) + 1
+            if key in PEAK_KEYS:
+                self.peaks.observe(key, value)
             view.latest[key] = value  # NaN and infinities too: a run that ended on NaN must not look healthy
         view.latest["step"] = float(event.get("step", 0))
         for key in ("epoch", "lr_scale"):

@@ -302,6 +302,10 @@ class HTTPServer:
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass  # the client went away, or the sweep closed the connection
+        except asyncio.CancelledError:
+            # the server is shutting down (asyncio.run cancels the keep-alive connections): end quietly, or
+            # Python 3.11's stream callback logs a CancelledError traceback for each open connection
+            pass
         finally:
             self._conns.pop(conn, None)
             self._idle.pop(conn, None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guardian import wire
+from guardian.actions import ActionKind
 from guardian.engine import Decision, Engine
 from guardian.logs import EVAL, TRAIN, LogReport, Observation, read_log_with_report
 from guardian.ruleset import RuleSet
@@ -27,12 +28,47 @@ class ReplayResult:
     report: LogReport
     observations: int
     decisions: list[Decision]
+    train_steps: int = 0  # training observations (steps logged)
+    last_step: int | None = None
 
     def rules_fired(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for decision in self.decisions:
             counts[decision.rule] = counts.get(decision.rule, 0) + 1
         return counts
+
+    @property
+    def stop(self) -> Decision | None:
+        """The first decision that stops the run: a guarded run would have ended there."""
+        return next((d for d in self.decisions if any(a.kind is ActionKind.STOP for a in d.actions)), None)
+
+    @property
+    def until_stop(self) -> list[Decision]:
+        """The decisions a guarded run would have seen: all of them, or those up to and including the stop."""
+        stop = self.stop
+        return self.decisions if stop is None else self.decisions[:self.decisions.index(stop) + 1]
+
+    @property
+    def after_stop(self) -> list[Decision]:
+        """Decisions the rules made on steps a guarded run would never have trained."""
+        return self.decisions[len(self.until_stop):]
+
+    def summary(self) -> str:
+        """One line: steps, decisions, the first decision and the stop."""
+        steps = f"{self.train_steps} logged steps" + (f" (last step {self.last_step})" if self.last_step is not None
+                                                      else "")
+        if not self.decisions:
+            return f"{steps}, 0 decisions"
+        first = self.decisions[0]
+        text = f"{steps}, {_count(len(self.decisions), 'decision')}; first at step {first.step} ({first.rule})"
+        stop = self.stop
+        if stop is None:
+            return text + "; no stop"
+        return text + f"; would have stopped at step {stop.step} ({stop.rule})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def replay_observations(observations: list[Observation], ruleset: RuleSet) -> list[Decision]:
@@ -57,7 +93,13 @@ def replay(path: str | os.PathLike[str], ruleset: RuleSet) -> ReplayResult:
         report = LogReport(GUARDIAN_EVENTS, str(events), 0, 0, 0)
     else:
         observations, report = read_log_with_report(path)
-    return ReplayResult(str(path), report, len(observations), replay_observations(observations, ruleset))
+    return _result(str(path), report, observations, ruleset)
+
+
+def _result(path: str, report: LogReport, observations: list[Observation], ruleset: RuleSet) -> ReplayResult:
+    train = [obs.step for obs in observations if obs.kind == TRAIN]
+    return ReplayResult(path, report, len(observations), replay_observations(observations, ruleset), len(train),
+                        max(train, default=None))
 
 
 def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResult:
@@ -66,7 +108,7 @@ def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResul
         observations = _observations(store.events(run_id, ("metrics",)))
     db = state_dir / "guardian.db"
     report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
-    return ReplayResult(f"{db}#{run_id}", report, len(observations), replay_observations(observations, ruleset))
+    return _result(f"{db}#{run_id}", report, observations, ruleset)
 
 
 def _guardian_events_file(path: Path) -> Path | None:

@@ -108,6 +108,8 @@ class ReportWrite:
     ended: bool
     applied: list[int] = field(default_factory=list)  # command ids the run reports as applied
     key_hash: str | None = None  # the run's key was bound (anew) with this report; None: unchanged
+    # the time of the run's last report (a commit on shutdown, eviction or a stall decision keeps it); None: now
+    last_seen: float | None = None
 
 
 class Store:
@@ -189,11 +191,12 @@ class Store:
         meta = json.dumps(w.meta)  # everything is encoded before the lock is taken
         events = [(w.run_id, e["seq"], e["kind"], e.get("step"), e.get("time"), json.dumps(e)) for e in w.events]
         decisions = [(w.run_id, d["step"], d["rule"], d["severity"], now, json.dumps(d)) for d in w.decisions]
+        seen = now if w.last_seen is None else w.last_seen
         with self._tx() as db:
             db.execute(
                 "INSERT INTO runs (id, rules, meta, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, rules = excluded.rules",
-                (w.run_id, w.rules, meta, now, now),
+                (w.run_id, w.rules, meta, now, seen),
             )
             added = db.executemany(
                 "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)", events,
@@ -232,6 +235,12 @@ class Store:
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
         return [json.loads(row[0]) for row in self._read(sql, tuple(args))]
+
+    def last_event(self, run_id: str, kind: str) -> dict[str, Any] | None:
+        """The run's newest event of this kind (by seq), or None."""
+        rows = self._read("SELECT body FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1",
+                          (run_id, kind))
+        return json.loads(rows[0][0]) if rows else None
 
     def event_seqs(self, run_id: str) -> list[int]:
         return [row[0] for row in self._query("SELECT seq FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]

@@ -41,7 +41,7 @@ GPU = ("run_id", "rank", "gpu")
 METRICS: dict[str, tuple[str, ...]] = {
     **{name: RUN for name in (
         "guardian_train_loss", "guardian_eval_loss", "guardian_grad_norm", "guardian_learning_rate",
-        "guardian_lr_scale", "guardian_global_step", "guardian_epoch", "guardian_tokens_per_second",
+        "guardian_train_loss_max", "guardian_grad_norm_max", "guardian_lr_scale", "guardian_global_step", "guardian_epoch", "guardian_tokens_per_second",
         "guardian_samples_per_second", "guardian_last_report_timestamp_seconds", "guardian_run_stalled",
         "guardian_run_ended", "guardian_rollbacks_total", "guardian_skipped_updates_total")},
     "guardian_run_info": ("run_id", "rules", "host"),
@@ -264,6 +264,7 @@ def test_no_dangling_variables(dashboard: dict[str, Any]) -> None:
 def test_panels_show_what_the_training_dashboard_needs(dashboard: dict[str, Any]) -> None:
     queried = {name for _, expr in panel_queries(dashboard) for name in metric_names(expr)}
     for metric in ("guardian_train_loss", "guardian_eval_loss", "guardian_grad_norm", "guardian_learning_rate",
+                   "guardian_train_loss_max", "guardian_grad_norm_max",
                    "guardian_lr_scale", "guardian_tokens_per_second", "guardian_samples_per_second",
                    "guardian_gpu_memory_used_bytes", "guardian_gpu_memory_total_bytes", "guardian_rule_state",
                    "guardian_actions_total", "guardian_rule_firings_total", "guardian_run_stalled",
