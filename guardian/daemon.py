@@ -544,9 +544,9 @@ class _Routes:
             return ("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
                     f"http_config.authorization.credentials_file: {self.token_path})")
         what = "every request" if self.require_token else "writes (reports, control, alerts)"
-        return (f"a valid token is required for {what}: send 'Authorization: Bearer <token>'; the token is in "
-                f"{self.token_path} (the callback, push and ctl read it from $GUARDIAN_TOKEN, else "
-                "$GUARDIAN_HOME/token)")
+        return (f"a valid token is required for {what}; the token is in {self.token_path}. The guardian commands "
+                "and the callback read it from --token or $GUARDIAN_TOKEN, else $GUARDIAN_HOME/token; over HTTP "
+                "send 'Authorization: Bearer <token>'")
 
     def index(self) -> dict[str, Any]:
         """GET /: what this daemon serves, and which requests need the token."""
