@@ -111,3 +111,19 @@ def test_the_index_lists_the_endpoints_and_writes_still_need_the_token(tmp_path:
     assert index["token_file"] == str(tmp_path / "state" / "token")
     assert refused.value.status == 401
 
+
+
+def test_saving_a_stall_decision_keeps_the_time_of_the_last_report(tmp_path: Path) -> None:
+    from guardian import wire
+    from guardian.daemon import Guardian
+    from guardian.reload import RuleLibrary
+    from guardian.store import Store
+
+    core = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
+    core.report(wire.Report("r", "default", {}, [metrics(1, 1, loss=1.0)]), run_key=RUN_KEY)
+    reported = core.runs()[0]["last_seen"]
+    time.sleep(0.3)
+    core.tick(now=reported + 400)  # the stall decision is committed...
+    core.flush()  # ...and so is the state on shutdown
+    (run,) = core.runs()
+    assert run["status"] == "stalled" and run["last_seen"] == reported  # ...without moving the last report
