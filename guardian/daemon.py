@@ -545,8 +545,8 @@ class _Routes:
                     f"http_config.authorization.credentials_file: {self.token_path})")
         what = "every request" if self.require_token else "writes (reports, control, alerts)"
         return (f"a valid token is required for {what}; the token is in {self.token_path}. The guardian commands "
-                "and the callback read it from --token or $GUARDIAN_TOKEN, else $GUARDIAN_HOME/token; over HTTP "
-                "send 'Authorization: Bearer <token>'")
+                "read it from --token or $GUARDIAN_TOKEN, the callback from token= or $GUARDIAN_TOKEN, both else "
+                "from $GUARDIAN_HOME/token; over HTTP send 'Authorization: Bearer <token>'")
 
     def index(self) -> dict[str, Any]:
         """GET /: what this daemon serves, and which requests need the token."""
