@@ -97,35 +97,34 @@ def test_bars() -> None:
 
 
 def test_runs_table_and_decisions_at_100_columns() -> None:
-    # tok/s, eval loss and lr are the first to go when the columns do not fit; the run id is cut short.
+    # the run id keeps its whole width; tok/s, GPU memory and the sparklines give way first, eval loss and lr stay.
     assert render(widgets.runs_screen(SNAPSHOT, 0, width=100, height=12, waiting=""), 100) == """\
-   run          status  step              loss             grad norm      GPU memory      firing
-────────────────────────────────────────────────────────────────────────────────────────────────────
-▶  llama-lora…  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  1.42   ▆▄×▃▁█  0 ████░ 61/80G  loss_spike
-                                                                          1 █████ 75/80G
-   qwen-full    ended   400/400 ██████    0.5748 █▅▃▁▁     —              —               —
+   run                  status    step       loss    eval loss  lr           grad norm  firing
+──────────────────────────────────────────────────────────────────────────────────────────────────
+▶  llama-lora-3f2a9c1d  firing    1520/3000  2.45    2.687      0.0002 ×0.5  1.42       loss_spike
+   qwen-full            finished  400/400    0.5748  —          —            —          —
 ╭─ latest decisions of llama-lora-3f2a9c1d (2) ────────────────────────────────────────────────────╮
-│ step     15 non_finite_loss      skip_update  loss is nan at step 15: non-finite loss=nan, grad… │
-│ step   1519 loss_spike           skip_update  loss 5.61 at step 1519 is 69 robust z above its r… │
+│ step     15 non_finite_loss skip_update  loss is nan at step 15: non-finite loss=nan, grad_norm… │
+│ step   1519 loss_spike      skip_update  loss 5.61 at step 1519 is 69 robust z above its rollin… │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯"""
 
 
 def test_runs_table_with_room_for_every_column() -> None:
     assert render(widgets.runs_table(SNAPSHOT.runs, 1, width=160), 160) == """\
-   run                  status  step              loss             eval loss  grad norm      lr           tok/s  GPU memory      firing
-───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
-   llama-lora-3f2a9c1d  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  2.687      1.42   ▆▄×▃▁█  0.0002 ×0.5  12.3k  0 ████░ 61/80G  loss_spike
-                                                                                                                 1 █████ 75/80G
-▶  qwen-full            ended   400/400 ██████    0.5748 █▅▃▁▁     —          —              —            —      —               —"""
+   run                  status    step       loss               eval loss  lr           grad norm      firing      GPU memory      tok/s  decisions  last report
+────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+   llama-lora-3f2a9c1d  firing    1520/3000  2.45   █▇▅▄▃×▂▂▁▁  2.687      0.0002 ×0.5  1.42   ▆▄×▃▁█  loss_spike  0 ████░ 61/80G  12.3k  2          2 s ago
+                                                                                                                   1 █████ 75/80G
+▶  qwen-full            finished  400/400    0.5748 █▅▃▁▁       —          —            —              —           —               —      0          —"""
 
 
 def test_narrow_layout_keeps_id_status_step_and_loss() -> None:
     assert render(widgets.runs_screen(SNAPSHOT, 1, width=60, height=12, waiting=""), 60) == """\
-   run             status  step              loss
-────────────────────────────────────────────────────────────
-   llama-lora-3f…  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁
-▶  qwen-full       ended   400/400 ██████    0.5748 █▅▃▁▁
-╭─ latest decisions of qwen-full (0) ──────────────────────╮
+   run           status    step       loss    eval loss
+───────────────────────────────────────────────────────
+   llama…2a9c1d  firing    1520/3000  2.45    2.687
+▶  qwen-full     finished  400/400    0.5748  —
+╭─ latest decisions of qwen-full (0) · finished ───────────╮
 │ no decisions yet: every rule is quiet                    │
 ╰──────────────────────────────────────────────────────────╯"""
 
@@ -147,14 +146,16 @@ def test_detail_view() -> None:
 run llama-lora-3f2a9c1d · firing · step 1520/3000 █████░░░░░ · last report 2 s ago
 loss 2.45 · eval loss 2.687 · grad norm 1.42 · lr 0.0002 ×0.5 · tok/s 12.3k · GPU 0 ████░ 61/80G ·
 GPU 1 █████ 75/80G
-╭─ curves over the last 10 steps ──────────────────────────────────────────────────────────────────╮
+╭─ curves over the last 10 values ─────────────────────────────────────────────────────────────────╮
 │ loss             3.8 █▅   ×                                                                      │
 │                      ██▇▄▁×                                                                      │
 │                 2.45 █████×▅▄▂▁                                                                  │
 │ grad norm        1.5 ▅█▂ ×  ▆                                                                    │
 │                    1 ███▇×▄▁█                                                                    │
-│ eval loss      2.687 █▁▁                                                                         │
-│ lr            0.0002 ▁▅█▅                                                                        │
+│ eval loss        2.9 █                                                                           │
+│                2.687 █▂▁                                                                         │
+│ lr            0.0004  ▁█▁                                                                        │
+│                    0 ▁███                                                                        │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
 rule              state        ╭─ decision log (2, newest first) ──────────────────────────────────╮
 ────────────────────────────── │ step   1519 loss_spike           skip_update  loss 5.61 at step   │
@@ -166,7 +167,7 @@ lr_blowup         cooling_down ╰───────────────�
 
 def test_detail_view_narrow_stacks_the_log_above_the_rules_and_scrolls() -> None:
     text = render(widgets.detail_view(LLAMA, width=60, height=30, scrolled=1), 60)
-    assert text.splitlines()[13:18] == [
+    assert text.splitlines()[15:20] == [
         "╭─ decision log (2, from the 2nd newest) ──────────────────╮",
         "│ step     15 non_finite_loss      skip_update  loss is    │",
         "│ nan at step 15: non-finite loss=nan, grad_norm=nan       │",
@@ -198,6 +199,74 @@ def test_many_runs_scroll_to_keep_the_selected_one_visible() -> None:
     runs = tuple(RunSnapshot(f"run-{i:02d}", "running", step=i) for i in range(30))
     text = render(widgets.runs_table(runs, 25, width=60, max_rows=5), 60)
     assert [line.split()[0] for line in text.splitlines()[2:]] == ["run-21", "run-22", "run-23", "run-24", "▶"]
+
+
+FAMILY = Snapshot((
+    RunSnapshot("lora-r8-clean-3f2a9c1d", "running", step=1520, max_steps=3000, loss=2.45, eval_loss=2.687,
+                learning_rate=2e-4, grad_norm=1.4, history={"loss": tuple(3.0 - i / 40 for i in range(40))}),
+    RunSnapshot("lora-r8-faulty-3f2a9c1d", "firing", step=1519, max_steps=3000, loss=NAN, eval_loss=2.9,
+                learning_rate=2e-4, lr_scale=0.5, rules={"non_finite_loss": "firing"}),
+    RunSnapshot("lora-r8-by-hand-3f2a9c1d", "ended", step=700, max_steps=3000, loss=2.61, eval_loss=2.75,
+                learning_rate=1e-4, stopped_by="operator"),
+), URL)
+
+
+def test_at_80_columns_ids_stay_whole_and_loss_eval_loss_and_lr_stay() -> None:
+    lines = render(widgets.runs_table(FAMILY.runs, 0, width=80), 80).splitlines()
+    assert lines[0].split() == ["run", "status", "step", "loss", "eval", "loss", "lr"]
+    assert [line[3:].split()[0] for line in lines[2:]] == [r.id for r in FAMILY.runs]
+    assert lines[3].split()[1:] == ["firing", "1519/3000", "nan", "2.9", "0.0002", "×0.5"]
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_ids_are_cut_only_when_nothing_else_can_give_way_and_keep_what_tells_them_apart() -> None:
+    lines = render(widgets.runs_table(FAMILY.runs, 0, width=50), 50).splitlines()
+    assert [line[3:].split()[0] for line in lines[2:]] == ["lora-…clean…", "lora…faulty…", "lor…by-hand…"]
+    assert widgets.short_id("lora-r8-faulty-3f2a9c1d", 12) == "lora-…2a9c1d"  # alone: the middle goes
+    assert widgets.short_id("short", 12) == "short"
+
+
+def test_wide_terminals_get_long_sparklines_with_their_scale_and_more_columns() -> None:
+    lines = render(widgets.runs_table(FAMILY.runs, 0, width=200), 200).splitlines()
+    assert lines[0].split()[-3:] == ["norm", "firing", "decisions"]
+    cells = lines[2].split()
+    assert len(cells[6]) >= 32 and cells[7:11] == ["min", "2.02", "max", "3"]  # the last 40 losses: 3 down to 2.02
+    assert "stopped by operator" in lines[4]
+
+
+def test_an_ended_run_says_how_it_ended() -> None:
+    from guardian.tui.source import RunRecord
+
+    def ended(*events: dict[str, Any]) -> RunSnapshot:
+        record = RunRecord("r")
+        for seq, event in enumerate([{"kind": "start", "max_steps": 50}, *events], start=1):
+            record.apply({"seq": seq, "time": 1000.0 + seq, "step": 5, **event})
+        return record.snapshot({})
+
+    assert ended({"kind": "end"}).ending == "finished"
+    assert ended({"kind": "action", "rules": ["overfitting"], "stopped": True, "skipped_update": True},
+                 {"kind": "end"}).ending == "stopped by rule overfitting"
+    by_hand = ended({"kind": "action", "rules": ["manual:stop"], "source": "command", "stopped": True,
+                     "skipped_update": True, "command_ids": [4]}, {"kind": "end"})
+    assert by_hand.ending == "stopped by operator"
+    assert [(d.step, d.rule, d.actions, d.reason) for d in by_hand.decisions] == [
+        (5, "operator", "stop", "skipped this update; stopping training (by hand, command 4)")]
+    assert RunSnapshot("r", "stalled").ending == "crashed or lost" and RunSnapshot("r", "running").ending is None
+    assert ended({"kind": "end"}, {"kind": "start"}).ending is None  # resumed: running again
+    screen_text = render(widgets.runs_screen(Snapshot((by_hand,), URL), 0, width=100, height=12, waiting=""), 100)
+    assert "stopped by operator" in screen_text.splitlines()[2]
+    assert "╭─ latest decisions of r (1) · stopped by operator" in screen_text
+
+
+def test_the_eval_curve_is_drawn_at_its_steps() -> None:
+    run = RunSnapshot("r", "running", step=40, history={"loss": tuple(2.0 for _ in range(40)), "eval_loss": (3.0, 2.0)},
+                      history_steps={"loss": tuple(range(1, 41)), "eval_loss": (20, 40)})
+    lines = render(widgets.curves_panel(run, width=62), 62).splitlines()
+    assert lines[0].startswith("╭─ curves over steps 1–40")
+    [bottom] = [line[23:59] for line in lines if line.startswith("│                    2 ") and "█" in line]
+    # 36 columns for steps 1..40: the eval of step 20 is at column 17, held until the eval of step 40 at the end
+    assert bottom == " " * 17 + "█" * 18 + "▁"
+    assert lines[-2].split() == ["│", "step", "1", "40", "│"]
 
 
 # ---- keys, prompt and actions ----------------------------------------------------------------------
@@ -241,16 +310,16 @@ def test_the_whole_screen_with_a_confirmation_prompt() -> None:
     app = app_for(FakeSource([SNAPSHOT]))
     press(app, "s")
     assert render(app.render(), 100, 14) == """\
-guardian top · http://127.0.0.1:8765 · 2 runs
-   run          status  step              loss             grad norm      GPU memory      firing
-────────────────────────────────────────────────────────────────────────────────────────────────────
-▶  llama-lora…  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  1.42   ▆▄×▃▁█  0 ████░ 61/80G  loss_spike
-                                                                          1 █████ 75/80G
-   qwen-full    ended   400/400 ██████    0.5748 █▅▃▁▁     —              —               —
+guardian top · http://127.0.0.1:8765 · 2 runs · sorted by started (o)
+   run                  status    step       loss    eval loss  lr           grad norm  firing
+──────────────────────────────────────────────────────────────────────────────────────────────────
+▶  llama-lora-3f2a9c1d  firing    1520/3000  2.45    2.687      0.0002 ×0.5  1.42       loss_spike
+   qwen-full            finished  400/400    0.5748  —          —            —          —
 ╭─ latest decisions of llama-lora-3f2a9c1d (2) ────────────────────────────────────────────────────╮
-│ step     15 non_finite_loss      skip_update  loss is nan at step 15: non-finite loss=nan, grad… │
-│ step   1519 loss_spike           skip_update  loss 5.61 at step 1519 is 69 robust z above its r… │
+│ step     15 non_finite_loss skip_update  loss is nan at step 15: non-finite loss=nan, grad_norm… │
+│ step   1519 loss_spike      skip_update  loss 5.61 at step 1519 is 69 robust z above its rollin… │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
+
 
 
 
@@ -262,10 +331,10 @@ def test_stop_rollback_and_reduce_lr_are_sent_only_after_yes() -> None:
     app = app_for(source)
     press(app, "s", "n")
     assert source.sent == [] and screen(app)[-1] == "cancelled: stop of llama-lora-3f2a9c1d"
-    press(app, "j", "r", "y")
-    assert source.sent == [("qwen-full", "rollback", {})]
-    assert screen(app)[-1].startswith("queued rollback for qwen-full (command 7); it is carried out at the run's")
-    press(app, "k", "l", "y")
+    press(app, "r", "y")
+    assert source.sent == [("llama-lora-3f2a9c1d", "rollback", {})]
+    assert screen(app)[-1].startswith("queued rollback for llama-lora-3f2a9c1d (command 7); it is carried out at")
+    press(app, "l", "y")
     assert source.sent[-1] == ("llama-lora-3f2a9c1d", "reduce_lr", {"factor": 0.5})
 
 
@@ -279,7 +348,7 @@ def test_a_refused_action_shows_the_daemons_reason() -> None:
 def test_read_only_source_says_actions_need_the_daemon() -> None:
     source = FakeSource([SNAPSHOT], read_only="read-only (--dir): actions need the daemon")
     app = app_for(source, width=160)
-    assert screen(app)[-1] == "↑/↓ select · enter details · read-only (--dir): actions need the daemon · q quit"
+    assert screen(app)[-1] == "↑/↓ select · enter details · o order · read-only (--dir): actions need the daemon · q quit"
     press(app, "s")
     assert app.pending is None and source.sent == []
     assert screen(app)[-1].startswith("read-only (--dir): actions need the daemon: start the run with GUARDIAN_URL")
@@ -294,7 +363,7 @@ def test_moving_opening_details_and_going_back() -> None:
     press(app, "down", "down", "down")  # in the detail view: older decisions
     assert app.scrolled == 1 and "decision log (2, from the 2nd newest)" in "\n".join(screen(app))
     press(app, "esc")
-    assert "latest decisions of llama-lora-3f2a9c1d (2)" in screen(app)[6]
+    assert any(line.startswith("╭─ latest decisions of llama-lora-3f2a9c1d (2)") for line in screen(app))
     press(app, "enter", "backspace")
     assert not app.detail
     assert press(app, "q") is False
@@ -649,3 +718,54 @@ def test_guardian_top_restores_the_terminal_on_sigterm_and_shows_an_empty_dir(
     os.kill(int(term.pid_file.read_text()), signal.SIGTERM)
     assert term.exited() == 128 + signal.SIGTERM
     assert term.terminal_restored()
+
+
+# ---- a real session: three runs through a real daemon, one stopped from top, one with `guardian ctl` ----------
+
+
+class AtStep:
+    """A Trainer callback that calls functions at the end of chosen steps (an operator pressing keys)."""
+
+    def __init__(self, actions: dict[int, Callable[[], None]]) -> None:
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):  # type: ignore[misc]
+            def on_step_end(inner, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: N805
+                if state.global_step in actions:
+                    actions[state.global_step]()
+
+        self.callback = _Callback()
+
+
+CLEAN, FAULTY, BY_HAND, BY_CTL = ("lora-r8-clean-3f2a9c1d", "lora-r8-faulty-3f2a9c1d", "lora-r8-by-hand-3f2a9c1d",
+                                  "lora-r8-by-ctl-3f2a9c1d")
+
+
+def real_session(tmp_path: Path, url: str, token: str) -> TopApp:
+    """A real daemon's view of four tiny real runs: healthy; rescued by skips; stopped with `s` in top;
+    given a rollback then a stop with `guardian ctl`. Returns the `top` app (80×24) that stopped the third."""
+    from guardian.callbacks import GuardianCallback
+    from guardian.callbacks.faults import Fault, FaultInjector
+    from guardian.cli import main
+    from guardian.tinyrun import TinyRun
+
+    app = TopApp(DaemonSource(url, token), Console(width=80, height=24, file=io.StringIO(), color_system=None))
+
+    def press_in_top(*keys: str) -> None:
+        app.snapshot = app.source.snapshot()
+        app.selected_id = BY_HAND
+        press(app, *keys)
+
+    def ctl(*args: str) -> None:
+        assert main(["ctl", *args, BY_CTL, "--url", url, "--token", token]) == 0
+
+    def train(run_id: str, *callbacks: Any) -> None:
+        TinyRun(str(tmp_path / run_id), max_steps=40, eval_steps=10).trainer(
+            [*callbacks, GuardianCallback(url=url, token=token, run_id=run_id, deadline_seconds=2.0)]).train()
+
+    train(CLEAN)
+    train(FAULTY, FaultInjector([Fault("nan", 12), Fault("nan", 25)]))
+    train(BY_HAND, AtStep({18: lambda: press_in_top("s", "y")}).callback)
+    train(BY_CTL, AtStep({10: lambda: ctl("rollback"), 22: lambda: ctl("stop")}).callback)
+    app.snapshot = app.source.snapshot()
+    return app

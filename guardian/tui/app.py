@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console, RenderableType
@@ -35,6 +35,24 @@ ACTION_KEYS: dict[str, tuple[str, dict[str, Any], str]] = {
     "r": ("rollback", {}, "roll back"),
     "l": ("reduce_lr", {"factor": 0.5}, "reduce the learning rate (×0.5) of"),
 }
+
+
+# the orders `o` steps through; the first is the default. Every order is stable from poll to poll.
+SORT_ORDERS = ("started", "id", "status")
+_STATUS_RANK = {"stalled": 0, "firing": 1, "running": 2, "ended": 3}
+
+
+def sort_runs(runs: tuple[RunSnapshot, ...], order: str) -> tuple[RunSnapshot, ...]:
+    """The runs in `order`: "started" (oldest first; a run whose start is not known yet last), "id", or
+    "status" (stalled, firing, running, ended; then by start). Ties go by id, so rows never swap by chance."""
+    def started(run: RunSnapshot) -> tuple[bool, float]:
+        return run.started is None, run.started or 0.0
+
+    if order == "id":
+        return tuple(sorted(runs, key=lambda r: r.id))
+    if order == "status":
+        return tuple(sorted(runs, key=lambda r: (_STATUS_RANK.get(r.status, 9), *started(r), r.id)))
+    return tuple(sorted(runs, key=lambda r: (*started(r), r.id)))
 
 
 @dataclass
@@ -82,7 +100,8 @@ class TopApp:
 
     def __init__(self, source: Source, console: Console, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.source, self.console, self.clock = source, console, clock
-        self.snapshot = Snapshot((), source.where)
+        self.order = SORT_ORDERS[0]
+        self._snapshot = Snapshot((), source.where)
         self.selected_id: str | None = None
         self.selected_index = 0
         self.detail = False
@@ -90,6 +109,20 @@ class TopApp:
         self.pending: Pending | None = None
         self.message: Text | None = None
         self.message_at = 0.0
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, snapshot: Snapshot) -> None:
+        """Take a new snapshot, its runs in the screen's order (the selection follows its run)."""
+        self._snapshot = replace(snapshot, runs=sort_runs(snapshot.runs, self.order))
+
+    def cycle_order(self) -> None:
+        self.order = SORT_ORDERS[(SORT_ORDERS.index(self.order) + 1) % len(SORT_ORDERS)]
+        self.snapshot = self._snapshot
+        self._say(f"sorted by {self.order}", "dim")
 
     # ---- selection ---------------------------------------------------------------------------------
 
@@ -136,6 +169,8 @@ class TopApp:
             self.detail = False
         elif key in ACTION_KEYS:
             self._ask(key)
+        elif key == "o" and not self.detail:
+            self.cycle_order()
         return True
 
     def _ask(self, key: str) -> None:
@@ -145,6 +180,9 @@ class TopApp:
         elif self.source.read_only:
             self._say(f"{self.source.read_only}: start the run with GUARDIAN_URL set and use `guardian top --url`",
                       "yellow")
+        elif run.ended:
+            self._say(f"refused: {run.id} has ended ({run.ending}); only a run still training can be stopped, "
+                      "rolled back or have its LR cut", "yellow")
         else:
             action, params, words = ACTION_KEYS[key]
             self.pending = Pending(run.id, action, dict(params), words)
@@ -172,13 +210,13 @@ class TopApp:
                         overflow="ellipsis")
         if self.message is not None and self.clock() - self.message_at < MESSAGE_SECONDS:
             return self.message
-        keys = "esc back · ↑/↓ scroll decisions" if self.detail else "↑/↓ select · enter details"
+        keys = "esc back · ↑/↓ scroll decisions" if self.detail else "↑/↓ select · enter details · o order"
         acts = f" · {self.source.read_only}" if self.source.read_only else " · s stop · r rollback · l LR ×0.5"
         return widgets.footer(f"{keys}{acts} · q quit")
 
     def render(self) -> RenderableType:
         width, height = self.console.size
-        head = widgets.header(self.snapshot)
+        head = widgets.header(self.snapshot, None if self.detail else self.order)
         head_lines = len(head.wrap(self.console, width))
         body_height = max(1, height - head_lines - 1)
         layout = Layout()
