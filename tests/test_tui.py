@@ -398,6 +398,40 @@ def test_key_reader_restores_the_terminal_even_on_an_exception() -> None:
         os.close(child)
 
 
+def test_rows_keep_their_order_from_poll_to_poll_and_o_changes_it() -> None:
+    older, newer = (RunSnapshot("lora-r8-zeta", "running", step=5, started=100.0),
+                    RunSnapshot("lora-r8-alpha", "firing", step=3, started=200.0))
+    # the daemon lists the most recently heard-from run first, which changes with every report
+    app = app_for(FakeSource([Snapshot((newer, older), URL), Snapshot((older, newer), URL)]))
+    first = [line.split()[0] for line in screen(app)[3:5]]
+    app.snapshot = app.source.snapshot()
+    assert [line.split()[0] for line in screen(app)[3:5]] == first == ["▶", "lora-r8-alpha"]  # oldest first
+    assert app.selected_id == "lora-r8-zeta"
+    press(app, "o")
+    assert app.order == "id" and [r.id for r in app.snapshot.runs] == ["lora-r8-alpha", "lora-r8-zeta"]
+    assert app.selected_id == "lora-r8-zeta" and screen(app)[0].endswith("sorted by id (o)")
+    press(app, "o")
+    assert [r.id for r in app.snapshot.runs] == ["lora-r8-alpha", "lora-r8-zeta"]  # status: firing first
+
+
+def test_s_r_and_l_on_an_ended_run_are_refused() -> None:
+    source = FakeSource([FAMILY])
+    app = app_for(source)
+    app.selected_id = "lora-r8-by-hand-3f2a9c1d"
+    for key in ("s", "r", "l"):
+        press(app, key)
+        assert app.pending is None and source.sent == []
+        assert screen(app)[-1].startswith("refused: lora-r8-by-hand-3f2a9c1d has ended (stopped by operator);")
+
+
+def test_top_help_lists_the_keys() -> None:
+    result = subprocess.run([sys.executable, "-m", "guardian.cli", "top", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    keys = [line.split()[0] for line in result.stdout.split("keys:\n", 1)[1].splitlines() if line.startswith("  ")]
+    assert keys == ["up/down,", "enter", "esc", "o", "s", "r", "l", "q"]
+
+
 # ---- the --dir source ------------------------------------------------------------------------------
 
 
@@ -694,7 +728,8 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         commands = request(daemon.url, "GET", "/v1/runs/tui-run/events")["commands"]
         assert [(c["action"], c["source"]) for c in commands] == [("stop", "ctl")]
         assert training.wait(timeout=180) == 0  # the run carried out the stop
-        term.wait(lambda s: "▶  tui-run  ended" in s, "the run to show as ended", 30)
+        term.wait(lambda s: "▶  tui-run  stopped" in s, "the run to show as stopped", 30)
+        term.wait_for("tui-run (2) · stopped by operator", "operator stop")
 
         term("resize-window", "-t", "top", "-x", "70")
         narrow = term.wait(lambda s: "grad norm" not in s and "tui-run" in s, "the narrow layout")
@@ -760,7 +795,7 @@ def real_session(tmp_path: Path, url: str, token: str) -> TopApp:
         assert main(["ctl", *args, BY_CTL, "--url", url, "--token", token]) == 0
 
     def train(run_id: str, *callbacks: Any) -> None:
-        TinyRun(str(tmp_path / run_id), max_steps=40, eval_steps=10).trainer(
+        TinyRun(str(tmp_path / run_id), max_steps=30, eval_steps=10).trainer(
             [*callbacks, GuardianCallback(url=url, token=token, run_id=run_id, deadline_seconds=2.0)]).train()
 
     train(CLEAN)
@@ -769,3 +804,37 @@ def real_session(tmp_path: Path, url: str, token: str) -> TopApp:
     train(BY_CTL, AtStep({10: lambda: ctl("rollback"), 22: lambda: ctl("stop")}).callback)
     app.snapshot = app.source.snapshot()
     return app
+
+
+@pytest.mark.slow
+def test_a_real_session_operator_actions_and_endings_through_a_real_daemon(tmp_path: Path) -> None:
+    from daemonkit import in_process_daemon
+
+    from guardian.cli import main
+
+    with in_process_daemon(tmp_path / "state") as (_, url, token):
+        top = real_session(tmp_path, url, token)
+        assert top.message is not None and top.message.plain.startswith(f"queued stop for {BY_HAND} (command 1)")
+        runs = {run.id: run for run in top.snapshot.runs}
+        assert [r.id for r in top.snapshot.runs] == [CLEAN, FAULTY, BY_HAND, BY_CTL]  # in the order they started
+        assert {r.id: r.ending for r in runs.values()} == {CLEAN: "finished", FAULTY: "finished",
+                                                            BY_HAND: "stopped by operator", BY_CTL: "stopped by operator"}
+        assert [(d.rule, d.step) for d in runs[FAULTY].decisions] == [("non_finite_loss", 12), ("non_finite_loss", 25)]
+        log = [(d.rule, d.actions, d.reason) for d in runs[BY_CTL].decisions]
+        assert [entry[:2] for entry in log] == [("operator", "rollback"), ("operator", "stop")]
+        assert log[0][2].startswith("rolled back to step 0 from memory") and log[0][2].endswith("(by hand, command 2)")
+        assert log[1][2] == "skipped this update; stopping training (by hand, command 3)"
+
+        top.selected_id = BY_HAND
+        text = "\n".join(screen(top))
+        assert f"╭─ latest decisions of {BY_HAND} (1) · stopped by operator" in text
+        assert any("operator stop         skipped this update; stopping training" in line for line in screen(top))
+        for run_id in (CLEAN, FAULTY, BY_HAND, BY_CTL):  # 80 columns: every id whole, eval loss and lr shown
+            assert any(line[3:].startswith(run_id + " ") for line in screen(top))
+        assert screen(top)[1].split()[-4:] == ["loss", "eval", "loss", "lr"]
+
+        press(top, "s")  # an ended run: refused here, and by the daemon for `guardian ctl`
+        assert top.pending is None and screen(top)[-1].startswith(f"refused: {BY_HAND} has ended")
+        assert main(["ctl", "stop", BY_HAND, "--url", url, "--token", token]) == 2
+        with pytest.raises(DaemonError, match=f"run '{BY_HAND}' has ended: there is nothing to stop"):
+            top.source.control(BY_HAND, "stop", {})
