@@ -354,7 +354,7 @@ class Guardian:
         if row is None:
             raise wire.WireError(f"no run '{run_id}'; `guardian runs` lists them", 404)
         if row.ended:
-            raise wire.WireError(f"run '{run_id}' has ended: there is nothing to {action.replace('_', ' ')}", 409)
+            raise wire.WireError(f"run '{run_id}' has ended: {action} is only for a run still training", 409)
         factor = params.get("factor", 0.5)
         if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
             raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")

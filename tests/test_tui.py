@@ -432,6 +432,29 @@ def test_top_help_lists_the_keys() -> None:
     assert keys == ["up/down,", "enter", "esc", "o", "s", "r", "l", "q"]
 
 
+def test_the_daemon_refuses_actions_on_an_ended_run_and_top_logs_queued_ones(tmp_path: Path) -> None:
+    from daemonkit import in_process_daemon
+
+    key = "test-run-key-0123456789abcdefghijklmnop"
+    with in_process_daemon(tmp_path) as (_, url, token):
+        def report(run: str, *events: dict[str, Any]) -> None:
+            request(url, "POST", "/v1/report", {"run": {"id": run, "rules": "default"}, "events": list(events)},
+                    token=token, run_key=key)
+
+        report("done", {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 2.0}},
+               {"seq": 2, "kind": "end", "step": 1})
+        report("live", {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 2.0}})
+        source = DaemonSource(url, token)
+        with pytest.raises(DaemonError, match="run 'done' has ended: rollback is only for a run still training"):
+            source.control("done", "rollback", {})
+        assert source.control("live", "reduce_lr", {"factor": 0.5}) == 1
+        live = {run.id: run for run in source.snapshot().runs}["live"]
+        assert [(d.step, d.rule, d.actions, d.reason) for d in live.decisions] == [
+            (None, "operator", "reduce_lr(factor=0.5)", "queued: carried out at the run's next step (by hand, command 1)")]
+        assert "step      — operator reduce_lr(factor=0.5) queued: carried out" in render(
+            widgets.decisions_panel(live), 100)
+
+
 # ---- the --dir source ------------------------------------------------------------------------------
 
 
@@ -717,7 +740,7 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         assert "running" in table or "firing" in table
 
         term.keys("Down", "Enter")
-        term.wait_for("run tui-run ·", "curves over the last", "decision log", "state", "non_finite_loss")
+        term.wait_for("run tui-run ·", "curves over steps", "decision log", "state", "non_finite_loss")
         term.keys("Escape")
         term.wait_for("latest decisions of tui-run")
 
@@ -729,7 +752,7 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         assert [(c["action"], c["source"]) for c in commands] == [("stop", "ctl")]
         assert training.wait(timeout=180) == 0  # the run carried out the stop
         term.wait(lambda s: "▶  tui-run  stopped" in s, "the run to show as stopped", 30)
-        term.wait_for("tui-run (2) · stopped by operator", "operator stop")
+        term.wait_for("· stopped by operator", "operator stop")
 
         term("resize-window", "-t", "top", "-x", "70")
         narrow = term.wait(lambda s: "grad norm" not in s and "tui-run" in s, "the narrow layout")
@@ -836,5 +859,5 @@ def test_a_real_session_operator_actions_and_endings_through_a_real_daemon(tmp_p
         press(top, "s")  # an ended run: refused here, and by the daemon for `guardian ctl`
         assert top.pending is None and screen(top)[-1].startswith(f"refused: {BY_HAND} has ended")
         assert main(["ctl", "stop", BY_HAND, "--url", url, "--token", token]) == 2
-        with pytest.raises(DaemonError, match=f"run '{BY_HAND}' has ended: there is nothing to stop"):
+        with pytest.raises(DaemonError, match=f"run '{BY_HAND}' has ended: stop is only for a run still training"):
             top.source.control(BY_HAND, "stop", {})
