@@ -251,7 +251,8 @@ def test_an_ended_run_says_how_it_ended() -> None:
     assert by_hand.ending == "stopped by operator"
     assert [(d.step, d.rule, d.actions, d.reason) for d in by_hand.decisions] == [
         (5, "operator", "stop", "skipped this update; stopping training (by hand, command 4)")]
-    assert RunSnapshot("r", "stalled").ending == "crashed or lost" and RunSnapshot("r", "running").ending is None
+    assert RunSnapshot("r", "stalled").ending == "no reports: crashed or lost?"
+    assert RunSnapshot("r", "running").ending is None
     assert ended({"kind": "end"}, {"kind": "start"}).ending is None  # resumed: running again
     screen_text = render(widgets.runs_screen(Snapshot((by_hand,), URL), 0, width=100, height=12, waiting=""), 100)
     assert "stopped by operator" in screen_text.splitlines()[2]
@@ -267,6 +268,8 @@ def test_the_eval_curve_is_drawn_at_its_steps() -> None:
     # 36 columns for steps 1..40: the eval of step 20 is at column 17, held until the eval of step 40 at the end
     assert bottom == " " * 17 + "█" * 18 + "▁"
     assert lines[-2].split() == ["│", "step", "1", "40", "│"]
+    # rolled back from step 2 to 0: the steps logged again are drawn with their new values
+    assert widgets.by_step([1, 2, 1, 2], [9.0, 9.0, 1.0, 2.0], 1, 2, 2) == [1.0, 2.0]
 
 
 # ---- keys, prompt and actions ----------------------------------------------------------------------
@@ -752,7 +755,7 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         assert [(c["action"], c["source"]) for c in commands] == [("stop", "ctl")]
         assert training.wait(timeout=180) == 0  # the run carried out the stop
         term.wait(lambda s: "▶  tui-run  stopped" in s, "the run to show as stopped", 30)
-        term.wait_for("· stopped by operator", "operator stop")
+        term.wait_for("· stopped by operator", "skipped this update; stopping training (by hand, command 1)")
 
         term("resize-window", "-t", "top", "-x", "70")
         narrow = term.wait(lambda s: "grad norm" not in s and "tui-run" in s, "the narrow layout")

@@ -181,8 +181,8 @@ class TopApp:
             self._say(f"{self.source.read_only}: start the run with GUARDIAN_URL set and use `guardian top --url`",
                       "yellow")
         elif run.ended:
-            self._say(f"refused: {run.id} has ended ({run.ending}); only a run still training can be stopped, "
-                      "rolled back or have its LR cut", "yellow")
+            self._say(f"refused: {run.id} has ended ({run.ending}); s, r and l are for runs still training",
+                      "yellow")
         else:
             action, params, words = ACTION_KEYS[key]
             self.pending = Pending(run.id, action, dict(params), words)

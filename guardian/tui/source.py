@@ -63,10 +63,10 @@ class DecisionLine:
 
 
 def ending(status: str, stopped_by: str | None) -> str | None:
-    """How a run ended, in words: "finished", "stopped by operator", "stopped by rule X", "crashed or lost"
-    (a run that stopped reporting without an end event); None while it runs."""
+    """How a run ended, in words: "finished", "stopped by operator", "stopped by rule X", or for a run that
+    stopped reporting without an end event (`stalled`) "no reports: crashed or lost?"; None while it runs."""
     if status == "stalled":
-        return "crashed or lost"
+        return "no reports: crashed or lost?"
     if status != "ended":
         return None
     if stopped_by is None:

@@ -102,11 +102,12 @@ def chart(values: Sequence[float], width: int, height: int = 1) -> list[str]:
 
 def by_step(steps: Sequence[int], values: Sequence[float], first: int, last: int, width: int) -> list[float | None]:
     """`width` points on a step axis from `first` to `last`: each column the largest value logged in its steps
-    (NaN if any was), the one before carried on over columns without a value (an eval every 50 steps is a step
-    line), None before the first value."""
+    (NaN if any was; a step logged again after a rollback counts with its newest value), the one before carried
+    on over columns without a value (an eval every 50 steps is a step line), None before the first value."""
     span = max(1, last - first + 1)
     columns: list[list[float]] = [[] for _ in range(max(0, width))]
-    for step, value in zip(steps, values):
+    latest = dict(zip(steps, values))  # after a rollback the steps come again: the run's current path is drawn
+    for step, value in latest.items():
         if first <= step <= last and width > 0:
             columns[min(width - 1, (step - first) * width // span)].append(value)
     out: list[float | None] = []
@@ -418,10 +419,12 @@ def runs_screen(snapshot: Snapshot, selected: int, *, width: int, height: int, w
 
 def detail_view(run: RunSnapshot, *, width: int, height: int = 40, scrolled: int = 0) -> RenderableType:
     """One run: its curves over the last ~200 points, its rule states and its decision log."""
-    title = Text.assemble(("run ", "bold"), (run.id, "bold"), " · ", status_text(run.status), " · step ",
+    status = Text(run.ending or "", style="bold magenta" if run.stopped_by else "dim") if run.ended else \
+        status_text(run.status)
+    title = Text.assemble(("run ", "bold"), (run.id, "bold"), " · ", status, " · step ",
                           progress_bar(run.step, run.max_steps, 10))
-    if run.ending is not None:
-        title.append(f" · {run.ending}", style="bold magenta" if run.stopped_by else "")
+    if run.status == "stalled":
+        title.append(f" · {run.ending}", style="bold red")
     if run.seconds_since_report is not None:
         title.append(f" · last report {run.seconds_since_report:.0f} s ago")
     title.append("\n")
