@@ -758,9 +758,10 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         term.wait_for("· stopped by operator", "skipped this update; stopping training (by hand, command 1)")
 
         term("resize-window", "-t", "top", "-x", "70")
-        narrow = term.wait(lambda s: "grad norm" not in s and "tui-run" in s, "the narrow layout")
+        narrow = term.wait(lambda s: "tok/s" not in s and "tui-run" in s, "the narrow layout")
         assert max(len(line) for line in narrow.splitlines()) <= 70
-        assert "status" in narrow and "loss" in narrow
+        header = narrow.splitlines()[1].split()
+        assert header[:4] == ["run", "status", "step", "loss"] and "lr" in header  # (eval loss once there is one)
 
         term.keys("q")
         assert term.exited() == 0
@@ -858,6 +859,11 @@ def test_a_real_session_operator_actions_and_endings_through_a_real_daemon(tmp_p
         for run_id in (CLEAN, FAULTY, BY_HAND, BY_CTL):  # 80 columns: every id whole, eval loss and lr shown
             assert any(line[3:].startswith(run_id + " ") for line in screen(top))
         assert screen(top)[1].split()[-4:] == ["loss", "eval", "loss", "lr"]
+
+        # --dir over the run's own event file tells the same story
+        [on_disk] = DirSource(tmp_path / BY_CTL).snapshot().runs
+        assert on_disk.ending == "stopped by operator"
+        assert [(d.rule, d.actions, d.reason) for d in on_disk.decisions] == log
 
         press(top, "s")  # an ended run: refused here, and by the daemon for `guardian ctl`
         assert top.pending is None and screen(top)[-1].startswith(f"refused: {BY_HAND} has ended")
