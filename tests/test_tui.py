@@ -346,6 +346,9 @@ def test_a_refused_action_shows_the_daemons_reason() -> None:
     app = app_for(source)
     press(app, "s", "y")
     assert screen(app)[-1] == "error: stop llama-lora-3f2a9c1d: a valid token is required"
+    last = app.selected().decisions[-1]  # type: ignore[union-attr]
+    assert (last.step, last.rule, last.actions, last.reason) == (
+        1520, "operator", "stop", "refused: a valid token is required (by hand)")
 
 
 def test_read_only_source_says_actions_need_the_daemon() -> None:
@@ -425,6 +428,13 @@ def test_s_r_and_l_on_an_ended_run_are_refused() -> None:
         press(app, key)
         assert app.pending is None and source.sent == []
         assert screen(app)[-1].startswith("refused: lora-r8-by-hand-3f2a9c1d has ended (stopped by operator);")
+    # and the log says so, as the operator's, poll after poll
+    app.snapshot = source.snapshot()
+    log = [(d.step, d.rule, d.actions, d.reason) for d in app.selected().decisions]  # type: ignore[union-attr]
+    assert log == [(700, "operator", action, "refused: the run has ended (stopped by operator) (by hand)")
+                   for action in ("stop", "rollback", "reduce_lr")]
+    assert any(line.startswith("│ step    700 operator reduce_lr    refused: the run has ended (stopped by operator)")
+               for line in screen(app))
 
 
 def test_top_help_lists_the_keys() -> None:

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -26,9 +27,10 @@ from guardian.client import DaemonError
 from guardian.errors import ConfigError, GuardianError
 from guardian.tui import widgets
 from guardian.tui.keys import KeyReader
-from guardian.tui.source import RunSnapshot, Snapshot, Source
+from guardian.tui.source import OPERATOR, DecisionLine, ReadOnlySourceError, RunSnapshot, Snapshot, Source
 
 MESSAGE_SECONDS = 10.0
+NOTES_KEPT = 20  # refused actions kept per run in this screen's decision log
 # key -> (action sent to the daemon, its params, what the prompt calls it)
 ACTION_KEYS: dict[str, tuple[str, dict[str, Any], str]] = {
     "s": ("stop", {}, "stop"),
@@ -101,7 +103,8 @@ class TopApp:
     def __init__(self, source: Source, console: Console, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.source, self.console, self.clock = source, console, clock
         self.order = SORT_ORDERS[0]
-        self._snapshot = Snapshot((), source.where)
+        self.notes: dict[str, deque[DecisionLine]] = {}  # run -> the operator's actions refused (see `_note`)
+        self._raw = self._snapshot = Snapshot((), source.where)
         self.selected_id: str | None = None
         self.selected_index = 0
         self.detail = False
@@ -117,11 +120,21 @@ class TopApp:
     @snapshot.setter
     def snapshot(self, snapshot: Snapshot) -> None:
         """Take a new snapshot, its runs in the screen's order (the selection follows its run)."""
-        self._snapshot = replace(snapshot, runs=sort_runs(snapshot.runs, self.order))
+        runs = tuple(replace(r, decisions=r.decisions + tuple(self.notes[r.id])) if self.notes.get(r.id) else r
+                     for r in snapshot.runs)
+        self._snapshot = replace(snapshot, runs=sort_runs(runs, self.order))
+        self._raw = snapshot
+
+    def _note(self, run: RunSnapshot | None, run_id: str, action: str, why: str) -> None:
+        """Log an action of the operator that never reached the run (refused here or by the daemon): the
+        daemon has no record of it, so this screen's decision log keeps it."""
+        notes = self.notes.setdefault(run_id, deque(maxlen=NOTES_KEPT))
+        notes.append(DecisionLine(run.step if run else None, OPERATOR, OPERATOR, action, f"refused: {why} (by hand)"))
+        self.snapshot = self._raw
 
     def cycle_order(self) -> None:
         self.order = SORT_ORDERS[(SORT_ORDERS.index(self.order) + 1) % len(SORT_ORDERS)]
-        self.snapshot = self._snapshot
+        self.snapshot = self._raw
         self._say(f"sorted by {self.order}", "dim")
 
     # ---- selection ---------------------------------------------------------------------------------
@@ -183,6 +196,7 @@ class TopApp:
         elif run.ended:
             self._say(f"refused: {run.id} has ended ({run.ending}); s, r and l are for runs still training",
                       "yellow")
+            self._note(run, run.id, ACTION_KEYS[key][0], f"the run has ended ({run.ending})")
         else:
             action, params, words = ACTION_KEYS[key]
             self.pending = Pending(run.id, action, dict(params), words)
@@ -195,6 +209,9 @@ class TopApp:
             command = self.source.control(pending.run_id, pending.action, pending.params)
         except (DaemonError, GuardianError) as exc:
             self._say(f"error: {pending.action} {pending.run_id}: {exc}", "bold red")
+            if not isinstance(exc, ReadOnlySourceError):
+                run = next((r for r in self._raw.runs if r.id == pending.run_id), None)
+                self._note(run, pending.run_id, pending.action, str(exc))
             return
         self._say(f"queued {pending.action} for {pending.run_id} (command {command}); it is carried out at the "
                   "run's next step", "bold green")
