@@ -449,7 +449,8 @@ class Guardian:
             phase = "ended" if row.ended else "stalled" if stalled else (
                 "firing" if "firing" in status.values() else "running")
             out.append({"id": row.id, "rules": row.rules, "status": phase, "last_step": row.last_step,
-                        "first_seen": row.first_seen, "last_seen": row.last_seen, "seconds_since_report": round(now - row.last_seen, 1),
+                        "first_seen": row.first_seen, "last_seen": row.last_seen,
+                        "seconds_since_report": round(now - row.last_seen, 1),
                         "rule_status": status, "meta": row.meta, "decisions": counts.get(row.id, 0)})
         return out
 

@@ -235,7 +235,8 @@ def status_label(run: RunSnapshot, *, long: bool = False) -> str:
 
 
 def scaled_sparkline(values: Sequence[float], width: int, *, scale: bool) -> str:
-    """The sparkline of the newest `width` values, then their min and max when `scale`: "▇▅▃▂▁▁ min 1.93 max 3.8"."""
+    """The sparkline of the newest `width` values, then their min and max when `scale`:
+    "▇▅▃▂▁▁ min 1.93 max 3.8"."""
     window = list(values)[-width:] if width > 0 else []
     line = sparkline(window, width)
     finite = [v for v in window if math.isfinite(v)]
@@ -270,7 +271,7 @@ def run_cells(run: RunSnapshot, selected: bool, layout: TableLayout | None = Non
         "run": Text(short_id(run.id, lay.id_width, lay.affixes)),
         "status": Text(status_label(run, long=lay.long_status),
                        style="bold magenta" if ending else STATUS_STYLES.get(run.status, "")),
-        "step": Text(progress_bar(run.step, run.max_steps) if lay.step_bar else progress_bar(run.step, run.max_steps, 0).rstrip()),
+        "step": Text(progress_bar(run.step, run.max_steps, 6 if lay.step_bar else 0).rstrip()),
         "loss": Text(_with_sparkline(run.loss, run.history.get("loss", ()), lay.loss_spark, lay.loss_scale)),
         "eval loss": Text(number(run.eval_loss)),
         "lr": Text(learning_rate(run)),
@@ -340,7 +341,8 @@ def runs_table(runs: Sequence[RunSnapshot], selected: int, *, width: int, max_ro
     for name in layout.columns:
         column_width = layout.id_width if name == "run" else None
         if name == "firing":
-            column_width = min(layout.firing_width, max([cell_len(name)] + [cell_width(c[name]) for c in rows.values()]))
+            column_width = min(layout.firing_width,
+                               max([cell_len(name)] + [cell_width(c[name]) for c in rows.values()]))
         table.add_column(name, width=column_width, no_wrap=True, overflow="ellipsis")
     for index, cells in rows.items():
         table.add_row(*(cells[name] for name in layout.columns), style="bold" if index == selected else "")
