@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     _json_arg(ctl)
     ctl.set_defaults(func=_ctl)
 
-    top = sub.add_parser("top", help="a live terminal view of the runs; stop, roll back or cut the LR of one")
+    top = sub.add_parser("top", help="a live terminal view of the runs; stop, roll back or cut the LR of one",
+                         epilog=_TOP_KEYS, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--dir", type=Path, help="watch one embedded run from its output directory instead of the daemon")
     top.add_argument("--refresh", type=float, default=1.0, help="seconds between polls (default 1)")
     _client_args(top)
@@ -459,6 +460,22 @@ def _replay(args: argparse.Namespace) -> int:
             console.print(f"  a guarded run would have stopped at step {stop.step} ({stop.rule}){later}",
                           highlight=False, markup=False)
     return 0
+
+
+_TOP_KEYS = """\
+keys:
+  up/down, k/j  select a run (in a run's details: scroll its decision log)
+  enter         a run's details: curves over steps, rule states, decision log
+  esc           back to the list of runs
+  o             order of the runs: started (default), id, status
+  s             stop the selected run
+  r             roll it back to its last good state
+  l             cut its learning rate x0.5
+  q             quit
+s, r and l ask y/n, go through the daemon with its token (not with --dir), are
+carried out at the run's next step and appear in its decision log as the
+operator's; a run that has ended refuses them.
+"""
 
 
 _ATTACH_LIMITS = """\

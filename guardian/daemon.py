@@ -385,8 +385,11 @@ class Guardian:
         """Queue a manual action for a run; it is delivered with the run's next report."""
         if action not in CONTROL_ACTIONS:
             raise wire.WireError(f"unknown action '{action}'; valid: {', '.join(sorted(CONTROL_ACTIONS))}")
-        if self.store.run(run_id) is None:
+        row = self.store.run(run_id)
+        if row is None:
             raise wire.WireError(f"no run '{run_id}'; `guardian runs` lists them", 404)
+        if row.ended:
+            raise wire.WireError(f"run '{run_id}' has ended: {action} is only for a run still training", 409)
         factor = params.get("factor", 0.5)
         if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
             raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")
@@ -483,7 +486,8 @@ class Guardian:
             phase = "ended" if row.ended else "stalled" if stalled else (
                 "firing" if "firing" in status.values() else "running")
             out.append({"id": row.id, "rules": row.rules, "status": phase, "last_step": row.last_step,
-                        "last_seen": row.last_seen, "seconds_since_report": round(now - row.last_seen, 1),
+                        "first_seen": row.first_seen, "last_seen": row.last_seen,
+                        "seconds_since_report": round(now - row.last_seen, 1),
                         "rule_status": status, "meta": row.meta, "decisions": counts.get(row.id, 0)})
         return out
 

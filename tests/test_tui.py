@@ -97,35 +97,34 @@ def test_bars() -> None:
 
 
 def test_runs_table_and_decisions_at_100_columns() -> None:
-    # tok/s, eval loss and lr are the first to go when the columns do not fit; the run id is cut short.
+    # the run id keeps its whole width; tok/s, GPU memory and the sparklines give way first, eval loss and lr stay.
     assert render(widgets.runs_screen(SNAPSHOT, 0, width=100, height=12, waiting=""), 100) == """\
-   run          status  step              loss             grad norm      GPU memory      firing
-────────────────────────────────────────────────────────────────────────────────────────────────────
-▶  llama-lora…  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  1.42   ▆▄×▃▁█  0 ████░ 61/80G  loss_spike
-                                                                          1 █████ 75/80G
-   qwen-full    ended   400/400 ██████    0.5748 █▅▃▁▁     —              —               —
+   run                  status    step       loss    eval loss  lr           grad norm  firing
+──────────────────────────────────────────────────────────────────────────────────────────────────
+▶  llama-lora-3f2a9c1d  firing    1520/3000  2.45    2.687      0.0002 ×0.5  1.42       loss_spike
+   qwen-full            finished  400/400    0.5748  —          —            —          —
 ╭─ latest decisions of llama-lora-3f2a9c1d (2) ────────────────────────────────────────────────────╮
-│ step     15 non_finite_loss      skip_update  loss is nan at step 15: non-finite loss=nan, grad… │
-│ step   1519 loss_spike           skip_update  loss 5.61 at step 1519 is 69 robust z above its r… │
+│ step     15 non_finite_loss skip_update  loss is nan at step 15: non-finite loss=nan, grad_norm… │
+│ step   1519 loss_spike      skip_update  loss 5.61 at step 1519 is 69 robust z above its rollin… │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯"""
 
 
 def test_runs_table_with_room_for_every_column() -> None:
     assert render(widgets.runs_table(SNAPSHOT.runs, 1, width=160), 160) == """\
-   run                  status  step              loss             eval loss  grad norm      lr           tok/s  GPU memory      firing
-───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
-   llama-lora-3f2a9c1d  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  2.687      1.42   ▆▄×▃▁█  0.0002 ×0.5  12.3k  0 ████░ 61/80G  loss_spike
-                                                                                                                 1 █████ 75/80G
-▶  qwen-full            ended   400/400 ██████    0.5748 █▅▃▁▁     —          —              —            —      —               —"""
+   run                  status    step       loss               eval loss  lr           grad norm      firing      GPU memory      tok/s  decisions  last report
+────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+   llama-lora-3f2a9c1d  firing    1520/3000  2.45   █▇▅▄▃×▂▂▁▁  2.687      0.0002 ×0.5  1.42   ▆▄×▃▁█  loss_spike  0 ████░ 61/80G  12.3k  2          2 s ago
+                                                                                                                   1 █████ 75/80G
+▶  qwen-full            finished  400/400    0.5748 █▅▃▁▁       —          —            —              —           —               —      0          —"""
 
 
 def test_narrow_layout_keeps_id_status_step_and_loss() -> None:
     assert render(widgets.runs_screen(SNAPSHOT, 1, width=60, height=12, waiting=""), 60) == """\
-   run             status  step              loss
-────────────────────────────────────────────────────────────
-   llama-lora-3f…  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁
-▶  qwen-full       ended   400/400 ██████    0.5748 █▅▃▁▁
-╭─ latest decisions of qwen-full (0) ──────────────────────╮
+   run           status    step       loss    eval loss
+───────────────────────────────────────────────────────
+   llama…2a9c1d  firing    1520/3000  2.45    2.687
+▶  qwen-full     finished  400/400    0.5748  —
+╭─ latest decisions of qwen-full (0) · finished ───────────╮
 │ no decisions yet: every rule is quiet                    │
 ╰──────────────────────────────────────────────────────────╯"""
 
@@ -147,14 +146,16 @@ def test_detail_view() -> None:
 run llama-lora-3f2a9c1d · firing · step 1520/3000 █████░░░░░ · last report 2 s ago
 loss 2.45 · eval loss 2.687 · grad norm 1.42 · lr 0.0002 ×0.5 · tok/s 12.3k · GPU 0 ████░ 61/80G ·
 GPU 1 █████ 75/80G
-╭─ curves over the last 10 steps ──────────────────────────────────────────────────────────────────╮
+╭─ curves over the last 10 values ─────────────────────────────────────────────────────────────────╮
 │ loss             3.8 █▅   ×                                                                      │
 │                      ██▇▄▁×                                                                      │
 │                 2.45 █████×▅▄▂▁                                                                  │
 │ grad norm        1.5 ▅█▂ ×  ▆                                                                    │
 │                    1 ███▇×▄▁█                                                                    │
-│ eval loss      2.687 █▁▁                                                                         │
-│ lr            0.0002 ▁▅█▅                                                                        │
+│ eval loss        2.9 █                                                                           │
+│                2.687 █▂▁                                                                         │
+│ lr            0.0004  ▁█▁                                                                        │
+│                    0 ▁███                                                                        │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
 rule              state        ╭─ decision log (2, newest first) ──────────────────────────────────╮
 ────────────────────────────── │ step   1519 loss_spike           skip_update  loss 5.61 at step   │
@@ -166,7 +167,7 @@ lr_blowup         cooling_down ╰───────────────�
 
 def test_detail_view_narrow_stacks_the_log_above_the_rules_and_scrolls() -> None:
     text = render(widgets.detail_view(LLAMA, width=60, height=30, scrolled=1), 60)
-    assert text.splitlines()[13:18] == [
+    assert text.splitlines()[15:20] == [
         "╭─ decision log (2, from the 2nd newest) ──────────────────╮",
         "│ step     15 non_finite_loss      skip_update  loss is    │",
         "│ nan at step 15: non-finite loss=nan, grad_norm=nan       │",
@@ -198,6 +199,77 @@ def test_many_runs_scroll_to_keep_the_selected_one_visible() -> None:
     runs = tuple(RunSnapshot(f"run-{i:02d}", "running", step=i) for i in range(30))
     text = render(widgets.runs_table(runs, 25, width=60, max_rows=5), 60)
     assert [line.split()[0] for line in text.splitlines()[2:]] == ["run-21", "run-22", "run-23", "run-24", "▶"]
+
+
+FAMILY = Snapshot((
+    RunSnapshot("lora-r8-clean-3f2a9c1d", "running", step=1520, max_steps=3000, loss=2.45, eval_loss=2.687,
+                learning_rate=2e-4, grad_norm=1.4, history={"loss": tuple(3.0 - i / 40 for i in range(40))}),
+    RunSnapshot("lora-r8-faulty-3f2a9c1d", "firing", step=1519, max_steps=3000, loss=NAN, eval_loss=2.9,
+                learning_rate=2e-4, lr_scale=0.5, rules={"non_finite_loss": "firing"}),
+    RunSnapshot("lora-r8-by-hand-3f2a9c1d", "ended", step=700, max_steps=3000, loss=2.61, eval_loss=2.75,
+                learning_rate=1e-4, stopped_by="operator"),
+), URL)
+
+
+def test_at_80_columns_ids_stay_whole_and_loss_eval_loss_and_lr_stay() -> None:
+    lines = render(widgets.runs_table(FAMILY.runs, 0, width=80), 80).splitlines()
+    assert lines[0].split() == ["run", "status", "step", "loss", "eval", "loss", "lr"]
+    assert [line[3:].split()[0] for line in lines[2:]] == [r.id for r in FAMILY.runs]
+    assert lines[3].split()[1:] == ["firing", "1519/3000", "nan", "2.9", "0.0002", "×0.5"]
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_ids_are_cut_only_when_nothing_else_can_give_way_and_keep_what_tells_them_apart() -> None:
+    lines = render(widgets.runs_table(FAMILY.runs, 0, width=50), 50).splitlines()
+    assert [line[3:].split()[0] for line in lines[2:]] == ["lora-…clean…", "lora…faulty…", "lor…by-hand…"]
+    assert widgets.short_id("lora-r8-faulty-3f2a9c1d", 12) == "lora-…2a9c1d"  # alone: the middle goes
+    assert widgets.short_id("short", 12) == "short"
+
+
+def test_wide_terminals_get_long_sparklines_with_their_scale_and_more_columns() -> None:
+    lines = render(widgets.runs_table(FAMILY.runs, 0, width=200), 200).splitlines()
+    assert lines[0].split()[-3:] == ["norm", "firing", "decisions"]
+    cells = lines[2].split()
+    assert len(cells[6]) >= 32 and cells[7:11] == ["min", "2.02", "max", "3"]  # the last 40 losses: 3 down to 2.02
+    assert "stopped by operator" in lines[4]
+
+
+def test_an_ended_run_says_how_it_ended() -> None:
+    from guardian.tui.source import RunRecord
+
+    def ended(*events: dict[str, Any]) -> RunSnapshot:
+        record = RunRecord("r")
+        for seq, event in enumerate([{"kind": "start", "max_steps": 50}, *events], start=1):
+            record.apply({"seq": seq, "time": 1000.0 + seq, "step": 5, **event})
+        return record.snapshot({})
+
+    assert ended({"kind": "end"}).ending == "finished"
+    assert ended({"kind": "action", "rules": ["overfitting"], "stopped": True, "skipped_update": True},
+                 {"kind": "end"}).ending == "stopped by rule overfitting"
+    by_hand = ended({"kind": "action", "rules": ["manual:stop"], "source": "command", "stopped": True,
+                     "skipped_update": True, "command_ids": [4]}, {"kind": "end"})
+    assert by_hand.ending == "stopped by operator"
+    assert [(d.step, d.rule, d.actions, d.reason) for d in by_hand.decisions] == [
+        (5, "operator", "stop", "skipped this update; stopping training (by hand, command 4)")]
+    assert RunSnapshot("r", "stalled").ending == "no reports: crashed or lost?"
+    assert RunSnapshot("r", "running").ending is None
+    assert ended({"kind": "end"}, {"kind": "start"}).ending is None  # resumed: running again
+    screen_text = render(widgets.runs_screen(Snapshot((by_hand,), URL), 0, width=100, height=12, waiting=""), 100)
+    assert "stopped by operator" in screen_text.splitlines()[2]
+    assert "╭─ latest decisions of r (1) · stopped by operator" in screen_text
+
+
+def test_the_eval_curve_is_drawn_at_its_steps() -> None:
+    run = RunSnapshot("r", "running", step=40, history={"loss": tuple(2.0 for _ in range(40)), "eval_loss": (3.0, 2.0)},
+                      history_steps={"loss": tuple(range(1, 41)), "eval_loss": (20, 40)})
+    lines = render(widgets.curves_panel(run, width=62), 62).splitlines()
+    assert lines[0].startswith("╭─ curves over steps 1–40")
+    [bottom] = [line[23:59] for line in lines if line.startswith("│                    2 ") and "█" in line]
+    # 36 columns for steps 1..40: the eval of step 20 is at column 17, held until the eval of step 40 at the end
+    assert bottom == " " * 17 + "█" * 18 + "▁"
+    assert lines[-2].split() == ["│", "step", "1", "40", "│"]
+    # rolled back from step 2 to 0: the steps logged again are drawn with their new values
+    assert widgets.by_step([1, 2, 1, 2], [9.0, 9.0, 1.0, 2.0], 1, 2, 2) == [1.0, 2.0]
 
 
 # ---- keys, prompt and actions ----------------------------------------------------------------------
@@ -241,16 +313,16 @@ def test_the_whole_screen_with_a_confirmation_prompt() -> None:
     app = app_for(FakeSource([SNAPSHOT]))
     press(app, "s")
     assert render(app.render(), 100, 14) == """\
-guardian top · http://127.0.0.1:8765 · 2 runs
-   run          status  step              loss             grad norm      GPU memory      firing
-────────────────────────────────────────────────────────────────────────────────────────────────────
-▶  llama-lora…  firing  1520/3000 ███░░░  2.45   █▆▅×▃▂▁▁  1.42   ▆▄×▃▁█  0 ████░ 61/80G  loss_spike
-                                                                          1 █████ 75/80G
-   qwen-full    ended   400/400 ██████    0.5748 █▅▃▁▁     —              —               —
+guardian top · http://127.0.0.1:8765 · 2 runs · sorted by started (o)
+   run                  status    step       loss    eval loss  lr           grad norm  firing
+──────────────────────────────────────────────────────────────────────────────────────────────────
+▶  llama-lora-3f2a9c1d  firing    1520/3000  2.45    2.687      0.0002 ×0.5  1.42       loss_spike
+   qwen-full            finished  400/400    0.5748  —          —            —          —
 ╭─ latest decisions of llama-lora-3f2a9c1d (2) ────────────────────────────────────────────────────╮
-│ step     15 non_finite_loss      skip_update  loss is nan at step 15: non-finite loss=nan, grad… │
-│ step   1519 loss_spike           skip_update  loss 5.61 at step 1519 is 69 robust z above its r… │
+│ step     15 non_finite_loss skip_update  loss is nan at step 15: non-finite loss=nan, grad_norm… │
+│ step   1519 loss_spike      skip_update  loss 5.61 at step 1519 is 69 robust z above its rollin… │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
+
 
 
 
@@ -262,10 +334,10 @@ def test_stop_rollback_and_reduce_lr_are_sent_only_after_yes() -> None:
     app = app_for(source)
     press(app, "s", "n")
     assert source.sent == [] and screen(app)[-1] == "cancelled: stop of llama-lora-3f2a9c1d"
-    press(app, "j", "r", "y")
-    assert source.sent == [("qwen-full", "rollback", {})]
-    assert screen(app)[-1].startswith("queued rollback for qwen-full (command 7); it is carried out at the run's")
-    press(app, "k", "l", "y")
+    press(app, "r", "y")
+    assert source.sent == [("llama-lora-3f2a9c1d", "rollback", {})]
+    assert screen(app)[-1].startswith("queued rollback for llama-lora-3f2a9c1d (command 7); it is carried out at")
+    press(app, "l", "y")
     assert source.sent[-1] == ("llama-lora-3f2a9c1d", "reduce_lr", {"factor": 0.5})
 
 
@@ -274,12 +346,15 @@ def test_a_refused_action_shows_the_daemons_reason() -> None:
     app = app_for(source)
     press(app, "s", "y")
     assert screen(app)[-1] == "error: stop llama-lora-3f2a9c1d: a valid token is required"
+    last = app.selected().decisions[-1]  # type: ignore[union-attr]
+    assert (last.step, last.rule, last.actions, last.reason) == (
+        1520, "operator", "stop", "refused: a valid token is required (by hand)")
 
 
 def test_read_only_source_says_actions_need_the_daemon() -> None:
     source = FakeSource([SNAPSHOT], read_only="read-only (--dir): actions need the daemon")
     app = app_for(source, width=160)
-    assert screen(app)[-1] == "↑/↓ select · enter details · read-only (--dir): actions need the daemon · q quit"
+    assert screen(app)[-1] == "↑/↓ select · enter details · o order · read-only (--dir): actions need the daemon · q quit"
     press(app, "s")
     assert app.pending is None and source.sent == []
     assert screen(app)[-1].startswith("read-only (--dir): actions need the daemon: start the run with GUARDIAN_URL")
@@ -294,7 +369,7 @@ def test_moving_opening_details_and_going_back() -> None:
     press(app, "down", "down", "down")  # in the detail view: older decisions
     assert app.scrolled == 1 and "decision log (2, from the 2nd newest)" in "\n".join(screen(app))
     press(app, "esc")
-    assert "latest decisions of llama-lora-3f2a9c1d (2)" in screen(app)[6]
+    assert any(line.startswith("╭─ latest decisions of llama-lora-3f2a9c1d (2)") for line in screen(app))
     press(app, "enter", "backspace")
     assert not app.detail
     assert press(app, "q") is False
@@ -327,6 +402,70 @@ def test_key_reader_restores_the_terminal_even_on_an_exception() -> None:
     finally:
         os.close(parent)
         os.close(child)
+
+
+def test_rows_keep_their_order_from_poll_to_poll_and_o_changes_it() -> None:
+    older, newer = (RunSnapshot("lora-r8-zeta", "running", step=5, started=100.0),
+                    RunSnapshot("lora-r8-alpha", "firing", step=3, started=200.0))
+    # the daemon lists the most recently heard-from run first, which changes with every report
+    app = app_for(FakeSource([Snapshot((newer, older), URL), Snapshot((older, newer), URL)]))
+    first = [line.split()[0] for line in screen(app)[3:5]]
+    app.snapshot = app.source.snapshot()
+    assert [line.split()[0] for line in screen(app)[3:5]] == first == ["▶", "lora-r8-alpha"]  # oldest first
+    assert app.selected_id == "lora-r8-zeta"
+    press(app, "o")
+    assert app.order == "id" and [r.id for r in app.snapshot.runs] == ["lora-r8-alpha", "lora-r8-zeta"]
+    assert app.selected_id == "lora-r8-zeta" and screen(app)[0].endswith("sorted by id (o)")
+    press(app, "o")
+    assert [r.id for r in app.snapshot.runs] == ["lora-r8-alpha", "lora-r8-zeta"]  # status: firing first
+
+
+def test_s_r_and_l_on_an_ended_run_are_refused() -> None:
+    source = FakeSource([FAMILY])
+    app = app_for(source)
+    app.selected_id = "lora-r8-by-hand-3f2a9c1d"
+    for key in ("s", "r", "l"):
+        press(app, key)
+        assert app.pending is None and source.sent == []
+        assert screen(app)[-1].startswith("refused: lora-r8-by-hand-3f2a9c1d has ended (stopped by operator);")
+    # and the log says so, as the operator's, poll after poll
+    app.snapshot = source.snapshot()
+    log = [(d.step, d.rule, d.actions, d.reason) for d in app.selected().decisions]  # type: ignore[union-attr]
+    assert log == [(700, "operator", action, "refused: the run has ended (stopped by operator) (by hand)")
+                   for action in ("stop", "rollback", "reduce_lr")]
+    assert any(line.startswith("│ step    700 operator reduce_lr    refused: the run has ended (stopped by operator)")
+               for line in screen(app))
+
+
+def test_top_help_lists_the_keys() -> None:
+    result = subprocess.run([sys.executable, "-m", "guardian.cli", "top", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    keys = [line.split()[0] for line in result.stdout.split("keys:\n", 1)[1].splitlines() if line.startswith("  ")]
+    assert keys == ["up/down,", "enter", "esc", "o", "s", "r", "l", "q"]
+
+
+def test_the_daemon_refuses_actions_on_an_ended_run_and_top_logs_queued_ones(tmp_path: Path) -> None:
+    from daemonkit import in_process_daemon
+
+    key = "test-run-key-0123456789abcdefghijklmnop"
+    with in_process_daemon(tmp_path) as (_, url, token):
+        def report(run: str, *events: dict[str, Any]) -> None:
+            request(url, "POST", "/v1/report", {"run": {"id": run, "rules": "default"}, "events": list(events)},
+                    token=token, run_key=key)
+
+        report("done", {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 2.0}},
+               {"seq": 2, "kind": "end", "step": 1})
+        report("live", {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 2.0}})
+        source = DaemonSource(url, token)
+        with pytest.raises(DaemonError, match="run 'done' has ended: rollback is only for a run still training"):
+            source.control("done", "rollback", {})
+        assert source.control("live", "reduce_lr", {"factor": 0.5}) == 1
+        live = {run.id: run for run in source.snapshot().runs}["live"]
+        assert [(d.step, d.rule, d.actions, d.reason) for d in live.decisions] == [
+            (None, "operator", "reduce_lr(factor=0.5)", "queued: carried out at the run's next step (by hand, command 1)")]
+        assert "step      — operator reduce_lr(factor=0.5) queued: carried out" in render(
+            widgets.decisions_panel(live), 100)
 
 
 # ---- the --dir source ------------------------------------------------------------------------------
@@ -614,7 +753,7 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         assert "running" in table or "firing" in table
 
         term.keys("Down", "Enter")
-        term.wait_for("run tui-run ·", "curves over the last", "decision log", "state", "non_finite_loss")
+        term.wait_for("run tui-run ·", "curves over steps", "decision log", "state", "non_finite_loss")
         term.keys("Escape")
         term.wait_for("latest decisions of tui-run")
 
@@ -625,12 +764,14 @@ def test_guardian_top_in_a_real_terminal_against_a_real_daemon_and_run(
         commands = request(daemon.url, "GET", "/v1/runs/tui-run/events")["commands"]
         assert [(c["action"], c["source"]) for c in commands] == [("stop", "ctl")]
         assert training.wait(timeout=180) == 0  # the run carried out the stop
-        term.wait(lambda s: "▶  tui-run  ended" in s, "the run to show as ended", 30)
+        term.wait(lambda s: "▶  tui-run  stopped" in s, "the run to show as stopped", 30)
+        term.wait_for("· stopped by operator", "skipped this update; stopping training (by hand, command 1)")
 
         term("resize-window", "-t", "top", "-x", "70")
-        narrow = term.wait(lambda s: "grad norm" not in s and "tui-run" in s, "the narrow layout")
+        narrow = term.wait(lambda s: "tok/s" not in s and "tui-run" in s, "the narrow layout")
         assert max(len(line) for line in narrow.splitlines()) <= 70
-        assert "status" in narrow and "loss" in narrow
+        header = narrow.splitlines()[1].split()
+        assert header[:4] == ["run", "status", "step", "loss"] and "lr" in header  # (eval loss once there is one)
 
         term.keys("q")
         assert term.exited() == 0
@@ -649,3 +790,93 @@ def test_guardian_top_restores_the_terminal_on_sigterm_and_shows_an_empty_dir(
     os.kill(int(term.pid_file.read_text()), signal.SIGTERM)
     assert term.exited() == 128 + signal.SIGTERM
     assert term.terminal_restored()
+
+
+# ---- a real session: three runs through a real daemon, one stopped from top, one with `guardian ctl` ----------
+
+
+class AtStep:
+    """A Trainer callback that calls functions at the end of chosen steps (an operator pressing keys)."""
+
+    def __init__(self, actions: dict[int, Callable[[], None]]) -> None:
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):  # type: ignore[misc]
+            def on_step_end(inner, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: N805
+                if state.global_step in actions:
+                    actions[state.global_step]()
+
+        self.callback = _Callback()
+
+
+CLEAN, FAULTY, BY_HAND, BY_CTL = ("lora-r8-clean-3f2a9c1d", "lora-r8-faulty-3f2a9c1d", "lora-r8-by-hand-3f2a9c1d",
+                                  "lora-r8-by-ctl-3f2a9c1d")
+
+
+def real_session(tmp_path: Path, url: str, token: str) -> TopApp:
+    """A real daemon's view of four tiny real runs: healthy; rescued by skips; stopped with `s` in top;
+    given a rollback then a stop with `guardian ctl`. Returns the `top` app (80×24) that stopped the third."""
+    from guardian.callbacks import GuardianCallback
+    from guardian.callbacks.faults import Fault, FaultInjector
+    from guardian.cli import main
+    from guardian.tinyrun import TinyRun
+
+    app = TopApp(DaemonSource(url, token), Console(width=80, height=24, file=io.StringIO(), color_system=None))
+
+    def press_in_top(*keys: str) -> None:
+        app.snapshot = app.source.snapshot()
+        app.selected_id = BY_HAND
+        press(app, *keys)
+
+    def ctl(*args: str) -> None:
+        assert main(["ctl", *args, BY_CTL, "--url", url, "--token", token]) == 0
+
+    def train(run_id: str, *callbacks: Any) -> None:
+        TinyRun(str(tmp_path / run_id), max_steps=30, eval_steps=10).trainer(
+            [*callbacks, GuardianCallback(url=url, token=token, run_id=run_id, deadline_seconds=2.0)]).train()
+
+    train(CLEAN)
+    train(FAULTY, FaultInjector([Fault("nan", 12), Fault("nan", 25)]))
+    train(BY_HAND, AtStep({18: lambda: press_in_top("s", "y")}).callback)
+    train(BY_CTL, AtStep({10: lambda: ctl("rollback"), 22: lambda: ctl("stop")}).callback)
+    app.snapshot = app.source.snapshot()
+    return app
+
+
+@pytest.mark.slow
+def test_a_real_session_operator_actions_and_endings_through_a_real_daemon(tmp_path: Path) -> None:
+    from daemonkit import in_process_daemon
+
+    from guardian.cli import main
+
+    with in_process_daemon(tmp_path / "state") as (_, url, token):
+        top = real_session(tmp_path, url, token)
+        assert top.message is not None and top.message.plain.startswith(f"queued stop for {BY_HAND} (command 1)")
+        runs = {run.id: run for run in top.snapshot.runs}
+        assert [r.id for r in top.snapshot.runs] == [CLEAN, FAULTY, BY_HAND, BY_CTL]  # in the order they started
+        assert {r.id: r.ending for r in runs.values()} == {CLEAN: "finished", FAULTY: "finished",
+                                                            BY_HAND: "stopped by operator", BY_CTL: "stopped by operator"}
+        assert [(d.rule, d.step) for d in runs[FAULTY].decisions] == [("non_finite_loss", 12), ("non_finite_loss", 25)]
+        log = [(d.rule, d.actions, d.reason) for d in runs[BY_CTL].decisions]
+        assert [entry[:2] for entry in log] == [("operator", "rollback"), ("operator", "stop")]
+        assert log[0][2].startswith("rolled back to step 0 from memory") and log[0][2].endswith("(by hand, command 2)")
+        assert log[1][2] == "skipped this update; stopping training (by hand, command 3)"
+
+        top.selected_id = BY_HAND
+        text = "\n".join(screen(top))
+        assert f"╭─ latest decisions of {BY_HAND} (1) · stopped by operator" in text
+        assert any("operator stop         skipped this update; stopping training" in line for line in screen(top))
+        for run_id in (CLEAN, FAULTY, BY_HAND, BY_CTL):  # 80 columns: every id whole, eval loss and lr shown
+            assert any(line[3:].startswith(run_id + " ") for line in screen(top))
+        assert screen(top)[1].split()[-4:] == ["loss", "eval", "loss", "lr"]
+
+        # --dir over the run's own event file tells the same story
+        [on_disk] = DirSource(tmp_path / BY_CTL).snapshot().runs
+        assert on_disk.ending == "stopped by operator"
+        assert [(d.rule, d.actions, d.reason) for d in on_disk.decisions] == log
+
+        press(top, "s")  # an ended run: refused here, and by the daemon for `guardian ctl`
+        assert top.pending is None and screen(top)[-1].startswith(f"refused: {BY_HAND} has ended")
+        assert main(["ctl", "stop", BY_HAND, "--url", url, "--token", token]) == 2
+        with pytest.raises(DaemonError, match=f"run '{BY_HAND}' has ended: stop is only for a run still training"):
+            top.source.control(BY_HAND, "stop", {})

@@ -11,9 +11,10 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console, RenderableType
@@ -26,15 +27,34 @@ from guardian.client import DaemonError
 from guardian.errors import ConfigError, GuardianError
 from guardian.tui import widgets
 from guardian.tui.keys import KeyReader
-from guardian.tui.source import RunSnapshot, Snapshot, Source
+from guardian.tui.source import OPERATOR, DecisionLine, ReadOnlySourceError, RunSnapshot, Snapshot, Source
 
 MESSAGE_SECONDS = 10.0
+NOTES_KEPT = 20  # refused actions kept per run in this screen's decision log
 # key -> (action sent to the daemon, its params, what the prompt calls it)
 ACTION_KEYS: dict[str, tuple[str, dict[str, Any], str]] = {
     "s": ("stop", {}, "stop"),
     "r": ("rollback", {}, "roll back"),
     "l": ("reduce_lr", {"factor": 0.5}, "reduce the learning rate (×0.5) of"),
 }
+
+
+# the orders `o` steps through; the first is the default. Every order is stable from poll to poll.
+SORT_ORDERS = ("started", "id", "status")
+_STATUS_RANK = {"stalled": 0, "firing": 1, "running": 2, "ended": 3}
+
+
+def sort_runs(runs: tuple[RunSnapshot, ...], order: str) -> tuple[RunSnapshot, ...]:
+    """The runs in `order`: "started" (oldest first; a run whose start is not known yet last), "id", or
+    "status" (stalled, firing, running, ended; then by start). Ties go by id, so rows never swap by chance."""
+    def started(run: RunSnapshot) -> tuple[bool, float]:
+        return run.started is None, run.started or 0.0
+
+    if order == "id":
+        return tuple(sorted(runs, key=lambda r: r.id))
+    if order == "status":
+        return tuple(sorted(runs, key=lambda r: (_STATUS_RANK.get(r.status, 9), *started(r), r.id)))
+    return tuple(sorted(runs, key=lambda r: (*started(r), r.id)))
 
 
 @dataclass
@@ -82,7 +102,9 @@ class TopApp:
 
     def __init__(self, source: Source, console: Console, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.source, self.console, self.clock = source, console, clock
-        self.snapshot = Snapshot((), source.where)
+        self.order = SORT_ORDERS[0]
+        self.notes: dict[str, deque[DecisionLine]] = {}  # run -> the operator's actions refused (see `_note`)
+        self._raw = self._snapshot = Snapshot((), source.where)
         self.selected_id: str | None = None
         self.selected_index = 0
         self.detail = False
@@ -90,6 +112,30 @@ class TopApp:
         self.pending: Pending | None = None
         self.message: Text | None = None
         self.message_at = 0.0
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, snapshot: Snapshot) -> None:
+        """Take a new snapshot, its runs in the screen's order (the selection follows its run)."""
+        runs = tuple(replace(r, decisions=r.decisions + tuple(self.notes[r.id])) if self.notes.get(r.id) else r
+                     for r in snapshot.runs)
+        self._snapshot = replace(snapshot, runs=sort_runs(runs, self.order))
+        self._raw = snapshot
+
+    def _note(self, run: RunSnapshot | None, run_id: str, action: str, why: str) -> None:
+        """Log an action of the operator that never reached the run (refused here or by the daemon): the
+        daemon has no record of it, so this screen's decision log keeps it."""
+        notes = self.notes.setdefault(run_id, deque(maxlen=NOTES_KEPT))
+        notes.append(DecisionLine(run.step if run else None, OPERATOR, OPERATOR, action, f"refused: {why} (by hand)"))
+        self.snapshot = self._raw
+
+    def cycle_order(self) -> None:
+        self.order = SORT_ORDERS[(SORT_ORDERS.index(self.order) + 1) % len(SORT_ORDERS)]
+        self.snapshot = self._raw
+        self._say(f"sorted by {self.order}", "dim")
 
     # ---- selection ---------------------------------------------------------------------------------
 
@@ -136,6 +182,8 @@ class TopApp:
             self.detail = False
         elif key in ACTION_KEYS:
             self._ask(key)
+        elif key == "o" and not self.detail:
+            self.cycle_order()
         return True
 
     def _ask(self, key: str) -> None:
@@ -145,6 +193,10 @@ class TopApp:
         elif self.source.read_only:
             self._say(f"{self.source.read_only}: start the run with GUARDIAN_URL set and use `guardian top --url`",
                       "yellow")
+        elif run.ended:
+            self._say(f"refused: {run.id} has ended ({run.ending}); s, r and l are for runs still training",
+                      "yellow")
+            self._note(run, run.id, ACTION_KEYS[key][0], f"the run has ended ({run.ending})")
         else:
             action, params, words = ACTION_KEYS[key]
             self.pending = Pending(run.id, action, dict(params), words)
@@ -157,6 +209,9 @@ class TopApp:
             command = self.source.control(pending.run_id, pending.action, pending.params)
         except (DaemonError, GuardianError) as exc:
             self._say(f"error: {pending.action} {pending.run_id}: {exc}", "bold red")
+            if not isinstance(exc, ReadOnlySourceError):
+                run = next((r for r in self._raw.runs if r.id == pending.run_id), None)
+                self._note(run, pending.run_id, pending.action, str(exc))
             return
         self._say(f"queued {pending.action} for {pending.run_id} (command {command}); it is carried out at the "
                   "run's next step", "bold green")
@@ -172,13 +227,13 @@ class TopApp:
                         overflow="ellipsis")
         if self.message is not None and self.clock() - self.message_at < MESSAGE_SECONDS:
             return self.message
-        keys = "esc back · ↑/↓ scroll decisions" if self.detail else "↑/↓ select · enter details"
+        keys = "esc back · ↑/↓ scroll decisions" if self.detail else "↑/↓ select · enter details · o order"
         acts = f" · {self.source.read_only}" if self.source.read_only else " · s stop · r rollback · l LR ×0.5"
         return widgets.footer(f"{keys}{acts} · q quit")
 
     def render(self) -> RenderableType:
         width, height = self.console.size
-        head = widgets.header(self.snapshot)
+        head = widgets.header(self.snapshot, None if self.detail else self.order)
         head_lines = len(head.wrap(self.console, width))
         body_height = max(1, height - head_lines - 1)
         layout = Layout()

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from guardian import wire
+from guardian.actions import describe_outcome
 from guardian.client import DaemonError, request
 from guardian.engine import Engine, decision_from_dict
 from guardian.errors import GuardianError, RuleFileError
@@ -46,13 +47,31 @@ class GpuMemory:
     total_bytes: float
 
 
+OPERATOR = "operator"  # who a manual action (`s`/`r`/`l` in top, `guardian ctl`) is credited to
+
+
 @dataclass(frozen=True)
 class DecisionLine:
-    step: int
+    """One line of a run's log: a rule's decision, or an operator's action and its outcome
+    (`rule` is then OPERATOR, `severity` "operator", and `step` None while it waits for the run's next step)."""
+
+    step: int | None
     rule: str
     severity: str
     actions: str  # "skip_update, reduce_lr(factor=0.5)"
-    reason: str  # the finding: metric, value, threshold, step
+    reason: str  # the finding: metric, value, threshold, step; for an operator: what became of the action
+
+
+def ending(status: str, stopped_by: str | None) -> str | None:
+    """How a run ended, in words: "finished", "stopped by operator", "stopped by rule X", or for a run that
+    stopped reporting without an end event (`stalled`) "no reports: crashed or lost?"; None while it runs."""
+    if status == "stalled":
+        return "no reports: crashed or lost?"
+    if status != "ended":
+        return None
+    if stopped_by is None:
+        return "finished"
+    return "stopped by operator" if stopped_by == OPERATOR else f"stopped by rule {stopped_by}"
 
 
 @dataclass(frozen=True)
@@ -74,10 +93,25 @@ class RunSnapshot:
     history: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # curve -> oldest..newest
     decisions: tuple[DecisionLine, ...] = ()  # oldest..newest
     seconds_since_report: float | None = None
+    history_steps: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # curve -> the step of each value
+    started: float | None = None  # when the run started (its first event's time): the default sort key
+    stopped_by: str | None = None  # OPERATOR, or the rules whose decision stopped it
 
     @property
     def firing(self) -> list[str]:
         return [rule for rule, state in self.rules.items() if state == "firing"]
+
+    @property
+    def ended(self) -> bool:
+        return self.status == "ended"
+
+    @property
+    def ending(self) -> str | None:
+        return ending(self.status, self.stopped_by)
+
+    @property
+    def rule_decisions(self) -> int:
+        return sum(1 for d in self.decisions if d.rule != OPERATOR)
 
 
 @dataclass(frozen=True)
@@ -120,6 +154,16 @@ def decision_line(data: Mapping[str, Any]) -> DecisionLine | None:
     return DecisionLine(decision.step, decision.rule, decision.severity.value, actions, decision.finding.message)
 
 
+def _manual(rules: Any) -> list[str]:
+    """The actions of an action event's "manual:ACTION" rules (commands carried out)."""
+    return [r.split(":", 1)[1] for r in rules if isinstance(r, str) and r.startswith("manual:")] \
+        if isinstance(rules, list) else []
+
+
+def _params(params: Any) -> str:
+    return f"({', '.join(f'{k}={v}' for k, v in params.items())})" if isinstance(params, dict) and params else ""
+
+
 class RunRecord:
     """One run built up from its events; bounded history and decision log."""
 
@@ -130,7 +174,13 @@ class RunRecord:
         self.tracker = RunTracker(run_id)
         self.values: dict[str, float] = {}  # latest of each metric, NaN included
         self.history: dict[str, deque[float]] = {key: deque(maxlen=history_points) for key in CURVES}
+        self.steps: dict[str, deque[int]] = {key: deque(maxlen=history_points) for key in CURVES}
         self.decisions: deque[DecisionLine] = deque(maxlen=decisions_kept)
+        self.operator: deque[DecisionLine] = deque(maxlen=decisions_kept)  # manual actions, from the run's events
+        self.carried_out: set[int] = set()  # the ids of the commands the run says it carried out
+        self.commands: list[dict[str, Any]] = []  # the daemon's record of the run's commands
+        self.stopped_by: str | None = None
+        self.first_time: float | None = None
         self.last_seq = 0
         self.last_time: float | None = None
         self.max_steps: int | None = None
@@ -148,21 +198,46 @@ class RunRecord:
         self.tracker.apply(dict(event), values)
         if isinstance(event.get("time"), (int, float)):
             self.last_time = max(self.last_time or 0.0, float(event["time"]))
+            self.first_time = float(event["time"]) if self.first_time is None else self.first_time
         if kind == "metrics":
-            self._metrics(values)
+            self._metrics(values, event.get("step"))
         elif kind == "decision" and self.decisions_from_events:
             self._add_decisions([event])
+        elif kind == "action":
+            self._action(event)
         elif kind == "start":
             self._start(event)
         return True
 
-    def _metrics(self, values: Mapping[str, float]) -> None:
+    def _metrics(self, values: Mapping[str, float], step: Any) -> None:
         self.values.update(values)
+        step = step if isinstance(step, int) else (self.steps["loss"][-1] + 1 if self.steps["loss"] else 0)
         for key in CURVES:
             if key in values:
                 self.history[key].append(values[key])
+                self.steps[key].append(step)
+
+    def _action(self, event: Mapping[str, Any]) -> None:
+        """An intervention carried out: who stopped the run, and what the operator's commands did."""
+        step = event.get("step") if isinstance(event.get("step"), int) else 0
+        manual = _manual(event.get("rules"))
+        outcome = {k: v for k, v in event.items() if k not in ("seq", "kind", "time", "step", "rules", "source",
+                                                               "command_ids")}
+        try:
+            did = describe_outcome(outcome)
+        except (KeyError, TypeError, ValueError):
+            did = "carried out"
+        if event.get("stopped") is True:
+            rules = [r for r in event.get("rules") or [] if isinstance(r, str) and not r.startswith("manual:")]
+            self.stopped_by = OPERATOR if manual or not rules else ", ".join(rules)
+        ids = [i for i in event.get("command_ids") or [] if isinstance(i, int)]
+        self.carried_out.update(ids)
+        if manual:
+            which = f", command {', '.join(map(str, ids))}" if ids else ""
+            self.operator.append(DecisionLine(step, OPERATOR, OPERATOR, ", ".join(manual), f"{did} (by hand{which})"))
 
     def _start(self, event: Mapping[str, Any]) -> None:
+        self.stopped_by = None  # a resumed run: running again
         if isinstance(event.get("max_steps"), int) and event["max_steps"] > 0:
             self.max_steps = int(event["max_steps"])
         if isinstance(event.get("source"), str):
@@ -179,13 +254,30 @@ class RunRecord:
         self.decisions.clear()
         self._add_decisions(decisions[-(self.decisions.maxlen or len(decisions)):])
 
+    def set_commands(self, commands: list[dict[str, Any]]) -> None:
+        """The daemon's list of the run's commands (id, action, params, source, delivered, applied)."""
+        self.commands = [c for c in commands if isinstance(c, dict) and isinstance(c.get("id"), int)][-DECISIONS_KEPT:]
+
+    def log(self) -> tuple[DecisionLine, ...]:
+        """The rules' decisions and the operator's actions, oldest first; the operator's commands not carried
+        out yet (queued, or delivered to the run) come last."""
+        lines = sorted([*self.decisions, *self.operator], key=lambda line: line.step or 0)
+        for command in self.commands:
+            if command["id"] in self.carried_out:
+                continue
+            what = f"{command.get('action')}{_params(command.get('params'))}"
+            state = "delivered to the run, not carried out yet" if command.get("delivered") else \
+                "queued: carried out at the run's next step"
+            lines.append(DecisionLine(None, OPERATOR, OPERATOR, what, f"{state} (by hand, command {command['id']})"))
+        return tuple(lines[-(self.decisions.maxlen or 1):])
+
     @property
     def step(self) -> int | None:
         step = self.tracker.view.latest.get("step")
         return None if step is None else int(step)
 
     def snapshot(self, rules: Mapping[str, str], *, status: str | None = None, max_steps: int | None = None,
-                 seconds_since_report: float | None = None) -> RunSnapshot:
+                 seconds_since_report: float | None = None, started: float | None = None) -> RunSnapshot:
         view, values = self.tracker.view, self.values
         return RunSnapshot(
             id=self.run_id, status=status or run_status(view.ended, rules), step=self.step,
@@ -193,7 +285,9 @@ class RunRecord:
             grad_norm=values.get("grad_norm"), learning_rate=values.get("learning_rate"),
             lr_scale=view.latest.get("lr_scale"), tokens_per_second=values.get("tokens_per_second"),
             gpus=self._gpus(), rules=dict(rules), history={k: tuple(v) for k, v in self.history.items()},
-            decisions=tuple(self.decisions), seconds_since_report=seconds_since_report,
+            decisions=self.log(), seconds_since_report=seconds_since_report,
+            history_steps={k: tuple(v) for k, v in self.steps.items()}, started=started or self.first_time,
+            stopped_by=self.stopped_by,
         )
 
     def _gpus(self) -> tuple[GpuMemory, ...]:
@@ -259,8 +353,10 @@ class DaemonSource:
                 self._seen[run_id] = changed
         meta = row.get("meta") or {}
         max_steps = meta.get("max_steps") if isinstance(meta.get("max_steps"), int) else None
+        first_seen = row.get("first_seen")
         return record.snapshot(row.get("rule_status") or {}, status=str(row.get("status", "running")),
-                               max_steps=max_steps, seconds_since_report=row.get("seconds_since_report"))
+                               max_steps=max_steps, seconds_since_report=row.get("seconds_since_report"),
+                               started=float(first_seen) if isinstance(first_seen, (int, float)) else None)
 
     def _fetch_events(self, record: RunRecord) -> bool:
         """Read the run's new events; True when it is caught up (False: more pages wait for the next poll)."""
@@ -270,6 +366,7 @@ class DaemonSource:
             for event in data.get("events", []):
                 record.apply(event)
         record.set_decisions(data.get("decisions", []))
+        record.set_commands(data.get("commands", []))
         finished = self.clock()
         self._next_fetch[record.run_id] = finished + self.FETCH_COST_FACTOR * (finished - started)
         return data.get("next_since_seq") is None
