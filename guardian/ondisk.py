@@ -1,8 +1,10 @@
 """What a run left on disk now: its checkpoints (Trainer's and Guardian's protected copies), whether their
 weights are finite, the final weights, and the checkpoint to resume from.
 
-Read-only, and bounded: weights are read tensor by tensor from safetensors files (or a `pytorch_model.bin`),
-and a folder whose weights exceed `WEIGHTS_CHECK_MAX_BYTES` is listed without being checked.
+Read-only, and bounded: weights are read tensor by tensor from safetensors files (or a `pytorch_model.bin`);
+a folder whose weights exceed `WEIGHTS_CHECK_MAX_BYTES` is listed without being checked, and once
+`READ_BUDGET_BYTES` have been read (newest weights first) older folders are listed unchecked too. Guardian's
+protected copies are hard links to the checkpoint's files, so a file already checked is not read again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_CHECK_MAX_BYTES = 4 * 1024**3
+READ_BUDGET_BYTES = 8 * 1024**3
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
@@ -53,6 +56,9 @@ class DiskState:
             return self.final
         return self.checkpoints[-1].weights if self.checkpoints else None
 
+    def unchecked(self) -> list[CheckpointOnDisk]:
+        return [c for c in self.checkpoints if c.weights.finite is None]
+
     def resume_from(self) -> CheckpointOnDisk | None:
         """The newest checkpoint whose weights were checked and are finite (the original before Guardian's copy)."""
         good = [c for c in self.checkpoints if c.weights.finite]
@@ -65,14 +71,43 @@ class DiskState:
         return {c.step for c in self.checkpoints if c.protected == protected}
 
 
-def read_disk(run_dir: Path) -> DiskState:
+def read_disk(run_dir: Path, budget_bytes: int = READ_BUDGET_BYTES) -> DiskState:
     """The checkpoints in `run_dir` and `run_dir/guardian/good`, and the weights saved in `run_dir` itself."""
-    found = [CheckpointOnDisk(step, check_weights(path), protected)
-             for protected, root in ((False, run_dir), (True, run_dir / "guardian" / "good"))
-             for step, path in _checkpoint_dirs(root)]
+    folders = [(step, path, protected) for protected, root in ((False, run_dir), (True, run_dir / "guardian" / "good"))
+               for step, path in _checkpoint_dirs(root)]
+    checker = _Checker(budget_bytes)
+    final = checker.check(run_dir) if _weight_files(run_dir) else None
+    found = [CheckpointOnDisk(step, checker.check(path), protected)
+             for step, path, protected in sorted(folders, key=lambda f: (-f[0], f[2]))]  # newest first
     found.sort(key=lambda c: (c.step, c.protected))
-    final = check_weights(run_dir) if _weight_files(run_dir) else None
     return DiskState(run_dir, found, final)
+
+
+class _Checker:
+    """Checks folders' weights within a byte budget, each distinct file (by inode) once."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.left = budget_bytes
+        self.seen: dict[tuple[tuple[int, int, int, int], ...], Weights] = {}
+
+    def check(self, folder: Path) -> Weights:
+        files = _weight_files(folder)
+        try:
+            key = tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in (f.stat() for f in files))
+        except OSError as exc:
+            return Weights(folder, None, f"unreadable ({exc})")
+        if key in self.seen:
+            known = self.seen[key]
+            return Weights(folder, known.finite, known.why_unchecked)
+        size = sum(k[2] for k in key)
+        if files and WEIGHTS_CHECK_MAX_BYTES >= size > self.left:
+            return Weights(folder, None, "not read: the report reads at most "
+                                         f"{READ_BUDGET_BYTES / 1024**3:.0f} GiB of weights, newest first")
+        weights = check_weights(folder)
+        if weights.finite is not None:
+            self.left -= size
+        self.seen[key] = weights
+        return weights
 
 
 def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:

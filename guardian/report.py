@@ -463,7 +463,8 @@ def _weights_clause(record: RunRecord) -> str:
     if disk is None or latest is None or latest.finite is not False:
         return ""
     resume = disk.resume_from()
-    where = f"resume from {resume.path}" if resume is not None else "no checkpoint on disk has finite weights"
+    where = f"resume from {resume.path}" if resume is not None else \
+        "no checked checkpoint on disk has finite weights" if disk.unchecked() else "no checkpoint on disk has finite weights"
     return f"; the final weights ({latest.folder.name}) are NaN/inf: {where}"
 
 
@@ -695,6 +696,9 @@ def _on_disk(record: RunRecord) -> list[str]:
     if resume is not None and latest is not None and latest.finite is False:
         out.append(f"- Resume from `{resume.path}` (the newest checkpoint with finite weights): "
                    f"`trainer.train(resume_from_checkpoint=\"{resume.path}\")`.")
+    elif latest is not None and latest.finite is False and disk.unchecked():
+        out.append("- No checked checkpoint has finite weights; these were not checked: "
+                   + ", ".join(f"`{c.path.relative_to(disk.run_dir)}`" for c in disk.unchecked()) + ".")
     elif latest is not None and latest.finite is False:
         out.append("- No checkpoint on disk has finite weights: start again from the base model.")
     elif resume is not None:

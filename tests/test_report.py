@@ -16,7 +16,7 @@ from guardian import wire
 from guardian.daemon import Guardian
 from guardian.errors import LogFormatError
 from guardian.reload import RuleLibrary
-from guardian.report import load_run, render_markdown, verdict, write_report
+from guardian.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
 from guardian.ruleset import load_rules
 from guardian.store import Store
 
@@ -376,3 +376,34 @@ def test_a_learning_rate_put_back_on_its_schedule_is_an_action(tmp_path: Path) -
     assert [t.get_text() for t in strip.get_yticklabels()][0] == "Guardian"
     assert any(c.get_segments() and c.get_segments()[0][0][0] == 12 for c in strip.collections
                if hasattr(c, "get_segments"))  # the band of restores on Guardian's row
+
+
+def test_weights_on_disk_are_read_newest_first_within_a_budget(tmp_path: Path) -> None:
+    """Real safetensors files: the newest weights are read first, a hard-linked protected copy is not read again,
+    and what the budget left unread is said to be unchecked (never "no checkpoint has finite weights")."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from guardian.ondisk import read_disk
+
+    for step, value in ((1, 0.5), (2, math.nan)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({"w": torch.full((256,), value)}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    good = tmp_path / "guardian" / "good" / "checkpoint-1"
+    good.mkdir(parents=True)
+    os.link(tmp_path / "checkpoint-1" / "model.safetensors", good / "model.safetensors")
+    size = (tmp_path / "checkpoint-2" / "model.safetensors").stat().st_size
+
+    both = read_disk(tmp_path, budget_bytes=2 * size)
+    assert [(c.step, c.protected, c.weights.finite) for c in both.checkpoints] == \
+        [(1, False, True), (1, True, True), (2, False, False)]  # the linked copy cost nothing
+    assert both.resume_from() is not None and both.resume_from().path == tmp_path / "checkpoint-1"
+
+    newest_only = read_disk(tmp_path, budget_bytes=size)
+    assert [(c.step, c.weights.finite) for c in newest_only.checkpoints] == [(1, None), (1, None), (2, False)]
+    text = render_markdown(RunRecord(tmp_path.name, EMBEDDED, str(tmp_path), {}, {}, [], disk=newest_only))
+    assert "No checked checkpoint has finite weights; these were not checked: `checkpoint-1`, " \
+           "`guardian/good/checkpoint-1`." in text
+    assert "start again from the base model" not in text
