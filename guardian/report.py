@@ -325,7 +325,8 @@ def interventions(record: RunRecord) -> Interventions:
     scale = next((float(a["lr_scale"]) for a in reversed(record.actions) if isinstance(a.get("lr_scale"), (int, float))), None)
     if scale is None:
         scale = record.lr_scale.values[-1] if record.lr_scale.values else 1.0
-    return Interventions([int(a["step"]) for a in acts if a.get("skipped_update")], rollbacks,
+    # A stop skips its step's update too, but it is the stop (as in `_would_do`).
+    return Interventions([int(a["step"]) for a in acts if a.get("skipped_update") and not a.get("stopped")], rollbacks,
                          [int(a["step"]) for a in cuts], [int(a["step"]) for a in acts if a.get("stopped")], scale,
                          [int(a["step"]) for a in acts if a.get("lr_restored")])
 
@@ -415,13 +416,18 @@ def verdict(record: RunRecord) -> str:
 
 
 def _verdict_of_guarded(record: RunRecord, acts: Interventions, loss: Series | None) -> str:
-    if loss and loss.values and not math.isfinite(loss.values[-1]):
+    # A NaN loss whose update Guardian skipped (and stopped on) never reached the weights: that is not divergence.
+    if loss and loss.values and not math.isfinite(loss.values[-1]) and loss.steps[-1] not in acts.skipped \
+            and not acts.stops:
         return f"diverged: the training loss is {loss.values[-1]} at the last step ({loss.steps[-1]})"
     done = _did(acts)
     if acts.stops:
         rules = ", ".join(sorted({r for a in record.actions if a.get("stopped") and not is_operator(a)
                                   for r in a.get("rules", [])}))
-        return f"stopped at step {acts.stops[0]} by {rules or 'Guardian'}" + (f"; {done}" if done else "")
+        left = next((str(a.get("restored") or a.get("restored_best")) for a in record.actions
+                     if a.get("stopped") and not is_operator(a) and (a.get("restored") or a.get("restored_best"))), "")
+        return (f"stopped at step {acts.stops[0]} by {rules or 'Guardian'}" + (f", leaving {left}" if left else "")
+                + (f"; {done}" if done else ""))
     if done:
         return f"Guardian stepped in: {done}; ended at step {record.last_step}{_end_loss(record)}"
     if record.decisions:

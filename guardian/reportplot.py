@@ -437,7 +437,8 @@ def _plain_log_ticks(ax: Any) -> None:
         low, high = ax.get_ylim()
         ratio = high / max(low, 1e-300)
         mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0.0
-        shown = (1.2, 1.4, 1.6, 1.8, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if ratio <= 3 else (2.0, 5.0) if ratio <= 200 else ()
+        shown = (1.2, 1.4, 1.6, 1.8, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if ratio <= 4 else (2.0, 3.0, 5.0) if ratio <= 30 \
+            else (2.0, 5.0) if ratio <= 200 else ()
         return f"{value:g}" if mantissa in shown else ""
 
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))

@@ -239,6 +239,7 @@ def _at_step(actions: dict[int, object]) -> object:
     return Caller()
 
 
+@pytest.mark.slow
 def test_manual_actions_are_the_operators_not_guardians(tmp_path: Path) -> None:
     """A real run reporting to a real daemon: Guardian skips a NaN step; the operator cuts the LR and stops the run
     (`guardian ctl` / the TUI's keys go through the same control API). Once: "Guardian stepped in" took the credit."""
@@ -407,3 +408,23 @@ def test_weights_on_disk_are_read_newest_first_within_a_budget(tmp_path: Path) -
     assert "No checked checkpoint has finite weights; these were not checked: `checkpoint-1`, " \
            "`guardian/good/checkpoint-1`." in text
     assert "start again from the base model" not in text
+
+
+def test_a_stop_on_a_nan_step_is_a_stop_not_divergence(tmp_path: Path) -> None:
+    """A real run whose rules stop on NaN, restoring the best evaluation. Once: "diverged: the training loss is nan",
+    with the stop's own skipped update counted as a second intervention."""
+    from trainkit import rules
+
+    from guardian.callbacks import GuardianCallback
+    from guardian.callbacks.faults import Fault, FaultInjector
+    from guardian.tinyrun import TinyRun
+
+    stop_rules = rules("version: 1\nrules:\n  - name: non_finite_loss\n    metric: loss\n    detector: {kind: non_finite}\n"
+                       "    severity: critical\n    actions: [{stop: {restore: best_eval}}]\n")
+    TinyRun(str(tmp_path / "run"), max_steps=20, eval_steps=5).trainer(
+        [FaultInjector([Fault("nan", 12)]), GuardianCallback(stop_rules)]).train()
+    record = load_run(tmp_path / "run", ruleset=load_rules())
+    assert verdict(record) == "stopped at step 12 by non_finite_loss, leaving the weights of step 10 (best " \
+                              f"evaluation, eval loss {record.eval['eval_loss'].values[-1]:.4g})"
+    text = render_markdown(record)
+    assert "| updates skipped | 0 |" in text and "| stops | step 12 |" in text

@@ -122,6 +122,7 @@ def test_nothing_logged_means_no_panel(tmp_path: Path) -> None:
     assert [ax.get_ylabel() for ax in fig.axes] == ["loss"]
 
 
+@pytest.mark.slow
 @needs_fixtures
 def test_every_panel_of_every_real_log_holds_its_curves(tmp_path: Path) -> None:
     for log in sorted(p for p in REAL_LOGS.iterdir() if p.suffix in (".json", ".jsonl")):
