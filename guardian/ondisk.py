@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_CHECK_MAX_BYTES = 4 * 1024**3
-READ_BUDGET_BYTES = 8 * 1024**3
+READ_BUDGET_BYTES = 4 * 1024**3
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
@@ -111,10 +111,12 @@ class _Checker:
 
 
 def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
+    try:
+        entries = list(root.iterdir()) if root.is_dir() else []
+    except OSError:  # unreadable: listed as nothing rather than failing the report
         return []
     out = []
-    for path in root.iterdir():
+    for path in entries:
         match = _CHECKPOINT.match(path.name)
         if match and path.is_dir():
             out.append((int(match.group(1)), path))
@@ -123,7 +125,10 @@ def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
 
 def _weight_files(folder: Path) -> list[Path]:
     named = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
-    shards = sorted(p for p in folder.glob("model-*.safetensors") if _SHARD.match(p.name))
+    try:
+        shards = sorted(p for p in folder.glob("model-*.safetensors") if _SHARD.match(p.name))
+    except OSError:
+        shards = []
     return named + shards
 
 

@@ -688,7 +688,9 @@ def _on_disk(record: RunRecord) -> list[str]:
         where = "Guardian's protected copy" if item.protected else "Trainer's checkpoint"
         out.append(f"- `{item.path.relative_to(disk.run_dir)}` (step {item.step}, {where}): weights "
                    f"{describe(item.weights)}.")
-    if not disk.checkpoints:
+    if not disk.checkpoints and disk.final is None:
+        out.append("- No checkpoint folders and no saved weights: nothing to resume from.")
+    elif not disk.checkpoints:
         out.append("- No checkpoint folders.")
     gone = sorted(set(protected_steps) - disk.steps(protected=True))
     if gone:
