@@ -759,6 +759,19 @@ def bad_samples_json(record: RunRecord, limit: int = BAD_SAMPLE_ROWS_MAX) -> dic
             "listed": [s.to_dict() for s in record.bad_samples[:limit]]}
 
 
+def disk_json(record: RunRecord) -> dict[str, Any] | None:
+    """What is on disk now, for `guardian report --json` (None where the source names no output directory)."""
+    disk = record.disk
+    if disk is None:
+        return None
+    latest, resume = disk.latest, disk.resume_from()
+    return {"run_dir": str(disk.run_dir),
+            "checkpoints": [{"path": str(c.path), "step": c.step, "protected": c.protected,
+                             "weights_finite": c.weights.finite} for c in disk.checkpoints],
+            "final_weights": None if latest is None else {"path": str(latest.folder), "finite": latest.finite},
+            "resume_from": None if resume is None else str(resume.path)}
+
+
 def _index(sample: BadSample) -> str:
     return "null" if sample.index is None else str(sample.index)
 

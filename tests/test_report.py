@@ -307,6 +307,9 @@ def test_non_finite_final_weights_are_said_with_where_to_resume(nan_run: Path) -
     result = guardian("report", str(nan_run), "--out", str(nan_run.parent / "nan-report"))
     assert result.returncode == 0, result.stderr
     assert "are NaN/inf: resume from" in result.stdout
+    as_json = json.loads(guardian("report", str(nan_run), "--out", str(nan_run.parent / "nan-report"), "--json").stdout)
+    assert as_json["on_disk"]["final_weights"] == {"path": str(nan_run / "checkpoint-25"), "finite": False}
+    assert as_json["on_disk"]["resume_from"] == str(resume)
 
 
 def _overfitting_log(path: Path, later: dict[int, float]) -> Path:
