@@ -562,13 +562,14 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from guardian.report import bad_sample_lines, bad_samples_json, default_out_dir, load_run, verdict, write_report
+    from guardian.report import (bad_sample_lines, bad_samples_json, default_out_dir, disk_json, load_run, verdict,
+                                 write_report)
 
     record = load_run(args.target, run_id=args.run, state_dir=args.state_dir, ruleset=load_rules(args.rules))
     png, md = write_report(record, args.out or default_out_dir(record.name))
     if args.json:
         _print_json({"run": record.name, "verdict": verdict(record), "png": str(png), "markdown": str(md),
-                     "bad_samples": bad_samples_json(record)})
+                     "bad_samples": bad_samples_json(record), "on_disk": disk_json(record)})
         return 0
     console = Console()
     console.print(f"[bold]{escape(record.name)}[/]: {escape(verdict(record))}", highlight=False)

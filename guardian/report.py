@@ -29,6 +29,7 @@ from guardian.engine import Decision, decision_from_dict
 from guardian.errors import LogFormatError
 from guardian.eventlog import read_events
 from guardian.logs import EVAL, TRAIN, Observation, read_log
+from guardian.ondisk import DiskState, describe, read_disk
 from guardian.ruleset import RuleSet
 from guardian.store import stored_run
 
@@ -47,6 +48,7 @@ ACTION_STYLES = {  # action -> (colour, marker, legend label)
     "rollback": ("#9467bd", "<", "rollback (arrow: back to the target step)"),
     "lr_cut": ("#2ca02c", "D", "learning-rate cut"),
     "stop": ("#000000", "s", "stop"),
+    "lr_restore": ("#17becf", "o", "learning rate put back on its schedule"),
 }
 
 # DIGEST.md's pathologies: key -> (symptom, usual cause, usual fix).
@@ -95,6 +97,7 @@ class RunRecord:
     incidents: list[dict[str, Any]] = field(default_factory=list)  # the policy's, as `Incident.to_dict()`
     bad_samples: list[BadSample] = field(default_factory=list)  # the samples of the updates Guardian skipped
     bad_samples_file: str = ""
+    disk: DiskState | None = None  # the run's output directory as it is now, where the source names one
 
     @property
     def replayed(self) -> bool:
@@ -152,6 +155,8 @@ def load_embedded(events_file: Path, name: str) -> RunRecord:
     events = [e for e in read if e is not None]
     unreadable = len(read) - len(events)
     record = _from_events(name, EMBEDDED, str(events_file), events, [])
+    if events_file.parent.name == "guardian":
+        record.disk = read_disk(events_file.parent.parent)
     if unreadable:
         record.notes.append(f"{unreadable} unreadable lines in {events_file} were skipped")
     _add_bad_samples(record, events_file.parent / BAD_SAMPLES_FILE)
@@ -183,7 +188,16 @@ def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:
     decisions, engine = replay_engine(observations, ruleset)
     incidents = [i.to_dict() for i in engine.policy.incidents]
     return RunRecord(_run_name(path), REPLAYED, str(path), train, evals, decisions, rules=ruleset.source,
-                     incidents=incidents)
+                     incidents=incidents, disk=_replayed_run_dir(path))
+
+
+def _replayed_run_dir(path: Path) -> DiskState | None:
+    """A run directory, or the Trainer's own log file inside one (a checkpoint's: its run directory)."""
+    if path.is_file() and path.name in ("trainer_state.json", "trainer_log.jsonl"):
+        path = path.parent.parent if re.fullmatch(r"checkpoint-\d+", path.parent.name) else path.parent
+    elif not path.is_dir():
+        return None
+    return read_disk(path)
 
 
 def _run_name(path: Path) -> str:
@@ -288,26 +302,40 @@ class Interventions:
     lr_cuts: list[int]
     stops: list[int]
     lr_scale: float
+    lr_restores: list[int] = field(default_factory=list)  # steps where a jumped rate was put back on its schedule
+
+
+def is_operator(action: Mapping[str, Any]) -> bool:
+    """An action an operator asked for (`guardian ctl`, the TUI, the control API), not one a rule asked for."""
+    rules = [str(r) for r in action.get("rules") or []]
+    return action.get("source") == "command" or (bool(rules) and all(r.startswith("manual:") for r in rules))
+
+
+def operator_actions(record: RunRecord) -> list[dict[str, Any]]:
+    return [a for a in record.actions if is_operator(a)]
 
 
 def interventions(record: RunRecord) -> Interventions:
+    """What Guardian did (an operator's commands are not Guardian's: see `operator_actions`)."""
     if record.replayed:
         return _would_do(record.decisions)
-    acts = record.actions
+    acts = [a for a in record.actions if not is_operator(a)]
     rollbacks = [a for a in acts if "rollback" in a]
     cuts = [a for a in acts if isinstance(a.get("lr_factor"), (int, float)) and a["lr_factor"] < 1.0]
-    scale = next((float(a["lr_scale"]) for a in reversed(acts) if isinstance(a.get("lr_scale"), (int, float))), None)
+    scale = next((float(a["lr_scale"]) for a in reversed(record.actions) if isinstance(a.get("lr_scale"), (int, float))), None)
     if scale is None:
         scale = record.lr_scale.values[-1] if record.lr_scale.values else 1.0
-    return Interventions([int(a["step"]) for a in acts if a.get("skipped_update")], rollbacks,
-                         [int(a["step"]) for a in cuts], [int(a["step"]) for a in acts if a.get("stopped")], scale)
+    # A stop skips its step's update too, but it is the stop (as in `_would_do`).
+    return Interventions([int(a["step"]) for a in acts if a.get("skipped_update") and not a.get("stopped")], rollbacks,
+                         [int(a["step"]) for a in cuts], [int(a["step"]) for a in acts if a.get("stopped")], scale,
+                         [int(a["step"]) for a in acts if a.get("lr_restored")])
 
 
 def _would_do(decisions: list[Decision]) -> Interventions:
     by_step: dict[int, list[Decision]] = {}
     for d in decisions:
         by_step.setdefault(d.step, []).append(d)
-    skipped, rollbacks, cuts, stops, scale = [], [], [], [], 1.0
+    skipped, rollbacks, cuts, stops, restores, scale = [], [], [], [], [], 1.0
     for step in sorted(by_step):
         plan = merge(a for d in by_step[step] for a in d.actions)
         if plan.skip_update and not plan.stop:  # a stop skips its step's update too, but it is the stop
@@ -317,10 +345,29 @@ def _would_do(decisions: list[Decision]) -> Interventions:
         if plan.lr_factor < 1.0:
             cuts.append(step)
             scale *= plan.lr_factor
+        if plan.restore_lr:
+            restores.append(step)
         if plan.stop:
             stops.append(step)
             break  # the run would have ended here
-    return Interventions(skipped, rollbacks, cuts, stops, scale)
+    return Interventions(skipped, rollbacks, cuts, stops, scale, restores)
+
+
+def _restored_best(record: RunRecord) -> tuple[int, float] | None:
+    """(step, eval loss) of the best evaluation whose weights a stop restored (or, replayed, would restore)."""
+    evals = dict(_finite(record.eval.get("eval_loss")))
+    if record.replayed:
+        acts = interventions(record)
+        stop = next((d for d in record.decisions if acts.stops and d.step == acts.stops[0]), None)
+        restores = stop is not None and any(a.kind is ActionKind.STOP and stop_restore(a) is Restore.BEST_EVAL
+                                            for a in stop.actions)
+        step = stop.finding.evidence.get("best_step") if stop is not None and restores else None
+    else:
+        text = next((str(a.get("restored") or a["restored_best"]) for a in record.actions
+                     if a.get("restored") or a.get("restored_best")), "")
+        found = re.search(r"step (\d+)", text)
+        step = int(found.group(1)) if found else None
+    return (step, evals[step]) if isinstance(step, int) and step in evals else None
 
 
 def _finite(series: Series | None) -> list[tuple[int, float]]:
@@ -360,18 +407,71 @@ def verdict(record: RunRecord) -> str:
         would = _did(acts, replayed=True)
         if acts.stops:
             would = (would + ", and " if would else "") + f"stopped this run at step {acts.stops[0]}"
-        return f"replayed: the rules would have {would or 'raised ' + _plural(len(record.decisions), 'alert')} ({fired})"
-    if loss and loss.values and not math.isfinite(loss.values[-1]):
+        text = f"replayed: the rules would have {would or 'raised ' + _plural(len(record.decisions), 'alert')} ({fired})"
+        improved = _improved_after_stop(record)
+        if improved is not None:
+            text += f", but the run improved later ({improved[0]} {improved[2]:.4g} at step {improved[1]})"
+        return text
+    return _verdict_of_guarded(record, acts, loss) + _operator_clause(record) + _weights_clause(record)
+
+
+def _verdict_of_guarded(record: RunRecord, acts: Interventions, loss: Series | None) -> str:
+    # A NaN loss whose update Guardian skipped (and stopped on) never reached the weights: that is not divergence.
+    if loss and loss.values and not math.isfinite(loss.values[-1]) and loss.steps[-1] not in acts.skipped \
+            and not acts.stops:
         return f"diverged: the training loss is {loss.values[-1]} at the last step ({loss.steps[-1]})"
     done = _did(acts)
     if acts.stops:
-        rules = ", ".join(sorted({r for a in record.actions if a.get("stopped") for r in a.get("rules", [])}))
-        return f"stopped at step {acts.stops[0]} by {rules or 'Guardian'}" + (f"; {done}" if done else "")
+        rules = ", ".join(sorted({r for a in record.actions if a.get("stopped") and not is_operator(a)
+                                  for r in a.get("rules", [])}))
+        left = next((str(a.get("restored") or a.get("restored_best")) for a in record.actions
+                     if a.get("stopped") and not is_operator(a) and (a.get("restored") or a.get("restored_best"))), "")
+        return (f"stopped at step {acts.stops[0]} by {rules or 'Guardian'}" + (f", leaving {left}" if left else "")
+                + (f"; {done}" if done else ""))
     if done:
         return f"Guardian stepped in: {done}; ended at step {record.last_step}{_end_loss(record)}"
     if record.decisions:
-        return f"{_plural(len(record.decisions), 'alert')}, no action taken; ended at step {record.last_step}"
+        return f"{_plural(len(record.decisions), 'alert')}, no action taken by Guardian; ended at step {record.last_step}"
+    if operator_actions(record):
+        return f"no rule fired in {record.last_step} steps"
     return f"healthy: no rule fired in {record.last_step} steps"
+
+
+def _operator_clause(record: RunRecord) -> str:
+    """"; the operator stopped the run at step 41" — manual actions are the operator's, never Guardian's."""
+    done = [_operator_did(a) for a in operator_actions(record)]
+    return f"; the operator {_join(done)}" if done else ""
+
+
+def _operator_did(action: Mapping[str, Any]) -> str:
+    parts = []
+    if "rollback" in action:
+        parts.append("rolled back" if "rollback_to_step" in action else "asked for a rollback")
+    if isinstance(action.get("lr_factor"), (int, float)) and action["lr_factor"] < 1:
+        parts.append(f"cut the LR x{action['lr_factor']:.3g}")
+    if action.get("stopped"):
+        parts.append("stopped the run")
+    return f"{_join(parts) or 'acted'} at step {action['step']}"
+
+
+def _operator_cut(record: RunRecord) -> bool:
+    return any(isinstance(a.get("lr_factor"), (int, float)) and a["lr_factor"] < 1 for a in operator_actions(record))
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1] if parts else ""
+
+
+def _weights_clause(record: RunRecord) -> str:
+    """"; the final weights are NaN/inf: resume from …" when the newest weights on disk are not finite."""
+    disk = record.disk
+    latest = disk.latest if disk is not None else None
+    if disk is None or latest is None or latest.finite is not False:
+        return ""
+    resume = disk.resume_from()
+    where = f"resume from {resume.path}" if resume is not None else \
+        "no checked checkpoint on disk has finite weights" if disk.unchecked() else "no checkpoint on disk has finite weights"
+    return f"; the final weights ({latest.folder.name}) are NaN/inf: {where}"
 
 
 def _end_loss(record: RunRecord) -> str:
@@ -389,6 +489,8 @@ def _did(acts: Interventions, *, replayed: bool = False) -> str:
             parts.append(f"skipped {_plural(len(acts.skipped), 'update')}")
         if acts.rollbacks:
             parts.append(f"rolled back {_plural(len(acts.rollbacks), 'time')}")
+        if acts.lr_restores:
+            parts.append(f"put the LR back on its schedule {_plural(len(acts.lr_restores), 'time')}")
         if acts.lr_cuts:
             parts.append(f"cut the LR to x{acts.lr_scale:.3g}")
         return ", ".join(parts)
@@ -396,6 +498,8 @@ def _did(acts: Interventions, *, replayed: bool = False) -> str:
         parts.append(f"{_plural(len(acts.skipped), 'update')} skipped")
     if acts.rollbacks:
         parts.append(_plural(len(acts.rollbacks), "rollback"))
+    if acts.lr_restores:
+        parts.append(f"LR put back on its schedule {_plural(len(acts.lr_restores), 'time')}")
     if acts.lr_cuts:
         parts.append(f"LR x{acts.lr_scale:.3g}")
     return ", ".join(parts)
@@ -413,7 +517,8 @@ def render_markdown(record: RunRecord, *, image: str = PNG_NAME) -> str:
     parts = [f"# Guardian report: {record.name}", "", f"**{verdict(record)}**", "", _source_line(record), ""]
     parts += [f"> {note}" for note in record.notes]
     parts += [f"![Loss, gradient norm, learning rate and Guardian's decisions for {record.name}]({image})", ""]
-    parts += _summary(record) + _incidents(record) + _timeline(record) + _saved(record) + _bad_samples(record)
+    parts += _summary(record) + _incidents(record) + _operator(record) + _timeline(record) + _saved(record)
+    parts += _on_disk(record) + _bad_samples(record)
     parts += _next_time(record)
     return "\n".join(parts).rstrip() + "\n"
 
@@ -440,9 +545,15 @@ def _summary(record: RunRecord) -> list[str]:
         ("decisions", f"{len(record.decisions)}" + (f" ({severities})" if severities else "")),
         (f"updates {would}skipped", f"{len(acts.skipped)}" + (f" ({nan_skips} with a NaN/inf loss or gradient)" if nan_skips else "")),
         (f"rollbacks{' (would be)' if would else ''}", str(len(acts.rollbacks))),
-        (f"LR cuts{' (would be)' if would else ''}", f"{len(acts.lr_cuts)} (final LR scale {acts.lr_scale:.3g})"),
+        (f"LR put back on its schedule{' (would be)' if would else ''}",
+         f"{len(acts.lr_restores)}" + (f" (steps {_ranges(acts.lr_restores)})" if acts.lr_restores else "")),
+        (f"LR cuts{' (would be)' if would else ''}", f"{len(acts.lr_cuts)} (final LR scale {acts.lr_scale:.3g}"
+         + (", the operator's cuts included)" if _operator_cut(record) else ")")),
         (f"stops{' (would be)' if would else ''}", ", ".join(f"step {s}" for s in acts.stops) or "0"),
     ]
+    operator = operator_actions(record)
+    if operator:
+        rows.append(("operator actions (not Guardian's)", "; ".join(_operator_did(a) for a in operator)))
     return ["## Summary", "", "| | |", "| --- | --- |", *(f"| {k} | {_cell(v)} |" for k, v in rows), ""]
 
 
@@ -488,6 +599,20 @@ def _tried(item: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "alerts only"
 
 
+def _operator(record: RunRecord) -> list[str]:
+    """The manual actions (`guardian ctl`, the TUI's keys, the control API): the operator's, listed apart."""
+    actions = operator_actions(record)
+    if not actions:
+        return []
+    out = ["## What the operator did", "",
+           "Manual commands, carried out by the run at its next step; no rule asked for them.", "",
+           "| step | command | outcome |", "| ---: | --- | --- |"]
+    for action in actions:
+        commands = ", ".join(str(r).removeprefix("manual:") for r in action.get("rules", [])) or "manual"
+        out.append(f"| {action['step']} | {_cell(commands)} | {_cell(describe_outcome(dict(action)))} |")
+    return out + [""]
+
+
 def _timeline(record: RunRecord) -> list[str]:
     out = ["## Timeline of decisions", ""]
     if not record.decisions:
@@ -517,7 +642,7 @@ def _outcome(record: RunRecord, decision: Decision) -> str:
 
 def _saved(record: RunRecord) -> list[str]:
     acts = interventions(record)
-    out = ["## What would have been saved" if record.replayed else "## What was saved", ""]
+    out = ["## What the rules would have done" if record.replayed else "## What Guardian did", ""]
     bad = _non_finite_steps(record)
     nan_skips = sorted(set(acts.skipped) & bad)
     other_skips = sorted(set(acts.skipped) - bad)
@@ -530,21 +655,62 @@ def _saved(record: RunRecord) -> list[str]:
     if other_skips:
         verb = "would have been skipped" if record.replayed else "skipped"
         out.append(f"- Other updates {verb} (spikes, learning-rate jumps): steps {_ranges(other_skips)}.")
+    if acts.lr_restores:
+        verb = "would have been put" if record.replayed else "put"
+        out.append(f"- Learning rate {verb} back on its schedule after it jumped: steps {_ranges(acts.lr_restores)}.")
     unguarded = sorted(bad - set(acts.skipped))
     if unguarded and record.replayed:
         out.append(f"- NaN/inf values in this log at steps {_ranges(unguarded)} (after the run would have stopped, "
                    "or not watched by a rule).")
     for action in record.actions:
         restored = action.get("restored") or action.get("restored_best")
-        if restored:
+        if restored and not is_operator(action):
             out.append(f"- At step {action['step']}: stopped and left {restored} in place.")
     if record.replayed and acts.stops:
         out.append("- " + _would_stop_line(record, acts.stops[0]))
-    if record.checkpoints:
-        steps = [int(c["step"]) for c in record.checkpoints if isinstance(c.get("step"), int)]
-        out.append(f"- Good checkpoints protected from rotation (in `guardian/good/`): steps {_ranges(steps)}.")
     if len(out) == 2:
-        out.append("Nothing needed saving." if not record.replayed else "Nothing would have needed saving.")
+        out.append("Nothing: no rule would have acted." if record.replayed else "Nothing: Guardian took no action.")
+    return out + [""]
+
+
+def _on_disk(record: RunRecord) -> list[str]:
+    """The checkpoints that exist now (and the protected ones rotation removed), the final weights, where to resume."""
+    protected_steps = sorted({int(c["step"]) for c in record.checkpoints if isinstance(c.get("step"), int)})
+    disk = record.disk
+    if disk is None:
+        if not protected_steps:
+            return []
+        return ["## On disk now", "", f"- Guardian protected good checkpoints at steps {_ranges(protected_steps)}; "
+                "this source does not say which are still on disk (run `guardian report` on the run's output "
+                "directory).", ""]
+    out = ["## On disk now", "", f"In `{disk.run_dir}`:", ""]
+    for item in disk.checkpoints:
+        where = "Guardian's protected copy" if item.protected else "Trainer's checkpoint"
+        out.append(f"- `{item.path.relative_to(disk.run_dir)}` (step {item.step}, {where}): weights "
+                   f"{describe(item.weights)}.")
+    if not disk.checkpoints and disk.final is None:
+        out.append("- No checkpoint folders and no saved weights: nothing to resume from.")
+    elif not disk.checkpoints:
+        out.append("- No checkpoint folders.")
+    gone = sorted(set(protected_steps) - disk.steps(protected=True))
+    if gone:
+        out.append(f"- Protected by Guardian at steps {_ranges(gone)}, removed since by rotation (Guardian keeps "
+                   "the newest good checkpoints; Trainer's `save_total_limit` removes the originals): not on disk.")
+    if disk.final is not None:
+        out.append(f"- Final weights saved in the output directory: {describe(disk.final)}.")
+    latest, resume = disk.latest, disk.resume_from()
+    if latest is not None and latest.finite is False:
+        out.append(f"- **The final weights (`{latest.folder}`) are not finite (NaN/inf).**")
+    if resume is not None and latest is not None and latest.finite is False:
+        out.append(f"- Resume from `{resume.path}` (the newest checkpoint with finite weights): "
+                   f"`trainer.train(resume_from_checkpoint=\"{resume.path}\")`.")
+    elif latest is not None and latest.finite is False and disk.unchecked():
+        out.append("- No checked checkpoint has finite weights; these were not checked: "
+                   + ", ".join(f"`{c.path.relative_to(disk.run_dir)}`" for c in disk.unchecked()) + ".")
+    elif latest is not None and latest.finite is False:
+        out.append("- No checkpoint on disk has finite weights: start again from the base model.")
+    elif resume is not None:
+        out.append(f"- To continue: the newest checkpoint with finite weights is `{resume.path}`.")
     return out + [""]
 
 
@@ -593,6 +759,19 @@ def bad_samples_json(record: RunRecord, limit: int = BAD_SAMPLE_ROWS_MAX) -> dic
             "listed": [s.to_dict() for s in record.bad_samples[:limit]]}
 
 
+def disk_json(record: RunRecord) -> dict[str, Any] | None:
+    """What is on disk now, for `guardian report --json` (None where the source names no output directory)."""
+    disk = record.disk
+    if disk is None:
+        return None
+    latest, resume = disk.latest, disk.resume_from()
+    return {"run_dir": str(disk.run_dir),
+            "checkpoints": [{"path": str(c.path), "step": c.step, "protected": c.protected,
+                             "weights_finite": c.weights.finite} for c in disk.checkpoints],
+            "final_weights": None if latest is None else {"path": str(latest.folder), "finite": latest.finite},
+            "resume_from": None if resume is None else str(resume.path)}
+
+
 def _index(sample: BadSample) -> str:
     return "null" if sample.index is None else str(sample.index)
 
@@ -629,10 +808,44 @@ def _would_stop_line(record: RunRecord, step: int) -> str:
     if restore and isinstance(best, (int, float)):
         line += f" and restored the weights of its best evaluation (step {stop.finding.evidence.get('best_step')}, " \
                 f"{stop.finding.metric} {best:.4g})"
-    final = _finite(record.eval.get(stop.finding.metric) or record.train.get(stop.finding.metric))
-    if final:
-        line += f"; the run went on to step {record.last_step} and ended at {stop.finding.metric} {final[-1][1]:.4g}"
-    return line + "."
+    metric = stop.finding.metric
+    points = _finite(record.eval.get(metric) or record.train.get(metric))
+    if points:
+        line += f"; the run went on to step {record.last_step} and ended at {metric} {points[-1][1]:.4g}"
+    return line + "." + _after_the_stop(points, step, metric)
+
+
+def _improved_after_stop(record: RunRecord) -> tuple[str, int, float] | None:
+    """(metric, step, value) where a replayed run did better after the stop the rules would have made than the
+    best before it (the stop would have cost that); None when it did not, or there was no stop."""
+    stops = interventions(record).stops
+    if not record.replayed or not stops:
+        return None
+    stop = next(d for d in record.decisions if d.step == stops[0] and any(a.kind is ActionKind.STOP for a in d.actions))
+    metric = stop.finding.metric
+    points = _finite(record.eval.get(metric) or record.train.get(metric))
+    before = [v for s, v in points if s <= stops[0]]
+    later = [(s, v) for s, v in points if s > stops[0]]
+    if not before or not later:
+        return None
+    step, value = min(later, key=lambda p: p[1])
+    return (metric, step, value) if value < min(before) else None
+
+
+def _after_the_stop(points: list[tuple[int, float]], step: int, metric: str) -> str:
+    """What the log shows after a stop the rules would have made: the evidence for (or against) stopping."""
+    later = [(s, v) for s, v in points if s > step]
+    if not later:
+        return " The log ends there: it cannot say whether the run would have improved later."
+    best_later = min(later, key=lambda p: p[1])
+    reference = min((v for s, v in points if s <= step), default=None)
+    if reference is None:
+        return ""
+    if best_later[1] < reference:
+        return (f" **The run went on to improve:** {metric} {best_later[1]:.4g} at step {best_later[0]}, below "
+                f"{reference:.4g}; this stop would have cost that improvement.")
+    return (f" The run never did better afterwards (its best later: {metric} {best_later[1]:.4g} at step "
+            f"{best_later[0]}), so the stop would have kept the better weights.")
 
 
 def _next_time(record: RunRecord) -> list[str]:
@@ -729,260 +942,10 @@ def write_report(record: RunRecord, out_dir: Path) -> tuple[Path, Path]:
     """Write report.png and report.md into `out_dir`; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png, md = out_dir / PNG_NAME, out_dir / MD_NAME
+    from guardian.reportplot import render_png
+
     render_png(record, png, verdict(record))
     md.write_text(render_markdown(record), encoding="utf-8")
     return png, md
 
 
-# ---- the picture ------------------------------------------------------------------------------------
-
-
-def render_png(record: RunRecord, path: Path, headline: str) -> None:
-    """Four panels over the step axis: loss, gradient norm (log), learning rate, Guardian's timeline."""
-    from matplotlib.figure import Figure
-
-    rules = list(_by_rule(record.decisions))
-    fig = Figure(figsize=(12, 10), dpi=110, layout="constrained")
-    loss_ax, grad_ax, lr_ax, strip = fig.subplots(
-        4, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 2, 0.9 + 0.3 * len(rules)]})
-    flags: set[str] = set()
-    _loss_panel(loss_ax, record, flags)
-    _grad_panel(grad_ax, record, flags)
-    _lr_panel(lr_ax, record, flags)
-    for ax in (loss_ax, grad_ax, lr_ax):
-        _mark_decisions(ax, record)
-    _timeline_strip(strip, record, rules)
-    steps = [s for series in (*record.train.values(), *record.eval.values()) for s in series.steps] or [0, 1]
-    low, high = min(steps), max(max(steps), record.last_step)
-    pad = max(1.0, 0.01 * (high - low))
-    strip.set_xlim(low - pad, high + pad)
-    strip.set_xlabel("optimizer step")
-    fig.suptitle(record.name, fontsize=13, fontweight="bold")
-    loss_ax.set_title(headline, fontsize=10, loc="left")
-    handles = _legend_handles(record, flags)
-    if handles:  # a healthy run with nothing marked has no legend (matplotlib refuses zero columns)
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
-    fig.savefig(path)
-
-
-def _loss_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
-    train, evals = record.train.get("loss"), record.eval.get("eval_loss")
-    top = _robust_top([v for s in (train, evals) if s for v in s.values])
-    if train:
-        _curve(ax, train, top, flags, color="#1f77b4", label="train loss", smooth=True)
-    if evals:
-        _curve(ax, evals, top, flags, color="#ff7f0e", label="eval loss", marker="o")
-    best = _restored_best(record)
-    if best is not None:
-        ax.scatter([best[0]], [best[1]], marker="*", s=160, color="#ff7f0e", edgecolors="black", zorder=8,
-                   label="best weights " + ("that would be restored" if record.replayed else "restored"))
-    if not train and not evals:
-        _empty(ax, "no loss logged")
-    else:
-        ax.legend(loc="best", fontsize=8)
-    ax.set_ylabel("loss")
-
-
-def _restored_best(record: RunRecord) -> tuple[int, float] | None:
-    """(step, eval loss) of the best evaluation whose weights a stop restored (or, replayed, would restore)."""
-    evals = dict(_finite(record.eval.get("eval_loss")))
-    if record.replayed:
-        acts = interventions(record)
-        stop = next((d for d in record.decisions if acts.stops and d.step == acts.stops[0]), None)
-        restores = stop is not None and any(a.kind is ActionKind.STOP and stop_restore(a) is Restore.BEST_EVAL
-                                            for a in stop.actions)
-        step = stop.finding.evidence.get("best_step") if stop is not None and restores else None
-    else:
-        text = next((str(a.get("restored") or a["restored_best"]) for a in record.actions
-                     if a.get("restored") or a.get("restored_best")), "")
-        found = re.search(r"step (\d+)", text)
-        step = int(found.group(1)) if found else None
-    return (step, evals[step]) if isinstance(step, int) and step in evals else None
-
-
-def _grad_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
-    series = record.train.get("grad_norm")
-    ax.set_ylabel("grad norm (log)")
-    if not series or not _finite(series):
-        _empty(ax, "no gradient norm logged")
-        _nan_markers(ax, series, flags)
-        return
-    ax.set_yscale("log")
-    _plain_log_ticks(ax)
-    positive = Series([s for s, v in zip(series.steps, series.values) if not (math.isfinite(v) and v <= 0)],
-                      [v for v in series.values if not (math.isfinite(v) and v <= 0)])
-    _curve(ax, positive, None, flags, color="#8c564b", label="grad norm", smooth=True)
-    zeros = [s for s, v in zip(series.steps, series.values) if math.isfinite(v) and v <= 0]
-    if zeros:
-        ax.scatter(zeros, [0.03] * len(zeros), transform=_edge(ax), marker="v", color="#8c564b", s=18, clip_on=False)
-
-
-def _lr_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
-    series = record.train.get("learning_rate")
-    ax.set_ylabel("learning rate")
-    if not series:
-        _empty(ax, "no learning rate logged")
-    else:
-        _curve(ax, series, _robust_top(series.values), flags, color="#17becf", label="learning rate")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    acts = interventions(record)
-    scale = record.lr_scale
-    if not record.replayed and (acts.lr_cuts or any(v != 1.0 for v in scale.values)):
-        twin = ax.twinx()
-        if scale.steps:
-            twin.plot(scale.steps, scale.values, drawstyle="steps-post", color="#2ca02c", ls="--", lw=1.2)
-        twin.set_ylim(0, 1.1)
-        twin.set_ylabel("Guardian's LR scale", color="#2ca02c")
-        flags.add("lr_scale")
-    if series and acts.lr_cuts:
-        lookup = dict(zip(series.steps, series.values))
-        cut = [(s, lookup.get(s + 1, lookup.get(s))) for s in acts.lr_cuts]
-        ax.scatter([s for s, v in cut if v is not None and math.isfinite(v)],
-                   [v for s, v in cut if v is not None and math.isfinite(v)],
-                   marker="D", color=ACTION_STYLES["lr_cut"][0], s=30, zorder=5)
-
-
-def _curve(ax: Any, series: Series, top: float | None, flags: set[str], *, color: str, label: str,
-           smooth: bool = False, marker: str | None = None) -> None:
-    """Plot the finite values (clipped at `top`); NaN/inf and off-scale values as markers at the panel's top."""
-    steps = series.steps
-    # NaN breaks the line, so a non-finite step shows as a gap (and a marker), never as a bridge.
-    shown = [min(v, top) if top is not None and math.isfinite(v) else v if math.isfinite(v) else math.nan
-             for v in series.values]
-    if smooth and len(shown) > 600:  # the raw curve faint, a rolling median (spikes stay in the raw one) on top
-        ax.plot(steps, shown, color=color, lw=0.6, alpha=0.35)
-        ax.plot(steps, _rolling_median(shown, max(5, len(shown) // 100)), color=color, lw=1.4, label=label)
-    else:
-        ax.plot(steps, shown, color=color, lw=1.1, label=label, marker=marker, ms=4)
-    over = [(s, v) for s, v in _finite(series) if top is not None and v > top]
-    if top is not None and over:
-        ax.set_ylim(top=top * 1.02 if top > 0 else top)
-        ax.scatter([s for s, _ in over], [0.96] * len(over), transform=_edge(ax), marker="^", color="#555555",
-                   s=22, clip_on=False, zorder=6)
-        for s, v in over[:5] if len(over) <= 5 else []:
-            ax.annotate(f"{v:.3g}", (s, 0.96), xycoords=_edge(ax), xytext=(5, -3), textcoords="offset points",
-                        fontsize=7, color="#555555", va="top")
-        flags.add("off_scale")
-    _nan_markers(ax, series, flags)
-
-
-def _nan_markers(ax: Any, series: Series | None, flags: set[str]) -> None:
-    bad = [s for s, v in zip(series.steps, series.values) if not math.isfinite(v)] if series else []
-    if bad:
-        ax.scatter(bad, [0.96] * len(bad), transform=_edge(ax), marker="X", color="#d62728", s=50,
-                   clip_on=False, zorder=7)
-        flags.add("nan")
-
-
-def _mark_decisions(ax: Any, record: RunRecord) -> None:
-    for d in record.decisions:
-        ax.axvline(d.step, color=SEVERITY_COLOURS[d.severity.value], lw=0.8, alpha=0.45, zorder=0)
-    for action in interventions(record).rollbacks:
-        if "rollback_to_step" in action:
-            ax.axvspan(action["rollback_to_step"], action["step"], color=ACTION_STYLES["rollback"][0], alpha=0.08, lw=0)
-    acts = interventions(record)
-    for step in acts.stops:
-        ax.axvline(step, color="black", ls="--", lw=1.2)
-        if record.replayed:
-            ax.axvspan(step, record.last_step, color="#999999", alpha=0.12, lw=0)
-
-
-def _timeline_strip(ax: Any, record: RunRecord, rules: list[str]) -> None:
-    """One row per rule that fired (markers coloured by severity) and a row for the actions."""
-    rows = {rule: i + 1 for i, rule in enumerate(rules)}
-    for d in record.decisions:
-        ax.scatter([d.step], [rows[d.rule]], color=SEVERITY_COLOURS[d.severity.value], s=30, zorder=3)
-    acts = interventions(record)
-    hollow = record.replayed
-    # Several actions at one step sit on sub-rows of the actions row: skips low, rollbacks high.
-    for kind, steps, y in (("skip", acts.skipped, -0.22), ("lr_cut", acts.lr_cuts, 0.0), ("stop", acts.stops, 0.0),
-                           ("rollback", [int(a["step"]) for a in acts.rollbacks], 0.22)):
-        colour, marker, _ = ACTION_STYLES[kind]
-        if steps:
-            ax.scatter(steps, [y] * len(steps), marker=marker, s=45 if kind != "skip" else 30, zorder=4,
-                       facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.2)
-    for action in acts.rollbacks:
-        if "rollback_to_step" in action:
-            ax.annotate("", xy=(action["rollback_to_step"], 0.22), xytext=(action["step"], 0.22),
-                        arrowprops={"arrowstyle": "->", "color": ACTION_STYLES["rollback"][0], "lw": 1.5})
-            ax.text((action["rollback_to_step"] + action["step"]) / 2, 0.3, f"back to step {action['rollback_to_step']}",
-                    fontsize=7, color=ACTION_STYLES["rollback"][0], va="bottom", ha="center")
-    ax.set_yticks([0, *rows.values()], ["would act" if hollow else "actions", *rows])
-    ax.set_ylim(-0.6, len(rules) + 0.6)
-    ax.tick_params(axis="y", labelsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    if not record.decisions and not record.actions:
-        ax.text(0.5, 0.5, "no rule fired", transform=ax.transAxes, ha="center", va="center", color="#777777")
-
-
-def _legend_handles(record: RunRecord, flags: set[str]) -> list[Any]:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    handles: list[Any] = []
-    for severity in ("critical", "warning", "info"):
-        if any(d.severity.value == severity for d in record.decisions):
-            handles.append(Line2D([], [], color=SEVERITY_COLOURS[severity], marker="o", lw=0.8,
-                                  label=f"{severity} decision"))
-    acts = interventions(record)
-    present = {"skip": acts.skipped, "rollback": acts.rollbacks, "lr_cut": acts.lr_cuts, "stop": acts.stops}
-    for kind, (colour, marker, label) in ACTION_STYLES.items():
-        if present[kind]:
-            label = f"would be: {label}" if record.replayed else label
-            handles.append(Line2D([], [], color=colour, marker=marker, ls="none", label=label,
-                                  markerfacecolor="none" if record.replayed else colour))
-    if any("rollback_to_step" in a for a in acts.rollbacks):
-        handles.append(Patch(color=ACTION_STYLES["rollback"][0], alpha=0.2, label="steps undone by a rollback"))
-    if record.replayed and acts.stops:
-        handles.append(Patch(color="#999999", alpha=0.3, label="after the stop the rules would have made"))
-    if "nan" in flags:
-        handles.append(Line2D([], [], color="#d62728", marker="X", ls="none", label="NaN / inf value"))
-    if "off_scale" in flags:
-        handles.append(Line2D([], [], color="#555555", marker="^", ls="none", label="value above the panel"))
-    if "lr_scale" in flags:
-        handles.append(Line2D([], [], color="#2ca02c", ls="--", label="Guardian's LR scale (right axis)"))
-    return handles
-
-
-def _robust_top(values: list[float]) -> float | None:
-    """Where to cut a panel so that a blow-up does not flatten the rest of the curve (None: no cut)."""
-    finite = sorted(v for v in values if math.isfinite(v))
-    if len(finite) < 10:
-        return None
-    lo, hi = finite[int(0.05 * (len(finite) - 1))], finite[int(0.95 * (len(finite) - 1))]
-    top = hi + 2 * ((hi - lo) or abs(hi) or 1.0)
-    return top if finite[-1] > top else None
-
-
-def _rolling_median(values: list[float], window: int) -> list[float]:
-    import numpy as np
-
-    half = window // 2
-    data = np.asarray(values, dtype=float)
-    return [float(np.nanmedian(data[max(0, i - half): i + half + 1])) if np.isfinite(data[i]) else math.nan
-            for i in range(len(data))]
-
-
-def _plain_log_ticks(ax: Any) -> None:
-    """Log-axis labels as 0.5, 1, 2 rather than 5e-01; minor ticks at 2 and 5 labelled when the range is short."""
-    from matplotlib.ticker import FuncFormatter
-
-    def minor(value: float, _: Any) -> str:
-        low, high = ax.get_ylim()
-        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0.0
-        return f"{value:g}" if high / max(low, 1e-300) <= 200 and round(mantissa, 6) in (2.0, 5.0) else ""
-
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
-
-
-def _edge(ax: Any) -> Any:
-    """x in data, y in axes fractions: for markers pinned to the top or bottom of a panel."""
-    from matplotlib.transforms import blended_transform_factory
-
-    return blended_transform_factory(ax.transData, ax.transAxes)
-
-
-def _empty(ax: Any, text: str) -> None:
-    ax.set_yticks([])
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777")

@@ -16,7 +16,7 @@ from guardian import wire
 from guardian.daemon import Guardian
 from guardian.errors import LogFormatError
 from guardian.reload import RuleLibrary
-from guardian.report import load_run, render_markdown, verdict, write_report
+from guardian.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
 from guardian.ruleset import load_rules
 from guardian.store import Store
 
@@ -222,3 +222,212 @@ def test_every_real_log_is_reported(tmp_path: Path) -> None:
         png, md = write_report(load_run(log, ruleset=load_rules()), tmp_path / log.name)
         assert_png(png)
         assert md.read_text().strip(), log.name
+
+
+# ---- who did what, and what is on disk ----------------------------------------------------------------
+
+
+def _at_step(actions: dict[int, object]) -> object:
+    """A callback that runs functions at the end of chosen steps."""
+    from transformers import TrainerCallback
+
+    class Caller(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: object, state: object, control: object, **kwargs: object) -> None:
+            if state.global_step in actions:  # type: ignore[attr-defined]
+                actions[state.global_step]()  # type: ignore[attr-defined, operator]
+
+    return Caller()
+
+
+@pytest.mark.slow
+def test_manual_actions_are_the_operators_not_guardians(tmp_path: Path) -> None:
+    """A real run reporting to a real daemon: Guardian skips a NaN step; the operator cuts the LR and stops the run
+    (`guardian ctl` / the TUI's keys go through the same control API). Once: "Guardian stepped in" took the credit."""
+    from daemonkit import in_process_daemon
+
+    from guardian.callbacks import GuardianCallback
+    from guardian.callbacks.faults import Fault, FaultInjector
+    from guardian.client import request
+    from guardian.tinyrun import TinyRun
+
+    with in_process_daemon(tmp_path / "state") as (_, url, token):
+        def command(action: str) -> None:
+            request(url, "POST", "/v1/runs/manual/control", {"action": action}, token=token)
+
+        callback = GuardianCallback(url=url, run_id="manual", token=token, deadline_seconds=1.0)
+        TinyRun(str(tmp_path / "run"), max_steps=30, eval_steps=0).trainer(
+            [FaultInjector([Fault("nan", 3)]), callback,
+             _at_step({5: lambda: command("reduce_lr"), 10: lambda: command("stop")})]).train()
+    record = load_run(tmp_path / "run", ruleset=load_rules())
+    said = verdict(record)
+    assert said.startswith("Guardian stepped in: 1 update skipped; ended at step "), said
+    assert "; the operator cut the LR x0.5 at step " in said and " and stopped the run at step " in said
+    text = render_markdown(record)
+    assert "| updates skipped | 1 (1 with a NaN/inf loss or gradient) |" in text  # the stop's skip is not Guardian's
+    assert "| stops | 0 |" in text and "| LR cuts | 0 (final LR scale 0.5, the operator's cuts included) |" in text
+    assert "## What the operator did" in text
+    assert "| reduce_lr | learning rate x0.5" in text and "| stop | skipped this update; stopping training |" in text
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run with rotation (Trainer keeps 2 checkpoints, Guardian 2 protected ones) whose weights turn NaN at
+    step 17, watched by alert-only rules: Guardian sees it and, as told, does nothing."""
+    from trainkit import CorruptWeight, rules
+
+    from guardian.callbacks import GuardianCallback
+    from guardian.tinyrun import TinyRun
+
+    alert_only = rules("version: 1\nrules:\n  - name: nan_alert\n    metric: loss\n    detector: {kind: non_finite}\n"
+                       "    severity: critical\n    actions: [alert]\n")
+    out = tmp_path_factory.mktemp("nan-run")
+    TinyRun(str(out), max_steps=25, eval_steps=0, save_steps=5, save_total_limit=2).trainer(
+        [CorruptWeight(17, math.nan), GuardianCallback(alert_only)]).train()
+    return out
+
+
+def test_only_checkpoints_on_disk_are_listed_and_rotated_ones_are_named(nan_run: Path) -> None:
+    assert sorted(p.name for p in (nan_run / "guardian" / "good").iterdir()) == ["checkpoint-10", "checkpoint-15"]
+    text = render_markdown(load_run(nan_run, ruleset=load_rules()))
+    assert "## On disk now" in text
+    assert "- `guardian/good/checkpoint-10` (step 10, Guardian's protected copy): weights finite." in text
+    assert "- `checkpoint-25` (step 25, Trainer's checkpoint): weights NaN/inf." in text
+    assert "`checkpoint-5`" not in text and "`guardian/good/checkpoint-5`" not in text
+    assert "- Protected by Guardian at steps 5, removed since by rotation" in text
+    assert "protected from rotation (in `guardian/good/`): steps 5" not in text  # the old claim
+
+
+def test_non_finite_final_weights_are_said_with_where_to_resume(nan_run: Path) -> None:
+    record = load_run(nan_run, ruleset=load_rules())
+    resume = nan_run / "guardian" / "good" / "checkpoint-15"
+    assert verdict(record).endswith(f"; the final weights (checkpoint-25) are NaN/inf: resume from {resume}")
+    text = render_markdown(record)
+    assert f"- **The final weights (`{nan_run / 'checkpoint-25'}`) are not finite (NaN/inf).**" in text
+    assert f'`trainer.train(resume_from_checkpoint="{resume}")`' in text
+    result = guardian("report", str(nan_run), "--out", str(nan_run.parent / "nan-report"))
+    assert result.returncode == 0, result.stderr
+    assert "are NaN/inf: resume from" in result.stdout
+    as_json = json.loads(guardian("report", str(nan_run), "--out", str(nan_run.parent / "nan-report"), "--json").stdout)
+    assert as_json["on_disk"]["final_weights"] == {"path": str(nan_run / "checkpoint-25"), "finite": False}
+    assert as_json["on_disk"]["resume_from"] == str(resume)
+
+
+def _overfitting_log(path: Path, later: dict[int, float]) -> Path:
+    """Eval loss best at step 30, then rising for four evaluations (the rule stops at 70), then `later`."""
+    evals = {10: 1.0, 20: 0.8, 30: 0.6, 40: 0.7, 50: 0.75, 60: 0.8, 70: 0.85, **later}
+    history: list[dict[str, object]] = []
+    for s in range(1, max(evals) + 1):
+        history.append({"step": s, "epoch": s / 20, "loss": 2.0 * 0.98**s, "grad_norm": 1.0, "learning_rate": 1e-4})
+        if s in evals:
+            history.append({"step": s, "epoch": s / 20, "eval_loss": evals[s]})
+    path.mkdir()
+    (path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    return path / "trainer_state.json"
+
+
+def test_an_overfitting_stop_is_not_credited_when_the_run_went_on_to_improve(tmp_path: Path) -> None:
+    record = load_run(_overfitting_log(tmp_path / "improved", {80: 0.7, 90: 0.55, 100: 0.5}), ruleset=load_rules())
+    assert verdict(record) == ("replayed: the rules would have stopped this run at step 70 (overfitting), but the run "
+                               "improved later (eval_loss 0.5 at step 100)")
+    text = render_markdown(record)
+    assert "## What would have been saved" not in text and "## What the rules would have done" in text
+    assert "**The run went on to improve:** eval_loss 0.5 at step 100, below 0.6; this stop would have cost that " \
+           "improvement." in text
+    record = load_run(_overfitting_log(tmp_path / "worse", {80: 0.9, 90: 0.95}), ruleset=load_rules())
+    assert "but the run improved later" not in verdict(record)
+    assert "The run never did better afterwards (its best later: eval_loss 0.85 at step 70" not in render_markdown(record)
+    assert "The run never did better afterwards (its best later: eval_loss 0.9 at step 80), so the stop would " \
+           "have kept the better weights." in render_markdown(record)
+
+
+@pytest.mark.slow
+def test_the_demos_three_runs_are_reported(tmp_path: Path) -> None:
+    """The demo's runs, made by the demo's own code: the guarded one is reported; the unguarded ones (the demo
+    saves no log for them) get a clear message, not a traceback."""
+    from guardian.demo import demo_faults, train_once
+
+    steps = 24
+    for name, faults, guarded in (("clean", [], False), ("faulted", demo_faults(steps), False),
+                                  ("guarded", demo_faults(steps), True)):
+        train_once(name, tmp_path, steps, 0, faults, guarded)
+    for name in ("clean", "faulted", "guarded"):
+        result = guardian("report", str(tmp_path / name), "--out", str(tmp_path / f"report-{name}"))
+        assert "Traceback" not in result.stderr, result.stderr
+        if any((tmp_path / name).iterdir()):
+            assert result.returncode == 0, result.stderr
+            assert_png(tmp_path / f"report-{name}" / "report.png")
+        else:
+            assert result.returncode == 2 and "holds no trainer_log.jsonl" in result.stderr
+    assert (tmp_path / "report-guarded" / "report.md").read_text().startswith("# Guardian report: guarded")
+
+
+def test_a_learning_rate_put_back_on_its_schedule_is_an_action(tmp_path: Path) -> None:
+    """A real run whose rate jumps x30 for three steps: Guardian puts it back each time. Once: "3 alerts, no action
+    taken", and nothing on the picture."""
+    from guardian.callbacks import GuardianCallback
+    from guardian.callbacks.faults import Fault, FaultInjector
+    from guardian.reportplot import build_figure
+    from guardian.tinyrun import TinyRun
+
+    TinyRun(str(tmp_path / "run"), max_steps=20, eval_steps=0).trainer(
+        [FaultInjector([Fault("lr_blowup", 12, steps=3, factor=30.0)]), GuardianCallback()]).train()
+    record = load_run(tmp_path / "run", ruleset=load_rules())
+    assert verdict(record).startswith("Guardian stepped in: LR put back on its schedule 3 times; ended at step 20")
+    text = render_markdown(record)
+    assert "| LR put back on its schedule | 3 (steps 12–14) |" in text
+    assert "- Learning rate put back on its schedule after it jumped: steps 12–14." in text
+    strip = build_figure(record, verdict(record)).axes[-1]
+    assert [t.get_text() for t in strip.get_yticklabels()][0] == "Guardian"
+    assert any(c.get_segments() and c.get_segments()[0][0][0] == 12 for c in strip.collections
+               if hasattr(c, "get_segments"))  # the band of restores on Guardian's row
+
+
+def test_weights_on_disk_are_read_newest_first_within_a_budget(tmp_path: Path) -> None:
+    """Real safetensors files: the newest weights are read first, a hard-linked protected copy is not read again,
+    and what the budget left unread is said to be unchecked (never "no checkpoint has finite weights")."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from guardian.ondisk import read_disk
+
+    for step, value in ((1, 0.5), (2, math.nan)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({"w": torch.full((256,), value)}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    good = tmp_path / "guardian" / "good" / "checkpoint-1"
+    good.mkdir(parents=True)
+    os.link(tmp_path / "checkpoint-1" / "model.safetensors", good / "model.safetensors")
+    size = (tmp_path / "checkpoint-2" / "model.safetensors").stat().st_size
+
+    both = read_disk(tmp_path, budget_bytes=2 * size)
+    assert [(c.step, c.protected, c.weights.finite) for c in both.checkpoints] == \
+        [(1, False, True), (1, True, True), (2, False, False)]  # the linked copy cost nothing
+    assert both.resume_from() is not None and both.resume_from().path == tmp_path / "checkpoint-1"
+
+    newest_only = read_disk(tmp_path, budget_bytes=size)
+    assert [(c.step, c.weights.finite) for c in newest_only.checkpoints] == [(1, None), (1, None), (2, False)]
+    text = render_markdown(RunRecord(tmp_path.name, EMBEDDED, str(tmp_path), {}, {}, [], disk=newest_only))
+    assert "No checked checkpoint has finite weights; these were not checked: `checkpoint-1`, " \
+           "`guardian/good/checkpoint-1`." in text
+    assert "start again from the base model" not in text
+
+
+def test_a_stop_on_a_nan_step_is_a_stop_not_divergence(tmp_path: Path) -> None:
+    """A real run whose rules stop on NaN, restoring the best evaluation. Once: "diverged: the training loss is nan",
+    with the stop's own skipped update counted as a second intervention."""
+    from trainkit import rules
+
+    from guardian.callbacks import GuardianCallback
+    from guardian.callbacks.faults import Fault, FaultInjector
+    from guardian.tinyrun import TinyRun
+
+    stop_rules = rules("version: 1\nrules:\n  - name: non_finite_loss\n    metric: loss\n    detector: {kind: non_finite}\n"
+                       "    severity: critical\n    actions: [{stop: {restore: best_eval}}]\n")
+    TinyRun(str(tmp_path / "run"), max_steps=20, eval_steps=5).trainer(
+        [FaultInjector([Fault("nan", 12)]), GuardianCallback(stop_rules)]).train()
+    record = load_run(tmp_path / "run", ruleset=load_rules())
+    assert verdict(record) == "stopped at step 12 by non_finite_loss, leaving the weights of step 10 (best " \
+                              f"evaluation, eval loss {record.eval['eval_loss'].values[-1]:.4g})"
+    text = render_markdown(record)
+    assert "| updates skipped | 0 |" in text and "| stops | step 12 |" in text
