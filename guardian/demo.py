@@ -1,15 +1,23 @@
-"""`guardian demo`: the same tiny LoRA run three times: clean, faulted, and faulted with Guardian."""
+"""`guardian demo`: the same tiny LoRA run three times: clean, faulted, and faulted with Guardian.
+
+Every run leaves something `guardian report` reads: the guarded run Guardian's own record
+(`guardian/events.jsonl`), the clean and faulted runs a `trainer_state.json` logged at every step, over which
+`report` replays the rules to show what Guardian would have done.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 RESCUE_TOLERANCE = 0.05  # the guarded run must end within 5 % of the clean run's eval loss
 
@@ -20,7 +28,8 @@ class RunResult:
     eval_loss: float
     seconds: float
     faults: list[str] = field(default_factory=list)
-    actions: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)  # one line per intervention
+    outcomes: list[dict[str, Any]] = field(default_factory=list)  # the interventions as the actuator recorded them
     decisions: list[str] = field(default_factory=list)
 
 
@@ -35,7 +44,8 @@ def demo_faults(steps: int) -> list[Any]:
     ]
 
 
-def train_once(name: str, out_dir: Path, steps: int, seed: int, faults: list[Any], guarded: bool) -> RunResult:
+def train_once(name: str, out_dir: Path, steps: int, seed: int, faults: list[Any], guarded: bool,
+               on_step: Callable[[int], None] | None = None) -> RunResult:
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import FaultInjector
     from guardian.tinyrun import TinyRun
@@ -47,15 +57,36 @@ def train_once(name: str, out_dir: Path, steps: int, seed: int, faults: list[Any
     guardian = GuardianCallback() if guarded else None
     if guardian:
         callbacks.append(guardian)
+    if on_step is not None:
+        callbacks.append(_step_listener(on_step))
     started = time.perf_counter()
-    trainer = TinyRun(str(out_dir / name), max_steps=steps, seed=seed, eval_steps=steps // 4).trainer(callbacks)
+    run_dir = out_dir / name
+    # Unguarded runs log every step, NaN included, so that `guardian report` can replay the rules over them.
+    settings = TinyRun(str(run_dir), max_steps=steps, seed=seed, eval_steps=steps // 4) if guarded else TinyRun(
+        str(run_dir), max_steps=steps, seed=seed, eval_steps=steps // 4, logging_steps=1,
+        logging_nan_inf_filter=False)
+    trainer = settings.trainer(callbacks)
     trainer.train()
     eval_loss = float(trainer.evaluate()["eval_loss"])
+    if not guarded:
+        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     result = RunResult(name, eval_loss, time.perf_counter() - started, [str(f) for f in faults])
     if guardian:
+        result.outcomes = list(guardian.interventions)
         result.actions = [_summarise(i) for i in guardian.interventions]
         result.decisions = [d.message for d in guardian.decisions]
     return result
+
+
+def _step_listener(on_step: Callable[[int], None]) -> Any:
+    """A Trainer callback that tells the demo's progress line each finished step."""
+    from transformers import TrainerCallback
+
+    class StepListener(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            on_step(state.global_step)
+
+    return StepListener()
 
 
 def _summarise(outcome: dict[str, Any]) -> str:
@@ -69,23 +100,82 @@ def run_demo(out_dir: Path, *, steps: int = 400, seed: int = 0, console: Console
     console = console or Console()
     faults = demo_faults(steps)
     console.print(f"[bold]Guardian demo[/]: a tiny Llama + LoRA run, {steps} steps on the CPU, three times.")
-    console.print("Faults injected: " + "; ".join(str(f) for f in faults) + "\n")
+    console.print("Faults injected into the second and third runs:")
+    for fault in faults:
+        _indented(console, f"- {fault}")
+    console.print()
     results = []
     for name, run_faults, guarded in (("clean", [], False), ("faulted", faults, False), ("guarded", faults, True)):
-        with console.status(f"training the {name} run..."):
-            result = train_once(name, out_dir, steps, seed, run_faults, guarded)
-        console.print(f"  {name:8s} eval loss {result.eval_loss:.4f}   ({result.seconds:.0f} s)")
-        results.append(result)
+        results.append(_train_with_progress(console, name, out_dir, steps, seed, run_faults, guarded))
     clean, faulted, guarded_run = results
     _print_table(console, results, clean.eval_loss)
-    console.print("\n[bold]What Guardian did in the guarded run[/] (every decision is in "
+    console.print(f"\n[bold]What Guardian did in the guarded run[/] (every decision is in "
                   f"{out_dir / 'guarded' / 'guardian' / 'events.jsonl'}):")
-    for line in guarded_run.actions:
-        console.print(f"  - {line}", markup=False, highlight=False)
+    for line in action_lines(guarded_run.outcomes):
+        _indented(console, f"- {line}")
     if guarded_run.decisions:
         console.print("\nThe first decision, in full:")
-        console.print(f"  {guarded_run.decisions[0]}", markup=False, highlight=False)
-    return _verdict(console, clean.eval_loss, faulted.eval_loss, guarded_run.eval_loss)
+        _indented(console, guarded_run.decisions[0])
+    rescued = _verdict(console, clean.eval_loss, faulted.eval_loss, guarded_run.eval_loss)
+    _next_steps(console, out_dir)
+    return rescued
+
+
+def _train_with_progress(console: Console, name: str, out_dir: Path, steps: int, seed: int, faults: list[Any],
+                         guarded: bool) -> RunResult:
+    """One run, with a live line saying how far it is (a busy machine can take minutes per run)."""
+    started = time.perf_counter()
+    with console.status(f"training the {name} run...") as status:
+        def show(step: int) -> None:
+            status.update(f"training the {name} run: step {step}/{steps}, {time.perf_counter() - started:.0f} s")
+        result = train_once(name, out_dir, steps, seed, faults, guarded, on_step=show)
+    console.print(f"  {name:8s} eval loss {result.eval_loss:.4f}   ({result.seconds:.0f} s)")
+    return result
+
+
+def _indented(console: Console, text: str) -> None:
+    """Plain text, wrapped to the terminal with every line indented (no markup: messages hold brackets)."""
+    console.print(Padding(Text(text), (0, 0, 0, 2)))
+
+
+_KINDS = (("skipped_update", "skip"), ("lr_restored", "LR restore"), ("rollback", "rollback"),
+          ("lr_factor", "LR cut"), ("stopped", "stop"))
+
+
+def _kind(outcome: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(key for key, _ in _KINDS if outcome.get(key))
+
+
+def action_lines(outcomes: list[dict[str, Any]]) -> list[str]:
+    """One line per stretch of consecutive steps with the same kind of action for the same rules."""
+    from guardian.actions import describe_outcome as describe
+
+    groups: list[list[dict[str, Any]]] = []
+    for outcome in outcomes:
+        last = groups[-1][-1] if groups else None
+        if last is not None and int(last["step"]) == int(outcome["step"]) - 1 \
+                and (_kind(last), last["rules"]) == (_kind(outcome), outcome["rules"]):
+            groups[-1].append(outcome)
+        else:
+            groups.append([outcome])
+    lines = []
+    for group in groups:
+        first, last = int(group[0]["step"]), int(group[-1]["step"])
+        where = f"step {first}" if first == last else f"steps {first}-{last}"
+        each = f", each step (at step {first})" if len(group) > 1 and "lr_restored" in group[0] else ""
+        what = describe(group[0])
+        if len(group) > 1:
+            what = what.replace("skipped this update", "skipped each update")
+        lines.append(f"{where}: {what}{each} ({', '.join(group[0]['rules'])})")
+    return lines
+
+
+def _next_steps(console: Console, out_dir: Path) -> None:
+    console.print("\n[bold]Try next[/]:")
+    for command, why in ((f"guardian report {out_dir / 'guarded'}", "what Guardian did, as a page and a plot"),
+                         (f"guardian report {out_dir / 'faulted'}", "what it would have done on the unguarded run"),
+                         (f"guardian top --dir {out_dir / 'guarded'}", "the guarded run in the terminal view")):
+        _indented(console, f"{command}   # {why}")
 
 
 def _print_table(console: Console, results: list[RunResult], clean_loss: float) -> None:
@@ -94,9 +184,15 @@ def _print_table(console: Console, results: list[RunResult], clean_loss: float) 
         table.add_column(column)
     for r in results:
         delta = "—" if r.name == "clean" else _relative(r.eval_loss, clean_loss)
-        actions = str(len(r.actions)) if r.name == "guarded" else "—"
+        actions = _kinds(r.outcomes) if r.name == "guarded" else "—"
         table.add_row(r.name, f"{r.eval_loss:.4f}", delta, actions)
     console.print(table)
+
+
+def _kinds(outcomes: list[dict[str, Any]]) -> str:
+    """'4 skips, 8 LR restores': how many interventions of each kind."""
+    counts = [(name, sum(bool(o.get(key)) for o in outcomes)) for key, name in _KINDS]
+    return ", ".join(f"{n} {name}{'s' if n != 1 else ''}" for name, n in counts if n) or "none"
 
 
 def _relative(value: float, reference: float) -> str:

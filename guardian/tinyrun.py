@@ -6,6 +6,7 @@ CPU. Used by `guardian demo`, the tests and the benchmarks.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,9 @@ def build_model(seed: int = 0, *, hidden_size: int = 64, layers: int = 2, lora_r
     lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                       modules_to_save=["lm_head", "embed_tokens"], task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    with warnings.catch_warnings():  # PEFT asks for `is_gradient_checkpointing`, deprecated in transformers 5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class TinyRun:
     save_steps: int = 0
     save_total_limit: int | None = None
     logging_steps: int = 10
+    logging_nan_inf_filter: bool = True  # Trainer's default: a NaN step is logged as the running average
     lr_scheduler_type: str = "cosine"
     warmup_steps: int = 10
     train_size: int = 2000
@@ -123,6 +127,7 @@ class TinyRun:
             eval_strategy="steps" if self.eval_steps else "no", eval_steps=self.eval_steps or None,
             save_strategy="steps" if self.save_steps else "no", save_steps=self.save_steps or 500,
             save_total_limit=self.save_total_limit, logging_steps=self.logging_steps,
+            logging_nan_inf_filter=self.logging_nan_inf_filter,
             lr_scheduler_type=self.lr_scheduler_type, warmup_steps=self.warmup_steps,
             max_grad_norm=self.max_grad_norm, report_to=[], use_cpu=True, disable_tqdm=True,
             dataloader_num_workers=0,
