@@ -4,11 +4,11 @@ The integration callbacks the Trainer already runs (`TensorBoardCallback`, `Wand
 its subclass `DagsHubCallback`) own a writer or run object; Guardian writes through that object, at the step the
 decision or action is about, and opens no client of its own:
 
-- scalars: `guardian/skipped_updates`, `guardian/rollbacks`, `guardian/lr_cuts`, `guardian/stops` (running
-  counts) and `guardian/lr_scale` at each action; `guardian/incident` 1 at each firing within an incident and 0 at
+- scalars: `guardian/skipped_updates`, `guardian/rollbacks`, `guardian/lr_cuts`, `guardian/lr_restores`,
+  `guardian/stops` (running counts) and `guardian/lr_scale` at each action; `guardian/incident` 1 at each firing within an incident and 0 at
   the step it closes;
 - one text line per action ("Guardian skipped step 812 (loss_spike): loss 9.6 at step 812 is ...") and per
-  alert-only decision: TensorBoard `add_text("guardian/events")`, W&B a `run.alert` per incident and the line in
+  alert-only decision: TensorBoard `add_text("guardian/events")`, W&B a `run.alert` per incident Guardian acted in (and per stop) and the line in
   the run summary (`guardian/last_event`), MLflow the `guardian.last_event` tag and the lines in the artifact
   `guardian/events.txt`.
 
@@ -42,8 +42,9 @@ class Report:
     step: int
     scalars: dict[str, float]
     text: str | None = None
-    incident: int | None = None  # the incident a line belongs to (W&B: one alert per incident)
+    incident: int | None = None  # the incident an action belongs to (W&B: one alert per incident)
     critical: bool = False
+    action: bool = False  # Guardian acted (W&B alerts only on those: an info alert is no reason to page anyone)
 
 
 def action_line(record: Mapping[str, Any], decisions: list[Decision]) -> str:
@@ -114,7 +115,7 @@ class _Wandb(_Writer):
             wandb.log({**report.scalars, "train/global_step": report.step})
         if report.text:
             wandb.run.summary["guardian/last_event"] = report.text
-            if report.incident not in self.alerted:
+            if report.action and (report.incident not in self.alerted or report.critical):
                 self.alerted.add(report.incident)
                 level = wandb.AlertLevel.ERROR if report.critical else wandb.AlertLevel.WARN
                 title = f"Guardian at step {report.step}" + (f" (incident {report.incident})"
@@ -223,12 +224,12 @@ class IntegrationBridge:
             return
         step = int(record["step"])
         decisions = self._step_decisions.get(step, [])
-        scalars = {f"guardian/{k}": float(counts.get(k, 0)) for k in ("skipped_updates", "rollbacks", "lr_cuts",
-                                                                       "stops")}
+        scalars = {f"guardian/{k}": float(counts.get(k, 0))
+                   for k in ("skipped_updates", "rollbacks", "lr_cuts", "lr_restores", "stops")}
         scalars["guardian/lr_scale"] = float(lr_scale)
         incident = next((d.incident for d in decisions if d.incident is not None), None)
         critical = bool(record.get("stopped")) or any(d.severity.value == "critical" for d in decisions)
-        self._write(Report(step, scalars, action_line(record, decisions), incident, critical))
+        self._write(Report(step, scalars, action_line(record, decisions), incident, critical, action=True))
 
     @_quietly
     def step_end(self, step: int, incident_open: bool) -> None:

@@ -69,6 +69,32 @@ def test_decisions_and_actions_are_in_tensorboard_at_their_steps(tmp_path: Path)
     assert len(logged) == 5 and not any(k.startswith("guardian") for h in trainer.state.log_history for k in h)
 
 
+def test_a_learning_rate_cut_shows_its_scale_and_says_what_was_done(tmp_path: Path) -> None:
+    from guardian.ruleset import parse_rules
+
+    cut = parse_rules("""
+version: 1
+rules:
+  - name: nan
+    metrics: [loss]
+    detector: {kind: non_finite}
+    actions: [skip_update, {reduce_lr: {factor: 0.5}}]
+""", "cut.yaml")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=14, learning_rate=2e-3, warmup_steps=2,
+                             logging_steps=5, save_strategy="no", report_to=["tensorboard"], use_cpu=True,
+                             disable_tqdm=True)
+    guardian = GuardianCallback(cut)
+    trainer = Trainer(model=build_model(0), args=args, train_dataset=TextDataset(make_texts(200, seed=0)),
+                      callbacks=[FaultInjector([Fault("nan", 12)]), guardian])
+    trainer.train()
+    scalars, texts = tensorboard(tmp_path)
+    assert scalars["guardian/lr_scale"] == [(12, 0.5)] and scalars["guardian/lr_cuts"] == [(12, 1.0)]
+    assert scalars["guardian/skipped_updates"] == [(12, 1.0)]
+    [(step, line)] = texts["guardian/events"]
+    assert step == 12 and line.startswith("Guardian at step 12: skipped this update; learning rate x0.5 -> ")
+    assert line.endswith("(nan): " + guardian.decisions[0].finding.message)
+
+
 def test_report_to_integrations_false_writes_nothing_there(tmp_path: Path) -> None:
     guardian = GuardianCallback(report_to_integrations=False)
     train(tmp_path, ["tensorboard"], guardian, max_steps=32, poison_at=30, poison_steps=1)
