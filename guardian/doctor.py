@@ -482,12 +482,15 @@ def _lora(cfg: _Config, kind: str | None, peft: Mapping[str, Any] | None) -> lis
 
 
 def _lora_init(peft: Mapping[str, Any] | None) -> list[Advice]:
-    """`init_lora_weights: false` starts B random: the adapter changes the model before the first step."""
+    """`init_lora_weights: false` starts B random: a new adapter changes the model before the first step. A note,
+    not a warning: the same flag is harmless (and set on purpose, it loads faster) on an adapter whose trained
+    weights are loaded."""
     init = (peft or {}).get("init_lora_weights", True)
     if init is False or (isinstance(init, str) and init.strip().lower() == "false"):
-        return _advice(Level.WARNING, "init_lora_weights", False, "the adapter starts from random weights, so the "
-                       "model's output is changed before the first step (PEFT meant it for tests)",
-                       "remove init_lora_weights (PEFT's default, true, starts the adapter as a no-op)")
+        return _advice(Level.INFO, "init_lora_weights", False, "a new adapter starts from random weights, so the "
+                       "model's output is changed before the first step (PEFT meant it for tests); harmless when "
+                       "the adapter's trained weights are loaded", "for a new adapter remove init_lora_weights "
+                       "(PEFT's default, true, starts the adapter as a no-op)")
     return []
 
 
