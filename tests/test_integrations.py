@@ -192,3 +192,29 @@ def test_wandb_offline_and_mlflow_file_store_get_the_scalars_and_the_line(tmp_pa
     assert text[0].startswith("step 30: Guardian skipped step 30 (loss_spike): loss ")
     assert any(line.startswith("step 31: Guardian skipped step 31 (loss_spike)") for line in text)
     assert {line.split(":")[0] for line in text} == {"step 30", "step 31"}
+
+
+@pytest.mark.slow
+def test_a_trl_sft_trainer_gets_the_same_lines(tmp_path: Path) -> None:
+    """TRL's SFTTrainer (the fault suite's tokenizer and model) with TensorBoard's callback, a NaN at step 12."""
+    import sys
+
+    from transformers.integrations import TensorBoardCallback
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "faults"))
+    import runner
+    from scenarios import Scenario
+
+    setup = Scenario(id="tb", family="healthy_noisy", trainer="sft", learning_rate=4e-3, max_steps=16, batch_size=8,
+                     grad_accum=1, max_grad_norm=1.0, warmup_steps=4, eval_steps=100, eval_size=16,
+                     eval_resample=False, train_size=200, data_noise=0.05, data_seed=11)
+    trainer, _ = runner.build_trainer(setup, 0, "guarded", str(tmp_path))
+    assert type(trainer).__name__ == "SFTTrainer"
+    guardian = GuardianCallback()
+    for callback in (TensorBoardCallback(), FaultInjector([Fault("nan", 12)]), guardian):
+        trainer.add_callback(callback)  # what report_to=["tensorboard"] adds
+    trainer.train()
+    scalars, texts = tensorboard(tmp_path)
+    assert scalars["guardian/skipped_updates"] == [(12, 1.0)]
+    [(step, line)] = texts["guardian/events"]
+    assert step == 12 and line.startswith("Guardian skipped step 12 (non_finite_loss): loss is nan at step 12")
