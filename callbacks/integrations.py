@@ -45,6 +45,7 @@ class Report:
     incident: int | None = None  # the incident an action belongs to (W&B: one alert per incident)
     critical: bool = False
     action: bool = False  # Guardian acted (W&B alerts only on those: an info alert is no reason to page anyone)
+    stop: bool = False
 
 
 def action_line(record: Mapping[str, Any], decisions: list[Decision]) -> str:
@@ -115,7 +116,7 @@ class _Wandb(_Writer):
             wandb.log({**report.scalars, "train/global_step": report.step})
         if report.text:
             wandb.run.summary["guardian/last_event"] = report.text
-            if report.action and (report.incident not in self.alerted or report.critical):
+            if report.action and (report.incident not in self.alerted or report.stop):
                 self.alerted.add(report.incident)
                 level = wandb.AlertLevel.ERROR if report.critical else wandb.AlertLevel.WARN
                 title = f"Guardian at step {report.step}" + (f" (incident {report.incident})"
@@ -228,8 +229,9 @@ class IntegrationBridge:
                    for k in ("skipped_updates", "rollbacks", "lr_cuts", "lr_restores", "stops")}
         scalars["guardian/lr_scale"] = float(lr_scale)
         incident = next((d.incident for d in decisions if d.incident is not None), None)
-        critical = bool(record.get("stopped")) or any(d.severity.value == "critical" for d in decisions)
-        self._write(Report(step, scalars, action_line(record, decisions), incident, critical, action=True))
+        stop = bool(record.get("stopped"))
+        critical = stop or any(d.severity.value == "critical" for d in decisions)
+        self._write(Report(step, scalars, action_line(record, decisions), incident, critical, action=True, stop=stop))
 
     @_quietly
     def step_end(self, step: int, incident_open: bool) -> None:

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 
 
 def train(out: Path, report_to: list[str], guardian: GuardianCallback, *, max_steps: int, poison_at: int,
-          poison_steps: int = 2) -> Trainer:
-    """A real tiny Llama + LoRA run with `report_to`, and poisoned batches at `poison_at`."""
+          poison_steps: int = 2, fault: str = "poison") -> Trainer:
+    """A real tiny Llama + LoRA run with `report_to`, and poisoned (or NaN) batches at `poison_at`."""
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, learning_rate=2e-3, warmup_steps=5,
                              per_device_train_batch_size=8, logging_steps=10, max_grad_norm=1.0, save_strategy="no",
                              report_to=report_to, use_cpu=True, disable_tqdm=True, run_name="tiny")
     trainer = Trainer(model=build_model(0), args=args, train_dataset=TextDataset(make_texts(600, seed=0)),
-                      callbacks=[FaultInjector([Fault("poison", poison_at, steps=poison_steps)]), guardian])
+                      callbacks=[FaultInjector([Fault(fault, poison_at, steps=poison_steps)]), guardian])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return trainer
@@ -165,9 +165,10 @@ def test_wandb_offline_and_mlflow_file_store_get_the_scalars_and_the_line(tmp_pa
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     guardian = GuardianCallback()
     try:
-        train(tmp_path / "out", ["wandb", "mlflow"], guardian, max_steps=34, poison_at=30)
+        train(tmp_path / "out", ["wandb", "mlflow"], guardian, max_steps=34, poison_at=30, fault="nan")
     finally:
         wandb.finish()
+        wandb.teardown()  # waits for wandb-core to write the run file out
         if mlflow.active_run() is not None:
             mlflow.end_run()
     assert guardian.counts["skipped_updates"] == 2
@@ -181,16 +182,16 @@ def test_wandb_offline_and_mlflow_file_store_get_the_scalars_and_the_line(tmp_pa
     assert [(h["train/global_step"], h["guardian/incident"]) for h in history if "guardian/incident" in h] == [
         (30, 1), (31, 1)]
     alerts = [r.alert for r in records if r.WhichOneof("record_type") == "alert"]
-    assert len(alerts) == 1 and alerts[0].level == "WARN"  # one per incident
-    assert alerts[0].text.startswith("Guardian skipped step 30 (loss_spike): loss ")
+    assert len(alerts) == 1 and alerts[0].level == "ERROR"  # one per incident, though each NaN step is critical
+    assert alerts[0].text.startswith("Guardian skipped step 30 (non_finite_loss): loss is nan at step 30")
 
     [run] = [p for p in (tmp_path / "mlruns").glob("*/*") if (p / "metrics").is_dir()]
     lines = (run / "metrics" / "guardian" / "skipped_updates").read_text().split("\n")
     assert [(float(v), int(s)) for _, v, s in (line.split() for line in lines if line)] == [(1.0, 30), (2.0, 31)]
-    assert (run / "tags" / "guardian.last_event").read_text().startswith("Guardian skipped step 31 (loss_spike)")
+    assert (run / "tags" / "guardian.last_event").read_text().startswith("Guardian skipped step 31 (non_finite_loss)")
     text = (run / "artifacts" / "guardian" / "events.txt").read_text().splitlines()
-    assert text[0].startswith("step 30: Guardian skipped step 30 (loss_spike): loss ")
-    assert any(line.startswith("step 31: Guardian skipped step 31 (loss_spike)") for line in text)
+    assert text[0].startswith("step 30: Guardian skipped step 30 (non_finite_loss): loss is nan")
+    assert any(line.startswith("step 31: Guardian skipped step 31 (non_finite_loss)") for line in text)
     assert {line.split(":")[0] for line in text} == {"step 30", "step 31"}
 
 
