@@ -35,6 +35,7 @@ from guardian.badsample import bad_samples_path
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
 from guardian.callbacks.distributed import RankSync
+from guardian.callbacks.integrations import IntegrationBridge
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
@@ -111,6 +112,8 @@ class GuardianCallback(TrainerCallback):
         mask_known_bad_samples: when `<output_dir>/guardian/bad_samples.jsonl` (the samples of updates an
             earlier run in this folder skipped) lists samples, mask their labels (-100) wherever they come
             again; costs one host copy of each micro-batch's input_ids while the list is not empty.
+        report_to_integrations: also write decisions and actions (`guardian/*` scalars, a line of text) through
+            the Trainer's reporting callbacks (`report_to`: TensorBoard, W&B, MLflow); False: events.jsonl only.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class GuardianCallback(TrainerCallback):
         lr_factor_at_start: float | None = None,
         strict_preflight: bool = False,
         mask_known_bad_samples: bool = True,
+        report_to_integrations: bool = True,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
         self.snapshot_every_steps = snapshot_every_steps
@@ -152,6 +156,7 @@ class GuardianCallback(TrainerCallback):
         self.strict_preflight = strict_preflight
         self.mask_known_bad_samples = mask_known_bad_samples
         self.samples: SampleTracker | None = None  # which samples each step used; bad_samples.jsonl
+        self.integrations = IntegrationBridge(enabled=report_to_integrations)  # report_to's writers
         self.advice: list[Any] = []
         self._supervisor_file = Path(os.environ["GUARDIAN_SUPERVISOR_FILE"]) if os.environ.get(
             "GUARDIAN_SUPERVISOR_FILE") else None
@@ -236,6 +241,7 @@ class GuardianCallback(TrainerCallback):
                                    spool=events_path, run_key_dir=events_path.parent)
             log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
         self._output_dir = os.path.abspath(args.output_dir)
+        self.integrations.attach(self._trainer, main_process=state.is_world_process_zero)
         self._resume(args, state)
         self._track_samples(args, state, kwargs)
         if self.lr_factor_at_start and optimizer is not None:
@@ -310,6 +316,7 @@ class GuardianCallback(TrainerCallback):
         if self._gpus is not None and time.monotonic() - self._last_system >= self.system_every_seconds:
             self._last_system = time.monotonic()
             self._emit("system", {"step": step, "rank": self._rank, "gpus": self._gpus.read()})
+        self.integrations.step_end(step, self.engine.policy.current is not None)
 
     @_never_raises
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
@@ -479,6 +486,7 @@ class GuardianCallback(TrainerCallback):
         if self.sync.rank == 0:
             (log.error if decision.severity.value == "critical" else log.warning)("Guardian: %s", decision.message)
         self._emit("decision", {**decision.to_dict(), "source": source}, flush=True)
+        self.integrations.decision(decision)
 
     def _log_outcome(self, record: dict[str, Any]) -> None:
         if record.get("rollback") == "restart":
@@ -489,6 +497,7 @@ class GuardianCallback(TrainerCallback):
         if self.sync.rank == 0:
             log.warning("Guardian: step %d: %s", record["step"], describe(record))
         self._emit("action", record, flush=True)
+        self.integrations.action(record, self.counts, self.lr_scale)
 
     # ---- the samples of skipped updates ------------------------------------------------------------
 

@@ -156,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--dataset-size", type=int, help="training samples, to check the number of epochs")
     doctor.add_argument("--strict", action="store_true", help="exit 1 on any warning too (an error always does)")
     doctor.add_argument("--method", help="training method when the file does not say (dpo, kto, ppo, grpo, sft, ...)")
+    doctor.add_argument("--finetuning", choices=["lora", "qlora", "full"], type=str.lower,
+                        help="fine-tuning type when the file does not say (wins over the adapter's)")
+    doctor.add_argument("--adapter", type=Path, help="the run's PEFT adapter_config.json (default: the one "
+                        "beside the configuration, if any)")
     _json_arg(doctor)
     doctor.set_defaults(func=_doctor)
     _add_attach(sub)
@@ -580,17 +584,35 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from guardian.doctor import check_config, read_config, render_advice
+    from guardian.doctor import adapter_beside, check_config, finetuning_type, read_adapter, read_config, render_advice
 
-    advice = check_config(read_config(args.config), rules=load_rules(args.rules), world_size=args.world_size,
+    config = read_config(args.config)
+    adapter_path = args.adapter or adapter_beside(args.config)
+    peft = read_adapter(adapter_path) if adapter_path is not None else None
+    advice = check_config(config, rules=load_rules(args.rules), world_size=args.world_size,
                           device=args.device, snapshots_enabled=not args.no_snapshots,
-                          dataset_size=args.dataset_size, method=args.method)
+                          dataset_size=args.dataset_size, method=args.method, peft=peft, finetuning=args.finetuning)
+    kind = args.finetuning or finetuning_type(config, peft)
     if args.json:
-        _print_json({"config": str(args.config), "advice": [a.to_dict() for a in advice]})
+        _print_json({"config": str(args.config), "adapter": str(adapter_path) if adapter_path else None,
+                     "finetuning": kind, "advice": [a.to_dict() for a in advice]})
     else:
-        render_advice(advice, Console(), title=str(args.config))
+        console = Console()
+        if peft is not None:
+            console.print(f"adapter: {escape(str(adapter_path))} ({_adapter_summary(peft)})", highlight=False)
+        render_advice(advice, console, title=str(args.config))
     serious = [a for a in advice if a.severity != "info"]
     return 1 if any(a.severity == "error" for a in advice) or (args.strict and serious) else 0
+
+
+def _adapter_summary(peft: dict[str, object]) -> str:
+    """LORA r 64, alpha 16, 4/8-bit base (QLoRA)."""
+    parts = [str(peft.get("type"))]
+    parts += [f"{name} {peft[key]}" for key, name in (("r", "r"), ("lora_alpha", "alpha"),
+                                                      ("lora_dropout", "dropout")) if peft.get(key) is not None]
+    if peft.get("quantized"):
+        parts.append("4/8-bit base (QLoRA)")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ for its keys: `finetuning_type` lora, `stage` sft). The ranges are the ones the 
 recommend (learning rate by fine-tuning type and by method, warm-up, clipping, batch, LoRA rank/alpha/dropout,
 weight decay, epochs by dataset size). Library defaults and published recipes (weight_decay 0, lora_dropout 0,
 QLoRA's r 64 with alpha 16) are not findings. A learning rate is graded by how far it is out of its range.
+A plain TrainingArguments JSON does not say LoRA: `guardian doctor` reads the PEFT `adapter_config.json` beside it
+(`read_adapter`), or takes `--finetuning`; at train begin the live model says (a `PeftModel`, 4-bit or not).
 
 Pure Python: no torch or transformers import, so the check runs anywhere.
 """
@@ -50,6 +52,11 @@ LR_NEAR_FACTOR, LR_FAR_FACTOR = 3.0, 30.0
 # Keys only LLaMA-Factory's configuration has: with any of them, an omitted finetuning_type means lora.
 LLAMA_FACTORY_KEYS = frozenset({"stage", "template", "lora_target", "cutoff_len", "quantization_bit", "plot_loss",
                                 "val_size", "dataset_dir", "pref_loss"})
+# PEFT adapter types the LoRA learning-rate range and rank/alpha checks apply to (prompt tuning, IA3 and the
+# like train at other rates: they are judged as an unknown type).
+LORA_LIKE = frozenset({"LORA", "ADALORA", "LOHA", "LOKR"})
+FINETUNING_TYPES = ("lora", "qlora", "full")
+ADAPTER_FILE = "adapter_config.json"
 # Trainer and config class names (TRL's, LLaMA-Factory's subclasses of them) -> method; matched on the name's end.
 _METHOD_STEMS = {"dpo": "dpo", "kto": "kto", "bco": "bco", "ppo": "ppo", "ppov2": "ppo", "grpo": "grpo",
                  "rloo": "rloo", "orpo": "orpo", "cpo": "cpo", "xpo": "xpo", "nashmd": "nash_md", "reward": "rm",
@@ -115,12 +122,68 @@ def _parse(path: Path, text: str) -> Any:
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
 
 
+def read_adapter(path: Path) -> dict[str, Any]:
+    """A PEFT `adapter_config.json` as the `peft` dict `check_config` takes: type, r, lora_alpha, lora_dropout,
+    init_lora_weights, use_rslora, use_dora, and `quantized` when a hint of QLoRA is there (a LoftQ
+    initialisation, or a 4/8-bit `quantization_config` in the base model's `config.json` or the bitsandbytes
+    lines of PEFT's model card `README.md` beside it). ConfigError names the file and what is wrong."""
+    data = read_config(path) if path.suffix.lower() == ".json" else None
+    if data is None:
+        raise ConfigError(f"{path}: expected a PEFT {ADAPTER_FILE}")
+    kind = data.get("peft_type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise ConfigError(f"{path}: no peft_type, so this is not a PEFT adapter config; give the {ADAPTER_FILE} "
+                          "that PEFT's save_pretrained wrote, or say the type with --finetuning lora|qlora|full")
+    peft: dict[str, Any] = {"type": kind.strip().upper()}
+    for key in ("r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_rslora", "use_dora"):
+        if key in data:
+            peft[key] = data[key]
+    peft["quantized"] = _quantization_hint(path.parent, data)
+    return peft
+
+
+def _quantization_hint(folder: Path, adapter: Mapping[str, Any]) -> bool:
+    init = str(adapter.get("init_lora_weights") or "").lower()
+    loftq = adapter.get("loftq_config")
+    if init == "loftq" or (isinstance(loftq, Mapping) and loftq.get("loftq_bits")):
+        return True
+    try:
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        model_config = None
+    if isinstance(model_config, dict) and _quantized_config(model_config.get("quantization_config")):
+        return True
+    try:
+        card = (folder / "README.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "load_in_4bit: True" in card or "load_in_8bit: True" in card  # PEFT's card lists the bnb config
+
+
+def _quantized_config(quantization: Any) -> bool:
+    """A `quantization_config` (a dict, or transformers' object) that loads the weights in 4 or 8 bits."""
+    if quantization is None:
+        return False
+    get = quantization.get if isinstance(quantization, Mapping) else lambda k, d=None: getattr(quantization, k, d)
+    if get("load_in_4bit") or get("load_in_8bit"):
+        return True
+    method = str(getattr(get("quant_method"), "value", get("quant_method")) or "").lower()
+    return bool(method) and method != "bitsandbytes"  # gptq, awq, ...: quantized; bnb says which bits above
+
+
+def adapter_beside(config: Path) -> Path | None:
+    """The PEFT adapter config in the configuration's folder, if there is one."""
+    candidate = config.parent / ADAPTER_FILE
+    return candidate if candidate.is_file() and candidate.resolve() != config.resolve() else None
+
+
 # ---- the checks --------------------------------------------------------------------------------------
 
 
 def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size: int = 1, device: str | None = None,
                  peft: Mapping[str, Any] | None = None, snapshots_enabled: bool = True,
-                 dataset_size: int | None = None, method: str | None = None, quiet: bool = False) -> list[Advice]:
+                 dataset_size: int | None = None, method: str | None = None, quiet: bool = False,
+                 finetuning: str | None = None) -> list[Advice]:
     """Every finding about a run's settings, most serious first.
 
     Args:
@@ -134,16 +197,18 @@ def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size
         dataset_size: training samples, when known, to judge the number of epochs.
         method: the training method when known ("dpo", "kto", "ppo", "grpo", "sft", ...; see `method_of_trainer`);
             None: LLaMA-Factory's `stage` (and `pref_loss`), else supervised fine-tuning.
+        finetuning: "lora", "qlora" or "full" when the user says so (`guardian doctor --finetuning`); it wins
+            over what the configuration and the adapter suggest.
     """
     cfg = _Config(config)
     ruleset = rules if rules is not None else load_rules()
-    kind = finetuning_type(config, peft)
+    kind = finetuning.strip().lower() if finetuning else finetuning_type(config, peft)
     found: list[Advice] = []
     rate = _learning_rate(cfg, kind, training_method(config, method))
     for check in (rate, _warmup(cfg), _clipping(cfg), _precision(cfg, device),
                   _evaluation(cfg, ruleset), _rollback_source(cfg, ruleset, snapshots_enabled),
                   _rotation(cfg, ruleset, snapshots_enabled), _nan_filter(cfg), _batch(cfg, world_size),
-                  _lora(cfg, kind, peft), _weight_decay(cfg), _epochs(cfg, dataset_size), _scheduler(cfg, ruleset)):
+                  _lora(cfg, kind, peft), _lora_init(peft), _weight_decay(cfg), _epochs(cfg, dataset_size), _scheduler(cfg, ruleset)):
         found.extend(check)
     return sorted(found, key=lambda a: _ORDER[a.severity])
 
@@ -190,8 +255,8 @@ def finetuning_type(config: Mapping[str, Any], peft: Mapping[str, Any] | None) -
         return "qlora" if quantized or declared == "qlora" else "lora"
     if declared in ("full", "freeze"):
         return declared
-    if peft:
-        return "qlora" if quantized else "lora"  # LoRA and the other adapters share the range
+    if peft and str(peft.get("type") or "LORA").upper() in LORA_LIKE:
+        return "qlora" if quantized else "lora"  # LoRA and its variants share the range
     return None
 
 
@@ -377,7 +442,8 @@ def _nan_filter(cfg: _Config) -> list[Advice]:
     if not cfg.flag("logging_nan_inf_filter"):
         return []
     return _advice(Level.INFO, "logging_nan_inf_filter", True, "the logged loss hides NaN/inf steps: Guardian "
-                   "reads the per-step loss, but your dashboards and loggers will not show them",
+                   "reads the per-step loss (and writes its decisions to your report_to as guardian/*), but the loss "
+                   "curve in your dashboards will not show those steps",
                    "set logging_nan_inf_filter: false to see them in TensorBoard/W&B too")
 
 
@@ -404,14 +470,28 @@ def _lora(cfg: _Config, kind: str | None, peft: Mapping[str, Any] | None) -> lis
     found: list[Advice] = []
     if not 8 <= rank <= 64:
         found += _advice(Level.INFO, "lora_rank", rank, "outside the usual r 8–64", "use a rank of 8–64")
-    # alpha from r/4 (QLoRA's r 64, alpha 16) through r (PEFT's default) and 2r (LLaMA-Factory's) to 4r
-    if not rank / 4 <= alpha <= 4 * rank:
+    # alpha from r/4 (QLoRA's r 64, alpha 16) through r (PEFT's default) and 2r (LLaMA-Factory's) to 4r; with
+    # rsLoRA the scale is alpha / sqrt(r), so the ratio to r says nothing
+    if not rank / 4 <= alpha <= 4 * rank and not _truthy(peft.get("use_rslora")):
         found += _advice(Level.INFO, "lora_alpha", alpha, f"outside 0.25–4 x the rank ({rank / 4:g}–{4 * rank:g}): "
                          "the adapter's effective step size changes with alpha / r", f"set lora_alpha to {2 * rank:g}")
     if dropout > 0.2:  # 0 is PEFT's and LLaMA-Factory's default
         found += _advice(Level.INFO, "lora_dropout", dropout, "above the usual 0–0.1 (0.2 against overfitting)",
                          "set lora_dropout 0.05–0.1")
     return found
+
+
+def _lora_init(peft: Mapping[str, Any] | None) -> list[Advice]:
+    """`init_lora_weights: false` starts B random: a new adapter changes the model before the first step. A note,
+    not a warning: the same flag is harmless (and set on purpose, it loads faster) on an adapter whose trained
+    weights are loaded."""
+    init = (peft or {}).get("init_lora_weights", True)
+    if init is False or (isinstance(init, str) and init.strip().lower() == "false"):
+        return _advice(Level.INFO, "init_lora_weights", False, "a new adapter starts from random weights, so the "
+                       "model's output is changed before the first step (PEFT meant it for tests); harmless when "
+                       "the adapter's trained weights are loaded", "for a new adapter remove init_lora_weights "
+                       "(PEFT's default, true, starts the adapter as a no-op)")
+    return []
 
 
 def _first_number(*values: Any) -> float:
@@ -497,11 +577,15 @@ def peft_info(model: Any) -> dict[str, Any] | None:
     kind = getattr(config, "peft_type", "LORA")
     return {"type": str(getattr(kind, "value", kind)), "r": getattr(config, "r", None),
             "lora_alpha": getattr(config, "lora_alpha", None), "lora_dropout": getattr(config, "lora_dropout", None),
-            "quantized": _quantized(model)}
+            "init_lora_weights": getattr(config, "init_lora_weights", True),
+            "use_rslora": getattr(config, "use_rslora", False), "quantized": _quantized(model)}
 
 
 def _quantized(model: Any) -> bool:
-    return any(bool(getattr(model, name, False)) for name in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"))
+    """Loaded in 4 or 8 bits: the flags transformers and PEFT set, or the model config's `quantization_config`."""
+    if any(bool(getattr(model, name, False)) for name in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit")):
+        return True
+    return _quantized_config(getattr(getattr(model, "config", None), "quantization_config", None))
 
 
 def _trainable_fraction(model: Any) -> float:
