@@ -168,9 +168,9 @@ def child_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def guarded(tmp: Path, cfg: Path, *options: str) -> subprocess.CompletedProcess[str]:
+def guarded(tmp: Path, cfg: Path, *options: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*GUARDIAN, "run", "--backoff", "0.1", *options, "--", CLI, "train", str(cfg)],
-                          capture_output=True, text=True, env=child_env(tmp), timeout=600)
+                          capture_output=True, text=True, env={**child_env(tmp), **env}, timeout=600)
 
 
 def unguarded(tmp: Path, cfg: Path) -> subprocess.CompletedProcess[str]:
@@ -280,6 +280,23 @@ def test_dpo_lora_under_guardian_run(assets: Assets, tmp_path: Path) -> None:
     reference = unguarded(tmp_path, config(assets, plain, "dpo"))
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert final_eval_loss(out) <= final_eval_loss(plain) * 1.01 + 1e-3
+
+
+def test_a_killed_run_restarts_from_its_last_good_checkpoint_and_finishes(assets: Assets, tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    paths = os.pathsep.join([str(STUBS / "killer"), child_env(tmp_path)["PYTHONPATH"]])
+    result = guarded(tmp_path, config(assets, out), PYTHONPATH=paths, GUARDIAN_TEST_KILL_STEP="25")
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said[-4000:]
+    good = out / "guardian" / "good" / "checkpoint-20"
+    assert f"was killed by SIGKILL; restart 1 of 3 in 0 s, resuming from {good}" in said, said[-4000:]
+    assert f"guardian: resuming from {good}" in said
+    written = events(out)
+    assert [e["step"] for e in written if e["kind"] == "start"] == [0, 20]  # the second attempt began at 20
+    assert train_steps(written)[-(STEPS - 20):] == list(range(21, STEPS + 1))
+    assert [e["step"] for e in written if e["kind"] == "action" and e.get("skipped_update")] == GARBAGE
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
+    assert adapter_is_finite(out)
 
 
 def test_a_tokenizer_that_cannot_load_is_not_restarted(assets: Assets, tmp_path: Path) -> None:
