@@ -326,4 +326,7 @@ def test_attach_follows_a_live_llamafactory_log(followed: Followed) -> None:
     assert not (followed.out / "checkpoint-30" / "guardian_good.json").exists()
     assert (followed.out / "guardian" / "last_good_checkpoint").read_text().strip() == str(
         followed.out / "checkpoint-20")
+    # LLaMA-Factory's log has no grad_norm; each line is written before the checkpoint holding its grad norm
+    assert f"attach: grad_norm for {STEPS} of {STEPS} logged steps read from trainer_state.json" in said, said
+    assert "for lack of grad_norm" not in said
     assert "attach: cannot fire for lack of seconds_since_report in the log: stalled" in said
