@@ -284,7 +284,7 @@ def test_dpo_lora_under_guardian_run(assets: Assets, tmp_path: Path) -> None:
 
 def test_a_killed_run_restarts_from_its_last_good_checkpoint_and_finishes(assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "sft"
-    paths = os.pathsep.join([str(STUBS / "killer"), child_env(tmp_path)["PYTHONPATH"]])
+    paths = os.pathsep.join([str(STUBS / "faults"), child_env(tmp_path)["PYTHONPATH"]])
     result = guarded(tmp_path, config(assets, out), PYTHONPATH=paths, GUARDIAN_TEST_KILL_STEP="25")
     said = result.stdout + result.stderr
     assert result.returncode == 0, said[-4000:]
@@ -297,6 +297,26 @@ def test_a_killed_run_restarts_from_its_last_good_checkpoint_and_finishes(assets
     assert [e["step"] for e in written if e["kind"] == "action" and e.get("skipped_update")] == GARBAGE
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
     assert adapter_is_finite(out)
+
+
+def test_weights_corrupted_mid_run_are_rolled_back_to_the_good_checkpoint(assets: Assets, tmp_path: Path) -> None:
+    """An inf written into a LoRA weight after step 15: unguarded every later loss is NaN (the weights are the
+    problem, skipping cannot help). Guardian's reference batch tells damaged weights from a bad batch, and it
+    rolls back to the newest good state before the damage: the good checkpoint-10 on disk."""
+    out = tmp_path / "sft"
+    paths = os.pathsep.join([str(STUBS / "faults"), child_env(tmp_path)["PYTHONPATH"]])
+    result = guarded(tmp_path, config(assets, out), PYTHONPATH=paths, GUARDIAN_TEST_CORRUPT_STEP="15")
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said[-4000:]
+    written = events(out)
+    rules = [(e["step"], e["rule"]) for e in written if e["kind"] == "decision"]
+    assert (16, "weights_damaged") in rules, rules
+    rollbacks = [e for e in written if e["kind"] == "action" and "rollback_to_step" in e]
+    assert [e["rollback_to_step"] for e in rollbacks] == [10], said[-3000:]
+    assert train_steps(written) == list(range(1, STEPS + 1))
+    losses = [e["values"]["loss"] for e in written if e["kind"] == "metrics" and e["phase"] == "train"]
+    assert all(math.isfinite(x) for x in losses[16:])  # from the step after the rollback on
+    assert adapter_is_finite(out) and math.isfinite(final_eval_loss(out))
 
 
 def test_a_tokenizer_that_cannot_load_is_not_restarted(assets: Assets, tmp_path: Path) -> None:
