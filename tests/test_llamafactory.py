@@ -3,10 +3,12 @@
 
 Everything is made here: a tiny Llama and a character tokenizer saved to a temporary folder, a dataset file with
 a stretch of garbage samples and its `dataset_info.json`, the LLaMA-Factory YAML. Nothing is downloaded
-(HF_HUB_OFFLINE). llamafactory 0.9.5 pins transformers 5.6, so these tests run in their own virtualenv:
+(HF_HUB_OFFLINE). llamafactory 0.9.5 caps transformers at 5.6, so these tests run in their own virtualenv:
 `make test-llamafactory` creates `.venv-llamafactory` and runs them; elsewhere (`make test`) they are skipped.
 LLaMA-Factory imports torchaudio unconditionally, and the torchaudio the registry resolves does not load beside
-torch 2.13.0: `tests/stubs/torchaudio` stands in for it, on the child's PYTHONPATH only.
+torch 2.13.0: `tests/stubs/torchaudio` stands in for it, on the child's PYTHONPATH only. Faults LLaMA-Factory
+cannot be made to have on cue (a SIGKILL, a corrupted weight) come from `tests/stubs/faults/sitecustomize.py`,
+which `guardian run`'s sitecustomize chains to, in the two tests that put it on the PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import math
 import os
 import random
 import shutil
-import signal
 import string
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
