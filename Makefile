@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check
+.PHONY: demo test check test-llamafactory
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/guardian demo
@@ -19,4 +19,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# LLaMA-Factory end to end (tests/test_llamafactory.py): the real `llamafactory-cli train` under `guardian run`
+# and `guardian attach`. Its own venv: llamafactory 0.9.5 caps transformers at 5.6 (and trl, peft, accelerate).
+LF_VENV := .venv-llamafactory
+
+test-llamafactory: $(LF_VENV)/.installed
+	$(LF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_llamafactory.py
+
+$(LF_VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(LF_VENV)
+	$(LF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LF_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]' llamafactory==0.9.5
+	# The torchvision and torchaudio it pulls in are built for another torch and fail at import beside the CPU
+	# torch 2.13.0; text training needs neither (tests/stubs/torchaudio stands in for LLaMA-Factory's import).
+	$(LF_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio
 	touch $@

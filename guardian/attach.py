@@ -14,8 +14,11 @@ The source is chosen when the first log appears: `trainer_log.jsonl` if it exist
 every logging step), else the checkpoints. Checkpoints are always watched, as resume points.
 
 LLaMA-Factory's log has no grad_norm: each line takes its step's from the newest trainer_state.json in the
-output directory or a checkpoint (written at each save) when one already holds that step; live, the lines
-since the last save have none. The summary names the rules that could not fire for lack of a metric.
+output directory or a checkpoint (written at each save) when one already holds that step. Live, a line comes
+before the checkpoint that holds its grad norm: when that checkpoint appears, the rules judge the history again
+with the grad norms, and report the decisions only they bring (with their own steps, up to `save_steps` late; a
+checkpoint marked good meanwhile whose steps they fall on is unmarked). The summary says how many grad norms
+came late, and names the rules that could not fire for lack of a metric.
 
 Every observation goes through the rules (`--rules FILE`, default the shipped ones). Warm-ups that count
 observations (robust_zscore's `warmup_steps`, threshold's `relative_to_first_steps`) mean steps in-process,
@@ -315,6 +318,7 @@ class Follower:
         self._grad_norms: dict[int, float] = {}  # step -> grad_norm from a trainer_state.json, for a jsonl log
         self._grad_file: tuple[Path, tuple[int, int, int]] | None = None
         self._grad_used: dict[int, float] = {}  # the grad norms given to the rules, by step
+        self._grad_late = 0  # of those, the ones that came after their line had been judged without them
 
     # ---- views ------------------------------------------------------------------------------------------
 
@@ -374,8 +378,10 @@ class Follower:
         good = f"; last good checkpoint: {self.last_good}" if self.last_good else ""
         self._say(f"attach: {', '.join(notes)}{good}")
         if self._grad_used and self._grad_file is not None:
+            late = (f" ({self._grad_late} after their line, when the checkpoint holding them was saved: the rules "
+                    "judged those steps again then)") if self._grad_late else ""
             self._say(f"attach: grad_norm for {len(self._grad_used)} of {sum(o.kind == TRAIN for o in self._fed)} "
-                      f"logged steps read from {self._grad_file[0].relative_to(self.output_dir)}")
+                      f"logged steps read from {self._grad_file[0].relative_to(self.output_dir)}{late}")
         for line in self.rules_that_cannot_fire():
             self._say(line)
 
@@ -459,6 +465,45 @@ class Follower:
         self._grad_file = (newest[1], newest[2])
         self._grad_norms = {o.step: o.metrics["grad_norm"] for o in history
                             if o.kind == TRAIN and "grad_norm" in o.metrics}
+        self._judge_late_grad_norms()
+
+    def _judge_late_grad_norms(self) -> None:
+        """Lines fed before a trainer_state.json held their grad_norm (following a live log, each line comes
+        before the checkpoint that holds it): the rules judge the whole history again with them, as they
+        would have with the grad norms in the lines, and the decisions that only the grad norms bring are
+        reported now, with their own steps (up to `save_steps` late)."""
+        late = {o.step: self._grad_norms[o.step] for o in self._fed
+                if o.kind == TRAIN and "grad_norm" not in o.metrics and o.step not in self._grad_used
+                and o.step in self._grad_norms}
+        if not late:
+            return
+        self._grad_used.update(late)
+        self._grad_late += len(late)
+        before = {(i, d.rule, d.step) for i, d in self._decided}
+        self.engine = Engine(self.rules_in_use)
+        self._decided = [(i, d) for i, obs in enumerate(self._fed)
+                         for d in self.engine.observe(obs.step, self._metrics(obs))]
+        new = [d for i, d in self._decided if (i, d.rule, d.step) not in before]
+        for decision in new:
+            self._report(decision, late=True)
+        if not new:
+            return
+        for step, folder in list(self._good):  # marked good before these steps' grad norms were known
+            earlier = max((n for n in self._judged if n < step), default=0)
+            start = max(0, min(step - self.quiet_steps, earlier + 1))
+            near = [d for d in new if start <= d.step <= step]
+            if near:
+                self._good.remove((step, folder))
+                self._not_good(step, folder, f"{near[-1].rule} fired at step {near[-1].step}", near[-1].rule)
+                last = self.last_good
+                try:
+                    if last is not None:
+                        _write_atomic(self.output_dir / "guardian" / LAST_GOOD, f"{last}\n")
+                    else:
+                        (self.output_dir / "guardian" / LAST_GOOD).unlink(missing_ok=True)
+                except OSError as exc:
+                    self._say(f"guardian/{LAST_GOOD}: could not update it ({exc})")
+        self._act(max(d.step for d in new), new)
 
     def _state_files(self) -> list[Path]:
         files = [p for p in self.output_dir.glob(f"checkpoint-*/{STATE}") if p.parent.name[11:].isdigit()]
@@ -577,11 +622,12 @@ class Follower:
         self.sink.emit("start", {"step": step, "resumed": True, "reason": why, "replaced_observations": replaced,
                                  "dropped_decisions": dropped}, flush=True)
 
-    def _report(self, decision: Decision) -> None:
+    def _report(self, decision: Decision, *, late: bool = False) -> None:
         actions = ", ".join(map(str, decision.actions)) or "none"
+        when = " (judged late: its grad_norm came with a checkpoint)" if late else ""
         self._say(f"step {decision.step:>7}  {decision.rule:<22} {decision.severity.value:<8} {actions:<28} "
-                  f"{decision.finding.message}")
-        self.sink.emit("decision", decision.to_dict(), flush=True)
+                  f"{decision.finding.message}{when}")
+        self.sink.emit("decision", {**decision.to_dict(), **({"late": True} if late else {})}, flush=True)
 
     def _act(self, step: int, decisions: list[Decision]) -> None:
         """What can be done from outside: point at a good checkpoint and, with a pid, stop the run."""

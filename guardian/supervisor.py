@@ -50,6 +50,7 @@ EVENTS_TAIL_BYTES = 1 << 20  # the part of the event log read to find this attem
 
 SITECUSTOMIZE = '''"""Installed by `guardian run`: puts Guardian into every transformers Trainer of this process."""
 import importlib.machinery as _machinery
+import importlib.util as _util
 import os as _os
 import sys as _sys
 
@@ -59,11 +60,12 @@ try:
 except Exception as _exc:  # never stop the user's program
     print(f"guardian: injection failed ({_exc}); training runs unguarded", file=_sys.stderr)
 
-# Chain to the sitecustomize this one shadows, if any.
+# Chain to the sitecustomize this one shadows, if any (a module of the spec's own name: a file loader refuses
+# to run its file as a module of another name).
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _spec = _machinery.PathFinder.find_spec("sitecustomize", [p for p in _sys.path if _os.path.abspath(p or ".") != _here])
 if _spec is not None and _spec.loader is not None:
-    _spec.loader.exec_module(type(_sys)("_guardian_chained_sitecustomize"))
+    _spec.loader.exec_module(_util.module_from_spec(_spec))
 '''
 
 

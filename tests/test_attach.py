@@ -489,6 +489,53 @@ def test_grad_norm_comes_from_the_trainer_state_beside_a_llamafactory_log(tmp_pa
         assert {"grad_explosion", "grad_explosion_absolute", "vanishing_gradient"} <= set(lacking[1].split(", "))
 
 
+def test_grad_norms_that_come_after_their_lines_are_judged_when_their_checkpoint_appears(tmp_path: Path) -> None:
+    """Following a live LLaMA-Factory log: each line (no grad_norm) is written before the checkpoint whose
+    trainer_state.json holds its grad norm. A gradient explosion at step 55 is found when a trainer_state.json
+    holding step 55 appears, reported with its own step, and the checkpoint it falls before is not good."""
+    def line(step: int) -> str:
+        return json.dumps({"current_steps": step, "total_steps": 60, "loss": 2.0 - step / 100, "lr": 1e-4,
+                           "epoch": step / 60}) + "\n"
+
+    history = [{"step": s, "loss": 2.0 - s / 100, "grad_norm": 1e6 if s == 55 else 1.0 + (s % 3) / 10,
+                "learning_rate": 1e-4} for s in range(1, 61)]
+    f, out = follower(tmp_path)
+    log = tmp_path / "trainer_log.jsonl"
+    for upto in range(10, 61, 10):  # the lines of ten steps, then the checkpoint saved at the last of them
+        with log.open("a") as handle:
+            handle.writelines(line(s) for s in range(upto - 9, upto + 1))
+        f.poll()
+        write_checkpoints(tmp_path, history, [upto], max_steps=60)
+        if upto == 60:  # not yet seen when attach judges checkpoint-60 (its file is older than checkpoint-50's)
+            past = (tmp_path / "checkpoint-50" / "trainer_state.json").stat().st_mtime_ns - 10**9
+            os.utime(tmp_path / "checkpoint-60" / "trainer_state.json", ns=(past, past))
+    f.poll()
+    assert "checkpoint-60 is good" in out.getvalue() and printed_decisions(out.getvalue()) == []
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 60, "max_steps": 60,
+                                                             "log_history": history}))  # the run's end
+    f.poll()
+    f.finish()
+    text = out.getvalue()
+
+    assert printed_decisions(text) == [(55, "grad_explosion_absolute"), (55, "grad_explosion")], text
+    assert text.count("(judged late: its grad_norm came with a checkpoint)") == 2
+    assert [e["step"] for e in events(tmp_path) if e["kind"] == "decision" and e.get("late")] == [55, 55]
+    assert "checkpoint-50 is good" in text
+    assert "checkpoint-60 is not marked good: grad_explosion fired at step 55" in text
+    assert not (tmp_path / "checkpoint-60" / "guardian_good.json").exists()
+    assert (tmp_path / "guardian" / "last_good_checkpoint").read_text().strip() == str(tmp_path / "checkpoint-50")
+    assert "grad_norm for 60 of 60 logged steps read from trainer_state.json (60 after their line" in text
+    assert "for lack of grad_norm" not in text
+    # the same decisions as with every grad norm known at once (attach after the run)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    shutil.copy(log, whole / "trainer_log.jsonl")
+    shutil.copy(tmp_path / "trainer_state.json", whole / "trainer_state.json")
+    g, _ = follower(whole)
+    g.poll()
+    assert [(d.step, d.rule, d.actions) for d in f.decisions] == [(d.step, d.rule, d.actions) for d in g.decisions]
+
+
 @needs_fixtures
 def test_attach_stays_quiet_on_the_real_logs(tmp_path: Path) -> None:
     """Scaled warm-ups and grad norms from beside add no alarm on real runs: attach decides as replay does

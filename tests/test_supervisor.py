@@ -97,6 +97,19 @@ def test_injection_is_harmless_where_no_trainer_is_made(tmp_path: Path, code: st
     assert result.returncode == 0 and "ok" in result.stdout and "guardian:" not in result.stderr
 
 
+def test_a_sitecustomize_of_the_users_still_runs_in_the_child(tmp_path: Path) -> None:
+    """Guardian's sitecustomize comes first on PYTHONPATH and chains to the one it shadows (a cluster's, a
+    conda env's, a test harness's): that one runs too, as `sitecustomize`, without an error."""
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['USER_SITE_RAN'] = __name__\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    code = "import os, sys; print(os.environ.get('USER_SITE_RAN'), 'guardian.inject' in sys.modules)"
+    result = subprocess.run([*GUARDIAN, "--", sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["sitecustomize", "True"]  # the user's ran, and Guardian's hook is in
+    assert "Error in sitecustomize" not in result.stderr
+
+
 def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_path: Path) -> None:
     """FSDP/DeepSpeed: Guardian stops the run and asks for a restart; the supervisor resumes where it says."""
     good = tmp_path / "good" / "checkpoint-20"
