@@ -1,0 +1,99 @@
+"""Rules for preference and RL training on real TRL trainers (DPOTrainer, GRPOTrainer) and the tiny Llama.
+
+The rule set follows the trainer (default + preference.yaml for DPO, default + rl.yaml for GRPO), TRL's
+per-batch metrics reach the rules every optimizer step before the update, healthy runs are quiet, and the
+faults of issue #16 are caught: a 3-step chosen/rejected swap (its updates skipped) and a GRPO reward
+function turning constant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trlkit import dpo_trainer, grpo_trainer, sum_reward
+
+from guardian.callbacks import GuardianCallback
+from guardian.callbacks.trl_metrics import StoredMetrics
+from guardian.ruleset import LOSS_LEVEL_RULES, load_rules, shipped_rules_for
+
+SWAPPED = (30, 31, 32)
+PREFERENCE_RULES = {"reward_accuracy_collapse", "reward_margin_flip", "chosen_reward_collapse"}
+RL_RULES = {"reward_collapse", "no_reward_signal", "kl_blowup"}
+
+
+def fired(guardian: GuardianCallback) -> dict[int, set[str]]:
+    steps: dict[int, set[str]] = {}
+    for decision in guardian.decisions:
+        steps.setdefault(decision.step, set()).add(decision.rule)
+    return steps
+
+
+def test_rule_sets_follow_the_method_and_a_given_file_wins(tmp_path: Path) -> None:
+    default = {r.name for r in load_rules().rules}
+    assert {r.name for r in shipped_rules_for("dpo").rules} == default | PREFERENCE_RULES
+    assert {r.name for r in shipped_rules_for("grpo").rules} == (default - set(LOSS_LEVEL_RULES)) | RL_RULES
+    assert {r.name for r in shipped_rules_for("sft").rules} == default
+    assert {r.name for r in shipped_rules_for(None).rules} == default
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("version: 1\nrules:\n  - {name: only, metric: loss, detector: {kind: non_finite}, actions: [alert]}\n")
+    guardian = GuardianCallback(rules=mine, event_log=False)
+    dpo_trainer(str(tmp_path / "run"), steps=1, callbacks=[guardian]).train()
+    assert [r.name for r in guardian.ruleset.rules] == ["only"]
+
+
+def test_stored_metrics_give_each_step_its_own_values_across_log_clears() -> None:
+    class Trainer:
+        _metrics: dict[str, Any] = {"train": {}}
+
+    trainer = Trainer()
+    reader = StoredMetrics(trainer)
+    store = trainer._metrics["train"]
+    store["rewards/margins"] = [1.0, 3.0]  # two micro-batches of step 1 (gradient accumulation)
+    assert reader.read() == {"rewards/margins": 2.0}
+    store["rewards/margins"].append(5.0)
+    assert reader.read() == {"rewards/margins": 5.0}
+    assert reader.read() == {}  # nothing new: no value, rather than a stale one
+    store.clear()  # Trainer.log averaged and cleared the store
+    store["rewards/margins"] = [7.0]  # a new list of the same length as before the clear
+    store["reward"] = [float("nan"), 1.0]
+    assert reader.read() == {"rewards/margins": 7.0, "reward": 1.0}
+
+
+@pytest.mark.slow
+def test_a_healthy_dpo_run_is_quiet_and_a_swap_is_skipped_before_its_update(tmp_path: Path) -> None:
+    healthy = GuardianCallback(event_log=False)
+    dpo_trainer(str(tmp_path / "healthy"), steps=40, callbacks=[healthy]).train()
+    assert PREFERENCE_RULES <= {r.name for r in healthy.ruleset.rules}
+    assert healthy.decisions == [] and healthy.errors == 0
+
+    swapped = GuardianCallback(event_log=False)
+    dpo_trainer(str(tmp_path / "swapped"), steps=40, callbacks=[swapped], swapped_steps=SWAPPED).train()
+    steps = fired(swapped)
+    assert set(steps) == set(SWAPPED), steps  # every swapped step, nothing else
+    assert all({"reward_accuracy_collapse", "reward_margin_flip"} <= steps[s] for s in SWAPPED)
+    skipped = {i["step"] for i in swapped.interventions if i.get("skipped_update")}
+    assert skipped == set(SWAPPED)
+    assert swapped.counts["skipped_updates"] == 3 and swapped.errors == 0
+
+
+@pytest.mark.slow
+def test_a_healthy_grpo_run_is_quiet_and_a_constant_reward_is_caught(tmp_path: Path) -> None:
+    healthy = GuardianCallback(event_log=False)
+    grpo_trainer(str(tmp_path / "healthy"), steps=30, callbacks=[healthy]).train()
+    assert RL_RULES <= {r.name for r in healthy.ruleset.rules}
+    assert healthy.decisions == [] and healthy.errors == 0
+
+    broken_from = 15
+
+    def breaks(completions: list[str], **kwargs: Any) -> list[float]:
+        return [0.0] * len(completions) if trainer.state.global_step + 1 >= broken_from else sum_reward(completions)
+
+    collapsed = GuardianCallback(event_log=False)
+    trainer = grpo_trainer(str(tmp_path / "broken"), steps=30, callbacks=[collapsed], reward=breaks)
+    trainer.train()
+    steps = fired(collapsed)
+    assert steps and min(steps) >= broken_from, steps
+    assert "no_reward_signal" in set().union(*steps.values())
+    assert collapsed.interventions == []  # alerts only: acting on the update would not help
