@@ -3,7 +3,8 @@ optimizer step before the update.
 
 TRL's trainers compute these inside `training_step` (DPO, KTO and GRPO's loss, GRPO's generation and scoring)
 and append them, already on the host, to a store on the trainer: `trainer._metrics["train"][key]` (DPO, KTO,
-GRPO, RLOO) or `trainer._stored_metrics["train"][key]` (ORPO, CPO). `Trainer.log` averages and clears the store
+GRPO, RLOO), `trainer._stored_metrics["train"][key]` (ORPO, CPO) or `trainer.stats[key]` (online DPO, whose
+`objective/kl` and `rewards/*` are per step). `Trainer.log` averages and clears the store
 every `logging_steps`. So at `on_pre_optimizer_step` the store already holds this step's values: this reader
 returns, per key, the mean of the entries added since the previous optimizer step, and a rule can skip the
 update of a step whose batch is bad. Costs no host sync (the values are Python floats already).
@@ -14,7 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-STORES = ("_metrics", "_stored_metrics")  # where TRL's trainers keep their per-micro-batch metrics
+STORES = ("_metrics", "_stored_metrics")  # where TRL's trainers keep their per-micro-batch metrics, per mode
+FLAT_STORE = "stats"  # online DPO: train metrics only, no mode level
 MAX_KEYS = 64  # a trainer logs 10-30 keys; a store beyond this is not TRL's
 
 
@@ -34,6 +36,9 @@ class StoredMetrics:
             train = store.get("train") if isinstance(store, dict) else None
             if isinstance(train, dict):
                 return train
+        flat = getattr(self.trainer, FLAT_STORE, None)
+        if isinstance(flat, dict) and flat and all(isinstance(v, list) for v in flat.values()):
+            return flat
         return None
 
     def read(self) -> dict[str, float]:

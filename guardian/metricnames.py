@@ -27,7 +27,7 @@ TRL_KEYS = frozenset({
     "reward", "reward_std", "frac_reward_zero_std", "policy_loss", "entropy_coef", "step_time",
     "accuracy", "margin", "mean_reward", "min_reward", "max_reward",
     "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
-    "val/contain_eos_token",
+    "val/contain_eos_token", "objective/scores_margin", "beta",
 })
 KNOWN_KEYS = HF_KEYS | GUARDIAN_KEYS | TRL_KEYS
 # Families of keys named after something of the run's own: eval_* (`eval_loss`, a compute_metrics key), a

@@ -97,3 +97,15 @@ def test_a_healthy_grpo_run_is_quiet_and_a_constant_reward_is_caught(tmp_path: P
     assert steps and min(steps) >= broken_from, steps
     assert "no_reward_signal" in set().union(*steps.values())
     assert collapsed.interventions == []  # alerts only: acting on the update would not help
+
+
+def test_stored_metrics_read_online_dpo_s_flat_store_and_orpo_s_stored_metrics() -> None:
+    class OnlineDPO:
+        stats: dict[str, list[float]] = {"objective/kl": [0.5], "rewards/accuracies": []}
+
+    class ORPO:
+        _stored_metrics: dict[str, Any] = {"train": {"rewards/margins": [0.25, 0.75]}}
+
+    assert StoredMetrics(OnlineDPO()).read() == {"objective/kl": 0.5}
+    assert StoredMetrics(ORPO()).read() == {"rewards/margins": 0.5}
+    assert StoredMetrics(object()).read() == {}

@@ -72,7 +72,7 @@ def sum_reward(completions: list[str], **kwargs: Any) -> list[float]:
 
 
 def grpo_trainer(output_dir: str, *, steps: int, callbacks: list[Any],
-                 reward: Callable[..., list[float]] = sum_reward, seed: int = 0) -> Any:
+                 reward: Callable[..., list[float]] = sum_reward, seed: int = 0, beta: float = 0.0) -> Any:
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -83,7 +83,7 @@ def grpo_trainer(output_dir: str, *, steps: int, callbacks: list[Any],
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, num_generations=4,
         max_completion_length=4, learning_rate=5e-3, logging_steps=5, report_to=[], use_cpu=True,
         disable_tqdm=True, save_strategy="no", seed=seed, log_level="error", temperature=1.0,
-        lr_scheduler_type="constant", bf16=False,
+        lr_scheduler_type="constant", bf16=False, beta=beta,
     )
     trainer = GRPOTrainer(model=build_model(seed, hidden_size=32, layers=1, lora_r=4), reward_funcs=reward,
                           args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
