@@ -109,3 +109,36 @@ def test_stored_metrics_read_online_dpo_s_flat_store_and_orpo_s_stored_metrics()
     assert StoredMetrics(OnlineDPO()).read() == {"objective/kl": 0.5}
     assert StoredMetrics(ORPO()).read() == {"rewards/margins": 0.5}
     assert StoredMetrics(object()).read() == {}
+
+
+def test_kl_blowup_follows_a_growing_kl_and_fires_on_a_jump() -> None:
+    """The KL of a real healthy GRPO run (tests/trlkit.py, beta 0.04, seed 0) grows 500x in 40 steps: quiet.
+    The same run with a 10x jump at the end: fires."""
+    from guardian.engine import Engine
+
+    measured = [0.0, 0.00102, 0.00474, 0.00663, 0.00479, 0.01098, 0.0276, 0.0243, 0.04884, 0.03456, 0.0432,
+                0.03285, 0.04605, 0.05784, 0.08072, 0.04972, 0.06506, 0.08343, 0.13538, 0.12093, 0.10706, 0.16251,
+                0.26611, 0.19825, 0.28382, 0.27923, 0.34257, 0.30358, 0.26914, 0.37058, 0.19661, 0.32861, 0.37772,
+                0.29612, 0.40507, 0.29933, 0.32656, 0.29567, 0.42682, 0.49759]
+    engine = Engine(shipped_rules_for("grpo"))
+    assert [d for i, v in enumerate(measured, 1) for d in engine.observe(i, {"kl": v})] == []
+    decisions = engine.observe(41, {"kl": 0.49759 * 12})
+    assert [d.rule for d in decisions] == ["kl_blowup"]
+
+
+def test_reward_collapse_is_quiet_on_measured_healthy_rewards_and_fires_when_they_drop_to_zero() -> None:
+    """The rewards of two real healthy GRPO runs (tests/trlkit.py, seeds 0 and 1), then a reward function
+    returning 0 from step 41."""
+    from guardian.engine import Engine
+
+    runs = [[0.12, 0.25, 0.12, 0.25, 0.25, 0.5, 0.75, 0.5, 0.38, 0.25, 0.25, 0.25, 0.38, 0.25, 0.5, 0.38, 0.25, 0.62,
+             0.38, 0.62, 0.5, 0.12, 0.62, 0.62, 1.0, 0.5, 0.5, 0.38, 0.75, 0.62, 0.62, 0.75, 0.88, 0.88, 1.0, 1.0, 1.0,
+             0.88, 0.88, 0.62],
+            [0.0, 0.25, 0.25, 0.0, 0.38, 0.25, 0.62, 0.25, 0.25, 0.0, 0.12, 0.5, 0.5, 0.25, 0.38, 0.38, 0.25, 0.5, 0.62,
+             0.38, 0.5, 0.62, 0.62, 0.62, 0.38, 0.5, 0.5, 0.5, 0.38, 0.5, 0.5, 0.62, 0.62, 0.75, 0.62, 0.5, 0.62, 1.0,
+             1.0, 0.88]]
+    for rewards in runs:
+        engine = Engine(shipped_rules_for("grpo"))
+        assert [d for i, v in enumerate(rewards, 1) for d in engine.observe(i, {"reward": v})] == []
+        fired_at = [i for i in range(41, 51) if any(d.rule == "reward_collapse" for d in engine.observe(i, {"reward": 0.0}))]
+        assert fired_at and fired_at[0] <= 45, fired_at
