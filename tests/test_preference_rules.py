@@ -142,3 +142,38 @@ def test_reward_collapse_is_quiet_on_measured_healthy_rewards_and_fires_when_the
         assert [d for i, v in enumerate(rewards, 1) for d in engine.observe(i, {"reward": v})] == []
         fired_at = [i for i in range(41, 51) if any(d.rule == "reward_collapse" for d in engine.observe(i, {"reward": 0.0}))]
         assert fired_at and fired_at[0] <= 45, fired_at
+
+
+def test_preference_rules_are_quiet_on_a_dpo_run_that_has_not_learnt_to_tell_the_answers_apart() -> None:
+    """Per-step values of a real DPO run (tests/trlkit.py with a task the tiny model did not learn, lr 1e-2):
+    accuracies around 0.5 and margins around 0, either sign. Nothing is reversed, so nothing may fire."""
+    from guardian.engine import Engine
+
+    acc = [0.0, 0.625, 0.5, 0.125, 0.625, 0.625, 0.5, 0.375, 0.375, 0.375, 0.75, 0.375, 0.375, 0.375, 0.25, 0.5, 0.375,
+           0.5, 0.375, 0.375, 0.75, 0.625, 0.5, 0.25, 0.5, 0.375, 0.875, 0.25, 0.5, 0.375, 0.625, 0.625, 0.5, 0.625,
+           0.875, 0.375, 0.75, 0.75, 0.625, 0.25]
+    margins = [0.0, 0.025, 0.003, -0.272, 0.019, 0.061, -0.001, -0.102, -0.068, -0.02, 0.08, -0.083, -0.097, -0.088,
+               -0.142, -0.002, -0.012, -0.002, -0.049, -0.067, 0.136, 0.077, -0.002, -0.196, 0.002, -0.078, 0.183,
+               -0.12, 0.009, -0.053, 0.014, 0.001, 0.002, 0.008, 0.047, -0.031, 0.088, 0.123, 0.08, -0.199]
+    chosen = [0.0, 0.009, -0.077, -0.221, -0.042, 0.019, 0.02, -0.027, -0.009, 0.005, 0.024, -0.112, -0.148, -0.14,
+              -0.144, -0.037, -0.008, 0.029, 0.03, 0.029, 0.133, 0.107, 0.078, -0.019, 0.074, 0.025, 0.137, -0.017,
+              0.035, -0.004, 0.001, -0.016, -0.025, -0.024, -0.014, -0.081, -0.036, -0.045, -0.098, -0.274]
+    engine = Engine(shipped_rules_for("dpo"))
+    for step, values in enumerate(zip(acc, margins, chosen), 1):
+        observed = dict(zip(("rewards/accuracies", "rewards/margins", "rewards/chosen"), values))
+        assert engine.observe(step, observed) == [], step
+
+
+def test_reversal_fires_on_a_flip_from_a_clear_level_and_survives_a_restart() -> None:
+    from guardian.detectors import ReversalDetector
+
+    rising = [0.1 * i + (0.05 if i % 2 else -0.05) for i in range(1, 25)]  # margins growing, with noise
+    detector = ReversalDetector("rewards/margins")
+    assert [detector.update(i, {"rewards/margins": v}) for i, v in enumerate(rising, 1)] == [None] * 24
+    restored = ReversalDetector("rewards/margins")
+    restored.load_state_dict(detector.state_dict())
+    for d in (detector, restored):
+        finding = d.update(25, {"rewards/margins": -1.5})
+        assert finding is not None and finding.value == -1.5 and finding.evidence["level"] > 1.5
+        assert d.update(26, {"rewards/margins": -1.2}) is not None  # the flipped value did not enter the level
+        assert d.update(27, {"rewards/margins": 2.6}) is None
