@@ -48,7 +48,7 @@ from guardian.errors import ConfigError
 from guardian.eventlog import EventLog
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
-from guardian.ruleset import RuleSet, load_rules, shipped_rules_for
+from guardian.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
 from guardian.supervisor import ENV_RESTART
 
 log = logging.getLogger("guardian")
@@ -215,8 +215,9 @@ class GuardianCallback(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         show_log_lines(int(getattr(args, "process_index", 0)))
         self._trainer = self._trainer or find_trainer()
-        if not self._rules_given and self._trainer is not None:  # DPO family: + preference.yaml; GRPO/PPO: + rl.yaml
-            self.ruleset = shipped_rules_for(method_of_trainer(self._trainer))
+        method = method_of_trainer(self._trainer) if self._trainer is not None else None
+        if not self._rules_given and method in METHOD_RULES:  # DPO family: + preference.yaml; GRPO/PPO: rl.yaml
+            self.ruleset = shipped_rules_for(method)
             self.engine = Engine(self.ruleset)
         self._stored = StoredMetrics(self._trainer) if self._trainer is not None else None
         self._train_ended = False
