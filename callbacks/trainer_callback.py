@@ -40,6 +40,7 @@ from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
+from guardian.callbacks.trl_metrics import StoredMetrics
 from guardian.client import DaemonLink
 from guardian.doctor import method_of_trainer, preflight
 from guardian.engine import Decision, Engine, decision_from_dict
@@ -48,7 +49,7 @@ from guardian.errors import ConfigError
 from guardian.eventlog import EventLog
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
-from guardian.ruleset import RuleSet, load_rules
+from guardian.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
 from guardian.supervisor import ENV_RESTART
 
 log = logging.getLogger("guardian")
@@ -140,6 +141,8 @@ class GuardianCallback(TrainerCallback):
         report_to_integrations: bool = True,
     ) -> None:
         self.ruleset = rules if isinstance(rules, RuleSet) else load_rules(None if rules is None else Path(rules))
+        self._rules_given = rules is not None  # else the shipped rules for the trainer's method, at train begin
+        self._stored: StoredMetrics | None = None  # a TRL trainer's per-batch metrics (rewards/margins, reward...)
         self.snapshot_every_steps = snapshot_every_steps
         self.snapshot_max_bytes = snapshot_max_bytes
         self.quiet_steps = quiet_steps
@@ -217,6 +220,11 @@ class GuardianCallback(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         show_log_lines(int(getattr(args, "process_index", 0)))
         self._trainer = self._trainer or find_trainer()
+        method = method_of_trainer(self._trainer) if self._trainer is not None else None
+        if not self._rules_given and method in METHOD_RULES:  # DPO family: + preference.yaml; GRPO/PPO: rl.yaml
+            self.ruleset = shipped_rules_for(method)
+            self.engine = Engine(self.ruleset)
+        self._stored = StoredMetrics(self._trainer) if self._trainer is not None else None
         self._train_ended = False
         self.reference = ReferenceBatch()
         self._probe = StepProbe(self._trainer, reference=self.reference)
@@ -282,6 +290,9 @@ class GuardianCallback(TrainerCallback):
             self._apply_remote(step, *kit)
         reduce = self.sync.reduce_step_values if self.sync.active else None
         values = self._probe.read(model, reduce) if self._probe else {}
+        if self._stored is not None:
+            for key, value in self._stored.read().items():  # TRL stores them in training_step: this step's, pre-update
+                values.setdefault(key, value)
         self._measure_first_snapshot(state.global_step, model)
         if optimizer is not None:
             values["learning_rate"] = current_lr(optimizer)

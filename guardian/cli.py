@@ -20,9 +20,9 @@ from guardian.ruleset import RuleSet, default_rules_path, load_rules
 
 
 EXIT_CODES = """\
-exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, `doctor`:
-an error, or with --strict any warning, `demo`: the guarded run was not rescued, `run`: the training command
-failed before its first step, or the restart budget ran out); 2 a usage or input error, an unreachable daemon or a
+exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, or with
+--strict has a warning, `doctor`: an error, or with --strict any warning, `demo`: the guarded run was not
+rescued, `run`: the training command failed before its first step, or the restart budget ran out); 2 a usage or input error, an unreachable daemon or a
 refused request (the message says what to fix); 130 interrupted.
 Commands that print tables take --json: the same facts as one JSON document on stdout (errors stay on stderr)."""
 
@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     rules = rules_parser.add_subparsers(metavar="ACTION")
     check = rules.add_parser("check", help="validate rule files; exit 1 if any has a problem")
     check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="a rule file (YAML) to validate")
+    check.add_argument("--strict", action="store_true",
+                       help="also exit 1 on warnings (a metric name nothing is known to log)")
     _json_arg(check)
     check.set_defaults(func=_rules_check)
     show = rules.add_parser("show", help="list the rules of a file (default: the shipped rules)")
@@ -368,7 +370,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _rules_check(args: argparse.Namespace) -> int:
-    console, failed, files = Console(), 0, []
+    console, failed, warned, files = Console(), 0, 0, []
     for path in args.files:
         try:
             ruleset = load_rules(path)
@@ -379,12 +381,18 @@ def _rules_check(args: argparse.Namespace) -> int:
                 for problem in exc.problems:
                     console.print("[red]✗[/] " + escape(str(problem)), highlight=False)
             continue
-        files.append({"file": str(path), "ok": True, "rules": [rule.name for rule in ruleset.rules]})
+        warnings = [str(w) for w in ruleset.warnings]
+        warned += bool(warnings)
+        files.append({"file": str(path), "ok": True, "rules": [rule.name for rule in ruleset.rules],
+                      "warnings": warnings})
         if not args.json:
-            console.print(f"[green]✓[/] {path}: {len(ruleset.rules)} rules OK", highlight=False)
+            for warning in warnings:
+                console.print("[yellow]![/] " + escape(warning), highlight=False)
+            note = f", {len(warnings)} warning{'s' * (len(warnings) != 1)}" if warnings else ""
+            console.print(f"[green]✓[/] {path}: {len(ruleset.rules)} rules OK{note}", highlight=False)
     if args.json:
-        _print_json({"ok": not failed, "files": files})
-    return 1 if failed else 0
+        _print_json({"ok": not failed and not (args.strict and warned), "files": files})
+    return 1 if failed or (args.strict and warned) else 0
 
 
 def _rules_show(args: argparse.Namespace) -> int:

@@ -19,12 +19,15 @@ from guardian.actions import ActionKind, ActionSpec, check_action_params
 from guardian.detectors import DETECTORS
 from guardian.detectors.base import Detector
 from guardian.errors import Problem, RuleFileError
+from guardian.metricnames import closest, is_known
 from guardian.policy import PolicySettings
 from guardian.yamlfile import Located, clip, load_yaml, shown
 
 SCHEMA_VERSION = 1
 # Detector fields that name the metrics a rule watches; set from the rule's `metric`/`metrics`.
 METRIC_FIELDS = ("metric", "metrics", "eval_metric")
+# Every detector parameter that names a metric (checked against the names known to be logged).
+METRIC_PARAMS = (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric", "grad_metric")
 MAX_FILE_BYTES = 256 * 1024  # a rule file is a few KiB; this bounds the time and memory one can cost
 MAX_PROBLEMS = 20  # problems listed per file; the rest are counted
 MESSAGE_CHARS = 1000  # the longest problem message kept (values quoted in it are cut shorter still)
@@ -85,6 +88,8 @@ class RuleSet:
     rules: tuple[Rule, ...]
     policy: PolicySettings = PolicySettings()
     source: str = "<memory>"
+    # Not errors: metric names no known source logs (a typo, or a custom metric); `guardian rules check` shows them.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def rollback_budget(self) -> int:
@@ -96,7 +101,39 @@ class RuleSet:
 
 def default_rules_path() -> Path:
     """Where the shipped `default.yaml` is, in a source checkout or an installed package."""
-    return Path(str(resources.files("guardian.shipped_rules").joinpath("default.yaml")))
+    return shipped_rules_path("default.yaml")
+
+
+def shipped_rules_path(name: str) -> Path:
+    return Path(str(resources.files("guardian.shipped_rules").joinpath(name)))
+
+
+# The shipped rules added to the defaults for a training method (`guardian.doctor.method_of_trainer`).
+PREFERENCE_RULES = "preference.yaml"
+RL_RULES = "rl.yaml"
+METHOD_RULES = {
+    **{method: PREFERENCE_RULES for method in ("dpo", "kto", "bco", "orpo", "cpo", "xpo", "nash_md")},
+    **{method: RL_RULES for method in ("grpo", "rloo", "ppo")},
+}
+
+
+# Online RL's loss has no level to judge: with advantages normalised per group it sits around 0 by construction,
+# negative as often as positive, and exactly 0 when a step has no signal (which `no_reward_signal` reports).
+# The default rules about the loss level would misread it, so the RL set leaves them out.
+LOSS_LEVEL_RULES = ("loss_spike", "lr_too_high", "lr_collapse", "plateau", "loss_divergence", "loss_stuck_at_zero")
+
+
+def shipped_rules_for(method: str | None) -> RuleSet:
+    """The shipped rules for a training method: `default.yaml`, plus `preference.yaml` for DPO-family
+    trainers, or `rl.yaml` for GRPO/RLOO/PPO in place of the default rules about the loss level (the defaults'
+    policy applies)."""
+    default = load_rules(None)
+    extra = METHOD_RULES.get(method or "")
+    if extra is None:
+        return default
+    added = load_rules(shipped_rules_path(extra))
+    kept = tuple(r for r in default.rules if extra != RL_RULES or r.name not in LOSS_LEVEL_RULES)
+    return RuleSet(kept + added.rules, default.policy, f"{default.source} + {added.source}")
 
 
 def load_rules(path: str | Path | None = None) -> RuleSet:
@@ -229,6 +266,7 @@ class _RuleFileReader:
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
+        self.warnings: list[Problem] = []
         self.yaml_problems = len(problems)  # duplicate keys found while parsing; named after their rule later
 
     def problem(self, line: int | None, rule: str | None, message: str) -> None:
@@ -254,7 +292,7 @@ class _RuleFileReader:
         kept = tuple(rule for rule in rules if rule is not None)
         self.check_unique_names(rules_data)
         self.name_yaml_problems(rules_data, data)
-        return RuleSet(kept, policy, self.source)
+        return RuleSet(kept, policy, self.source, tuple(self.warnings[:MAX_PROBLEMS]))
 
     def read_policy(self, policy: Any, line: int) -> PolicySettings:
         defaults = PolicySettings()
@@ -337,8 +375,26 @@ class _RuleFileReader:
         texts = {key: self.read_text(item, key, name) for key in ("description", "diagnosis", "fix")}
         if len(self.problems) > before or name is None or detector is None:
             return None
+        self.check_metric_names(item, name)
         return Rule(name, detector, params, watches, severity, actions, cooldown, escalation, **texts,
                     actions_when_clipped=clipped)
+
+    def check_metric_names(self, item: Located, rule: str) -> None:
+        """Warn (file, line, rule) about each watched metric name that nothing is known to log."""
+        spec = item.get("detector")
+        places = [("metric", item), ("metrics", item)]
+        places += [(key, spec) for key in METRIC_PARAMS if isinstance(spec, Located)]
+        for key, where in places:
+            value = where.get(key)
+            for name in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+                if not isinstance(name, str) or is_known(name):
+                    continue
+                hint = closest(name)
+                guess = f"did you mean '{hint}'? " if hint else ""
+                self.warnings.append(Problem(
+                    self.source, where.line_of(key), rule,
+                    f"metric '{clip(name)}' is not a name Hugging Face, TRL or Guardian logs, so this rule may never "
+                    f"fire; {guess}If your run logs it itself, ignore this warning"))
 
     def read_text(self, item: Located, key: str, rule: str | None) -> str:
         value = item.get(key, "")

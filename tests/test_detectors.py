@@ -23,6 +23,7 @@ from guardian.detectors import (
     OverfittingDetector,
     PlateauDetector,
     RatioDetector,
+    ReversalDetector,
     RobustZScoreDetector,
     ThresholdDetector,
     WarmupRiseDetector,
@@ -66,6 +67,7 @@ def test_registry_maps_each_kind_to_its_class() -> None:
         "plateau": PlateauDetector,
         "jump": JumpDetector,
         "ratio": RatioDetector,
+        "reversal": ReversalDetector,
         "warmup_rise": WarmupRiseDetector,
         "grad_collapse": GradCollapseDetector,
     }
@@ -586,6 +588,11 @@ ROUND_TRIPS: dict[str, tuple[Callable[[], Detector], Stream, int]] = {
         lambda: RobustZScoreDetector("loss", window_steps=30, warmup_steps=10, baseline_steps=5, noise="diff_mad"),
         series("loss", [5.0 - 0.1 * i + 0.01 * (i % 3) for i in range(20)] + [9.0, 3.0, 9.0, 2.9, 9.0]),
         21,
+    ),
+    "reversal": (
+        lambda: ReversalDetector("rewards/margins", baseline_steps=5, warmup_steps=8),
+        series("rewards/margins", [0.1 * i + 0.02 * (i % 2) for i in range(1, 12)] + [-1.0, -0.5, 1.3, -0.2]),
+        12,
     ),
 }
 

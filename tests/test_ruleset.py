@@ -50,7 +50,7 @@ def test_the_template_rule_is_valid() -> None:
 
 # --- one mistake, one problem: (text, line, rule, what the message says) -------------------------------------
 
-NUMBER_KINDS = "grad_collapse, jump, non_finite, overfitting, plateau, ratio, robust_zscore, threshold, warmup_rise"
+NUMBER_KINDS = "grad_collapse, jump, non_finite, overfitting, plateau, ratio, reversal, robust_zscore, threshold, warmup_rise"
 ZSCORE = "detector: {kind: robust_zscore, %s}"
 ESCALATE = ("escalation:", "  - after_firings: 3", "    within_steps: 20", "    actions: [stop]")
 

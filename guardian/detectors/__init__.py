@@ -9,6 +9,7 @@ from guardian.detectors.non_finite import NonFiniteDetector
 from guardian.detectors.overfitting import OverfittingDetector
 from guardian.detectors.plateau import PlateauDetector
 from guardian.detectors.ratio import RatioDetector
+from guardian.detectors.reversal import ReversalDetector
 from guardian.detectors.robust_zscore import RobustZScoreDetector
 from guardian.detectors.threshold import ThresholdDetector
 from guardian.detectors.warmup_rise import WarmupRiseDetector
@@ -23,6 +24,7 @@ DETECTORS: dict[str, type] = {
         PlateauDetector,
         JumpDetector,
         RatioDetector,
+        ReversalDetector,
         WarmupRiseDetector,
         GradCollapseDetector,
     )
@@ -38,6 +40,7 @@ __all__ = [
     "OverfittingDetector",
     "PlateauDetector",
     "RatioDetector",
+    "ReversalDetector",
     "RobustZScoreDetector",
     "ThresholdDetector",
     "WarmupRiseDetector",
