@@ -160,8 +160,8 @@ def action_lines(outcomes: list[dict[str, Any]]) -> list[str]:
             groups.append([outcome])
     lines = []
     for group in groups:
-        first, last = int(group[0]["step"]), int(group[-1]["step"])
-        where = f"step {first}" if first == last else f"steps {first}-{last}"
+        first, final = int(group[0]["step"]), int(group[-1]["step"])
+        where = f"step {first}" if first == final else f"steps {first}-{final}"
         each = f", each step (at step {first})" if len(group) > 1 and "lr_restored" in group[0] else ""
         what = describe(group[0])
         if len(group) > 1:

@@ -342,8 +342,8 @@ def test_an_overfitting_stop_is_not_credited_when_the_run_went_on_to_improve(tmp
 
 @pytest.mark.slow
 def test_the_demos_three_runs_are_reported(tmp_path: Path) -> None:
-    """The demo's runs, made by the demo's own code: the guarded one is reported; the unguarded ones (the demo
-    saves no log for them) get a clear message, not a traceback."""
+    """The demo's runs, made by the demo's own code, are all reported: the guarded one from Guardian's record,
+    the unguarded ones from the trainer_state.json the demo keeps for them (the rules replayed)."""
     from guardian.demo import demo_faults, train_once
 
     steps = 24
@@ -353,11 +353,8 @@ def test_the_demos_three_runs_are_reported(tmp_path: Path) -> None:
     for name in ("clean", "faulted", "guarded"):
         result = guardian("report", str(tmp_path / name), "--out", str(tmp_path / f"report-{name}"))
         assert "Traceback" not in result.stderr, result.stderr
-        if any((tmp_path / name).iterdir()):
-            assert result.returncode == 0, result.stderr
-            assert_png(tmp_path / f"report-{name}" / "report.png")
-        else:
-            assert result.returncode == 2 and "holds no trainer_log.jsonl" in result.stderr
+        assert result.returncode == 0, result.stderr
+        assert_png(tmp_path / f"report-{name}" / "report.png")
     assert (tmp_path / "report-guarded" / "report.md").read_text().startswith("# Guardian report: guarded")
 
 
