@@ -706,6 +706,7 @@ def serve_run_metrics(callback: GuardianCallback, port: int, host: str = "127.0.
         view.rule_status = {k: v.value for k, v in callback.engine.rule_status().items()}
         view.rule_firings = {k: fired for k, (fired, _) in callback.engine.rule_counts().items()}
         view.last_report = view.last_report or time.time()
+        view.peaks = callback.tracker.peaks.take("embedded", view.latest)  # one window, whoever scrapes
         return [view]
 
     registry = CollectorRegistry(auto_describe=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -160,9 +161,13 @@ def test_embedded_run_serves_its_own_metrics(tmp_path: Path) -> None:
     port = free_port()
     scrapes: list[bytes] = []
     guardian = GuardianCallback(metrics_port=port)
-    grab = AtStep({15: lambda: scrapes.append(_get(f"http://127.0.0.1:{port}/metrics"))})
-    TinyRun(str(tmp_path), max_steps=20, eval_steps=0).trainer([FaultInjector([Fault("nan", 10)]), guardian, grab]).train()
-    [scrape] = scrapes
+    grab = AtStep({step: lambda: scrapes.append(_get(f"http://127.0.0.1:{port}/metrics")) for step in (15, 19)})
+    TinyRun(str(tmp_path), max_steps=20, eval_steps=0).trainer(
+        [FaultInjector([Fault("nan", 10), Fault("nan", 17)]), guardian, grab]).train()
+    scrape, later = scrapes
+    # the NaN of step 17 came between the two scrapes: the peak gauge keeps it though step 18 was finite
+    assert re.search(rb"^guardian_train_loss_max\{[^}]*\} NaN$", later, re.M), later
+    assert re.search(rb"^guardian_train_loss_max\{[^}]*\} [0-9.]+$", scrape, re.M), scrape
     assert b"guardian_global_step{" in scrape and b"guardian_skipped_updates_total{" in scrape
     assert b'guardian_nonfinite_values_total{metric="loss"' in scrape
     assert subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True).returncode == 0
