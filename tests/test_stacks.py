@@ -16,7 +16,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.callbacks.probe import reading_of
 from guardian.callbacks.snapshots import trainable_parameters
 from guardian.tinyrun import TextDataset, TinyRun, build_model, make_texts
 
@@ -150,6 +149,8 @@ def test_a_custom_loop_without_a_trainer_is_told_loudly_and_judged_once_per_logg
 def test_deepspeed_is_named_as_a_run_where_guardian_cannot_act_before_the_update(tmp_path: Path) -> None:
     """DeepSpeed updates inside the backward pass, before any hook: the reading says so (DeepSpeed itself is not
     installed here; the flag is the one Trainer sets for it)."""
+    from guardian.callbacks.probe import reading_of
+
     trainer = TinyRun(str(tmp_path), max_steps=1, eval_steps=0).trainer()
     assert reading_of(trainer).pre_update
     trainer.is_deepspeed_enabled = True
