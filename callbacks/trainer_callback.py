@@ -228,6 +228,8 @@ class GuardianCallback(TrainerCallback):
         self._train_ended = False
         self.reference = ReferenceBatch()
         self._probe = StepProbe(self._trainer, reference=self.reference)
+        if not self._probe.reading.pre_update and state.is_world_process_zero:
+            log.warning(self._probe.reading.warning())
         self.sync = RankSync()
         self.actuator.in_process_rollback = not _sharded(self._trainer)
         self.actuator.scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
@@ -277,6 +279,7 @@ class GuardianCallback(TrainerCallback):
         self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],
                              "source": self.ruleset.source, "trainable_bytes": size,
                              "max_steps": state.max_steps, "clipped": self.engine.clipped,
+                             **self._probe.reading.to_dict(),
                              **({"run_id": self.run_id, "rule_set": self.rule_set} if self.link else {})},
                    flush=True)  # run_id and rule_set: so `guardian push` can deliver the file later
         log.info("Guardian: watching with %d rules from %s", len(self.ruleset.rules), self.ruleset.source)
@@ -288,12 +291,14 @@ class GuardianCallback(TrainerCallback):
         kit = (control, model, optimizer, lr_scheduler)
         if self.remote:
             self._apply_remote(step, *kit)
+        self._measure_first_snapshot(state.global_step, model)
+        if self._probe is None or not self._probe.wrapped:
+            return  # no per-step reading (said at train begin): the rules judge what Trainer logs, in on_log
         reduce = self.sync.reduce_step_values if self.sync.active else None
-        values = self._probe.read(model, reduce) if self._probe else {}
+        values = self._probe.read(model, reduce)
         if self._stored is not None:
             for key, value in self._stored.read().items():  # TRL stores them in training_step: this step's, pre-update
                 values.setdefault(key, value)
-        self._measure_first_snapshot(state.global_step, model)
         if optimizer is not None:
             values["learning_rate"] = current_lr(optimizer)
             scheduled = scheduled_lrs(lr_scheduler, optimizer)
@@ -333,7 +338,7 @@ class GuardianCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                model: Any = None, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         if not logs or (self._probe and self._probe.wrapped) or "loss" not in logs:
-            return
+            return  # with the per-step reading, every step was judged before its update already
         values = {k: float(v) for k, v in logs.items() if k in ("loss", "grad_norm") and isinstance(v, (int, float))}
         self._emit("metrics", {"step": state.global_step, "phase": "train", "values": values})
         decisions = self.engine.observe(state.global_step, values)

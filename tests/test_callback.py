@@ -208,6 +208,16 @@ def test_the_shipped_overfitting_rule_waits_for_the_second_pass_and_restores_the
     assert trainer.evaluate()["eval_loss"] == pytest.approx(min(evals), rel=1e-6)
 
 
+def _trainer_can_resume() -> bool:
+    """transformers before 4.50-ish loads a checkpoint's RNG state with torch.load's default, which torch 2.6+
+    refuses for the numpy values in it (Trainer itself fails to resume, with or without Guardian)."""
+    import transformers.trainer
+
+    return hasattr(transformers.trainer, "safe_globals")
+
+
+@pytest.mark.skipif(not _trainer_can_resume(), reason="this transformers cannot resume a checkpoint on torch>=2.6 "
+                                                      "(rng_state.pth: weights_only load), Guardian or not")
 def test_guardian_state_survives_a_resume(tmp_path: Path) -> None:
     first = GuardianCallback()
     run(tmp_path, [first], max_steps=30, save_steps=30)
