@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backoff", type=float, default=5.0, help="seconds before the first restart; doubles (default 5)")
     run.add_argument("--lr-factor", type=float, help="multiply the learning rate by this at each restart, e.g. 0.5")
     run.add_argument("--rules", type=Path, help="rule file for the injected callback (default: the shipped rules)")
-    run.add_argument("--url", default=os.environ.get("GUARDIAN_URL"), help="report to this daemon (default $GUARDIAN_URL)")
+    run.add_argument("--url", default=os.environ.get("GUARDIAN_URL"), type=_url, help="report to this daemon (default $GUARDIAN_URL)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python train.py")
     run.set_defaults(func=_run)
 
@@ -525,7 +525,7 @@ def _add_attach(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         help="a checkpoint is good if no rule fired in at least this many steps up to it (default 10)")
     attach.add_argument("--poll-seconds", type=float, default=2.0,
                         help="re-scan this often even without file events (default 2)")
-    attach.add_argument("--url", default=os.environ.get("GUARDIAN_URL") or None,
+    attach.add_argument("--url", default=os.environ.get("GUARDIAN_URL") or None, type=_url,
                         help="stream events to this daemon (default $GUARDIAN_URL; none: local only)")
     attach.add_argument("--token", default=os.environ.get("GUARDIAN_TOKEN"), help="the daemon's token")
     attach.add_argument("--run-id", help="the run's id at the daemon (default: folder name + path hash)")

@@ -54,6 +54,13 @@ def test_a_loopback_url_without_scheme_is_taken_as_http(daemon: DaemonProcess) -
     assert from_env.returncode == 0, from_env.stderr
 
 
+def test_run_and_attach_take_the_same_urls_as_the_other_commands(tmp_path: Path) -> None:
+    for argv in (["run", "--url", "127.0.0.1:8765", "--", "true"], ["attach", str(tmp_path), "--url", "127.0.0.1:8765"]):
+        assert _parser().parse_args(argv).url == "http://127.0.0.1:8765", argv
+    result = guardian("attach", str(tmp_path), "--url", "gpu-box.internal:8765")
+    assert result.returncode == 2 and "write http://gpu-box.internal:8765" in result.stderr
+
+
 def test_a_remote_url_without_scheme_says_what_to_write() -> None:
     result = guardian("runs", "--url", "gpu-box.internal:8765")
     assert result.returncode == 2
