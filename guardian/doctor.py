@@ -457,7 +457,9 @@ def _batch(cfg: _Config, world_size: int) -> list[Advice]:
                        "gradient_accumulation_steps x processes; within the typical 16–128", "—")
     side = "small: noisy gradients and oscillating loss" if effective < 16 else "large: fewer updates per epoch"
     fix = "raise gradient_accumulation_steps" if effective < 16 else "lower gradient_accumulation_steps or the batch"
-    return _advice(Level.WARNING, "effective batch", value, f"{side} (typical 16–128)", fix)
+    # Graded like the rate: within 2x of the range (Trainer's default 8 on one GPU, many LoRA recipes) is a note.
+    level = Level.INFO if 8 <= effective <= 256 else Level.WARNING
+    return _advice(level, "effective batch", value, f"{side} (typical 16–128)", fix)
 
 
 def _lora(cfg: _Config, kind: str | None, peft: Mapping[str, Any] | None) -> list[Advice]:
