@@ -162,6 +162,7 @@ def with_spikes(n: int, spikes: Mapping[int, float]) -> list[float]:
         ({"consecutive_steps": 3}, with_spikes(40, {25: 5.0, 30: 5.0, 31: 5.0, 32: 5.0}), [32]),
         ({}, with_spikes(40, {30: 2.1}), [30]),  # 5 % on a window whose noise is about 0.5 %
         ({"min_relative_change": 0.1}, with_spikes(40, {30: 2.1, 35: 3.0}), [35]),
+        ({"min_change": 0.5}, with_spikes(40, {30: 2.1, 35: 3.0}), [35]),  # an absolute floor: 0.1 is not enough
         ({}, with_spikes(40, {30: NAN, 31: INF, 32: 5.0}), [32]),
     ],
 )

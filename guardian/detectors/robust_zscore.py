@@ -40,6 +40,8 @@ class RobustZScoreDetector:
             anomalous one; between 1 and window_steps // 2.
         min_relative_change: also require |x - median| >= min_relative_change * |median| (original units), so
             a very quiet window does not flag changes too small to matter; 0 or more (0 disables).
+        min_change: also require |x - median| >= min_change (original units): for a metric whose level sits
+            near 0, where no relative change is small; 0 or more (0 disables).
         log_scale: judge log(x) instead of x (for metrics spanning orders of magnitude, like grad_norm).
         baseline_steps: the median is taken over only the newest `baseline_steps` accepted values, so the
             baseline follows a falling loss closely; 0 (the default) uses the whole window.
@@ -67,6 +69,7 @@ class RobustZScoreDetector:
     direction: Literal["up", "down", "both"] = "up"
     consecutive_steps: int = 1
     min_relative_change: float = 0.0
+    min_change: float = 0.0
     log_scale: bool = False
     baseline_steps: int = 0
     noise: Literal["mad", "diff_mad"] = "mad"
@@ -100,6 +103,7 @@ class RobustZScoreDetector:
                 f"got {self.consecutive_steps}"
             )
         check_finite("min_relative_change", self.min_relative_change, 0.0)
+        check_finite("min_change", self.min_change, 0.0)
         if not isinstance(self.log_scale, bool):
             raise ValueError(f"log_scale must be true or false, got {self.log_scale!r}")
         check_positive_int("baseline_steps", self.baseline_steps, 0)
@@ -214,7 +218,8 @@ class RobustZScoreDetector:
         if (self.direction == "up" and x <= median) or (self.direction == "down" and x >= median) or x == median:
             return False
         base = self._original(median)
-        return abs(self._original(x) - base) >= self.min_relative_change * abs(base)
+        change = abs(self._original(x) - base)
+        return change >= self.min_relative_change * abs(base) and change >= self.min_change
 
     def _in_line(self, x: float) -> None:
         self._accept(x)
