@@ -9,11 +9,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m mypy guardian callbacks
+	$(PY) -m ruff check guardian callbacks rules tests benchmarks
 	$(PY) -m pytest -q
 
-# Static checks: the type checker over the package.
+# Static checks: the type checker over the package, the linter over everything.
 check: $(VENV)/.installed
 	$(PY) -m mypy guardian callbacks
+	$(PY) -m ruff check guardian callbacks rules tests benchmarks
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)

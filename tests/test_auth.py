@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from guardian import wire
 from guardian.client import DaemonError, DaemonLink, request
-from guardian.daemon import Guardian, load_or_create_token, make_server
+from guardian.daemon import Guardian, load_or_create_token
 from guardian.errors import ConfigError
 from guardian.reload import RuleLibrary
 from guardian.store import Store
