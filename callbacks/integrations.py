@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -69,7 +70,7 @@ def alert_only(decision: Decision) -> bool:
     return all(a.kind is ActionKind.ALERT for a in decision.actions)
 
 
-class _Writer:
+class _Writer(ABC):
     """One integration callback's own writer or run object."""
 
     name = ""
@@ -80,8 +81,9 @@ class _Writer:
     def ready(self) -> bool:
         return True
 
+    @abstractmethod
     def write(self, report: Report) -> None:
-        raise NotImplementedError
+        """Show `report` through the integration's writer."""
 
 
 class _TensorBoard(_Writer):

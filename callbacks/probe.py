@@ -237,9 +237,7 @@ class StepProbe:
 
     def _norm(self, model: torch.nn.Module | None) -> Any:
         """This step's gradient norm before clipping: the one a wrapped method kept, or, where nothing clips,
-        measured now (still before the update)."""
-        if not self.wrapped:
-            return _grad_norm(model)
+        measured now (still before the update). Called only where the probe wraps the trainer."""
         if self.reading.grad_norm != "unclipped":
             return self._grad_norm
         accelerator = getattr(self._trainer, "accelerator", None)

@@ -30,6 +30,7 @@ class RunResult:
     faults: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)  # one line per intervention
     outcomes: list[dict[str, Any]] = field(default_factory=list)  # the interventions as the actuator recorded them
+    counts: dict[str, int] = field(default_factory=dict)  # the actuator's counts by kind
     decisions: list[str] = field(default_factory=list)
 
 
@@ -73,6 +74,7 @@ def train_once(name: str, out_dir: Path, steps: int, seed: int, faults: list[Any
     result = RunResult(name, eval_loss, time.perf_counter() - started, [str(f) for f in faults])
     if guardian:
         result.outcomes = list(guardian.interventions)
+        result.counts = dict(guardian.counts)
         result.actions = [_summarise(i) for i in guardian.interventions]
         result.decisions = [d.message for d in guardian.decisions]
     return result
@@ -138,12 +140,11 @@ def _indented(console: Console, text: str) -> None:
     console.print(Padding(Text(text), (0, 0, 0, 2)))
 
 
-_KINDS = (("skipped_update", "skip"), ("lr_restored", "LR restore"), ("rollback", "rollback"),
-          ("lr_factor", "LR cut"), ("stopped", "stop"))
+_OUTCOME_KINDS = ("skipped_update", "lr_restored", "rollback", "lr_factor", "stopped")  # keys of an outcome record
 
 
 def _kind(outcome: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(key for key, _ in _KINDS if outcome.get(key))
+    return tuple(key for key in _OUTCOME_KINDS if outcome.get(key))
 
 
 def action_lines(outcomes: list[dict[str, Any]]) -> list[str]:
@@ -184,15 +185,19 @@ def _print_table(console: Console, results: list[RunResult], clean_loss: float) 
         table.add_column(column)
     for r in results:
         delta = "—" if r.name == "clean" else _relative(r.eval_loss, clean_loss)
-        actions = _kinds(r.outcomes) if r.name == "guarded" else "—"
+        actions = _kinds(r.counts) if r.name == "guarded" else "—"
         table.add_row(r.name, f"{r.eval_loss:.4f}", delta, actions)
     console.print(table)
 
 
-def _kinds(outcomes: list[dict[str, Any]]) -> str:
-    """'4 skips, 8 LR restores': how many interventions of each kind."""
-    counts = [(name, sum(bool(o.get(key)) for o in outcomes)) for key, name in _KINDS]
-    return ", ".join(f"{n} {name}{'s' if n != 1 else ''}" for name, n in counts if n) or "none"
+_COUNTED = (("skipped_updates", "skip"), ("lr_restores", "LR restore"), ("rollbacks", "rollback"),
+            ("lr_cuts", "LR cut"), ("stops", "stop"))
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    """'4 skips, 8 LR restores': the actuator's counts of each kind of intervention."""
+    return ", ".join(f"{counts[key]} {name}{'s' if counts[key] != 1 else ''}"
+                     for key, name in _COUNTED if counts.get(key)) or "none"
 
 
 def _relative(value: float, reference: float) -> str:

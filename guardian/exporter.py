@@ -131,6 +131,17 @@ class RunView:
                        peaks=dict(self.peaks), gpus={key: dict(facts) for key, facts in self.gpus.items()})
 
 
+def _value_gauges(gauges: dict[str, tuple[str, str]], views: list[RunView],
+                  values: Callable[[RunView], dict[str, float]]) -> Iterator[Metric]:
+    """One family per gauge (`guardian_NAME`, labelled by run), each run's `values(view)[key]` where it has one."""
+    for name, (key, doc) in gauges.items():
+        family = GaugeMetricFamily(f"guardian_{name}", doc, labels=["run_id"])
+        for view in views:
+            if key in values(view):
+                family.add_metric([view.run_id], values(view)[key])
+        yield family
+
+
 class GuardianCollector(Collector):
     """Yields every Guardian metric from `views()` (and `health()` for the daemon) at each scrape."""
 
@@ -151,18 +162,8 @@ class GuardianCollector(Collector):
         yield from self._gpu_metrics(views)
 
     def _run_metrics(self, views: list[RunView]) -> Iterator[Metric]:
-        for name, (key, doc) in RUN_GAUGES.items():
-            family = GaugeMetricFamily(f"guardian_{name}", doc, labels=["run_id"])
-            for view in views:
-                if key in view.latest:
-                    family.add_metric([view.run_id], view.latest[key])
-            yield family
-        for name, (key, doc) in PEAK_GAUGES.items():
-            family = GaugeMetricFamily(f"guardian_{name}", doc, labels=["run_id"])
-            for view in views:
-                if key in view.peaks:
-                    family.add_metric([view.run_id], view.peaks[key])
-            yield family
+        yield from _value_gauges(RUN_GAUGES, views, lambda view: view.latest)
+        yield from _value_gauges(PEAK_GAUGES, views, lambda view: view.peaks)
         info = GaugeMetricFamily("guardian_run_info", "A run Guardian watches (always 1).", labels=["run_id", "rules", "host"])
         seen = GaugeMetricFamily("guardian_last_report_timestamp_seconds", "Unix time of the run's last report.",
                                  labels=["run_id"])
