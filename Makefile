@@ -23,12 +23,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-# LLaMA-Factory end to end (tests/test_llamafactory.py): the real `llamafactory-cli train` under `guardian run`
+# LLaMA-Factory end to end (tests/callbacks/test_llamafactory.py): the real `llamafactory-cli train` under `guardian run`
 # and `guardian attach`. Its own venv: llamafactory 0.9.5 caps transformers at 5.6 (and trl, peft, accelerate).
 LF_VENV := .venv-llamafactory
 
 test-llamafactory: $(LF_VENV)/.installed
-	$(LF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_llamafactory.py
+	$(LF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/callbacks/test_llamafactory.py
 
 $(LF_VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(LF_VENV)
@@ -42,7 +42,7 @@ $(LF_VENV)/.installed: pyproject.toml constraints.txt
 # The training-side tests on the oldest stack the package admits (constraints-oldest.txt), in .venv-oldest.
 # TRL is not installed there (its releases need a newer transformers): tests that need it skip.
 OLDEST := .venv-oldest
-OLDEST_TESTS := tests/test_stacks.py tests/test_callback.py tests/test_recovery.py
+OLDEST_TESTS := tests/callbacks/test_stacks.py tests/callbacks/test_callback.py tests/callbacks/test_recovery.py
 
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)

@@ -10,7 +10,7 @@ plus the real logs of ``../shared/fixtures/real-logs`` (scored separately: their
 Every system sees the same streams, value by value:
 
 * ``guardian``: the rules of ``rules/default.yaml`` (or ``--rules FILE``) through
-  ``guardian.replay.replay_observations`` over ``guardian.logs.Observation`` lists: a train observation
+  ``guardian.commands.replay.replay_observations`` over ``guardian.logs.training.Observation`` lists: a train observation
   (loss, grad_norm, learning_rate) at every step, an eval observation (eval_loss) every ``eval_every`` steps.
   A firing is a `Decision` (so cooldowns apply, as in a live run).
 * ``lightning`` (``lightning`` package, its own code, not a re-implementation):
@@ -35,7 +35,7 @@ Every system sees the same streams, value by value:
 * ``naive``: fixed thresholds: loss > 2 x its running minimum; grad_norm > 10; the seeds' rule "loss above
   the mean of the last 3 losses".
 
-Scoring (functions `episodes`, `match_stream`, `score`; tests in tests/test_detection_corpus.py):
+Scoring (functions `episodes`, `match_stream`, `score`; tests in tests/benchmarks/test_detection_corpus.py):
 
 * A rule's firings in a stream are grouped into episodes: consecutive observations of its cadence (train
   rules: steps at most 1 apart; eval rules: at most one evaluation interval apart) form one episode.
@@ -162,7 +162,7 @@ def _worker_init(rules_path: str | None, systems: tuple[str, ...], tmp: str | No
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from guardian.ruleset import load_rules
+    from guardian.engine.ruleset import load_rules
 
     _WORKER["ruleset"] = load_rules(rules_path)
     _WORKER["systems"] = systems
@@ -182,7 +182,7 @@ def _worker_init(rules_path: str | None, systems: tuple[str, ...], tmp: str | No
 
 
 def _run_guardian(stream: dc.Stream) -> dict[str, list[int]]:
-    from guardian.replay import replay_observations
+    from guardian.commands.replay import replay_observations
 
     out: dict[str, list[int]] = {rule.name: [] for rule in _WORKER["ruleset"].rules}
     for decision in replay_observations(stream.observations(), _WORKER["ruleset"]):
@@ -754,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from _common import _from_repo, machine_info, table, write_json
 
-    from guardian.ruleset import load_rules
+    from guardian.engine.ruleset import load_rules
 
     started = time.perf_counter()
     ruleset = load_rules(args.rules)

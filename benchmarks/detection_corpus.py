@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from guardian.logs import EVAL, TRAIN, Observation, read_log
+from guardian.logs.training import EVAL, TRAIN, Observation, read_log
 
 REAL_LOGS = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "real-logs"
 

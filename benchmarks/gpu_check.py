@@ -13,7 +13,7 @@ image, except watchdog, which training never imports); should that fail (an old 
 checkout's callbacks/ and rules/ in place itself. The JSON, the markdown table and the log come back in $OUT.
 
 Here, without a GPU: `.venv/bin/python benchmarks/gpu_check.py --device cpu --quick` runs everything the CPU
-can in well under a minute (tests/test_gpu_check.py runs it so the script cannot rot).
+can in well under a minute (tests/benchmarks/test_gpu_check.py runs it so the script cannot rot).
 
 Checks, each in its own function with a time budget; a failing check is recorded with its error and the others
 still run; the exit code is 0 only when none failed (a check that cannot apply here, NVML on a CPU, is "skip"):
@@ -162,7 +162,7 @@ def make_trainer(out: str, device: str, precision: str, callbacks: list[Any], *,
                  ddp_backend: str | None = None) -> Trainer:
     """A real Trainer on `device` in `precision` (fp32, bf16 or fp16), logging every step, no eval or saving.
 
-    fp16 on the CPU: accelerate makes no GradScaler there, so it gets torch's CPU one (as tests/test_recovery.py)."""
+    fp16 on the CPU: accelerate makes no GradScaler there, so it gets torch's CPU one (as tests/callbacks/test_recovery.py)."""
     args = TrainingArguments(
         output_dir=out, max_steps=max_steps, seed=0, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, logging_steps=1, lr_scheduler_type="cosine", warmup_steps=5,
@@ -179,7 +179,7 @@ def make_trainer(out: str, device: str, precision: str, callbacks: list[Any], *,
 
 def tiny_llama_trainer(out: str, device: str, precision: str, callbacks: list[Any], max_steps: int,
                        ddp_backend: str | None = None) -> Trainer:
-    from guardian.tinyrun import TextDataset, build_model, make_texts
+    from guardian.testing.tinyrun import TextDataset, build_model, make_texts
 
     return make_trainer(out, device, precision, callbacks, model=build_model(0),
                         dataset=TextDataset(make_texts(512, seed=0)), max_steps=max_steps, batch_size=8,
@@ -311,7 +311,7 @@ def check_recovery(device: str, precision: str) -> Result:
 
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.ruleset import parse_rules
+    from guardian.engine.ruleset import parse_rules
 
     need_device(device)
     figures: dict[str, Any] = {"precision": precision}
@@ -474,7 +474,7 @@ def ddp_worker(out: str, device: str) -> None:
 
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.ruleset import parse_rules
+    from guardian.engine.ruleset import parse_rules
 
     _quiet()
     backend = "nccl" if device == "cuda" else "gloo"

@@ -194,7 +194,7 @@ def guardian_for(variant: str, kwargs: dict[str, Any]) -> Any:
 
 def build_run(variant: str, out: str, args: argparse.Namespace, guardian_kwargs: dict[str, Any], *,
               baton: Baton | None = None, hook_timer: dict[str, list[float]] | None = None) -> Run:
-    from guardian.tinyrun import TinyRun
+    from guardian.testing.tinyrun import TinyRun
 
     guardian = None if variant.startswith("none") else guardian_for(variant, guardian_kwargs)
     if guardian is not None and hook_timer is not None:

@@ -3,7 +3,7 @@
     python benchmarks/rollback.py                          # 1M, 10M and 100M trainable parameters, 5 repeats
     python benchmarks/rollback.py --sizes 1M,10M --repeats 9
 
-For each size a Llama-architecture model is built from a config (`guardian.tinyrun.build_model`, no
+For each size a Llama-architecture model is built from a config (`guardian.testing.tinyrun.build_model`, no
 downloads) with a LoRA adapter on every linear layer plus `lm_head`/`embed_tokens` as modules_to_save,
 the rank picked to reach the target number of trainable parameters (the actual count is printed). The base
 stays small; the adapter is large. An AdamW optimizer takes one real step (forward, backward) so it holds
@@ -75,7 +75,7 @@ def build(size: str, seed: int) -> tuple[Any, Any, Any, dict[str, Any]]:
     from transformers import get_cosine_schedule_with_warmup
 
     from guardian.callbacks import snapshots
-    from guardian.tinyrun import VOCAB, build_model
+    from guardian.testing.tinyrun import VOCAB, build_model
 
     target, hidden, layers = SIZES[size]
     rank = lora_rank(target, hidden, layers)

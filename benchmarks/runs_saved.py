@@ -4,7 +4,7 @@
     python benchmarks/runs_saved.py --runs 7 --steps 200 # smaller
     python benchmarks/runs_saved.py --variants unguarded,guardian
 
-Every configuration is a real `transformers.Trainer` run of `guardian.tinyrun.TinyRun` (a Llama-architecture
+Every configuration is a real `transformers.Trainer` run of `guardian.testing.tinyrun.TinyRun` (a Llama-architecture
 model built from a config, a LoRA adapter, generated data; CPU) with faults injected by
 `guardian.callbacks.faults.FaultInjector`, or a tiny training set that makes it overfit. Each configuration
 has its own seed (model init, data, data order) and its own randomly drawn fault timings, kinds and sizes:
@@ -173,7 +173,7 @@ def train_one(cfg: Config, variant: str, steps: int, workdir: Path) -> dict[str,
 
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import FaultInjector
-    from guardian.tinyrun import TinyRun
+    from guardian.testing.tinyrun import TinyRun
 
     out = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-{variant}-", dir=workdir))
     recorder = _eval_recorder()
@@ -225,7 +225,7 @@ def train_one(cfg: Config, variant: str, steps: int, workdir: Path) -> dict[str,
 
 
 def _brief(outcome: dict[str, Any]) -> str:
-    from guardian.actions import describe_outcome
+    from guardian.engine.actions import describe_outcome
 
     return f"step {outcome['step']}: {describe_outcome(outcome)} ({', '.join(outcome['rules'])})"
 
@@ -426,7 +426,7 @@ def reading(data: dict[str, Any]) -> list[str]:
         "`FaultInjector` provides, each lasting at most 10 steps, starting between 15 % and 80 % of the run; one seed per "
         "configuration. Faults that the shipped rules are not built for are not in it (a learning rate raised "
         "less than 4x, a long stretch of bad data, slow divergence, NaN that keeps coming back after a skip), "
-        "nor is a Guardian run on the clean twins (false positives: see tests/test_real_logs.py).",
+        "nor is a Guardian run on the clean twins (false positives: see tests/logs/test_real_logs.py).",
         "- `stop-only` and `stop+best` are the peers' usual recipe as specified for this benchmark; they only stop, "
         "so they cannot undo damage that happened before the stop; `stop+best` matches Guardian on the overfit "
         "configurations because both end on the best evaluation's weights.",

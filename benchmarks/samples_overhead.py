@@ -34,9 +34,9 @@ from _common import RESULTS_DIR, _from_repo, describe_machine, machine_info, tab
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
 
-from guardian.badsample import fingerprint  # noqa: E402
+from guardian.logs.badsample import fingerprint  # noqa: E402
 from guardian.callbacks.samples import IndexQueue, SampleTracker, _recording_class  # noqa: E402
-from guardian.tinyrun import CharTokenizer  # noqa: E402
+from guardian.testing.tinyrun import CharTokenizer  # noqa: E402
 
 
 def per_call_us(fn: Any, repeats: int) -> list[float]:
@@ -110,7 +110,7 @@ def in_a_run(steps: int, out: Path) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from guardian.callbacks import GuardianCallback
-    from guardian.tinyrun import TinyRun
+    from guardian.testing.tinyrun import TinyRun
 
     spent: list[float] = []
     floor: list[float] = []  # the same timer around a function that does nothing, at the same place

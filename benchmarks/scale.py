@@ -85,7 +85,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 from _common import RESULTS_DIR, CpuMonitor, _from_repo, load_average, machine_info, table, write_json  # noqa: E402
 
-from guardian.client import Pacing  # noqa: E402
+from guardian.transport.client import Pacing  # noqa: E402
 
 MAX_BATCH = 500  # DaemonLink.batch_size
 EVAL_EVERY = 100
@@ -179,8 +179,8 @@ def run_thread(runs: list[SimRun], port: int, end: float, stats: ThreadStats, pr
                timeout: float = 5.0) -> None:
     heap = [(r.t0 if r.rate else 0.0, i) for i, r in enumerate(runs)]
     heapq.heapify(heap)
-    from guardian.client import headers_for
-    from guardian.token import find_token
+    from guardian.transport.client import headers_for
+    from guardian.transport.token import find_token
 
     # writes need the daemon's token (found through GUARDIAN_HOME, set by DaemonProcess) and a run key: one
     # for every simulated run (the first report of each binds it)
@@ -999,10 +999,10 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
     the allocation sites that grew between 50 steps after tracing began and the end."""
     import tracemalloc
 
-    from guardian import wire
-    from guardian.daemon import Guardian
-    from guardian.reload import RuleLibrary
-    from guardian.store import Store
+    from guardian.transport import wire
+    from guardian.daemon.daemon import Guardian
+    from guardian.rulefile.reload import RuleLibrary
+    from guardian.daemon.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="guardian-heap-"))
     core = Guardian(Store(tmp / "guardian.db"), RuleLibrary(tmp / "rules"))
@@ -1047,7 +1047,7 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
 
 def rule_window_fill() -> int:
     """Steps until every shipped rule's window is full: its warm-up (a step number) plus its window."""
-    from guardian.ruleset import load_rules
+    from guardian.engine.ruleset import load_rules
 
     return max(int(r.params.get("window_steps", 0)) + int(r.params.get("warmup_steps", 0)) for r in load_rules(None).rules)
 
@@ -1058,8 +1058,8 @@ def per_report_costs(steps: int = 1000) -> dict[str, Any]:
     An Engine with the shipped rules fed `steps` synthetic steps (its windows full); then the time of one
     `observe`, the size of `json.dumps(engine.state_dict())` (saved with decisions, at the end of a run and about
     once a minute) and the time to build and encode it (done on the event loop, under the run's lock)."""
-    from guardian.engine import Engine
-    from guardian.ruleset import load_rules
+    from guardian.engine.engine import Engine
+    from guardian.engine.ruleset import load_rules
 
     engine = Engine(load_rules(None))
     sim = SimRun("cost", 0.0, 1.0, seed=1, decisions_since=True)
@@ -1083,8 +1083,8 @@ def per_report_costs(steps: int = 1000) -> dict[str, Any]:
 
 def state_growth(checkpoints: tuple[int, ...] = (1000, 2000, 4000, 8000)) -> list[dict[str, Any]]:
     """How the engine state grows with a run's length, and which rule holds most."""
-    from guardian.engine import Engine
-    from guardian.ruleset import load_rules
+    from guardian.engine.engine import Engine
+    from guardian.engine.ruleset import load_rules
 
     engine = Engine(load_rules(None))
     sim = SimRun("growth", 0.0, 1.0, seed=2, decisions_since=True)

@@ -23,7 +23,7 @@ import transformers
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.tinyrun import TinyRun
+from guardian.testing.tinyrun import TinyRun
 
 STRETCH = range(30, 45)
 

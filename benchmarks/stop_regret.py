@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/stop_regret.py                       # the real-log fixtures, shipped rules
     .venv/bin/python benchmarks/stop_regret.py --rules my.yaml LOG...
 
-Every log is replayed through the rules (`guardian.replay`). A stop at step S leaves the weights a stop
+Every log is replayed through the rules (`guardian.commands.replay`). A stop at step S leaves the weights a stop
 restores: the best evaluation up to S for a stop that restores the best weights, else the last evaluation up to
 S (the weights of the newest good state are about as good). The log says how the run went on without the
 stop, so the regret of the stop is how much better the run's eval loss became later:
@@ -26,10 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, describe_machine, machine_info, table, write_json  # noqa: E402
 
-from guardian.actions import ActionKind, Restore, stop_restore  # noqa: E402
-from guardian.logs import read_log  # noqa: E402
-from guardian.replay import replay_observations  # noqa: E402
-from guardian.ruleset import load_rules  # noqa: E402
+from guardian.engine.actions import ActionKind, Restore, stop_restore  # noqa: E402
+from guardian.logs.training import read_log  # noqa: E402
+from guardian.commands.replay import replay_observations  # noqa: E402
+from guardian.engine.ruleset import load_rules  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-logs"
 REGRET_LIMIT = 0.05

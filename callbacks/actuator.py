@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from guardian.actions import Plan, Restore
+from guardian.engine.actions import Plan, Restore
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from guardian.actions import Plan, Restore
+from guardian.engine.actions import Plan, Restore
 
 _RESTORES = list(Restore)
 _PLAN_FIELDS = 9  # present, skip, rollback, lr_factor, min_lr, stop, restore, restore_lr, onset

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from guardian.actions import ActionKind, describe_outcome
-from guardian.engine import Decision
+from guardian.engine.actions import ActionKind, describe_outcome
+from guardian.engine.engine import Decision
 
 log = logging.getLogger("guardian")
 F = TypeVar("F", bound=Callable[..., None])

@@ -32,7 +32,7 @@ from typing import IO, Any, NamedTuple
 
 import torch
 
-from guardian.badsample import EXCERPT_CHARS, BadSample, bad_samples_path, fingerprint, read_bad_samples
+from guardian.logs.badsample import EXCERPT_CHARS, BadSample, bad_samples_path, fingerprint, read_bad_samples
 
 log = logging.getLogger("guardian")
 QUEUE_MAX = 4096  # index lists loaded ahead of training (prefetch depth); beyond this the order is lost

@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from guardian import __version__
-from guardian.client import DaemonError
+from guardian.transport.client import DaemonError
 from guardian.errors import ConfigError, GuardianError, RuleFileError
-from guardian.ruleset import RuleSet, default_rules_path, load_rules
+from guardian.engine.ruleset import RuleSet, default_rules_path, load_rules
 
 
 EXIT_CODES = """\
@@ -188,7 +188,7 @@ def _demo_steps(text: str) -> int:
 
 def _url(text: str) -> str:
     """--url: http://HOST:PORT; a loopback HOST:PORT without the scheme is taken as http://."""
-    from guardian.client import daemon_url
+    from guardian.transport.client import daemon_url
 
     try:
         return daemon_url(text)
@@ -203,7 +203,7 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 def _token_advice(args: argparse.Namespace) -> str:
     """What to do when the daemon refused a request for want of its token (401), in the CLI's words."""
-    from guardian.token import TOKEN_ENV, find_token
+    from guardian.transport.token import TOKEN_ENV, find_token
 
     url = getattr(args, "url", None) or "the daemon"
     found, where = (None, "") if getattr(args, "token", None) else find_token()
@@ -224,13 +224,13 @@ def _json_arg(parser: argparse.ArgumentParser) -> None:
 
 def _print_json(data: object) -> None:
     """Strict JSON on stdout: non-finite floats as the strings "nan", "inf", "-inf" (as on the wire)."""
-    from guardian.wire import encode_value
+    from guardian.transport.wire import encode_value
 
     sys.stdout.write(json.dumps(encode_value(data), indent=2, allow_nan=False, default=str) + "\n")
 
 
 def _default_state_dir() -> Path:
-    from guardian.token import default_state_dir
+    from guardian.transport.token import default_state_dir
 
     return default_state_dir()
 
@@ -244,13 +244,13 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
 
 def _token(args: argparse.Namespace) -> str | None:
     """--token, else $GUARDIAN_TOKEN, else the daemon's token file in $GUARDIAN_HOME (or ~/.guardian)."""
-    from guardian.token import find_token
+    from guardian.transport.token import find_token
 
     return str(args.token) if args.token else find_token()[0]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guardian.daemon import serve
+    from guardian.daemon.daemon import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir,
@@ -261,7 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _runs(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from guardian.client import request
+    from guardian.transport.client import request
 
     runs = request(args.url, "GET", "/v1/runs", token=_token(args))["runs"]
     if args.json:
@@ -284,10 +284,10 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    from guardian.actions import describe_outcome
-    from guardian.client import request
+    from guardian.engine.actions import describe_outcome
+    from guardian.transport.client import request
 
-    from guardian.eventpages import all_events
+    from guardian.transport.eventpages import all_events
 
     kinds = () if args.all else ("decision", "action", "start", "end", "checkpoint")
     data = all_events(lambda path: request(args.url, "GET", path, token=_token(args)), args.run, kinds)
@@ -323,7 +323,7 @@ def _events(args: argparse.Namespace) -> int:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from guardian.client import request
+    from guardian.transport.client import request
 
     action = args.action.replace("-", "_")
     params = {"factor": args.factor} if action == "reduce_lr" else {}
@@ -346,7 +346,7 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from guardian.supervisor import Supervisor
+    from guardian.commands.supervisor import Supervisor
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.lr_factor is not None and not 0 < args.lr_factor < 1:
@@ -362,7 +362,7 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import transformers
 
-    from guardian.demo import run_demo
+    from guardian.commands.demo import run_demo
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("guardian").setLevel(logging.CRITICAL)  # the demo prints its own account
@@ -429,7 +429,7 @@ def _rules_detectors(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from guardian.replay import replay, replay_stored
+    from guardian.commands.replay import replay, replay_stored
 
     ruleset: RuleSet = load_rules(args.rules)
     console = Console()
@@ -534,7 +534,7 @@ def _add_attach(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _attach(args: argparse.Namespace) -> int:
-    from guardian.attach import attach
+    from guardian.commands.attach import attach
 
     return attach(args.output_dir, load_rules(args.rules), once=args.once, linger_seconds=args.linger,
                   pid=args.pid, stop_signal=args.stop_signal, stop_on=args.stop_on, url=args.url,
@@ -559,7 +559,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 
 def _push(args: argparse.Namespace) -> int:
-    from guardian.push import push
+    from guardian.commands.push import push
 
     done = push(args.output_dir, args.url, token=_token(args), run_id=args.run_id, rule_set=args.rule_set,
                 timeout_seconds=args.timeout)
@@ -574,7 +574,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from guardian.report import (bad_sample_lines, bad_samples_json, default_out_dir, disk_json, load_run, verdict,
+    from guardian.commands.report import (bad_sample_lines, bad_samples_json, default_out_dir, disk_json, load_run, verdict,
                                  write_report)
 
     record = load_run(args.target, run_id=args.run, state_dir=args.state_dir, ruleset=load_rules(args.rules))
@@ -592,7 +592,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from guardian.doctor import adapter_beside, check_config, finetuning_type, read_adapter, read_config, render_advice
+    from guardian.commands.doctor import adapter_beside, check_config, finetuning_type, read_adapter, read_config, render_advice
 
     config = read_config(args.config)
     adapter_path = args.adapter or adapter_beside(args.config)

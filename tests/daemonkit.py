@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from guardian.client import DaemonError, request
-from guardian.daemon import Guardian, load_or_create_token, make_server
-from guardian.reload import RuleLibrary
-from guardian.store import Store
+from guardian.transport.client import DaemonError, request
+from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
+from guardian.rulefile.reload import RuleLibrary
+from guardian.daemon.store import Store
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from guardian.callbacks.snapshots import trainable_parameters
-from guardian.ruleset import RuleSet, parse_rules
+from guardian.engine.ruleset import RuleSet, parse_rules
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Real TRL trainers (DPOTrainer, GRPOTrainer) on the tiny Llama of `guardian.tinyrun`, with data built in code.
+"""Real TRL trainers (DPOTrainer, GRPOTrainer) on the tiny Llama of `guardian.testing.tinyrun`, with data built in code.
 
 No downloads: a character tokenizer (a real `PreTrainedTokenizerFast`) over tinyrun's alphabet, preference
 pairs and prompts generated from a seed. Data is read in order (`train_sampling_strategy="sequential"`), so
@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from guardian.tinyrun import ALPHABET, build_model
+from guardian.testing.tinyrun import ALPHABET, build_model
 
 PAIR_BATCH = 8  # preference pairs per DPO step
 

@@ -1,4 +1,4 @@
-"""The suite's own synthetic language task and character tokenizer (nothing shared with guardian.tinyrun).
+"""The suite's own synthetic language task and character tokenizer (nothing shared with guardian.testing.tinyrun).
 
 Each line is one small exercise of a toy grammar over the letters a-h and the digits:
 

@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from guardian.client import DaemonError
+from guardian.transport.client import DaemonError
 from guardian.errors import ConfigError, GuardianError
 from guardian.tui import widgets
 from guardian.tui.keys import KeyReader

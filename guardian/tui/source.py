@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from guardian import wire
-from guardian.actions import describe_outcome
-from guardian.client import DaemonError, request
-from guardian.engine import Engine, decision_from_dict
+from guardian.transport import wire
+from guardian.engine.actions import describe_outcome
+from guardian.transport.client import DaemonError, request
+from guardian.engine.engine import Engine, decision_from_dict
 from guardian.errors import GuardianError, RuleFileError
-from guardian.eventpages import pages
+from guardian.transport.eventpages import pages
 from guardian.exporter import RunTracker
-from guardian.ruleset import RuleSet, load_rules
+from guardian.engine.ruleset import RuleSet, load_rules
 
 HISTORY_POINTS = 240  # per curve: enough for the detail view's ~200-point window
 DECISIONS_KEPT = 500

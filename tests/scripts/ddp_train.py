@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.ruleset import load_rules, parse_rules
-from guardian.tinyrun import TinyRun
+from guardian.engine.ruleset import load_rules, parse_rules
+from guardian.testing.tinyrun import TinyRun
 
 ROLLBACK_RULES = """
 version: 1
@@ -49,7 +49,7 @@ class StopThroughDaemon(TrainerCallback):  # type: ignore[misc]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 5 and int(os.environ["RANK"]) == 0:
-            from guardian.client import request
+            from guardian.transport.client import request
 
             request(self.url, "POST", f"/v1/runs/{self.run_id}/control", {"action": "stop"},
                     token=os.environ["GUARDIAN_TOKEN"])

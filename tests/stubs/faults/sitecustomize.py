@@ -1,4 +1,4 @@
-"""Test-only: faults on cue inside a real `llamafactory-cli train` (tests/test_llamafactory.py).
+"""Test-only: faults on cue inside a real `llamafactory-cli train` (tests/callbacks/test_llamafactory.py).
 
 Put on the child's PYTHONPATH by that test only. `guardian run`'s own sitecustomize runs first and chains to this
 one, which wraps the function that adds Guardian's callback to each Trainer so that a second callback, after
@@ -17,7 +17,7 @@ _corrupt = int(os.environ.get("GUARDIAN_TEST_CORRUPT_STEP") or 0)
 if (_kill or _corrupt) and os.environ.get("GUARDIAN_RESTART") == "0":
     import signal
 
-    import guardian.inject as _inject
+    import guardian.testing.inject as _inject
 
     _add = _inject.add_guardian
 

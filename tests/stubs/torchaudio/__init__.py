@@ -1,4 +1,4 @@
-"""Test-only stand-in for torchaudio, first on PYTHONPATH in tests/test_llamafactory.py (nowhere else).
+"""Test-only stand-in for torchaudio, first on PYTHONPATH in tests/callbacks/test_llamafactory.py (nowhere else).
 
 LLaMA-Factory imports torchaudio unconditionally (llamafactory/data/mm_plugin.py) but uses it only to read
 audio inputs. The torchaudio that pip resolves for it from the registry is built for another torch and does

@@ -1,0 +1,1 @@
+"""Helpers for tests, demos and benchmarks: a tiny real training run and the fault injector loaded through sitecustomize."""
