@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from guardian.transport.client import DaemonError, request
 from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
-from guardian.rulefile.reload import RuleLibrary
 from guardian.daemon.store import Store
+from guardian.rulefile.reload import RuleLibrary
+from guardian.transport.client import DaemonError, request
 
 
 def free_port() -> int:

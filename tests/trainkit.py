@@ -83,3 +83,14 @@ class CorruptWeight(TrainerCallback):
             param = next(p for n, p in trainable_parameters(model).items() if "lora_A" in n)
             with torch.no_grad():
                 param[0, :4] = self.value
+
+
+class AtStep(TrainerCallback):  # type: ignore[misc]
+    """Runs functions at the end of chosen steps."""
+
+    def __init__(self, actions: dict[int, Any]) -> None:
+        self.actions = actions
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in self.actions:
+            self.actions[state.global_step]()

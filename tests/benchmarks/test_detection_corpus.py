@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repopaths import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import detection as det  # noqa: E402
 import detection_corpus as dc  # noqa: E402
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from repopaths import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "faults"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "faults"))
 import runner  # noqa: E402
 from scenarios import Scenario  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread")]  # one torch thread (tests/conftest.py)
 
 BASE = Scenario(id="family-test", family="healthy_noisy", trainer="sft", learning_rate=4e-3, max_steps=90,
                 batch_size=8, grad_accum=1, max_grad_norm=1.0, warmup_steps=6, eval_steps=30, eval_size=32,
@@ -28,14 +28,6 @@ def scenario(family: str, fault: str = "none", **changes: Any) -> Scenario:
     params = changes.pop("params", {})
     return replace(BASE, id=f"{family}-test", family=family, fault=fault, fault_params=tuple(params.items()),
                    **changes)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def acted(record: runner.RunRecord) -> dict[str, int]:

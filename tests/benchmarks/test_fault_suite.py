@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 from transformers import TrainerCallback
+from repopaths import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "faults"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "faults"))
 import data  # noqa: E402
 import injectors  # noqa: E402
 import outcomes  # noqa: E402
@@ -21,16 +22,8 @@ import peers  # noqa: E402
 import runner  # noqa: E402
 import scenarios as scen  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """One torch thread, as the suite runs (a tiny model trains several times slower with two on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread")]  # one torch thread (tests/conftest.py)
 
 # --- scenarios and the split --------------------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from repopaths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 

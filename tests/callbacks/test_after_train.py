@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import torch
 from trainkit import events, rules
+from repopaths import SCRIPTS_DIR
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.testing.tinyrun import TextDataset, TinyRun, make_texts
 
-SCRIPT = Path(__file__).parent / "scripts" / "plain_train.py"
+SCRIPT = SCRIPTS_DIR / "plain_train.py"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 OVERFIT_STOPS = """

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 from daemonkit import DaemonProcess, free_port
+from repopaths import SCRIPTS_DIR
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+SCRIPT = SCRIPTS_DIR / "ddp_train.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 

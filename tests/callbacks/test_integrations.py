@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from transformers import PrinterCallback, Trainer, TrainingArguments
+from repopaths import REPO_ROOT
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
@@ -202,7 +203,7 @@ def test_a_trl_sft_trainer_gets_the_same_lines(tmp_path: Path) -> None:
 
     from transformers.integrations import TensorBoardCallback
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "faults"))
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "faults"))
     import runner
     from scenarios import Scenario
 

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from repopaths import STUBS_DIR
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llamafactory") is None or shutil.which("llamafactory-cli", path=str(
         Path(sys.executable).parent)) is None,
     reason="llamafactory is not installed here; `make test-llamafactory` runs these in .venv-llamafactory")
 
-STUBS = Path(__file__).parent / "stubs"
+STUBS = STUBS_DIR
 CLI = str(Path(sys.executable).parent / "llamafactory-cli")
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
 CHARS = string.ascii_lowercase + string.digits + " +=.,;:?!\n"

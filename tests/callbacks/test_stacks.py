@@ -13,6 +13,7 @@ import pytest
 import torch
 from trainkit import Recorder, events
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from repopaths import REPO_ROOT
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
@@ -160,7 +161,7 @@ def test_deepspeed_is_named_as_a_run_where_guardian_cannot_act_before_the_update
 
 def test_the_oldest_stack_tested_is_the_oldest_the_package_admits() -> None:
     """pyproject.toml's lower bounds on the training side are the versions constraints-oldest.txt pins."""
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     text = (root / "pyproject.toml").read_text()
     admitted = dict(re.findall(r'"(transformers|peft|accelerate)>=([0-9.]+)', text))
     pinned = dict(re.findall(r"^(transformers|peft|accelerate)==([0-9.]+)", (root / "constraints-oldest.txt").read_text(),

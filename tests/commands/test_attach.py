@@ -19,10 +19,10 @@ from daemonkit import DaemonProcess
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.attach import EventSink, Follower, JsonlTail, StopPolicy, for_log_interval, log_interval
-from guardian.transport.client import request
-from guardian.logs.training import Observation, read_log
 from guardian.commands.replay import replay
 from guardian.engine.ruleset import load_rules, parse_rules
+from guardian.logs.training import Observation, read_log
+from guardian.transport.client import request
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("GUARDIAN_")} | {"COLUMNS": "200"}

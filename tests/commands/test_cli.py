@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from realpaths import REAL_LOGS, needs_fixtures
+from repopaths import REPO_ROOT
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
 
@@ -25,7 +26,7 @@ def test_console_script_is_installed() -> None:
 
 
 def test_rules_check_accepts_the_shipped_rules() -> None:
-    result = guardian("rules", "check", str(Path(__file__).resolve().parents[1] / "rules" / "default.yaml"))
+    result = guardian("rules", "check", str(REPO_ROOT / "rules" / "default.yaml"))
     assert result.returncode == 0
     assert "rules OK" in result.stdout
 

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 from realpaths import REAL_LOGS, needs_fixtures
 
-from guardian.transport import wire
+from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
 from guardian.daemon.daemon import Guardian
+from guardian.daemon.store import Store
+from guardian.engine.ruleset import load_rules
 from guardian.errors import LogFormatError
 from guardian.rulefile.reload import RuleLibrary
-from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
-from guardian.engine.ruleset import load_rules
-from guardian.daemon.store import Store
+from guardian.transport import wire
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
@@ -247,8 +247,8 @@ def test_manual_actions_are_the_operators_not_guardians(tmp_path: Path) -> None:
 
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.transport.client import request
     from guardian.testing.tinyrun import TinyRun
+    from guardian.transport.client import request
 
     with in_process_daemon(tmp_path / "state") as (_, url, token):
         def command(action: str) -> None:

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from repopaths import SCRIPTS_DIR
 
-SCRIPT = Path(__file__).parent / "scripts" / "plain_train.py"
+SCRIPT = SCRIPTS_DIR / "plain_train.py"
 GUARDIAN = [sys.executable, "-m", "guardian.cli", "run", "--backoff", "0.1"]
 
 
@@ -134,9 +135,9 @@ def test_a_restart_request_from_sharded_state_restarts_from_its_checkpoint(tmp_p
 
 
 def test_sharded_state_turns_a_rollback_into_a_restart_request(tmp_path: Path) -> None:
-    from guardian.engine.actions import Plan
     from guardian.callbacks.actuator import Actuator
     from guardian.callbacks.checkpoints import GoodCheckpoints
+    from guardian.engine.actions import Plan
 
     checkpoint = tmp_path / "checkpoint-10"
     checkpoint.mkdir()

@@ -17,12 +17,12 @@ import pytest
 from daemonkit import DaemonProcess, in_process_daemon
 from transformers import TrainerCallback
 
-from guardian.transport import wire
-from guardian.transport.client import DaemonError, DaemonLink, request
 from guardian.daemon.daemon import Guardian, load_or_create_token
+from guardian.daemon.store import Store
 from guardian.errors import ConfigError
 from guardian.rulefile.reload import RuleLibrary
-from guardian.daemon.store import Store
+from guardian.transport import wire
+from guardian.transport.client import DaemonError, DaemonLink, request
 from guardian.transport.token import RUN_KEY_HEADER, find_token
 
 KEY = "k" * 40

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, free_port, in_process_daemon, wait_for
 
+from guardian.daemon.daemon import Guardian, _is_loopback, load_or_create_token, make_server
+from guardian.daemon.store import Store
+from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
 from guardian.transport.client import DaemonError, headers_for, request
-from guardian.daemon.daemon import Guardian, _is_loopback, load_or_create_token, make_server
-from guardian.rulefile.reload import RuleLibrary
-from guardian.daemon.store import Store
 from guardian.transport.token import find_token
 
 

@@ -114,10 +114,10 @@ def test_the_index_lists_the_endpoints_and_writes_still_need_the_token(tmp_path:
 
 
 def test_saving_a_stall_decision_keeps_the_time_of_the_last_report(tmp_path: Path) -> None:
-    from guardian.transport import wire
     from guardian.daemon.daemon import Guardian
-    from guardian.rulefile.reload import RuleLibrary
     from guardian.daemon.store import Store
+    from guardian.rulefile.reload import RuleLibrary
+    from guardian.transport import wire
 
     core = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
     core.report(wire.Report("r", "default", {}, [metrics(1, 1, loss=1.0)]), run_key=RUN_KEY)

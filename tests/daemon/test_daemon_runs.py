@@ -7,32 +7,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from daemonkit import DaemonProcess, free_port
-from trainkit import Recorder, all_finite, events
-from transformers import TrainerCallback
+from trainkit import AtStep, Recorder, all_finite, events
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.transport.client import request
 from guardian.commands.push import push
 from guardian.daemon.store import Store
 from guardian.testing.tinyrun import TinyRun
+from guardian.transport.client import request
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-class AtStep(TrainerCallback):  # type: ignore[misc]
-    """Runs functions at the end of chosen steps."""
-
-    def __init__(self, actions: dict[int, Any]) -> None:
-        self.actions = actions
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step in self.actions:
-            self.actions[state.global_step]()
 
 
 def _stored_seqs(state_dir: Path, run_id: str, expected: int, seconds: float = 15.0) -> list[int]:

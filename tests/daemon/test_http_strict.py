@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from guardian.transport import wire
 from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
 from guardian.daemon.httpserver import HTTPServer, Reply, Request
-from guardian.rulefile.reload import RuleLibrary
 from guardian.daemon.store import Store
+from guardian.rulefile.reload import RuleLibrary
+from guardian.transport import wire
 
 BIG = 2_000_000
 SMALL = {"head_timeout": 0.5, "body_timeout": 0.5, "idle_timeout": 1.0, "write_timeout": 1.0}

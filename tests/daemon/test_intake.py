@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from guardian.transport import wire
 from guardian.daemon.daemon import Guardian, _Routes, load_or_create_token, make_server, metrics_endpoint
-from guardian.exporter import KeyBudget, RunTracker
 from guardian.daemon.httpserver import Request
-from guardian.rulefile.reload import RuleLibrary
 from guardian.daemon.store import Store
+from guardian.exporter import KeyBudget, RunTracker
+from guardian.rulefile.reload import RuleLibrary
+from guardian.transport import wire
 
 
 class Served:

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardian.transport import wire
-from guardian.transport.client import request
 from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
+from guardian.daemon.store import Store
 from guardian.errors import ConfigError
 from guardian.rulefile.reload import RuleLibrary
-from guardian.daemon.store import Store
+from guardian.transport import wire
+from guardian.transport.client import request
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from guardian.engine.actions import ActionKind, ActionSpec, Plan, Restore, merge
 from guardian.detectors import Finding
+from guardian.engine.actions import ActionKind, ActionSpec, Plan, Restore, merge
 from guardian.engine.engine import Decision, Engine, RuleStatus
 from guardian.engine.ruleset import RuleSet, Severity, parse_rules
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from guardian.engine.actions import ActionKind, ActionSpec
-from guardian.errors import GuardianError, Problem, RuleFileError
 from guardian.engine.ruleset import RuleSet, Severity, default_rules_path, load_rules, parse_rules
+from guardian.errors import GuardianError, Problem, RuleFileError
 
 SOURCE = "rules.yaml"
 

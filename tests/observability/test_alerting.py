@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from daemonkit import DaemonProcess, free_port
-from test_daemon_runs import AtStep
+from trainkit import AtStep
 
-from guardian.daemon.alertmap import load_alert_actions
 from guardian.callbacks import GuardianCallback
-from guardian.transport.client import request
+from guardian.daemon.alertmap import load_alert_actions
 from guardian.errors import RuleFileError
 from guardian.testing.tinyrun import TinyRun
+from guardian.transport.client import request
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 needs_alertmanager = pytest.mark.skipif(ALERTMANAGER is None, reason="Alertmanager is not installed (apt-get install prometheus-alertmanager)")

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, free_port, wait_for
 
-from guardian.transport.client import request
 from guardian.daemon.daemon import Guardian, load_or_create_token, make_server, metrics_endpoint
+from guardian.daemon.store import Store
 from guardian.exporter import Peaks
 from guardian.rulefile.reload import RuleLibrary
-from guardian.daemon.store import Store
+from guardian.transport.client import request
 
 RUN_KEY = "peaks-run-key-0123456789abcdefghijklmnop"
 

@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 from daemonkit import DaemonProcess, free_port
 from dashboardkit import annotation_queries, load_dashboard, panel_queries
-from test_daemon_runs import AtStep
-from trainkit import CorruptWeight
+from trainkit import AtStep, CorruptWeight
+from repopaths import REPO_ROOT
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.transport.client import request
 from guardian.testing.tinyrun import TinyRun
+from guardian.transport.client import request
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def _require(binary: str | None, name: str) -> str:

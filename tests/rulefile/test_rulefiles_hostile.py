@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, wait_for
 
-from guardian.transport import wire
-from guardian.transport.client import request
 from guardian.daemon.daemon import Guardian
+from guardian.daemon.store import Store
+from guardian.engine.ruleset import MAX_FILE_BYTES, MAX_PROBLEMS, RuleSet, load_rules, parse_rules
 from guardian.errors import RuleFileError
 from guardian.rulefile.reload import RuleLibrary
-from guardian.engine.ruleset import MAX_FILE_BYTES, MAX_PROBLEMS, RuleSet, load_rules, parse_rules
-from guardian.daemon.store import Store
+from guardian.transport import wire
+from guardian.transport.client import request
 
 CHILD_MEMORY_BYTES = 1 << 30
 SECRET = "TOPSECRET-c0ffee-do-not-echo"
@@ -74,8 +74,8 @@ def test_billion_laughs_is_refused_at_the_first_anchor_with_little_memory() -> N
     assert len(text.encode()) < 420  # the issue's file was 393 bytes
     result = in_child(f"""
 import json, tracemalloc
-from guardian.errors import RuleFileError
 from guardian.engine.ruleset import parse_rules
+from guardian.errors import RuleFileError
 tracemalloc.start()
 try:
     parse_rules({text!r}, "lol.yaml")
@@ -164,8 +164,8 @@ def test_devices_and_fifos_given_by_path_are_refused_without_reading(tmp_path: P
     os.mkfifo(fifo)
     result = in_child(f"""
 import json
-from guardian.errors import RuleFileError
 from guardian.engine.ruleset import load_rules
+from guardian.errors import RuleFileError
 out = {{}}
 for path in ("/dev/zero", {str(fifo)!r}, {str(tmp_path)!r}):
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from daemonkit import DaemonProcess
 from rich.console import Console, RenderableType
+from repopaths import REPO_ROOT
 
 from guardian.transport.client import DaemonError, request
 from guardian.tui import widgets
@@ -31,7 +32,7 @@ from guardian.tui.source import (DaemonSource, DecisionLine, DirSource, EventTai
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 GIB = 2**30
 NAN = float("nan")
 URL = "http://127.0.0.1:8765"
