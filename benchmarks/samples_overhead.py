@@ -34,8 +34,8 @@ from _common import RESULTS_DIR, _from_repo, describe_machine, machine_info, tab
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
 
-from guardian.logs.badsample import fingerprint  # noqa: E402
 from guardian.callbacks.samples import IndexQueue, SampleTracker, _recording_class  # noqa: E402
+from guardian.logs.badsample import fingerprint  # noqa: E402
 from guardian.testing.tinyrun import CharTokenizer  # noqa: E402
 
 

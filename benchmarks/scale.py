@@ -999,10 +999,10 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
     the allocation sites that grew between 50 steps after tracing began and the end."""
     import tracemalloc
 
-    from guardian.transport import wire
     from guardian.daemon.daemon import Guardian
-    from guardian.rulefile.reload import RuleLibrary
     from guardian.daemon.store import Store
+    from guardian.rulefile.reload import RuleLibrary
+    from guardian.transport import wire
 
     tmp = Path(tempfile.mkdtemp(prefix="guardian-heap-"))
     core = Guardian(Store(tmp / "guardian.db"), RuleLibrary(tmp / "rules"))

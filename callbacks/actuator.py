@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from guardian.engine.actions import Plan, Restore
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
+from guardian.engine.actions import Plan, Restore
 
 log = logging.getLogger("guardian")
 PROBE_TOLERANCE = 1.5  # a good state's reference loss may be this many times the best one's

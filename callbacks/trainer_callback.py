@@ -30,8 +30,6 @@ from typing import Any, TypeVar
 import torch
 from transformers import TrainerCallback
 
-from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, describe_outcome as describe, merge
-from guardian.logs.badsample import bad_samples_path
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
 from guardian.callbacks.distributed import RankSync
@@ -41,16 +39,18 @@ from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.callbacks.trl_metrics import StoredMetrics
-from guardian.transport.client import DaemonLink
 from guardian.commands.doctor import method_of_trainer, preflight
+from guardian.commands.supervisor import ENV_RESTART
+from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, describe_outcome as describe, merge
 from guardian.engine.engine import Decision, Engine, decision_from_dict
-from guardian.transport.token import TOKEN_ENV, default_state_dir, find_token, token_path
+from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
-from guardian.logs.eventlog import EventLog
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
-from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
-from guardian.commands.supervisor import ENV_RESTART
+from guardian.logs.badsample import bad_samples_path
+from guardian.logs.eventlog import EventLog
+from guardian.transport.client import DaemonLink
+from guardian.transport.token import TOKEN_ENV, default_state_dir, find_token, token_path
 
 log = logging.getLogger("guardian")
 F = TypeVar("F", bound=Callable[..., Any])

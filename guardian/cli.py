@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from guardian import __version__
-from guardian.transport.client import DaemonError
-from guardian.errors import ConfigError, GuardianError, RuleFileError
 from guardian.engine.ruleset import RuleSet, default_rules_path, load_rules
+from guardian.errors import ConfigError, GuardianError, RuleFileError
+from guardian.transport.client import DaemonError
 
 
 EXIT_CODES = """\

@@ -80,12 +80,12 @@ from typing import Any, TextIO
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from guardian.engine.actions import ActionKind
-from guardian.transport.client import DaemonLink
 from guardian.engine.engine import Decision, Engine
+from guardian.engine.ruleset import RuleSet, Severity
 from guardian.errors import ConfigError, LogFormatError
 from guardian.logs.eventlog import EventLog
 from guardian.logs.training import TRAIN, Observation, _Assembler, _jsonl_record, _parse_trainer_state
-from guardian.engine.ruleset import RuleSet, Severity
+from guardian.transport.client import DaemonLink
 
 JSONL = "trainer_log.jsonl"
 STATE = "trainer_state.json"

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guardian.commands.attach import default_run_id
-from guardian.transport.client import DaemonLink, request
 from guardian.errors import ConfigError, GuardianError
 from guardian.logs.eventlog import read_events
+from guardian.transport.client import DaemonLink, request
 from guardian.transport.token import find_token, load_or_create_run_key
 
 EVENTS = Path("guardian") / "events.jsonl"

@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardian.transport import wire
+from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
-from guardian.logs.training import EVAL, TRAIN, LogReport, Observation, read_log_with_report
 from guardian.engine.ruleset import RuleSet
-from guardian.daemon.store import stored_run
+from guardian.logs.training import EVAL, TRAIN, LogReport, Observation, read_log_with_report
+from guardian.transport import wire
 
 GUARDIAN_EVENTS = "guardian_events"
 GUARDIAN_STORE = "guardian_store"

@@ -22,16 +22,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from guardian.transport import wire
-from guardian.engine.actions import ActionKind, Restore, describe_outcome, merge, stop_restore
-from guardian.logs.badsample import BAD_SAMPLES_FILE, BadSample, read_bad_samples
-from guardian.engine.engine import Decision, decision_from_dict
-from guardian.errors import LogFormatError
-from guardian.logs.eventlog import read_events
-from guardian.logs.training import EVAL, TRAIN, Observation, read_log
-from guardian.logs.ondisk import DiskState, describe, read_disk
-from guardian.engine.ruleset import RuleSet
 from guardian.daemon.store import stored_run
+from guardian.engine.actions import ActionKind, Restore, describe_outcome, merge, stop_restore
+from guardian.engine.engine import Decision, decision_from_dict
+from guardian.engine.ruleset import RuleSet
+from guardian.errors import LogFormatError
+from guardian.logs.badsample import BAD_SAMPLES_FILE, BadSample, read_bad_samples
+from guardian.logs.eventlog import read_events
+from guardian.logs.ondisk import DiskState, describe, read_disk
+from guardian.logs.training import EVAL, TRAIN, Observation, read_log
+from guardian.transport import wire
 
 EMBEDDED = "embedded"
 STORED = "stored"

@@ -30,15 +30,15 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from prometheus_client import Histogram
 
-from guardian.transport import wire
 from guardian.daemon.alertmap import Mapping, firing_alerts, load_alert_actions
-from guardian.engine.engine import Engine
-from guardian.exporter import GuardianCollector, KeyBudget, Peaks, RunTracker, RunView, exposition_pieces
 from guardian.daemon.httpserver import HTTPServer, Reply, Request
-from guardian.errors import RuleFileError
-from guardian.rulefile.reload import RuleLibrary
-from guardian.engine.ruleset import RuleSet
 from guardian.daemon.store import ReportWrite, Store, StoreError, move_aside
+from guardian.engine.engine import Engine
+from guardian.engine.ruleset import RuleSet
+from guardian.errors import RuleFileError
+from guardian.exporter import GuardianCollector, KeyBudget, Peaks, RunTracker, RunView, exposition_pieces
+from guardian.rulefile.reload import RuleLibrary
+from guardian.transport import wire
 from guardian.transport.token import RUN_KEY_HEADER, load_or_create_token, new_run_key, token_path, valid_run_key
 
 __all__ = ["Guardian", "SeqGap", "load_or_create_token", "make_server", "serve"]

@@ -46,8 +46,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
-from guardian.transport import wire
 from guardian.errors import ConfigError
+from guardian.transport import wire
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardian.transport import wire
 from guardian.errors import ConfigError, LogFormatError
+from guardian.transport import wire
 
 
 class StoreError(ConfigError):

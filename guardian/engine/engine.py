@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from guardian.engine.actions import ActionKind, ActionSpec
 from guardian.detectors.base import Detector, Finding
+from guardian.engine.actions import ActionKind, ActionSpec
 from guardian.engine.policy import IncidentPolicy
 from guardian.engine.ruleset import Rule, RuleSet, Severity
 

@@ -15,12 +15,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from guardian.engine.actions import ActionKind, ActionSpec, check_action_params
 from guardian.detectors import DETECTORS
 from guardian.detectors.base import Detector
-from guardian.errors import Problem, RuleFileError
+from guardian.engine.actions import ActionKind, ActionSpec, check_action_params
 from guardian.engine.metricnames import closest, is_known
 from guardian.engine.policy import PolicySettings
+from guardian.errors import Problem, RuleFileError
 from guardian.rulefile.yamlfile import Located, clip, load_yaml, shown
 
 SCHEMA_VERSION = 1

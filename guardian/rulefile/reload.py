@@ -23,8 +23,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from guardian.errors import Problem, RuleFileError
 from guardian.engine.ruleset import RuleSet, load_rules, parse_rules, read_rule_bytes, rule_text
+from guardian.errors import Problem, RuleFileError
 
 log = logging.getLogger("guardian.reload")
 

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from guardian.transport import wire
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import decision_from_dict
 from guardian.errors import ConfigError
+from guardian.transport import wire
 from guardian.transport.token import RUN_KEY_HEADER, find_token, load_or_create_run_key, new_run_key
 
 log = logging.getLogger("guardian.client")

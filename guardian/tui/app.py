@@ -23,8 +23,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from guardian.transport.client import DaemonError
 from guardian.errors import ConfigError, GuardianError
+from guardian.transport.client import DaemonError
 from guardian.tui import widgets
 from guardian.tui.keys import KeyReader
 from guardian.tui.source import OPERATOR, DecisionLine, ReadOnlySourceError, RunSnapshot, Snapshot, Source

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from guardian.transport import wire
 from guardian.engine.actions import describe_outcome
-from guardian.transport.client import DaemonError, request
 from guardian.engine.engine import Engine, decision_from_dict
-from guardian.errors import GuardianError, RuleFileError
-from guardian.transport.eventpages import pages
-from guardian.exporter import RunTracker
 from guardian.engine.ruleset import RuleSet, load_rules
+from guardian.errors import GuardianError, RuleFileError
+from guardian.exporter import RunTracker
+from guardian.transport import wire
+from guardian.transport.client import DaemonError, request
+from guardian.transport.eventpages import pages
 
 HISTORY_POINTS = 240  # per curve: enough for the detail view's ~200-point window
 DECISIONS_KEPT = 500
