@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from repopaths import REPO_ROOT
 
 
 def _real_logs_dir() -> Path:
@@ -14,7 +15,7 @@ def _real_logs_dir() -> Path:
     if override:
         root = Path(override)
         return root / "real-logs" if (root / "real-logs").is_dir() else root
-    return Path(__file__).resolve().parents[1].parent / "shared/fixtures/real-logs"
+    return REPO_ROOT.parent / "shared/fixtures/real-logs"
 
 
 REAL_LOGS = _real_logs_dir()
