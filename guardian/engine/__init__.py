@@ -1,4 +1,4 @@
 """The rule engine: rule sets and metric names, the detectors' verdicts turned into decisions, incidents and actions."""
-from guardian.engine.engine import Decision, Engine, RuleStatus, decision_from_dict
+from guardian.engine.engine import Decision, Engine, RuleStatus, decision_from_dict, decision_from_event
 
-__all__ = ["Decision", "Engine", "RuleStatus", "decision_from_dict"]
+__all__ = ["Decision", "Engine", "RuleStatus", "decision_from_dict", "decision_from_event"]

@@ -8,16 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-
-class ActionKind(str, Enum):
-    """What Guardian can do to a run. Ordered here from mildest to strongest."""
-
-    ALERT = "alert"
-    SKIP_UPDATE = "skip_update"
-    RESTORE_LR = "restore_lr"
-    REDUCE_LR = "reduce_lr"
-    ROLLBACK = "rollback"
-    STOP = "stop"
+from guardian.events import ActionKind
 
 
 class Restore(str, Enum):

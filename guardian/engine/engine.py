@@ -6,8 +6,6 @@ over a saved log in replay.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,9 +13,13 @@ from enum import Enum
 from typing import Any
 
 from guardian.detectors.base import Detector, Finding
+import msgspec
+
+from guardian import events
 from guardian.engine.actions import ActionKind, ActionSpec
 from guardian.engine.policy import IncidentPolicy
 from guardian.engine.ruleset import Rule, RuleSet, Severity
+from guardian.events import ActionRequest, DecisionEvent
 
 STATE_VERSION = 2
 TRAIN_KEYS = frozenset({"loss", "grad_norm"})
@@ -64,16 +66,21 @@ class Decision:
             text += f". Usual fix: {self.fix}"
         return text
 
-    def to_dict(self) -> dict[str, Any]:
-        """The decision as strict-JSON types: non-finite floats anywhere become "nan", "inf" or "-inf"."""
+    def to_event(self, source: str | None = None, *, late: bool = False) -> DecisionEvent:
+        """The decision as the event that records it (and travels in the daemon's replies)."""
         f = self.finding
-        return _json_safe({
-            "step": self.step, "rule": self.rule, "severity": self.severity.value,
-            "actions": [a.to_dict() for a in self.actions], "level": self.level,
-            "metric": f.metric, "value": f.value, "threshold": f.threshold,
-            "onset_step": f.onset_step, "message": f.message, "evidence": f.evidence,
-            "diagnosis": self.diagnosis, "fix": self.fix, "note": self.note, "incident": self.incident,
-        })
+        return DecisionEvent(
+            step=self.step, rule=self.rule, severity=self.severity, source=source, late=late,
+            actions=[ActionRequest(kind=a.kind, params=dict(a.params)) for a in self.actions], level=self.level,
+            metric=f.metric, value=float(f.value), threshold=None if f.threshold is None else float(f.threshold),
+            onset_step=f.onset_step, message=f.message, evidence=dict(f.evidence), diagnosis=self.diagnosis,
+            fix=self.fix, note=self.note, incident=self.incident)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The decision as strict-JSON types (non-finite floats as "nan", "inf" or "-inf"), for JSON output."""
+        data: dict[str, Any] = events.to_builtins(self.to_event())
+        del data["kind"]
+        return data
 
 
 @dataclass
@@ -279,37 +286,18 @@ class Engine:
             rt.suppressed_total = saved["suppressed_total"]
 
 
-def _json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as strings, numpy scalars as Python numbers and tuples as lists."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def decision_from_event(event: DecisionEvent) -> Decision:
+    """Rebuild a Decision from the event that recorded it."""
+    finding = Finding(metric=event.metric, value=event.value, threshold=event.threshold,
+                      onset_step=event.onset_step, message=event.message, evidence=dict(event.evidence))
+    actions = tuple(ActionSpec(a.kind, dict(a.params)) for a in event.actions)
+    return Decision(event.step, event.rule, event.severity, actions, finding, event.level, event.diagnosis,
+                    event.fix, event.note, event.incident)
 
 
 def decision_from_dict(data: Mapping[str, Any]) -> Decision:
-    """Rebuild a Decision from `Decision.to_dict()` (as it travels on the wire or sits in the store)."""
-    def number(value: Any) -> float:
-        return float(value) if value is not None else math.nan
-
-    finding = Finding(
-        metric=data["metric"], value=number(data["value"]),
-        threshold=None if data.get("threshold") is None else number(data["threshold"]),
-        onset_step=int(data["onset_step"]), message=data["message"], evidence=dict(data.get("evidence", {})),
-    )
-    actions = tuple(ActionSpec(ActionKind(a["kind"]), dict(a.get("params", {}))) for a in data["actions"])
-    incident = data.get("incident")
-    return Decision(int(data["step"]), data["rule"], Severity(data["severity"]), actions, finding,
-                    int(data.get("level", 0)), data.get("diagnosis", ""), data.get("fix", ""), data.get("note", ""),
-                    None if incident is None else int(incident))
+    """Rebuild a Decision from `Decision.to_dict()` (a decision in a JSON reply)."""
+    return decision_from_event(msgspec.convert(data, DecisionEvent, strict=False))
 
 
 def _alert_only(rule: Rule) -> bool:

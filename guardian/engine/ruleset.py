@@ -10,13 +10,13 @@ import stat
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from guardian.detectors import DETECTORS
 from guardian.detectors.base import Detector
+from guardian.events import Severity
 from guardian.engine.actions import ActionKind, ActionSpec, check_action_params
 from guardian.engine.metricnames import closest, is_known
 from guardian.engine.policy import PolicySettings
@@ -31,12 +31,6 @@ METRIC_PARAMS = (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric"
 MAX_FILE_BYTES = 256 * 1024  # a rule file is a few KiB; this bounds the time and memory one can cost
 MAX_PROBLEMS = 20  # problems listed per file; the rest are counted
 MESSAGE_CHARS = 1000  # the longest problem message kept (values quoted in it are cut shorter still)
-
-
-class Severity(str, Enum):
-    INFO = "info"
-    WARNING = "warning"
-    CRITICAL = "critical"
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,22 @@
 """A run's events as JSON lines: the record of what happened and the spool for the daemon.
 
 Each event gets the next sequence number of the run (continuing across a resumed run, read back from the
-file), so the daemon can store every (run, seq) exactly once however often it is resent.
+file), so the daemon can store every (run, seq) exactly once however often it is resent. Lines are written
+and read by the one codec in `guardian.events`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from collections.abc import Iterator
-from typing import IO, Any
+from pathlib import Path
+from typing import IO
 
-from guardian.transport.wire import encode_value
+import msgspec
+
+from guardian import events
+from guardian.events import AnyEvent
 
 
 def _last_seq(path: Path) -> int:
@@ -23,12 +26,11 @@ def _last_seq(path: Path) -> int:
     with path.open("rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 65536))
-        tail = f.read().decode("utf-8", errors="replace").splitlines()
+        tail = f.read().splitlines()
     for line in reversed(tail):
-        try:
-            return int(json.loads(line)["seq"])
-        except (ValueError, KeyError, TypeError):
-            continue
+        event = decode_line(line)
+        if event is not None:
+            return event.seq
     return 0
 
 
@@ -39,18 +41,18 @@ class EventLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.seq = _last_seq(self.path)
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
+        self._file: IO[bytes] | None = self.path.open("ab")
 
-    def write(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any]:
-        """Record an event; return it as written (with its `seq`, `kind` and `time`)."""
+    def write(self, event: AnyEvent, *, flush: bool = False) -> AnyEvent:
+        """Record an event; return it as written (numbered, with its time)."""
         seq = self.seq + 1
-        event = encode_value({"seq": seq, "kind": kind, "time": round(time.time(), 3), **payload})
+        event = events.numbered(event, seq, round(time.time(), 3))
         if self._file is not None:
-            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+            self._file.write(events.encode(event) + b"\n")
         self.seq = seq  # only once written: an event that was not leaves no gap (the daemon takes no seq after one)
         if flush and self._file is not None:
             self._file.flush()
-        return dict(event)
+        return event
 
     def flush(self) -> None:
         if self._file is not None:
@@ -62,17 +64,20 @@ class EventLog:
             self._file = None
 
 
-def read_events(path: Path) -> Iterator[dict[str, Any] | None]:
-    """The events of an event file, in file order; None for a line that is not an event (a half-written
-    last line after a crash). Blank lines are skipped."""
-    with path.open(encoding="utf-8", errors="replace") as f:
+def decode_line(line: bytes | str) -> AnyEvent | None:
+    """One line of an event file as an event; None for a line that is not one (a half-written last line after a
+    crash, a line of another program)."""
+    try:
+        event = events.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return event if event.seq >= 1 else None
+
+
+def read_events(path: Path) -> Iterator[AnyEvent | None]:
+    """The events of an event file, in file order; None for a line that is not an event. Blank lines are
+    skipped."""
+    with path.open("rb") as f:
         for line in f:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                yield None
-                continue
-            ok = isinstance(event, dict) and isinstance(event.get("seq"), int) and isinstance(event.get("kind"), str)
-            yield event if ok else None
+            if line.strip():
+                yield decode_line(line)
