@@ -450,6 +450,6 @@ def _spell_nonfinite(value: Any) -> Any:
         return value if math.isfinite(value) else ("nan" if value != value else ("inf" if value > 0 else "-inf"))
     if isinstance(value, dict):
         return {key: _spell_nonfinite(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):  # to_builtins keeps tuples
         return [_spell_nonfinite(item) for item in value]
     return value
