@@ -262,16 +262,16 @@ def _run_lightning(stream: dc.Stream, extra: bool) -> dict[str, list[int]]:
     for obs in stream.observations():
         m = obs.metrics
         if extra:
-            if obs.kind == dc.TRAIN and "grad_norm" in m and spike.check(m["grad_norm"]):
+            if obs.phase == dc.TRAIN and "grad_norm" in m and spike.check(m["grad_norm"]):
                 out["SpikeDetection(grad_norm)"].append(obs.step)
             continue
-        if obs.kind == dc.TRAIN and "loss" in m:
+        if obs.phase == dc.TRAIN and "loss" in m:
             reason = es_loss.check(m["loss"])
             if reason:
                 out[f"EarlyStopping(loss)/{reason}"].append(obs.step)
             if spike.check(m["loss"]):
                 out["SpikeDetection(loss)"].append(obs.step)
-        if obs.kind == dc.EVAL and "eval_loss" in m:
+        if obs.phase == dc.EVAL and "eval_loss" in m:
             reason = es_eval.check(m["eval_loss"])
             if reason:
                 out[f"EarlyStopping(eval_loss)/{reason}"].append(obs.step)
@@ -288,7 +288,7 @@ def _run_transformers(stream: dc.Stream) -> dict[str, list[int]]:
     trainer_view = SimpleNamespace(args=args, state=state)  # what Trainer._determine_best_metric reads
     fired: list[int] = []
     for obs in stream.observations():
-        if obs.kind != dc.EVAL or "eval_loss" not in obs.metrics:
+        if obs.phase != dc.EVAL or "eval_loss" not in obs.metrics:
             continue
         state.global_step = obs.step
         metrics = {"eval_loss": obs.metrics["eval_loss"]}
@@ -305,7 +305,7 @@ def _run_naive(stream: dc.Stream) -> dict[str, list[int]]:
     running_min = math.inf
     last: list[float] = []
     for obs in stream.observations():
-        if obs.kind != dc.TRAIN:
+        if obs.phase != dc.TRAIN:
             continue
         loss, grad = obs.metrics.get("loss"), obs.metrics.get("grad_norm")
         if loss is not None and math.isfinite(loss):

@@ -414,8 +414,8 @@ def real_streams(directory: Path = REAL_LOGS) -> list[Stream]:
         rows = list(csv.DictReader(f, delimiter="\t"))
     for row in rows:
         obs = read_log(directory / row["file"])
-        train = [o for o in obs if o.kind == TRAIN]
-        evals = [o for o in obs if o.kind == EVAL]
+        train = [o for o in obs if o.phase == TRAIN]
+        evals = [o for o in obs if o.phase == EVAL]
         steps = np.array([o.step for o in train] or [0])
         gaps = np.diff(steps)
         egaps = np.diff([o.step for o in evals])

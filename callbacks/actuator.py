@@ -22,6 +22,7 @@ from typing import Any
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.engine.actions import Plan, Restore
+from guardian.events import ActionOutcome, LrChange
 
 log = logging.getLogger("guardian")
 PROBE_TOLERANCE = 1.5  # a good state's reference loss may be this many times the best one's
@@ -59,37 +60,35 @@ class Actuator:
         self.restart_request: Path | None = None
 
     def carry_out(self, plan: Plan, step: int, onset: int, control: Any, model: Any, optimizer: Any,
-                  scheduler: Any, *, pre_update: bool) -> dict[str, Any]:
-        """Do what the plan says; return what was done (empty when nothing was)."""
-        outcome: dict[str, Any] = {}
+                  scheduler: Any, *, pre_update: bool) -> ActionOutcome:
+        """Do what the plan says; return what was done (false when nothing was)."""
+        done: dict[str, Any] = {}
         if plan.restore_lr and optimizer is not None:
             restored = self.restore_lr(optimizer, scheduler)
             if restored is None:
                 plan = replace(plan, skip_update=True)  # no schedule to go back to: do not update at this rate
-                outcome["lr_restored"] = None
-            else:
-                outcome["lr_restored"] = restored
+            done["lr_restored"] = restored
         if plan.rollback and not self.in_process_rollback:
-            outcome.update(self.request_restart(onset))
+            done.update(self.request_restart(onset))
             plan = replace(plan, stop=True, restore=Restore.CURRENT)
         elif plan.rollback:
-            outcome.update(self.rollback(onset, model, optimizer, scheduler))
+            done.update(self.rollback(onset, model, optimizer, scheduler))
         if plan.skip_update and pre_update and optimizer is not None:
             self.skip(optimizer)
-            outcome["skipped_update"] = True
+            done["skipped_update"] = True
         if plan.lr_factor < 1.0 and optimizer is not None:
             applied = scale_lr(optimizer, scheduler, plan.lr_factor, plan.min_lr)
             if applied < 1.0:
                 self.lr_scale *= applied
                 self.counts["lr_cuts"] += 1
-            outcome.update(lr_factor=applied, lr=current_lr(optimizer), lr_scale=self.lr_scale)
+            done.update(lr_factor=applied, lr=current_lr(optimizer), lr_scale=self.lr_scale)
         if plan.stop:
             if plan.restore is not Restore.CURRENT and model is not None:
-                outcome["restored"] = self.restore_for_stop(plan.restore, onset, model, optimizer, scheduler)
+                done["restored"] = self.restore_for_stop(plan.restore, onset, model, optimizer, scheduler)
             control.should_training_stop = True
             self.counts["stops"] += 1
-            outcome["stopped"] = True
-        return outcome
+            done["stopped"] = True
+        return ActionOutcome(**done)
 
     # ---- single actions ----------------------------------------------------------------------------
 
@@ -109,7 +108,7 @@ class Actuator:
         optimizer.zero_grad(set_to_none=True)
         self.counts["skipped_updates"] += 1
 
-    def restore_lr(self, optimizer: Any, scheduler: Any) -> dict[str, float] | None:
+    def restore_lr(self, optimizer: Any, scheduler: Any) -> LrChange | None:
         """Put every parameter group's rate back to what the scheduler set; None without a schedule."""
         rates = scheduled_lrs(scheduler, optimizer)
         if rates is None:
@@ -118,7 +117,7 @@ class Actuator:
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
         self.counts["lr_restores"] += 1
-        return {"from": before, "to": current_lr(optimizer)}
+        return LrChange(from_=before, to=current_lr(optimizer))
 
     def rollback(self, onset: int, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         """Restore the newest good state (memory or disk) from before `onset - margin`; the schedule stays put."""

@@ -41,10 +41,12 @@ from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.callbacks.trl_metrics import StoredMetrics
 from guardian.commands.doctor import method_of_trainer, preflight
 from guardian.commands.supervisor import ENV_RESTART
-from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, describe_outcome as describe, merge
-from guardian.engine.engine import Decision, Engine, decision_from_dict
+from guardian import events
+from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, merge
+from guardian.engine.engine import Decision, Engine, decision_from_event
 from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
+from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
 from guardian.logs.badsample import bad_samples_path
@@ -173,7 +175,7 @@ class GuardianCallback(TrainerCallback):
         self.actuator = Actuator(snapshots_kept=snapshots_kept, rollback_margin_steps=rollback_margin_steps,
                                  use_snapshots=snapshot_every_steps > 0)
         self.decisions: list[Decision] = []
-        self.interventions: list[dict[str, Any]] = []
+        self.interventions: list[ActionEvent] = []
         self.errors = 0
         self.verdicts = {"daemon": 0, "local_fallback": 0}
         self.link: DaemonLink | None = None
@@ -276,12 +278,14 @@ class GuardianCallback(TrainerCallback):
                                     quiet=_restart_number() > 0)
         if self.actuator.use_snapshots and self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler):
             self.engine.remember(state.global_step)
-        self._emit("start", {"step": state.global_step, "rules": [r.name for r in self.ruleset.rules],
-                             "source": self.ruleset.source, "trainable_bytes": size,
-                             "max_steps": state.max_steps, "clipped": self.engine.clipped,
-                             **self._probe.reading.to_dict(),
-                             **({"run_id": self.run_id, "rule_set": self.rule_set} if self.link else {})},
-                   flush=True)  # run_id and rule_set: so `guardian push` can deliver the file later
+        reading = self._probe.reading
+        self._emit(StartEvent(step=state.global_step, rules=[r.name for r in self.ruleset.rules],
+                              source=self.ruleset.source, trainable_bytes=size, max_steps=state.max_steps,
+                              clipped=self.engine.clipped, pre_update=reading.pre_update,
+                              grad_norm_from=reading.grad_norm, pre_update_why=reading.why or None,
+                              # so `guardian push` can deliver the file later
+                              run_id=self.run_id if self.link else None, rule_set=self.rule_set if self.link else None),
+                   flush=True)
         log.info("Guardian: watching with %d rules from %s", len(self.ruleset.rules), self.ruleset.source)
 
     @_never_raises
@@ -308,8 +312,8 @@ class GuardianCallback(TrainerCallback):
         try:
             decisions = self.engine.observe(step, values, probe=lambda onset: self._measure_probe(model, onset))
         finally:  # the step's values are written whatever the engine does
-            event = self._emit("metrics", {"step": step, "phase": "train", "epoch": state.epoch,
-                                           "lr_scale": self.lr_scale, "values": {**values, **self._probed}})
+            event = self._emit(MetricsEvent(step=step, phase="train", epoch=state.epoch, lr_scale=self.lr_scale,
+                                            values={**values, **self._probed}))
         if not self.remote:
             self._act(step, decisions, *kit, pre_update=True)
             return
@@ -331,7 +335,7 @@ class GuardianCallback(TrainerCallback):
                 self.engine.remember(step)
         if self._gpus is not None and time.monotonic() - self._last_system >= self.system_every_seconds:
             self._last_system = time.monotonic()
-            self._emit("system", {"step": step, "rank": self._rank, "gpus": self._gpus.read()})
+            self._emit(SystemEvent(step=step, rank=self._rank, gpus=self._gpus.read()))
         self.integrations.step_end(step, self.engine.policy.current is not None)
 
     @_never_raises
@@ -340,7 +344,7 @@ class GuardianCallback(TrainerCallback):
         if not logs or (self._probe and self._probe.wrapped) or "loss" not in logs:
             return  # with the per-step reading, every step was judged before its update already
         values = {k: float(v) for k, v in logs.items() if k in ("loss", "grad_norm") and isinstance(v, (int, float))}
-        self._emit("metrics", {"step": state.global_step, "phase": "train", "values": values})
+        self._emit(MetricsEvent(step=state.global_step, phase="train", values=values))
         decisions = self.engine.observe(state.global_step, values)
         self._act(state.global_step, decisions, control, model, optimizer, lr_scheduler, pre_update=False)
 
@@ -353,9 +357,9 @@ class GuardianCallback(TrainerCallback):
         step = state.global_step
         kit = (control, model, optimizer, lr_scheduler)
         if self._train_ended:
-            self._record_after_end({"step": step, "phase": "eval", "values": values, "after_train": True})
+            self._record_after_end(MetricsEvent(step=step, phase="eval", values=values, after_train=True))
             return
-        event = self._emit("metrics", {"step": step, "phase": "eval", "values": values}, flush=True)
+        event = self._emit(MetricsEvent(step=step, phase="eval", values=values), flush=True)
         self.actuator.remember_best(step, values.get("eval_loss"), model, optimizer, lr_scheduler)
         decisions = self.engine.observe(step, values)
         if not self.remote:
@@ -376,16 +380,18 @@ class GuardianCallback(TrainerCallback):
             if self._healthy(step) and finite and self.actuator.good is not None:
                 info = {"lr_scale": self.lr_scale, **({"probe_loss": probe} if probe is not None else {})}
                 where = self.actuator.good.protect(folder, step, info)
-                self._emit("checkpoint", {"step": step, "protected": str(where)}, flush=True)
+                self._emit(CheckpointEvent(step=step, protected=str(where)), flush=True)
                 self._tell_supervisor()
 
     @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._train_ended = True
-        summary = {"step": state.global_step, **self.counts, "decisions": len(self.decisions),
-                   "incidents": [i.to_dict() for i in self.engine.policy.incidents],
-                   "lr_scale": self.lr_scale, "guardian_errors": self.errors, "verdicts": self.verdicts}
-        self._emit("end", summary, flush=True)
+        counts = self.counts
+        self._emit(EndEvent(step=state.global_step, skipped_updates=counts["skipped_updates"],
+                            rollbacks=counts["rollbacks"], lr_cuts=counts["lr_cuts"],
+                            lr_restores=counts["lr_restores"], stops=counts["stops"], decisions=len(self.decisions),
+                            incidents=[i.to_dict() for i in self.engine.policy.incidents], lr_scale=self.lr_scale,
+                            guardian_errors=self.errors, verdicts=dict(self.verdicts)), flush=True)
         if self.link is not None:
             self.link.close()
         if self.metrics_server is not None:
@@ -399,7 +405,7 @@ class GuardianCallback(TrainerCallback):
                  "%d LR cuts (scale %.3g)", state.global_step, len(self.decisions), self.counts["skipped_updates"],
                  self.counts["rollbacks"], self.counts["lr_cuts"], self.lr_scale)
 
-    def _record_after_end(self, payload: dict[str, Any]) -> None:
+    def _record_after_end(self, event: MetricsEvent) -> None:
         """`trainer.evaluate()` after `train()` returned: the model is the user's now. The evaluation is
         appended to the event log (opened for it and closed again) and is not shown to the rules, so nothing
         is decided or done about it; the daemon gets it with the rest of the file from `guardian push`."""
@@ -407,21 +413,21 @@ class GuardianCallback(TrainerCallback):
             return
         events = EventLog(self._ended_log)
         try:
-            events.write("metrics", payload, flush=True)
+            events.write(event, flush=True)
         finally:
             events.close()
         log.info("Guardian: an evaluation at step %s after training ended is recorded in %s; no rule acts on it",
-                 payload["step"], self._ended_log)
+                 event.step, self._ended_log)
 
     # ---- the daemon's verdicts ---------------------------------------------------------------------
 
-    def _await_verdict(self, event: dict[str, Any] | None, step: int, local: list[Decision]) -> None:
+    def _await_verdict(self, event: AnyEvent | None, step: int, local: list[Decision]) -> None:
         if event is None or self.link is None:
             return
         if not self._pending:
             self._pending_since = time.monotonic()
             self.link.want_decisions_from(step)
-        self._pending.append((event["seq"], step, local))
+        self._pending.append((event.seq, step, local))
 
     def _apply_remote(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
         """Act on the daemon's verdicts for earlier steps (or our own past the deadline) and its commands.
@@ -430,7 +436,7 @@ class GuardianCallback(TrainerCallback):
         decisions, source, commands = self._collect_remote() if self.link is not None else ([], "", [])
         self._acted_early.clear()
         actions = [a for d in decisions for a in d.actions if a.kind is not ActionKind.SKIP_UPDATE]
-        actions += [ActionSpec(ActionKind(c["action"]), c.get("params", {})) for c in commands]
+        actions += [ActionSpec(c.action, dict(c.params)) for c in commands]
         plan = merge(actions) if decisions or commands else None
         onset = min([d.finding.onset_step for d in decisions], default=step)
         if self.sync.active:
@@ -444,14 +450,11 @@ class GuardianCallback(TrainerCallback):
         if plan.empty:
             return
         outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler, pre_update=True)
-        rules = [d.rule for d in decisions] + [f"manual:{c['action']}" for c in commands]
-        record = {"step": step, "rules": rules, "source": "command" if commands and not decisions else source,
-                  **outcome}
-        if commands:
-            record["command_ids"] = [c["id"] for c in commands]
-        self._log_outcome(record)
+        rules = [d.rule for d in decisions] + [f"manual:{c.action.value}" for c in commands]
+        self._log_outcome(outcome.event(step, rules, "command" if commands and not decisions else source,
+                                        [c.id for c in commands] if commands else None))
 
-    def _collect_remote(self) -> tuple[list[Decision], str, list[dict[str, Any]]]:
+    def _collect_remote(self) -> tuple[list[Decision], str, list[Command]]:
         """Rank 0: the verdicts on pending steps (the daemon's if in time, else ours) and queued commands."""
         assert self.link is not None
         decisions: list[Decision] = []
@@ -460,7 +463,7 @@ class GuardianCallback(TrainerCallback):
             last_seq, last_step = self._pending[-1][0], self._pending[-1][1]
             left = self.deadline_seconds - (time.monotonic() - self._pending_since)
             if self.link.wait_for(last_seq, max(0.0, left)):
-                decisions = [decision_from_dict(d) for d in self.link.take_decisions(last_step)]
+                decisions = [decision_from_event(d) for d in self.link.take_decisions(last_step)]
                 self.verdicts["daemon"] += 1
                 source = "daemon"
             else:
@@ -492,27 +495,27 @@ class GuardianCallback(TrainerCallback):
         onset = min(d.finding.onset_step for d in decisions)
         outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler,
                                           pre_update=pre_update)
-        if outcome.get("skipped_update"):
+        if outcome.skipped_update:
             self._flag_samples(step, decisions)
         if outcome:
-            self._log_outcome({"step": step, "rules": [d.rule for d in decisions], "source": source, **outcome})
+            self._log_outcome(outcome.event(step, [d.rule for d in decisions], source))
 
     def _record(self, decision: Decision, source: str) -> None:
         self.decisions.append(decision)
         if self.sync.rank == 0:
             (log.error if decision.severity.value == "critical" else log.warning)("Guardian: %s", decision.message)
-        self._emit("decision", {**decision.to_dict(), "source": source}, flush=True)
+        self._emit(decision.to_event(source), flush=True)
         self.integrations.decision(decision)
 
-    def _log_outcome(self, record: dict[str, Any]) -> None:
-        if record.get("rollback") == "restart":
+    def _log_outcome(self, record: ActionEvent) -> None:
+        if record.rollback == "restart":
             self._tell_supervisor()
-        if isinstance(record.get("rollback_to_step"), int):
-            self._rewind(record["rollback"], record["rollback_to_step"])
+        if record.rollback is not None and record.rollback_to_step is not None:
+            self._rewind(record.rollback, record.rollback_to_step)
         self.interventions.append(record)
         if self.sync.rank == 0:
-            log.warning("Guardian: step %d: %s", record["step"], describe(record))
-        self._emit("action", record, flush=True)
+            log.warning("Guardian: step %d: %s", record.step, record.outcome.describe())
+        self._emit(record, flush=True)
         self.integrations.action(record, self.counts, self.lr_scale)
 
     # ---- the samples of skipped updates ------------------------------------------------------------
@@ -592,13 +595,12 @@ class GuardianCallback(TrainerCallback):
         self._probed = {"probe_loss": now, "probe_loss_ref": target.probe_loss}
         return self._probed
 
-    def _emit(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> dict[str, Any] | None:
+    def _emit(self, event: AnyEvent, *, flush: bool = False) -> AnyEvent | None:
         if self.metrics_server is not None:
-            values = payload.get("values", {}) if kind == "metrics" else {}
-            self.tracker.apply({"kind": kind, "time": time.time(), **payload}, values)
+            self.tracker.apply(events.numbered(event, event.seq, time.time()))
         if self._events is None:
             return None
-        event = self._events.write(kind, payload, flush=flush)
+        event = self._events.write(event, flush=flush)
         if self.link is not None:
             self.link.send(event)
         return event

@@ -114,6 +114,7 @@ class MetricsEvent(Event, tag="metrics", kw_only=True, omit_defaults=True):
     epoch: float | None = None
     lr_scale: float | None = None
     values: Annotated[dict[Name, Number], Meta(max_length=MAX_VALUES_PER_EVENT)]
+    after_train: bool = False  # an evaluation after `train()` returned: recorded, never judged
 
 
 class GpuFacts(Struct, kw_only=True, omit_defaults=True):
@@ -319,7 +320,7 @@ class RunInfo(Struct, kw_only=True):
     meta: dict[str, Any] = {}
 
 
-class Report(Struct, kw_only=True):
+class Report(Struct, kw_only=True, omit_defaults=True):
     """POST /v1/report: a run's next events (and, with `decisions_since_step`, a request for its decisions)."""
 
     v: Literal[1]

@@ -15,6 +15,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from guardian.events import ActionEvent, AnyEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
+
 # The run's latest values: metric name here -> key in RunView.latest (HF's own log keys).
 RUN_GAUGES = {
     "train_loss": ("loss", "Training loss at the last reported step."),
@@ -269,29 +271,31 @@ class RunTracker:
             self.budget.give_back(len(self.keys))
         self.keys.clear()
 
-    def apply(self, event: dict[str, Any], values: dict[str, float]) -> None:
-        """Update from one event; `values` are its decoded metric values (for metrics events)."""
-        view, kind = self.view, event.get("kind")
-        view.last_report = float(event.get("time") or time.time())
-        if kind == "metrics":
-            self._metrics(event, values)
-        elif kind == "action":
-            self._action(event)
-        elif kind == "system":
-            rank = str(event.get("rank", 0))
-            for gpu in event.get("gpus", []):
-                facts = {k: float(v) for k, v in gpu.items() if k in GPU_GAUGES and isinstance(v, (int, float))}
-                key = (rank, str(gpu.get("gpu", 0)))
-                if self._keep(key):
-                    view.gpus[key] = facts
-        elif kind == "end":
-            view.ended = True
-        elif kind == "start":
-            view.ended = False
-
-    def _metrics(self, event: dict[str, Any], values: dict[str, float]) -> None:
+    def apply(self, event: AnyEvent) -> None:
+        """Update from one event."""
         view = self.view
-        for key, value in values.items():
+        view.last_report = event.time or time.time()
+        match event:
+            case MetricsEvent():
+                self._metrics(event)
+            case ActionEvent():
+                self._action(event)
+            case SystemEvent():
+                rank = str(event.rank)
+                for gpu in event.gpus:
+                    facts = {name: float(value) for name in GPU_GAUGES
+                             if isinstance(value := getattr(gpu, name), (int, float))}
+                    key = (rank, str(gpu.gpu))
+                    if self._keep(key):
+                        view.gpus[key] = facts
+            case EndEvent():
+                view.ended = True
+            case StartEvent():
+                view.ended = False
+
+    def _metrics(self, event: MetricsEvent) -> None:
+        view = self.view
+        for key, value in event.values.items():
             if key not in self.keys and not self._keep(key):
                 continue
             if value != value or value in (float("inf"), float("-inf")):
@@ -299,24 +303,25 @@ class RunTracker:
             if key in PEAK_KEYS:
                 self.peaks.observe(key, value)
             view.latest[key] = value  # NaN and infinities too: a run that ended on NaN must not look healthy
-        view.latest["step"] = float(event.get("step", 0))
-        for key in ("epoch", "lr_scale"):
-            if isinstance(event.get(key), (int, float)):
-                view.latest[key] = float(event[key])
+        view.latest["step"] = float(event.step)
+        if event.epoch is not None:
+            view.latest["epoch"] = float(event.epoch)
+        if event.lr_scale is not None:
+            view.latest["lr_scale"] = float(event.lr_scale)
 
-    def _action(self, event: dict[str, Any]) -> None:
-        view, source = self.view, str(event.get("source", "local")).split(" ")[0]
+    def _action(self, event: ActionEvent) -> None:
+        view, source = self.view, (event.source or "local").split(" ")[0]
         done = []
-        if event.get("skipped_update"):
+        if event.skipped_update:
             done.append("skip_update")
             view.skipped_updates += 1
-        if event.get("rollback") not in (None, "impossible", "restart"):
+        if event.rollback not in (None, "impossible", "restart"):
             done.append("rollback")
             view.rollbacks += 1
-        if "lr_factor" in event:
+        if event.lr_factor is not None:
             done.append("reduce_lr")
-            view.latest["lr_scale"] = float(event.get("lr_scale", view.latest.get("lr_scale", 1.0)))
-        if event.get("stopped"):
+            view.latest["lr_scale"] = event.lr_scale if event.lr_scale is not None else view.latest.get("lr_scale", 1.0)
+        if event.stopped:
             done.append("stop")
         for action in done:
             view.actions[(action, source)] = view.actions.get((action, source), 0) + 1

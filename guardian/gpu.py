@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from guardian.events import GpuFacts
+
 log = logging.getLogger("guardian")
 
 
@@ -40,13 +42,10 @@ class GpuReader:
     def available(self) -> bool:
         return bool(self._handles)
 
-    def read(self) -> list[dict[str, float]]:
-        """One dict per GPU: gpu, memory_used_bytes, memory_total_bytes, utilization_ratio, temperature_celsius,
+    def read(self) -> list[GpuFacts]:
+        """The facts of each GPU: memory_used_bytes, memory_total_bytes, utilization_ratio, temperature_celsius,
         power_watts (each present only if NVML answers for it)."""
-        out = []
-        for index, handle in self._handles:
-            out.append({"gpu": index, **self._facts(handle)})
-        return out
+        return [GpuFacts(gpu=index, **self._facts(handle)) for index, handle in self._handles]
 
     def _facts(self, handle: Any) -> dict[str, float]:
         nvml, facts = self._nvml, {}

@@ -82,6 +82,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.ruleset import RuleSet, Severity
+import msgspec
+
+from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent
 from guardian.errors import ConfigError, LogFormatError
 from guardian.logs.eventlog import EventLog
 from guardian.logs.training import TRAIN, Observation, _Assembler, _jsonl_record, _parse_trainer_state
@@ -92,7 +95,7 @@ STATE = "trainer_state.json"
 GOOD_MARK = "guardian_good.json"
 LAST_GOOD = "last_good_checkpoint"
 SOURCE = "attach"
-_KIND_ORDER = {"train": 0, "eval": 1}
+_PHASE_ORDER = {"train": 0, "eval": 1}
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).
 _WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "relative_to_first_steps"}
 MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
@@ -170,7 +173,7 @@ def for_log_interval(ruleset: RuleSet, interval: int) -> tuple[RuleSet, list[str
 
 def log_interval(observations: Iterable[Observation]) -> int | None:
     """Steps between the first two train observations (the log's logging_steps), None before there are two."""
-    steps = [o.step for o in observations if o.kind == TRAIN][:2]
+    steps = [o.step for o in observations if o.phase == TRAIN][:2]
     return steps[1] - steps[0] if len(steps) == 2 and steps[1] > steps[0] else None
 
 
@@ -180,12 +183,12 @@ def _ordinal(n: int) -> str:
 
 
 def _order(obs: Observation) -> tuple[int, int]:
-    return obs.step, _KIND_ORDER.get(obs.kind, 2)
+    return obs.step, _PHASE_ORDER.get(obs.phase, 2)
 
 
 def _same(a: Observation, b: Observation) -> bool:
     """Equal observations, NaN equal to NaN."""
-    if (a.step, a.kind) != (b.step, b.kind) or a.metrics.keys() != b.metrics.keys():
+    if (a.step, a.phase) != (b.step, b.phase) or a.metrics.keys() != b.metrics.keys():
         return False
     pairs = ((a.metrics[key], b.metrics[key]) for key in a.metrics)
     return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in pairs)
@@ -252,10 +255,10 @@ class EventSink:
         self.path, self.link = path, link
         self._log: EventLog | None = None
 
-    def emit(self, kind: str, payload: dict[str, Any], *, flush: bool = False) -> None:
+    def emit(self, event: AnyEvent, *, flush: bool = False) -> None:
         if self._log is None:
             self._log = EventLog(self.path)
-        event = self._log.write(kind, {**payload, "source": SOURCE}, flush=flush)
+        event = self._log.write(msgspec.structs.replace(event, source=SOURCE), flush=flush)
         if self.link is not None:
             self.link.send(event)
 
@@ -366,7 +369,7 @@ class Follower:
         if self._pending and self.last_step is not None:
             self._judge(max(self._pending) if self.ended else self.last_step)
         if self.ended and self.source is not None:
-            self.sink.emit("end", {"step": self.last_step, "decisions": len(self._decided), "resumes": self.resumes},
+            self.sink.emit(EndEvent(step=self.last_step, decisions=len(self._decided), resumes=self.resumes),
                            flush=True)
         if not self._fed:
             self._say("attach: nothing read yet")
@@ -380,7 +383,7 @@ class Follower:
         if self._grad_used and self._grad_file is not None:
             late = (f" ({self._grad_late} after their line, when the checkpoint holding them was saved: the rules "
                     "judged those steps again then)") if self._grad_late else ""
-            self._say(f"attach: grad_norm for {len(self._grad_used)} of {sum(o.kind == TRAIN for o in self._fed)} "
+            self._say(f"attach: grad_norm for {len(self._grad_used)} of {sum(o.phase == TRAIN for o in self._fed)} "
                       f"logged steps read from {self._grad_file[0].relative_to(self.output_dir)}{late}")
         for line in self.rules_that_cannot_fire():
             self._say(line)
@@ -407,8 +410,8 @@ class Follower:
         what = JSONL if self.source == JSONL else "checkpoint-*/trainer_state.json"
         self._say(f"attach: following {self.output_dir / what} with {len(self.ruleset.rules)} rules "
                   f"from {self.ruleset.source}")
-        self.sink.emit("start", {"output_dir": str(self.output_dir), "log": what, "rule_file": self.ruleset.source,
-                                 "rules": [r.name for r in self.ruleset.rules]}, flush=True)
+        self.sink.emit(StartEvent(output_dir=str(self.output_dir), log=what, rule_file=self.ruleset.source,
+                                  rules=[r.name for r in self.ruleset.rules]), flush=True)
 
     def _read_jsonl(self) -> None:
         self._load_grad_norms()
@@ -439,7 +442,7 @@ class Follower:
             keep = sum(1 for o in self._fed if o.step < obs.step)
             previous = self.last_step
             self._resume(keep, obs.step, f"{JSONL} went back from step {previous} to {obs.step}")
-        if self._assembler._kept.get((obs.kind, obs.step)) is not obs:
+        if self._assembler._kept.get((obs.phase, obs.step)) is not obs:
             return  # a duplicate: the first record of a step wins
         if self._fed and _order(obs) <= _order(self._fed[-1]):
             self.late += 1  # kept by the reader, but after later steps were fed: the rules saw their moment pass
@@ -464,7 +467,7 @@ class Follower:
             return  # half-written: read again on the next pass
         self._grad_file = (newest[1], newest[2])
         self._grad_norms = {o.step: o.metrics["grad_norm"] for o in history
-                            if o.kind == TRAIN and "grad_norm" in o.metrics}
+                            if o.phase == TRAIN and "grad_norm" in o.metrics}
         self._judge_late_grad_norms()
 
     def _judge_late_grad_norms(self) -> None:
@@ -473,7 +476,7 @@ class Follower:
         would have with the grad norms in the lines, and the decisions that only the grad norms bring are
         reported now, with their own steps (up to `save_steps` late)."""
         late = {o.step: self._grad_norms[o.step] for o in self._fed
-                if o.kind == TRAIN and "grad_norm" not in o.metrics and o.step not in self._grad_used
+                if o.phase == TRAIN and "grad_norm" not in o.metrics and o.step not in self._grad_used
                 and o.step in self._grad_norms}
         if not late:
             return
@@ -560,9 +563,9 @@ class Follower:
 
     def _feed(self, obs: Observation) -> None:
         self._judge(obs.step - 1)  # checkpoints before this step are judged on what was known at their step
-        if self.interval is None and obs.kind == TRAIN:
+        if self.interval is None and obs.phase == TRAIN:
             self._learn_interval(obs)
-        if self.source == JSONL and obs.kind == TRAIN and "grad_norm" not in obs.metrics:
+        if self.source == JSONL and obs.phase == TRAIN and "grad_norm" not in obs.metrics:
             self._grad_used.pop(obs.step, None)  # an abandoned run's, at the same step
             grad = self._grad_norms.get(obs.step)
             if grad is not None:
@@ -570,7 +573,7 @@ class Follower:
         metrics = self._metrics(obs)
         decisions = self.engine.observe(obs.step, metrics)
         self._fed.append(obs)
-        self.sink.emit("metrics", {"step": obs.step, "phase": obs.kind, "values": metrics})
+        self.sink.emit(MetricsEvent(step=obs.step, phase=obs.phase, values=metrics))
         for decision in decisions:
             self._decided.append((len(self._fed) - 1, decision))
             self._report(decision)
@@ -580,7 +583,7 @@ class Follower:
     def _metrics(self, obs: Observation) -> dict[str, float]:
         """What the rules get for an observation: a jsonl line's metrics with the grad norm that a
         trainer_state.json gave for its step (LLaMA-Factory's log has none)."""
-        grad = self._grad_used.get(obs.step) if obs.kind == TRAIN else None
+        grad = self._grad_used.get(obs.step) if obs.phase == TRAIN else None
         return obs.metrics if grad is None or "grad_norm" in obs.metrics else {**obs.metrics, "grad_norm": grad}
 
     def _learn_interval(self, obs: Observation) -> None:
@@ -619,15 +622,15 @@ class Follower:
         extra = f"; {dropped} decisions made about the abandoned steps no longer count" if dropped else ""
         self._say(f"resume at step {step}: {why}; {replaced} observations from step {step} on are replaced and "
                   f"the rules continue from {since}{extra}")
-        self.sink.emit("start", {"step": step, "resumed": True, "reason": why, "replaced_observations": replaced,
-                                 "dropped_decisions": dropped}, flush=True)
+        self.sink.emit(StartEvent(step=step, resumed=True, reason=why, replaced_observations=replaced,
+                                  dropped_decisions=dropped), flush=True)
 
     def _report(self, decision: Decision, *, late: bool = False) -> None:
         actions = ", ".join(map(str, decision.actions)) or "none"
         when = " (judged late: its grad_norm came with a checkpoint)" if late else ""
         self._say(f"step {decision.step:>7}  {decision.rule:<22} {decision.severity.value:<8} {actions:<28} "
                   f"{decision.finding.message}{when}")
-        self.sink.emit("decision", {**decision.to_dict(), **({"late": True} if late else {})}, flush=True)
+        self.sink.emit(decision.to_event(late=late), flush=True)
 
     def _act(self, step: int, decisions: list[Decision]) -> None:
         """What can be done from outside: point at a good checkpoint and, with a pid, stop the run."""
@@ -635,7 +638,7 @@ class Follower:
         if not stopping:
             return
         onset = min(d.finding.onset_step for d in stopping)
-        record: dict[str, Any] = {"step": step, "rules": [d.rule for d in stopping], "stopped": False}
+        record: dict[str, Any] = {"stopped": False}
         good = self.resume_point(before=onset)
         if good is not None:
             record["resume_from"] = str(good)
@@ -648,7 +651,7 @@ class Follower:
             record["already_signalled"] = True
         else:
             self._signal(record)
-        self.sink.emit("action", record, flush=True)
+        self.sink.emit(ActionOutcome(**record).event(step, [d.rule for d in stopping]), flush=True)
 
     def _signal(self, record: dict[str, Any]) -> None:
         pid, sig = self.policy.pid, self.policy.stop_signal
@@ -702,7 +705,7 @@ class Follower:
 
         A log line every k steps says nothing certain of the steps between (Trainer's logged loss is an
         average, and NaN losses are left out of it), so a checkpoint is judged only on steps the log shows."""
-        train = [o.step for o in self._fed if o.kind == TRAIN]
+        train = [o.step for o in self._fed if o.phase == TRAIN]
         first = max(first, train[0]) if train else first  # a log that starts later (a resumed run) from its start
         logged = {n for n in train if first <= n <= last}
         if len(logged) == last - first + 1:
@@ -727,15 +730,12 @@ class Follower:
         self._good.append((step, folder))
         self._say(f"{folder.name} is good (every step {start}-{step} logged, no rule fired): "
                   f"written to guardian/{LAST_GOOD}")
-        self.sink.emit("checkpoint", {"step": step, "good": True, "path": str(folder)}, flush=True)
+        self.sink.emit(CheckpointEvent(step=step, good=True, path=str(folder)), flush=True)
 
     def _not_good(self, step: int, folder: Path, why: str, rule: str | None) -> None:
         (folder / GOOD_MARK).unlink(missing_ok=True)  # a mark left by an abandoned run's checkpoint
         self._say(f"{folder.name} is not marked good: {why}")
-        record: dict[str, Any] = {"step": step, "good": False, "path": str(folder), "why": why}
-        if rule is not None:
-            record["rule"] = rule
-        self.sink.emit("checkpoint", record, flush=True)
+        self.sink.emit(CheckpointEvent(step=step, good=False, path=str(folder), why=why, rule=rule), flush=True)
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from guardian.commands.attach import default_run_id
 from guardian.errors import ConfigError, GuardianError
+from guardian.events import StartEvent
 from guardian.logs.eventlog import read_events
 from guardian.transport.client import DaemonLink, request
 from guardian.transport.token import find_token, load_or_create_run_key
@@ -41,9 +42,9 @@ def _run_of(path: Path) -> tuple[str | None, str | None, int, int]:
     for event in read_events(path):
         if event is None:
             continue
-        count, last = count + 1, max(last, event["seq"])
-        if event["kind"] == "start":
-            run_id, rule_set = event.get("run_id") or run_id, event.get("rule_set") or rule_set
+        count, last = count + 1, max(last, event.seq)
+        if isinstance(event, StartEvent):
+            run_id, rule_set = event.run_id or run_id, event.rule_set or rule_set
     return run_id, rule_set, count, last
 
 
@@ -77,7 +78,7 @@ def push(output_dir: str | os.PathLike[str], url: str, *, token: str | None = No
                 skipped += 1
                 continue
             link.send(event)
-            pending, top = pending + 1, max(top, event["seq"])
+            pending, top = pending + 1, max(top, event.seq)
             if pending >= chunk:
                 _wait(link, top, deadline, url, run_id, last, timeout_seconds)
                 pending = 0

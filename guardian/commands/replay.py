@@ -97,7 +97,7 @@ def replay(path: str | os.PathLike[str], ruleset: RuleSet) -> ReplayResult:
 
 
 def _result(path: str, report: LogReport, observations: list[Observation], ruleset: RuleSet) -> ReplayResult:
-    train = [obs.step for obs in observations if obs.kind == TRAIN]
+    train = [obs.step for obs in observations if obs.phase == TRAIN]
     return ReplayResult(path, report, len(observations), replay_observations(observations, ruleset), len(train),
                         max(train, default=None))
 

@@ -28,10 +28,11 @@ from guardian.engine.engine import Decision, decision_from_dict
 from guardian.engine.ruleset import RuleSet
 from guardian.errors import LogFormatError
 from guardian.logs.badsample import BAD_SAMPLES_FILE, BadSample, read_bad_samples
+from guardian import events
+from guardian.events import ActionEvent, AnyEvent, CheckpointEvent, DecisionEvent, EndEvent, MetricsEvent, StartEvent
 from guardian.logs.eventlog import read_events
 from guardian.logs.ondisk import DiskState, describe, read_disk
 from guardian.logs.training import EVAL, TRAIN, Observation, read_log
-from guardian.transport import wire
 
 EMBEDDED = "embedded"
 STORED = "stored"
@@ -152,9 +153,9 @@ def guardian_events_file(path: Path) -> Path | None:
 def load_embedded(events_file: Path, name: str) -> RunRecord:
     """A run Guardian watched from inside the training process."""
     read = list(read_events(events_file))
-    events = [e for e in read if e is not None]
-    unreadable = len(read) - len(events)
-    record = _from_events(name, EMBEDDED, str(events_file), events, [])
+    run_events = [e for e in read if e is not None]
+    unreadable = len(read) - len(run_events)
+    record = _from_events(name, EMBEDDED, str(events_file), run_events, [])
     if events_file.parent.name == "guardian":
         record.disk = read_disk(events_file.parent.parent)
     if unreadable:
@@ -175,8 +176,9 @@ def _add_bad_samples(record: RunRecord, path: Path) -> None:
 def load_stored(state_dir: Path, run_id: str) -> RunRecord:
     """A run stored by the daemon in `state_dir/guardian.db` (the daemon need not be running)."""
     with stored_run(state_dir, run_id) as store:
-        events, daemon_decisions = store.events(run_id, limit=10**9), store.decisions(run_id, limit=10**9)
-    return _from_events(run_id, STORED, f"{state_dir / 'guardian.db'}#{run_id}", events, daemon_decisions)
+        stored, daemon_decisions = store.events(run_id, limit=10**9), store.decisions(run_id, limit=10**9)
+    return _from_events(run_id, STORED, f"{state_dir / 'guardian.db'}#{run_id}",
+                        [events.from_builtins(e) for e in stored], daemon_decisions)
 
 
 def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:
@@ -209,30 +211,30 @@ def _run_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def _from_events(name: str, mode: str, source: str, events: list[dict[str, Any]],
+def _from_events(name: str, mode: str, source: str, run_events: list[AnyEvent],
                  extra_decisions: list[dict[str, Any]]) -> RunRecord:
     observations: list[Observation] = []
     scales: dict[int, float] = {}
-    decisions, actions, checkpoints, bad = [], [], [], 0
+    decisions: list[dict[str, Any]] = []
+    actions, checkpoints, bad = [], [], 0
     start_time = None
     incidents: list[dict[str, Any]] = []
-    for event in events:
-        kind, step = event.get("kind"), event.get("step")
-        if kind == "metrics" and isinstance(step, int):
-            observations.append(Observation(step, wire.metric_values(event), EVAL if event.get("phase") == EVAL else TRAIN))
-            scale = wire.decode_number(event.get("lr_scale"))
-            if scale is not None and event.get("phase") != EVAL:
-                scales[step] = scale
-        elif kind == "decision":
-            decisions.append(event)
-        elif kind == "action" and isinstance(step, int):
-            actions.append(event)
-        elif kind == "checkpoint":
-            checkpoints.append(event)
-        elif kind == "start" and start_time is None:
-            start_time = wire.decode_number(event.get("time"))
-        elif kind == "end" and isinstance(event.get("incidents"), list):
-            incidents = [i for i in event["incidents"] if isinstance(i, dict)]
+    for event in run_events:
+        match event:
+            case MetricsEvent():
+                observations.append(Observation(event.step, dict(event.values), event.phase))
+                if event.lr_scale is not None and event.phase != EVAL:
+                    scales[event.step] = event.lr_scale
+            case DecisionEvent():
+                decisions.append(events.to_builtins(event))
+            case ActionEvent():
+                actions.append(events.to_builtins(event))
+            case CheckpointEvent():
+                checkpoints.append(events.to_builtins(event))
+            case StartEvent() if start_time is None:
+                start_time = event.time
+            case EndEvent() if event.incidents is not None:
+                incidents = [i for i in event.incidents if isinstance(i, dict)]
     seen = {(d.get("step"), d.get("rule")) for d in decisions}
     decisions += [d for d in extra_decisions if (d.get("step"), d.get("rule")) not in seen]
     parsed = []
@@ -281,7 +283,7 @@ def _series(observations: Iterable[Observation]) -> tuple[dict[str, Series], dic
     """Per phase and metric, the values by step; a step seen twice (a resumed run) keeps the later value."""
     by_phase: dict[str, dict[str, dict[int, float]]] = {TRAIN: {}, EVAL: {}}
     for obs in observations:
-        phase = by_phase[EVAL if obs.kind == EVAL else TRAIN]
+        phase = by_phase[EVAL if obs.phase == EVAL else TRAIN]
         for key, value in obs.metrics.items():
             phase.setdefault(key, {})[obs.step] = value
     out = []

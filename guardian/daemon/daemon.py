@@ -35,6 +35,8 @@ from guardian.daemon.httpserver import HTTPServer, Reply, Request
 from guardian.daemon.store import ReportWrite, Store, StoreError, move_aside
 from guardian.engine.engine import Engine
 from guardian.engine.ruleset import RuleSet
+from guardian import events
+from guardian.events import ActionEvent, EndEvent, MetricsEvent, StartEvent
 from guardian.errors import RuleFileError
 from guardian.exporter import GuardianCollector, KeyBudget, Peaks, RunTracker, RunView, exposition_pieces
 from guardian.rulefile.reload import RuleLibrary
@@ -166,10 +168,10 @@ class Guardian:
         assert state.tracker is not None
         state.tracker.view.host = str(meta.get("host", ""))
         for event in self.store.events(state.id, ("action",)):
-            state.tracker.apply(event, {})
+            state.tracker.apply(events.from_builtins(event))
         last = self.store.last_event(state.id, "metrics")
         if last is not None:
-            state.tracker.apply(last, wire.metric_values(last))
+            state.tracker.apply(events.from_builtins(last))
         state.tracker.peaks = Peaks()  # what came before the restart is not a new peak
 
     def restore(self, now: float | None = None) -> int:
@@ -292,22 +294,23 @@ class Guardian:
             applied: list[int] = []
             assert state.tracker is not None
             state.tracker.view.host = str(report.meta.get("host", state.tracker.view.host))
-            for event in new:
-                values = wire.metric_values(event) if event["kind"] == "metrics" else {}
-                state.tracker.apply(event, values)
-                if event["kind"] == "metrics":
-                    for decision in state.engine.observe(event["step"], values):
-                        decisions.append(decision.to_dict())
-                    state.last_step = event["step"]
-                elif event["kind"] == "action":
-                    applied.extend(int(i) for i in event.get("command_ids", []))
-                    if isinstance(event.get("rollback_to_step"), int):  # the run went back: so do the baselines
-                        state.engine.rewind(event["rollback_to_step"])
-                elif event["kind"] == "end":
-                    state.ended = True
-                elif event["kind"] == "start":
-                    state.ended = False
-                    state.engine.clipped = event.get("clipped") is True  # rules' actions_when_clipped
+            for raw in new:
+                event = events.from_builtins(raw)
+                state.tracker.apply(event)
+                match event:
+                    case MetricsEvent():
+                        for decision in state.engine.observe(event.step, event.values):
+                            decisions.append(decision.to_dict())
+                        state.last_step = event.step
+                    case ActionEvent():
+                        applied.extend(event.command_ids or ())
+                        if event.rollback_to_step is not None:  # the run went back: so do the baselines
+                            state.engine.rewind(event.rollback_to_step)
+                    case EndEvent():
+                        state.ended = True
+                    case StartEvent():
+                        state.ended = False
+                        state.engine.clipped = event.clipped is True  # rules' actions_when_clipped
             state.last_seq = new[-1]["seq"] if new else state.last_seq
             state.last_seen = time.time()
             self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied,

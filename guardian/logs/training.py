@@ -24,18 +24,19 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from guardian.errors import LogFormatError
+from guardian.events import Phase
 
 HF_TRAINER_STATE = "hf_trainer_state"
 LLAMAFACTORY_JSONL = "llamafactory_jsonl"
 
-TRAIN = "train"
-EVAL = "eval"
+TRAIN: Final[Phase] = "train"
+EVAL: Final[Phase] = "eval"
 
 _EXPECTED = "expected a Hugging Face trainer_state.json or a LLaMA-Factory trainer_log.jsonl"
-_KIND_ORDER = {TRAIN: 0, EVAL: 1}
+_PHASE_ORDER = {TRAIN: 0, EVAL: 1}
 
 # Keys of an HF log entry that describe the run, not the step (the last entry is a run summary).
 _HF_BOOKKEEPING_KEYS = frozenset({
@@ -57,7 +58,7 @@ class Observation:
 
     step: int
     metrics: dict[str, float]
-    kind: str  # "train" or "eval"
+    phase: Phase
 
 
 @dataclass(frozen=True)
@@ -330,18 +331,18 @@ class _Assembler:
     def add(self, record: _Record) -> None:
         self._place(record)
         obs = record.observation
-        key = (obs.kind, obs.step)
+        key = (obs.phase, obs.step)
         if key in self._kept:
             self.duplicates += 1
         else:
             self._kept[key] = obs
 
     def observations(self) -> list[Observation]:
-        return sorted(self._kept.values(), key=lambda o: (o.step, _KIND_ORDER.get(o.kind, 2)))
+        return sorted(self._kept.values(), key=lambda o: (o.step, _PHASE_ORDER.get(o.phase, 2)))
 
     def _place(self, record: _Record) -> None:
         """Advance the writer this record continues, or open a writer, or start a new segment."""
-        writers = self._writers.setdefault(record.observation.kind, [])
+        writers = self._writers.setdefault(record.observation.phase, [])
         candidates = [w for w in writers if w.can_continue_with(record)]
         if candidates:
             writer = max(candidates, key=lambda w: w.step)
@@ -349,7 +350,7 @@ class _Assembler:
             return
         if writers and not any(w.step == record.observation.step for w in writers):
             self._restart(record.observation.step)
-            writers = self._writers.setdefault(record.observation.kind, [])
+            writers = self._writers.setdefault(record.observation.phase, [])
         if len(writers) < _MAX_WRITERS:
             writers.append(_Writer(record.observation.step, record.clock_seconds))
 

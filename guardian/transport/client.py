@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from guardian.engine.actions import ActionKind
-from guardian.engine.engine import decision_from_dict
+import msgspec
+
+from guardian import events
 from guardian.errors import ConfigError
+from guardian.events import AnyEvent, Command, DecisionEvent, Reply, Report, RunInfo
+from guardian.logs.eventlog import read_events
 from guardian.transport import wire
 from guardian.transport.token import RUN_KEY_HEADER, find_token, load_or_create_run_key, new_run_key
 
@@ -208,10 +211,10 @@ class DaemonLink:
         self.last_error = ""  # why the last attempt failed, for messages
         self.sent_reports = 0
         self._host, self._port = parsed.hostname, parsed.port or 80
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[AnyEvent] = deque()
         self._spilled = False
-        self._decisions: dict[int, list[dict[str, Any]]] = {}
-        self._commands: list[dict[str, Any]] = []
+        self._decisions: dict[int, list[DecisionEvent]] = {}
+        self._commands: list[Command] = []
         self._want_decisions_from: int | None = None
         self._gap_at: int | None = None  # the seq the daemon last asked to resend from
         self._cond = threading.Condition()
@@ -222,7 +225,7 @@ class DaemonLink:
 
     # ---- called from the training loop (never blocks beyond `wait_for`) ---------------------------
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: AnyEvent) -> None:
         with self._cond:
             if len(self._queue) >= self.max_buffered:
                 self._queue.popleft()
@@ -250,7 +253,7 @@ class DaemonLink:
                 self._cond.wait(left)
             return True
 
-    def take_decisions(self, up_to_step: int) -> list[dict[str, Any]]:
+    def take_decisions(self, up_to_step: int) -> list[DecisionEvent]:
         with self._cond:
             steps = [s for s in self._decisions if s <= up_to_step]
             taken = [d for s in sorted(steps) for d in self._decisions.pop(s)]
@@ -258,7 +261,7 @@ class DaemonLink:
             self._taken_through_step = max(self._taken_through_step, up_to_step)
             return taken
 
-    def take_commands(self) -> list[dict[str, Any]]:
+    def take_commands(self) -> list[Command]:
         with self._cond:
             commands, self._commands = self._commands, []
             return commands
@@ -334,18 +337,14 @@ class DaemonLink:
             self._spilled = True
         return 0.0
 
-    def _refill(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _refill(self, batch: list[AnyEvent]) -> list[AnyEvent]:
         """Events dropped from memory are read back from the spool file, in order."""
-        first_in_memory = batch[0]["seq"] if batch else None
+        first_in_memory = batch[0].seq if batch else None
         missing = []
         if self.spool is not None and self.spool.exists():
-            with self.spool.open() as f:
-                for line in f:
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    seq = event.get("seq", 0)
+            for event in read_events(self.spool):
+                if event is not None:
+                    seq = event.seq
                     if seq > self.acked_seq and (first_in_memory is None or seq < first_in_memory):
                         missing.append(event)
                         if len(missing) >= self.pacing.batch:
@@ -356,11 +355,9 @@ class DaemonLink:
             return batch
         return missing
 
-    def _post(self, batch: list[dict[str, Any]], want: int | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"run": {"id": self.run_id, "rules": self.rules, "meta": self.meta}, "events": batch}
-        if want is not None:
-            body["decisions_since_step"] = want
-        data = wire.dumps(body)
+    def _post(self, batch: list[AnyEvent], want: int | None) -> Reply:
+        data = events.encode(Report(v=1, run=RunInfo(id=self.run_id, rules=self.rules, meta=self.meta),
+                                    events=batch, decisions_since_step=want))
         headers = headers_for(self.token, self.run_key)
         reused = self._conn is not None
         try:
@@ -413,53 +410,36 @@ class DaemonLink:
             self.connected = False
             self._cond.notify_all()
 
-    def _accept(self, reply: dict[str, Any]) -> None:
+    def _accept(self, reply: Reply) -> None:
         with self._cond:
             if not self.connected and self.failures:
                 log.warning("guardian daemon at %s is back; delivering spooled events", self.url)
             self.connected = True
-            ack = reply["ack_seq"]
-            self.acked_seq = max(self.acked_seq, ack)
-            if isinstance(reply.get("run_key"), str) and reply["run_key"] != self.run_key:
-                self.run_key = reply["run_key"]  # the daemon made one (we sent ours: it should not)
-            while self._queue and self._queue[0]["seq"] <= self.acked_seq:
+            self.acked_seq = max(self.acked_seq, reply.ack_seq)
+            if isinstance(reply.run_key, str) and reply.run_key != self.run_key:
+                self.run_key = reply.run_key  # the daemon made one (we sent ours: it should not)
+            while self._queue and self._queue[0].seq <= self.acked_seq:
                 self._queue.popleft()
-            for decision in reply["decisions"]:
-                if int(decision["step"]) <= self._taken_through_step:
+            for decision in reply.decisions:
+                if decision.step <= self._taken_through_step:
                     continue  # already acted on (or decided locally past the deadline)
-                bucket = self._decisions.setdefault(int(decision["step"]), [])
-                if decision not in bucket:
+                bucket = self._decisions.setdefault(decision.step, [])
+                if all(d.rule != decision.rule for d in bucket):  # a rule fires at most once a step
                     bucket.append(decision)
-            self._commands.extend(reply["commands"])
+            self._commands.extend(reply.commands)
             self.sent_reports += 1
             self._cond.notify_all()
 
 
 
 
-def _checked_reply(reply: dict[str, Any]) -> dict[str, Any]:
+def _checked_reply(reply: dict[str, Any]) -> Reply:
     """A report's reply, checked field by field (DaemonError when it is not what a guardian daemon sends): the
     training process then never trips on a malformed decision or command."""
-    ack, decisions, commands = reply.get("ack_seq"), reply.get("decisions"), reply.get("commands", [])
-    if not isinstance(ack, int) or isinstance(ack, bool) or not isinstance(decisions, list) \
-            or not isinstance(commands, list):
-        raise DaemonError(f"the reply is not a guardian daemon's (ack_seq, decisions, commands): {str(reply)[:120]}")
-    for decision in decisions:
-        try:
-            decision_from_dict(decision)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise DaemonError(f"the reply holds a malformed decision ({type(exc).__name__}: {exc}): "
-                              f"{str(decision)[:120]}") from None
-    for command in commands:
-        ok = isinstance(command, dict) and isinstance(command.get("id"), int) \
-            and isinstance(command.get("params", {}), dict)
-        try:
-            ActionKind(command["action"]) if ok else None
-        except (KeyError, ValueError, TypeError):
-            ok = False
-        if not ok:
-            raise DaemonError(f"the reply holds a malformed command: {str(command)[:120]}")
-    return {**reply, "commands": commands}
+    try:
+        return msgspec.convert(reply, Reply, strict=False)
+    except msgspec.ValidationError as exc:
+        raise DaemonError(f"the reply is not a guardian daemon's ({exc}): {str(reply)[:120]}") from None
 
 
 def _run_key(folder: Path | None) -> str:

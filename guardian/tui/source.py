@@ -26,6 +26,9 @@ from guardian.engine.engine import Engine, decision_from_dict
 from guardian.engine.ruleset import RuleSet, load_rules
 from guardian.errors import GuardianError, RuleFileError
 from guardian.exporter import RunTracker
+import msgspec
+
+from guardian import events
 from guardian.transport import wire
 from guardian.transport.client import DaemonError, request
 from guardian.transport.eventpages import pages
@@ -195,7 +198,10 @@ class RunRecord:
             self.last_seq = seq
         kind = event.get("kind")
         values = wire.metric_values(dict(event)) if kind == "metrics" else {}
-        self.tracker.apply(dict(event), values)
+        try:
+            self.tracker.apply(events.from_builtins(event))
+        except msgspec.ValidationError:
+            pass
         if isinstance(event.get("time"), (int, float)):
             self.last_time = max(self.last_time or 0.0, float(event["time"]))
             self.first_time = float(event["time"]) if self.first_time is None else self.first_time

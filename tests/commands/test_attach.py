@@ -121,7 +121,7 @@ def effective(run: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
 
 
 def as_json(observations: list[Observation]) -> str:
-    return json.dumps([(o.step, o.kind, o.metrics) for o in observations])
+    return json.dumps([(o.step, o.phase, o.metrics) for o in observations])
 
 
 def printed_decisions(text: str) -> list[tuple[int, str]]:
@@ -182,7 +182,7 @@ def test_attach_live_decides_as_replay_does_on_the_whole_file(tmp_path: Path, na
     assert decisions == expected
     if expect is not None:
         assert expected == expect
-    assert observations == [(o.step, o.kind) for o in read_log(REAL_LOGS / name)]
+    assert observations == [(o.step, o.phase) for o in read_log(REAL_LOGS / name)]
     assert printed_decisions(text) == [(e["step"], e["rule"]) for e in events(run) if e["kind"] == "decision"]
     assert all(e["source"] == "attach" for e in events(run))
     if "rameyjm7" in name:
@@ -223,7 +223,7 @@ def test_a_truncated_or_replaced_log_is_followed_as_a_resume(tmp_path: Path) -> 
     assert text.count("was truncated or replaced") == 2
     assert "resume at step 310" in text and "resume at step 510" in text
     decisions, observations = effective(run)
-    assert observations == [(o.step, o.kind) for o in read_log(log)]
+    assert observations == [(o.step, o.phase) for o in read_log(log)]
     assert decisions == [(d.step, d.rule) for d in replay(log, load_rules()).decisions]
 
 

@@ -50,7 +50,7 @@ EXPECTED_REPORT = {RAMEY: {"restarts": 1, "duplicates_dropped": 678}}
 
 
 def _split(observations: list[Observation]) -> tuple[list[Observation], list[Observation]]:
-    return [o for o in observations if o.kind == "train"], [o for o in observations if o.kind == "eval"]
+    return [o for o in observations if o.phase == "train"], [o for o in observations if o.phase == "eval"]
 
 
 def _real(name: str) -> tuple[list[Observation], LogReport]:
@@ -90,7 +90,7 @@ def test_real_log_is_sorted_and_unique_per_kind(name: str) -> None:
         assert len(steps) == len(set(steps))
     for obs in observations:
         assert all(isinstance(v, float) for v in obs.metrics.values())
-        if obs.kind == "train":
+        if obs.phase == "train":
             assert "loss" in obs.metrics
             assert not {"step", "total_flos", "train_runtime", "percentage", "lr"} & set(obs.metrics)
         else:
@@ -186,7 +186,7 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def _losses(observations: list[Observation]) -> list[tuple[int, float]]:
-    return [(o.step, o.metrics["loss"]) for o in observations if o.kind == "train"]
+    return [(o.step, o.metrics["loss"]) for o in observations if o.phase == "train"]
 
 
 def test_jsonl_keys_are_translated_and_progress_keys_dropped(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_resumed_run_replaces_everything_from_the_resume_step(tmp_path: Path) ->
     ])
     observations, report = read_log_with_report(log)
     assert _losses(observations) == [(10, 3.0), (20, 2.0), (30, 1.5), (40, 1.2), (60, 1.0)]
-    assert [o for o in observations if o.kind == "eval"] == []  # the abandoned run's eval goes too
+    assert [o for o in observations if o.phase == "eval"] == []  # the abandoned run's eval goes too
     assert (report.restarts, report.duplicates_dropped) == (1, 0)
 
 
@@ -311,7 +311,7 @@ def test_trainer_state_train_eval_and_summary_entries(tmp_path: Path) -> None:
         "not an entry",
     ], tmp_path / "trainer_state.json")
     observations, report = read_log_with_report(log)
-    assert [(o.step, o.kind) for o in observations] == [(1, "train"), (1, "eval"), (2, "train")]
+    assert [(o.step, o.phase) for o in observations] == [(1, "train"), (1, "eval"), (2, "train")]
     first, evaluation, second = observations
     assert math.isnan(first.metrics["grad_norm"]) and first.metrics["num_tokens"] == 10.0
     assert evaluation.metrics == {"epoch": 0.5, "eval_loss": math.inf, "eval_runtime": 3.0, "eval_wer": 0.4}
@@ -323,7 +323,7 @@ def test_train_is_sorted_before_eval_at_the_same_step(tmp_path: Path) -> None:
     log = _state([
         {"loss": 3.0, "step": 5}, {"eval_loss": 1.0, "step": 10}, {"loss": 2.0, "step": 10},
     ], tmp_path / "trainer_state.json")
-    assert [(o.step, o.kind) for o in read_log(log)] == [(5, "train"), (10, "train"), (10, "eval")]
+    assert [(o.step, o.phase) for o in read_log(log)] == [(5, "train"), (10, "train"), (10, "eval")]
 
 
 def test_empty_log_history_is_an_empty_run(tmp_path: Path) -> None:
