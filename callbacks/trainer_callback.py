@@ -44,7 +44,8 @@ from guardian.commands.supervisor import ENV_RESTART
 from guardian import events
 from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, merge
 from guardian.engine.engine import Decision, Engine, decision_from_event
-from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import METHOD_RULES, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
 from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
 from guardian.exporter import GuardianCollector, RunTracker, RunView

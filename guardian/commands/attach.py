@@ -81,7 +81,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
-from guardian.engine.ruleset import RuleSet, Severity
+from guardian.engine.rules import RuleSet
+from guardian.events import Severity
 import msgspec
 
 from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent

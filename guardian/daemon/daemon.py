@@ -34,7 +34,7 @@ from guardian.daemon.alertmap import Mapping, firing_alerts, load_alert_actions
 from guardian.daemon.httpserver import HTTPServer, Reply, Request
 from guardian.daemon.store import ReportWrite, Store, StoreError, move_aside
 from guardian.engine.engine import Engine
-from guardian.engine.ruleset import RuleSet
+from guardian.engine.rules import RuleSet
 from guardian import events
 from guardian.events import ActionEvent, EndEvent, MetricsEvent, StartEvent
 from guardian.errors import RuleFileError

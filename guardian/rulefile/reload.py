@@ -23,7 +23,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from guardian.engine.ruleset import RuleSet, load_rules, parse_rules, read_rule_bytes, rule_text
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import load_rules, parse_rules, read_rule_bytes, rule_text
 from guardian.errors import Problem, RuleFileError
 
 log = logging.getLogger("guardian.reload")

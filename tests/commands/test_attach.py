@@ -20,7 +20,7 @@ from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.attach import EventSink, Follower, JsonlTail, StopPolicy, for_log_interval, log_interval
 from guardian.commands.replay import replay
-from guardian.engine.ruleset import load_rules, parse_rules
+from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.logs.training import Observation, read_log
 from guardian.transport.client import request
 
