@@ -87,6 +87,7 @@ import msgspec
 
 from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent
 from guardian.errors import ConfigError, LogFormatError
+from guardian.logs.atomic import write_atomic
 from guardian.logs.eventlog import EventLog
 from guardian.logs.training import TRAIN, Observation, _Assembler, _jsonl_record, _parse_trainer_state
 from guardian.transport.client import DaemonLink
@@ -224,10 +225,9 @@ def _assemble(records: Iterable[Any]) -> tuple[_Assembler, list[Observation]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write a mark or pointer file whole (its folder made if needed), with the umask's mode as before."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text, mode=None)
 
 
 def process_alive(pid: int) -> bool:
