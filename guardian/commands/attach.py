@@ -77,19 +77,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
-from guardian.events import Severity
-import msgspec
-
-from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent
-from guardian.errors import ConfigError, LogFormatError
+from guardian.errors import ConfigError
+from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.logs.atomic import write_atomic
 from guardian.logs.eventlog import EventLog
-from guardian.logs.training import TRAIN, Observation, _Assembler, _jsonl_record, _parse_trainer_state
+from guardian.logs.tail import JsonlTail
+from guardian.logs.training import (TRAIN, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
+                                      read_trainer_state, trainer_state_ends_run)
 from guardian.transport.client import DaemonLink
 
 JSONL = "trainer_log.jsonl"
@@ -120,34 +120,6 @@ def parse_signal(text: str) -> signal.Signals:
 
 
 # --- reading ---------------------------------------------------------------------------------------------
-
-
-class JsonlTail:
-    """The complete lines appended to a file since the last read; notices truncation and replacement."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.inode: int | None = None
-
-    def read(self) -> tuple[bool, list[str]]:
-        """(whether the file was truncated or replaced and is read from its start, its new complete lines)."""
-        try:
-            with self.path.open("rb") as f:
-                st = os.fstat(f.fileno())
-                rewritten = self.inode is not None and (st.st_ino != self.inode or st.st_size < self.offset)
-                if rewritten:
-                    self.offset = 0
-                self.inode = st.st_ino
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return False, []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return rewritten, []  # a partial line stays on disk until its newline comes
-        self.offset += end + 1
-        return rewritten, [line.decode("utf-8", errors="replace") for line in data[:end].split(b"\n")]
 
 
 def for_log_interval(ruleset: RuleSet, interval: int) -> tuple[RuleSet, list[str]]:
@@ -194,34 +166,6 @@ def _same(a: Observation, b: Observation) -> bool:
         return False
     pairs = ((a.metrics[key], b.metrics[key]) for key in a.metrics)
     return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in pairs)
-
-
-def _jsonl_ends_run(line: str) -> bool:
-    """LLaMA-Factory's last line: current_steps reached total_steps, or percentage 100."""
-    if '"total_steps"' not in line:
-        return False
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(obj, dict):
-        return False
-    steps, total, percentage = obj.get("current_steps"), obj.get("total_steps"), obj.get("percentage")
-    if isinstance(percentage, (int, float)) and percentage >= 100:
-        return True
-    return isinstance(steps, int) and isinstance(total, int) and total > 0 and steps >= total
-
-
-def _state_ends_run(doc: dict[str, Any]) -> bool:
-    step, limit = doc.get("global_step"), doc.get("max_steps")
-    return isinstance(step, int) and isinstance(limit, int) and limit > 0 and step >= limit
-
-
-def _assemble(records: Iterable[Any]) -> tuple[_Assembler, list[Observation]]:
-    assembler = _Assembler()
-    for record in records:
-        assembler.add(record)
-    return assembler, assembler.observations()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -313,7 +257,7 @@ class Follower:
         self._fed: list[Observation] = []
         self._decided: list[tuple[int, Decision]] = []  # (index in _fed of the observation, decision)
         self._tail = JsonlTail(self.output_dir / JSONL)
-        self._assembler = _Assembler()
+        self._assembler = assemble(())
         self._state_seen: dict[Path, tuple[int, int, int]] = {}
         self._known: set[int] = set()  # checkpoint steps seen (judged or pending)
         self._pending: dict[int, Path] = {}
@@ -416,34 +360,33 @@ class Follower:
 
     def _read_jsonl(self) -> None:
         self._load_grad_norms()
-        rewritten, lines = self._tail.read()
-        if rewritten:
+        read = self._tail.read()
+        if read.restarted:
             self._say(f"{JSONL} was truncated or replaced: reading it again from the start")
-            self._assembler, history = _assemble(r for line in lines for r in (_jsonl_record(line) or []))
-            self._sync(history, shorter_is_resume=True, why=f"{JSONL} was rewritten")
-            self.log_ended = any(_jsonl_ends_run(line) for line in lines)
+            self._assembler = assemble(r for line in read.lines for r in (jsonl_records(line) or []))
+            self._sync(self._assembler.observations(), shorter_is_resume=True, why=f"{JSONL} was rewritten")
+            self.log_ended = any(jsonl_ends_run(line) for line in read.lines)
             return
-        for line in lines:
+        for line in read.lines:
             if not line.strip():
                 continue
-            parsed = _jsonl_record(line)
+            parsed = jsonl_records(line)
             if parsed is None:
                 self.skipped_lines += 1
                 continue
             for record in parsed:
                 self._add_record(record)
-            self.log_ended = self.log_ended or _jsonl_ends_run(line)
+            self.log_ended = self.log_ended or jsonl_ends_run(line)
 
-    def _add_record(self, record: Any) -> None:
+    def _add_record(self, record: Record) -> None:
         """One jsonl record through the shared assembler: a duplicate is dropped, a restart is a resume."""
-        obs: Observation = record.observation
-        restarts = self._assembler.restarts
-        self._assembler.add(record)
-        if self._assembler.restarts > restarts:
+        obs = record.observation
+        placed = self._assembler.add(record)
+        if placed.restarted:
             keep = sum(1 for o in self._fed if o.step < obs.step)
             previous = self.last_step
             self._resume(keep, obs.step, f"{JSONL} went back from step {previous} to {obs.step}")
-        if self._assembler._kept.get((obs.phase, obs.step)) is not obs:
+        if not placed.kept:
             return  # a duplicate: the first record of a step wins
         if self._fed and _order(obs) <= _order(self._fed[-1]):
             self.late += 1  # kept by the reader, but after later steps were fed: the rules saw their moment pass
@@ -463,9 +406,10 @@ class Follower:
                 newest = (st.st_mtime_ns, path, (st.st_ino, st.st_size, st.st_mtime_ns))
         if newest is None or (self._grad_file is not None and self._grad_file == newest[1:]):
             return
-        history, doc = self._state_history(newest[1])
-        if doc is None:
+        state = read_trainer_state(newest[1])
+        if state is None:
             return  # half-written: read again on the next pass
+        history = state[0]
         self._grad_file = (newest[1], newest[2])
         self._grad_norms = {o.step: o.metrics["grad_norm"] for o in history
                             if o.phase == TRAIN and "grad_norm" in o.metrics}
@@ -526,23 +470,14 @@ class Follower:
             if self._state_seen.get(path) != signature:
                 changed.append((st.st_mtime_ns, path, signature))
         for _, path, signature in sorted(changed):
-            history, doc = self._state_history(path)
-            if doc is None:
+            state = read_trainer_state(path)
+            if state is None:
                 continue  # half-written: read again on the next pass
+            history, doc = state
             self._state_seen[path] = signature
             self._sync(history, shorter_is_resume=False,
                        why=f"{path.relative_to(self.output_dir)} holds another history (a resumed run)")
-            self.log_ended = self.log_ended or _state_ends_run(doc)
-
-    def _state_history(self, path: Path) -> tuple[list[Observation], dict[str, Any] | None]:
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-            if not isinstance(doc, dict):
-                raise LogFormatError(f"{path}: not a JSON object")
-            parsed = _parse_trainer_state(path, doc.get("log_history"))
-        except (OSError, json.JSONDecodeError, LogFormatError):
-            return [], None
-        return _assemble(parsed.records)[1], doc
+            self.log_ended = self.log_ended or trainer_state_ends_run(doc)
 
     def _sync(self, history: list[Observation], *, shorter_is_resume: bool, why: str) -> None:
         """Bring what was fed in line with a whole history: feed what is new, or resume where it differs."""
@@ -639,33 +574,32 @@ class Follower:
         if not stopping:
             return
         onset = min(d.finding.onset_step for d in stopping)
-        record: dict[str, Any] = {"stopped": False}
         good = self.resume_point(before=onset)
+        outcome = ActionOutcome(stopped=False, resume_from=None if good is None else str(good))
         if good is not None:
-            record["resume_from"] = str(good)
             self._say(f"  resume from the last good checkpoint before step {onset}: --resume_from_checkpoint {good}")
         else:
             self._say(f"  no good checkpoint from before step {onset} is known")
         if self.policy.pid is None:
             self._say("  not stopping the run: no --pid given")
         elif self.signalled:
-            record["already_signalled"] = True
+            outcome = msgspec.structs.replace(outcome, already_signalled=True)
         else:
-            self._signal(record)
-        self.sink.emit(ActionOutcome(**record).event(step, [d.rule for d in stopping]), flush=True)
+            outcome = self._signal(outcome)
+        self.sink.emit(outcome.event(step, [d.rule for d in stopping]), flush=True)
 
-    def _signal(self, record: dict[str, Any]) -> None:
+    def _signal(self, outcome: ActionOutcome) -> ActionOutcome:
+        """Send the stop signal once; `outcome` with what came of it."""
         pid, sig = self.policy.pid, self.policy.stop_signal
         assert pid is not None  # checked by the caller
         try:
             self.kill(pid, sig)
         except OSError as exc:
-            record["signal_error"] = f"{sig.name} to {pid}: {exc}"
             self._say(f"  could not send {sig.name} to process {pid}: {exc}")
-            return
+            return msgspec.structs.replace(outcome, signal_error=f"{sig.name} to {pid}: {exc}")
         self.signalled = True
-        record.update(stopped=True, signal=sig.name, pid=pid)
         self._say(f"  sent {sig.name} to process {pid} to stop the run")
+        return msgspec.structs.replace(outcome, stopped=True, signal=sig.name, pid=pid)
 
     def resume_point(self, before: int) -> Path | None:
         """The newest checkpoint marked good, still on disk, from before step `before`."""
