@@ -122,25 +122,25 @@ def parse_signal(text: str) -> signal.Signals:
 # --- reading ---------------------------------------------------------------------------------------------
 
 
-def for_log_interval(ruleset: RuleSet, interval: int) -> tuple[RuleSet, list[str]]:
-    """The rules as they apply to a log with a line every `interval` steps, and what changed.
+def for_log_interval(ruleset: RuleSet, interval_steps: int) -> tuple[RuleSet, list[str]]:
+    """The rules as they apply to a log with a line every `interval_steps` steps, and what changed.
 
     A warm-up that counts observations means steps in-process (the callback observes every step) but log
     lines here: at `logging_steps: 5` loss_spike's 20 would last 100 steps, longer than many short runs.
-    Such warm-ups become `warmup_steps / interval` lines (at least MIN_WARMUP_LINES, at most what they were),
+    Such warm-ups become `warmup_steps / interval_steps` lines (at least MIN_WARMUP_LINES, at most what they were),
     so they last about as many steps as the rule says. Windows, consecutive counts and step-based warm-ups
     are left as they are (on the real logs in the fixtures this changes no decision)."""
-    if interval <= 1:
+    if interval_steps <= 1:
         return ruleset, []
     rules, notes = [], []
     for rule in ruleset.rules:
         param = _WARMUPS_COUNT_OBSERVATIONS.get(rule.detector)
         if param is not None:
             warmup = int(getattr(rule.build_detector(), param))
-            lines = min(warmup, max(MIN_WARMUP_LINES, math.ceil(warmup / interval)))
+            lines = min(warmup, max(MIN_WARMUP_LINES, math.ceil(warmup / interval_steps)))
             if lines != warmup:
                 rule = dataclasses.replace(rule, params={**rule.params, param: lines})
-                notes.append(f"{rule.name} {warmup} -> {lines} lines ({lines * interval} steps)")
+                notes.append(f"{rule.name} {warmup} -> {lines} lines ({lines * interval_steps} steps)")
         rules.append(rule)
     return dataclasses.replace(ruleset, rules=tuple(rules)), notes
 
@@ -249,7 +249,7 @@ class Follower:
         self.out, self.kill = out or sys.stdout, kill
         self.rules_in_use = ruleset  # the rules with warm-ups scaled to the log's interval, once it is known
         self.engine = Engine(ruleset)
-        self.interval: int | None = None  # steps between log lines
+        self.interval_steps: int | None = None  # steps between log lines
         self.source: str | None = None
         self.resumes = self.late = self.skipped_lines = 0
         self.signalled = False
@@ -499,7 +499,7 @@ class Follower:
 
     def _feed(self, obs: Observation) -> None:
         self._judge(obs.step - 1)  # checkpoints before this step are judged on what was known at their step
-        if self.interval is None and obs.phase == TRAIN:
+        if self.interval_steps is None and obs.phase == TRAIN:
             self._learn_interval(obs)
         if self.source == JSONL and obs.phase == TRAIN and "grad_norm" not in obs.metrics:
             self._grad_used.pop(obs.step, None)  # an abandoned run's, at the same step
@@ -528,8 +528,8 @@ class Follower:
         interval = log_interval([*self._fed, obs])
         if interval is None:
             return
-        self.interval = interval
-        scaled, notes = for_log_interval(self.ruleset, interval)
+        self.interval_steps = interval
+        scaled, notes = for_log_interval(self.ruleset, interval_steps=interval)
         if not notes:
             return
         self.rules_in_use = scaled
@@ -646,7 +646,7 @@ class Follower:
         if len(logged) == last - first + 1:
             return None
         steps = sorted(logged)
-        gaps = {b - a for a, b in zip(steps, steps[1:])} or {self.interval or 1}
+        gaps = {b - a for a, b in zip(steps, steps[1:])} or {self.interval_steps or 1}
         if len(gaps) == 1 and min(gaps) > 1:  # a line every k steps, not a few lines lost
             return (f"the log covers only every {_ordinal(min(gaps))} step, so steps {first}-{last} cannot "
                     f"all be known healthy (log every step, logging_steps: 1, for good checkpoints)")
@@ -787,7 +787,7 @@ def _check_rules(names: frozenset[str], ruleset: RuleSet) -> frozenset[str]:
     return names
 
 
-class _stop_on_sigterm:  # noqa: N801 - used as a context manager, reads like one
+class _stop_on_sigterm:  # used as a context manager, reads like one
     """SIGTERM ends the loop cleanly (events flushed, summary printed), like Ctrl-C."""
 
     def __init__(self, stop: threading.Event, wake: threading.Event) -> None:

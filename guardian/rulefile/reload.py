@@ -125,7 +125,7 @@ class RuleLibrary:
             return self._parse(rule_text(data, str(path)), str(path))
         except RuleFileError as exc:
             return exc
-        except Exception as exc:  # noqa: BLE001 - a file the validator trips on must not stop the daemon
+        except Exception as exc:  # a file the validator trips on must not stop the daemon
             log.exception("validating %s failed", path)
             return RuleFileError([Problem(str(path), None, None, (
                 f"could not be validated ({type(exc).__name__}); this is a bug in Guardian, please report it"))])
@@ -200,7 +200,7 @@ class RuleLibrary:
         while (name := self._next_due()) is not None:
             try:
                 self.reload(name)
-            except Exception:  # noqa: BLE001 - one bad reload (or callback) must not end all reloads
+            except Exception:  # one bad reload (or callback) must not end all reloads
                 log.exception("reloading rules '%s' failed; the last good rules stay in use", name)
 
     def _next_due(self) -> str | None:
