@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
@@ -80,12 +79,12 @@ from typing import Any, TextIO
 import msgspec
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from guardian.commands.checkpointjudge import GOOD_MARK, STATE, CheckpointJudge
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
 from guardian.errors import ConfigError
-from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, Severity, StartEvent
-from guardian.logs.atomic import write_atomic
+from guardian.events import ActionOutcome, AnyEvent, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.logs.eventlog import EventLog
 from guardian.logs.tail import JsonlTail
 from guardian.logs.training import (TRAIN, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
@@ -93,9 +92,6 @@ from guardian.logs.training import (TRAIN, Observation, Record, assemble, jsonl_
 from guardian.transport.client import DaemonLink
 
 JSONL = "trainer_log.jsonl"
-STATE = "trainer_state.json"
-GOOD_MARK = "guardian_good.json"
-LAST_GOOD = "last_good_checkpoint"
 SOURCE = "attach"
 _PHASE_ORDER = {"train": 0, "eval": 1}
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).
@@ -151,11 +147,6 @@ def log_interval(observations: Iterable[Observation]) -> int | None:
     return steps[1] - steps[0] if len(steps) == 2 and steps[1] > steps[0] else None
 
 
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
 def _order(obs: Observation) -> tuple[int, int]:
     return obs.step, _PHASE_ORDER.get(obs.phase, 2)
 
@@ -166,12 +157,6 @@ def _same(a: Observation, b: Observation) -> bool:
         return False
     pairs = ((a.metrics[key], b.metrics[key]) for key in a.metrics)
     return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in pairs)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a mark or pointer file whole (its folder made if needed), with the umask's mode as before."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text, mode=None)
 
 
 def process_alive(pid: int) -> bool:
@@ -259,10 +244,8 @@ class Follower:
         self._tail = JsonlTail(self.output_dir / JSONL)
         self._assembler = assemble(())
         self._state_seen: dict[Path, tuple[int, int, int]] = {}
-        self._known: set[int] = set()  # checkpoint steps seen (judged or pending)
-        self._pending: dict[int, Path] = {}
-        self._good: list[tuple[int, Path]] = []
-        self._judged: list[int] = []  # checkpoint steps judged, good or not
+        self.checkpoints = CheckpointJudge(self.output_dir, quiet_steps=quiet_steps, rules_source=ruleset.source,
+                                           emit=lambda event: self.sink.emit(event, flush=True), say=self._say)
         self._grad_norms: dict[int, float] = {}  # step -> grad_norm from a trainer_state.json, for a jsonl log
         self._grad_file: tuple[Path, tuple[int, int, int]] | None = None
         self._grad_used: dict[int, float] = {}  # the grad norms given to the rules, by step
@@ -289,19 +272,19 @@ class Follower:
 
     @property
     def last_good(self) -> Path | None:
-        return self._good[-1][1] if self._good else None
+        return self.checkpoints.last_good
 
     # ---- one pass ---------------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        self._discover_checkpoints()
+        self.checkpoints.discover()
         if self.source is None:
             self._choose_source()
         if self.source == JSONL:
             self._read_jsonl()
         elif self.source == STATE:
             self._read_states()
-        self._discover_checkpoints()  # again: a resume forgets the checkpoints from its step on
+        self.checkpoints.discover()  # again: a resume forgets the checkpoints from its step on
         if self.last_step is not None:
             self._judge(self.last_step)
         if self.policy.pid is not None and not self.process_gone and not process_alive(self.policy.pid):
@@ -311,8 +294,9 @@ class Follower:
 
     def finish(self) -> None:
         """Judge what is left to judge, record the end if the run ended, and print a summary."""
-        if self._pending and self.last_step is not None:
-            self._judge(max(self._pending) if self.ended else self.last_step)
+        pending = self.checkpoints.newest_pending_step
+        if pending is not None and self.last_step is not None:
+            self._judge(pending if self.ended else self.last_step)
         if self.ended and self.source is not None:
             self.sink.emit(EndEvent(step=self.last_step, decisions=len(self._decided), resumes=self.resumes),
                            flush=True)
@@ -436,21 +420,7 @@ class Follower:
             self._report(decision, late=True)
         if not new:
             return
-        for step, folder in list(self._good):  # marked good before these steps' grad norms were known
-            earlier = max((n for n in self._judged if n < step), default=0)
-            start = max(0, min(step - self.quiet_steps, earlier + 1))
-            near = [d for d in new if start <= d.step <= step]
-            if near:
-                self._good.remove((step, folder))
-                self._not_good(step, folder, f"{near[-1].rule} fired at step {near[-1].step}", near[-1].rule)
-                last = self.last_good
-                try:
-                    if last is not None:
-                        _write_atomic(self.output_dir / "guardian" / LAST_GOOD, f"{last}\n")
-                    else:
-                        (self.output_dir / "guardian" / LAST_GOOD).unlink(missing_ok=True)
-                except OSError as exc:
-                    self._say(f"guardian/{LAST_GOOD}: could not update it ({exc})")
+        self.checkpoints.unmark(new)  # marked good before these steps' grad norms were known
         self._act(max(d.step for d in new), new)
 
     def _state_files(self) -> list[Path]:
@@ -550,10 +520,7 @@ class Follower:
             self.engine.observe(obs.step, self._metrics(obs))
         self.resumes += 1
         self.log_ended = False
-        self._known = {n for n in self._known if n < step}
-        self._pending = {n: p for n, p in self._pending.items() if n < step}
-        self._good = [(n, p) for n, p in self._good if n < step]
-        self._judged = [n for n in self._judged if n < step]
+        self.checkpoints.forget_from(step)
         since = f"their state at step {self.last_step}" if self._fed else "scratch"
         extra = f"; {dropped} decisions made about the abandoned steps no longer count" if dropped else ""
         self._say(f"resume at step {step}: {why}; {replaced} observations from step {step} on are replaced and "
@@ -574,7 +541,7 @@ class Follower:
         if not stopping:
             return
         onset = min(d.finding.onset_step for d in stopping)
-        good = self.resume_point(before=onset)
+        good = self.checkpoints.resume_point(before=onset)
         outcome = ActionOutcome(stopped=False, resume_from=None if good is None else str(good))
         if good is not None:
             self._say(f"  resume from the last good checkpoint before step {onset}: --resume_from_checkpoint {good}")
@@ -603,74 +570,12 @@ class Follower:
 
     def resume_point(self, before: int) -> Path | None:
         """The newest checkpoint marked good, still on disk, from before step `before`."""
-        for step, folder in reversed(self._good):
-            if step < before and folder.is_dir():
-                return folder
-        return None
-
-    # ---- checkpoints ------------------------------------------------------------------------------------
-
-    def _discover_checkpoints(self) -> None:
-        for state in self.output_dir.glob(f"checkpoint-*/{STATE}"):
-            number = state.parent.name.removeprefix("checkpoint-")
-            if number.isdigit() and int(number) not in self._known:
-                self._known.add(int(number))
-                self._pending[int(number)] = state.parent
+        return self.checkpoints.resume_point(before)
 
     def _judge(self, through: int) -> None:
-        """Mark each pending checkpoint up to step `through` good, or not, on the decisions around it."""
-        for step in sorted(n for n in self._pending if n <= through):
-            folder = self._pending.pop(step)
-            if not folder.is_dir() or not self._fed or self._fed[0].step > step:
-                continue  # rotated away already, or no log covers it
-            earlier = max((n for n in self._judged if n < step), default=0)
-            self._judged.append(step)
-            start = max(0, min(step - self.quiet_steps, earlier + 1))  # the quiet window, or since the last checkpoint
-            near = [d for _, d in self._decided if start <= d.step <= step]
-            gap = self._unlogged(max(start, 1), step)
-            if near:
-                self._not_good(step, folder, f"{near[-1].rule} fired at step {near[-1].step}", near[-1].rule)
-            elif gap is not None:
-                self._not_good(step, folder, gap, None)
-            else:
-                self._mark_good(step, folder, max(start, 1))
-
-    def _unlogged(self, first: int, last: int) -> str | None:
-        """Why the log cannot show steps `first`..`last` were healthy (some have no train line), or None.
-
-        A log line every k steps says nothing certain of the steps between (Trainer's logged loss is an
-        average, and NaN losses are left out of it), so a checkpoint is judged only on steps the log shows."""
-        train = [o.step for o in self._fed if o.phase == TRAIN]
-        first = max(first, train[0]) if train else first  # a log that starts later (a resumed run) from its start
-        logged = {n for n in train if first <= n <= last}
-        if len(logged) == last - first + 1:
-            return None
-        steps = sorted(logged)
-        gaps = {b - a for a, b in zip(steps, steps[1:])} or {self.interval_steps or 1}
-        if len(gaps) == 1 and min(gaps) > 1:  # a line every k steps, not a few lines lost
-            return (f"the log covers only every {_ordinal(min(gaps))} step, so steps {first}-{last} cannot "
-                    f"all be known healthy (log every step, logging_steps: 1, for good checkpoints)")
-        missing = next(n for n in range(first, last + 1) if n not in logged)
-        return f"step {missing} is not in the log, so steps {first}-{last} cannot all be known healthy"
-
-    def _mark_good(self, step: int, folder: Path, start: int) -> None:
-        mark = {"step": step, "path": str(folder), "quiet_steps": self.quiet_steps, "rules": self.ruleset.source,
-                "judged_through_step": self.last_step, "marked_by": "guardian attach", "time": round(time.time(), 3)}
-        try:
-            _write_atomic(folder / GOOD_MARK, json.dumps(mark, indent=2) + "\n")
-            _write_atomic(self.output_dir / "guardian" / LAST_GOOD, f"{folder}\n")
-        except OSError as exc:
-            self._say(f"{folder.name}: could not mark it good ({exc})")
-            return
-        self._good.append((step, folder))
-        self._say(f"{folder.name} is good (every step {start}-{step} logged, no rule fired): "
-                  f"written to guardian/{LAST_GOOD}")
-        self.sink.emit(CheckpointEvent(step=step, good=True, path=str(folder)), flush=True)
-
-    def _not_good(self, step: int, folder: Path, why: str, rule: str | None) -> None:
-        (folder / GOOD_MARK).unlink(missing_ok=True)  # a mark left by an abandoned run's checkpoint
-        self._say(f"{folder.name} is not marked good: {why}")
-        self.sink.emit(CheckpointEvent(step=step, good=False, path=str(folder), why=why, rule=rule), flush=True)
+        """Judge the checkpoints up to step `through` on what was fed and decided."""
+        self.checkpoints.judge(through, self._fed, self.decisions, interval_steps=self.interval_steps,
+                               last_step=self.last_step)
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
