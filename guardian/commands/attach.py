@@ -88,12 +88,11 @@ from guardian.events import ActionOutcome, AnyEvent, EndEvent, MetricsEvent, Sev
 from guardian.logs.eventlog import EventLog
 from guardian.logs.tail import JsonlTail
 from guardian.logs.training import (TRAIN, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
-                                      read_trainer_state, trainer_state_ends_run)
+                                      observation_order, read_trainer_state, trainer_state_ends_run)
 from guardian.transport.client import DaemonLink
 
 JSONL = "trainer_log.jsonl"
 SOURCE = "attach"
-_PHASE_ORDER = {"train": 0, "eval": 1}
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).
 _WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "relative_to_first_steps"}
 MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
@@ -145,10 +144,6 @@ def log_interval(observations: Iterable[Observation]) -> int | None:
     """Steps between the first two train observations (the log's logging_steps), None before there are two."""
     steps = [o.step for o in observations if o.phase == TRAIN][:2]
     return steps[1] - steps[0] if len(steps) == 2 and steps[1] > steps[0] else None
-
-
-def _order(obs: Observation) -> tuple[int, int]:
-    return obs.step, _PHASE_ORDER.get(obs.phase, 2)
 
 
 def _same(a: Observation, b: Observation) -> bool:
@@ -372,7 +367,7 @@ class Follower:
             self._resume(keep, obs.step, f"{JSONL} went back from step {previous} to {obs.step}")
         if not placed.kept:
             return  # a duplicate: the first record of a step wins
-        if self._fed and _order(obs) <= _order(self._fed[-1]):
+        if self._fed and observation_order(obs) <= observation_order(self._fed[-1]):
             self.late += 1  # kept by the reader, but after later steps were fed: the rules saw their moment pass
             return
         self._feed(obs)
@@ -458,7 +453,7 @@ class Follower:
         if i < len(fed):
             if i == len(history) and not shorter_is_resume:
                 return  # an older checkpoint's history: nothing new in it
-            if i == len(history) or _order(history[i]) <= _order(fed[-1]):
+            if i == len(history) or observation_order(history[i]) <= observation_order(fed[-1]):
                 step = min(fed[i].step, history[i].step) if i < len(history) else fed[i].step
                 self._resume(i, step, why)
             # else: the history goes on after what was fed (its beginning is gone): not a resume

@@ -339,6 +339,11 @@ def _as_step(value: object) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
+def observation_order(obs: Observation) -> tuple[int, int]:
+    """The order of observations in a run: by step, and at a step train before eval."""
+    return obs.step, _PHASE_ORDER.get(obs.phase, 2)
+
+
 # --- writers, duplicates and restarts ---------------------------------------------------------
 
 
@@ -389,7 +394,7 @@ class Assembler:
 
     def observations(self) -> list[Observation]:
         """The kept observations, by step (train before eval at a step)."""
-        return sorted(self._kept.values(), key=lambda o: (o.step, _PHASE_ORDER.get(o.phase, 2)))
+        return sorted(self._kept.values(), key=observation_order)
 
     def _place(self, record: Record) -> None:
         """Advance the writer this record continues, or open a writer, or start a new segment."""

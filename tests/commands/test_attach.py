@@ -19,7 +19,6 @@ from daemonkit import DaemonProcess
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.attach import EventSink, Follower, StopPolicy, for_log_interval, log_interval
-from guardian.logs.tail import JsonlTail, TailRead
 from guardian.commands.replay import replay
 from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.events import (ActionEvent, AnyEvent, CheckpointEvent, DecisionEvent, EndEvent, MetricsEvent, StartEvent,
@@ -336,19 +335,6 @@ def test_a_checkpoint_with_another_history_is_a_resume(tmp_path: Path) -> None:
     assert as_json(f.observations) == as_json(read_log(tmp_path))  # NaN == NaN in JSON
     assert [(d.step, d.rule) for d in f.decisions] == [(25, "non_finite_loss")]
     assert f.resume_point(before=25) == tmp_path / "checkpoint-20"
-
-
-def test_a_half_written_line_waits_for_its_newline(tmp_path: Path) -> None:
-    path = tmp_path / "trainer_log.jsonl"
-    tail = JsonlTail(path)
-    assert tail.read() == TailRead(False, [])
-    path.write_bytes(b'{"a": 1}\n{"b"')
-    assert tail.read() == TailRead(False, ['{"a": 1}'])
-    with path.open("ab") as f:
-        f.write(b': 2}\n')
-    assert tail.read() == TailRead(False, ['{"b": 2}'])
-    path.write_bytes(b'{"c": 3}\n')
-    assert tail.read() == TailRead(True, ['{"c": 3}'])
 
 
 def test_unknown_stop_on_rule_and_signal_are_clear_errors(tmp_path: Path) -> None:
