@@ -80,19 +80,18 @@ import msgspec
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from guardian.commands.checkpointjudge import GOOD_MARK, STATE, CheckpointJudge
+from guardian.commands.eventsink import EventSink
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
 from guardian.errors import ConfigError
-from guardian.events import ActionOutcome, AnyEvent, EndEvent, MetricsEvent, Severity, StartEvent
-from guardian.logs.eventlog import EventLog
+from guardian.events import ActionOutcome, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.logs.tail import JsonlTail
 from guardian.logs.training import (TRAIN, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
                                       observation_order, read_trainer_state, trainer_state_ends_run)
 from guardian.transport.client import DaemonLink
 
 JSONL = "trainer_log.jsonl"
-SOURCE = "attach"
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).
 _WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "relative_to_first_steps"}
 MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
@@ -167,35 +166,6 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return True
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
-# --- events ------------------------------------------------------------------------------------------------
-
-
-class EventSink:
-    """Writes events to `<output_dir>/guardian/events.jsonl` (opened at the first event, so nothing is
-    created in the output directory before the run writes there) and, when linked, streams them."""
-
-    def __init__(self, path: Path, link: DaemonLink | None = None) -> None:
-        self.path, self.link = path, link
-        self._log: EventLog | None = None
-
-    def emit(self, event: AnyEvent, *, flush: bool = False) -> None:
-        if self._log is None:
-            self._log = EventLog(self.path)
-        event = self._log.write(msgspec.structs.replace(event, source=SOURCE), flush=flush)
-        if self.link is not None:
-            self.link.send(event)
-
-    def flush(self) -> None:
-        if self._log is not None:
-            self._log.flush()
-
-    def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-        if self.link is not None:
-            self.link.close()
 
 
 @dataclass(frozen=True)

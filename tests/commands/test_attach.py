@@ -18,7 +18,8 @@ import pytest
 from daemonkit import DaemonProcess
 from realpaths import REAL_LOGS, needs_fixtures
 
-from guardian.commands.attach import EventSink, Follower, StopPolicy, for_log_interval, log_interval
+from guardian.commands.attach import Follower, StopPolicy, for_log_interval, log_interval
+from guardian.commands.eventsink import EventSink
 from guardian.commands.replay import replay
 from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.events import (ActionEvent, AnyEvent, CheckpointEvent, DecisionEvent, EndEvent, MetricsEvent, StartEvent,
