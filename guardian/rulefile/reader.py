@@ -41,6 +41,7 @@ def default_rules_path() -> Path:
 
 
 def shipped_rules_path(name: str) -> Path:
+    """Where the shipped rule file `name` (default.yaml, preference.yaml, rl.yaml) is."""
     return Path(str(resources.files("guardian.shipped_rules").joinpath(name)))
 
 
@@ -467,7 +468,7 @@ def _is_int(value: Any) -> bool:
 
 def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:
     names: list[str] = []
-    for key in (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric", "grad_metric"):
+    for key in METRIC_PARAMS:
         value = getattr(detector, key, None)
         if isinstance(value, str):
             names.append(value)
