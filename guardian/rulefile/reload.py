@@ -33,6 +33,7 @@ log = logging.getLogger("guardian.reload")
 RULE_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_RULE_SETS = 256  # rule files read from one folder; more are refused and logged
 _READ_ATTEMPTS = 5  # reads of a file that keeps changing before waiting for its next change event
+_STOP_WAIT_SECONDS = 5.0  # how long `stop()` waits for the watcher and the reload worker to end
 
 Parse = Callable[[str, str], RuleSet]
 
@@ -178,14 +179,14 @@ class RuleLibrary:
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout=5)
+            self._observer.join(timeout=_STOP_WAIT_SECONDS)
             self._observer = None
         with self._lock:
             self._stopping = True
             self._due.clear()
             self._wake.notify_all()
         if self._worker is not None:
-            self._worker.join(timeout=5)
+            self._worker.join(timeout=_STOP_WAIT_SECONDS)
             self._worker = None
 
     def _changed(self, path: Path) -> None:
