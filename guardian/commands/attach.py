@@ -87,7 +87,7 @@ from guardian.engine.rules import RuleSet
 from guardian.errors import ConfigError
 from guardian.events import ActionOutcome, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.logs.tail import JsonlTail
-from guardian.logs.training import (TRAIN, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
+from guardian.logs.training import (TRAIN, Assembler, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
                                       observation_order, read_trainer_state, trainer_state_ends_run)
 from guardian.transport.client import DaemonLink
 
@@ -207,7 +207,7 @@ class Follower:
         self._fed: list[Observation] = []
         self._decided: list[tuple[int, Decision]] = []  # (index in _fed of the observation, decision)
         self._tail = JsonlTail(self.output_dir / JSONL)
-        self._assembler = assemble(())
+        self._assembler = Assembler()
         self._state_seen: dict[Path, tuple[int, int, int]] = {}
         self.checkpoints = CheckpointJudge(self.output_dir, quiet_steps=quiet_steps, rules_source=ruleset.source,
                                            emit=lambda event: self.sink.emit(event, flush=True), say=self._say)
