@@ -162,7 +162,7 @@ def _worker_init(rules_path: str | None, systems: tuple[str, ...], tmp: str | No
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from guardian.engine.ruleset import load_rules
+    from guardian.rulefile.reader import load_rules
 
     _WORKER["ruleset"] = load_rules(rules_path)
     _WORKER["systems"] = systems
@@ -754,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from _common import _from_repo, machine_info, table, write_json
 
-    from guardian.engine.ruleset import load_rules
+    from guardian.rulefile.reader import load_rules
 
     started = time.perf_counter()
     ruleset = load_rules(args.rules)

@@ -311,7 +311,7 @@ def check_recovery(device: str, precision: str) -> Result:
 
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.engine.ruleset import parse_rules
+    from guardian.rulefile.reader import parse_rules
 
     need_device(device)
     figures: dict[str, Any] = {"precision": precision}
@@ -474,7 +474,7 @@ def ddp_worker(out: str, device: str) -> None:
 
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.engine.ruleset import parse_rules
+    from guardian.rulefile.reader import parse_rules
 
     _quiet()
     backend = "nccl" if device == "cuda" else "gloo"

@@ -1047,7 +1047,7 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
 
 def rule_window_fill() -> int:
     """Steps until every shipped rule's window is full: its warm-up (a step number) plus its window."""
-    from guardian.engine.ruleset import load_rules
+    from guardian.rulefile.reader import load_rules
 
     return max(int(r.params.get("window_steps", 0)) + int(r.params.get("warmup_steps", 0)) for r in load_rules(None).rules)
 
@@ -1059,7 +1059,7 @@ def per_report_costs(steps: int = 1000) -> dict[str, Any]:
     `observe`, the size of `json.dumps(engine.state_dict())` (saved with decisions, at the end of a run and about
     once a minute) and the time to build and encode it (done on the event loop, under the run's lock)."""
     from guardian.engine.engine import Engine
-    from guardian.engine.ruleset import load_rules
+    from guardian.rulefile.reader import load_rules
 
     engine = Engine(load_rules(None))
     sim = SimRun("cost", 0.0, 1.0, seed=1, decisions_since=True)
@@ -1084,7 +1084,7 @@ def per_report_costs(steps: int = 1000) -> dict[str, Any]:
 def state_growth(checkpoints: tuple[int, ...] = (1000, 2000, 4000, 8000)) -> list[dict[str, Any]]:
     """How the engine state grows with a run's length, and which rule holds most."""
     from guardian.engine.engine import Engine
-    from guardian.engine.ruleset import load_rules
+    from guardian.rulefile.reader import load_rules
 
     engine = Engine(load_rules(None))
     sim = SimRun("growth", 0.0, 1.0, seed=2, decisions_since=True)

@@ -28,7 +28,7 @@ from _common import RESULTS_DIR, describe_machine, machine_info, table, write_js
 
 from guardian.commands.replay import replay_observations  # noqa: E402
 from guardian.engine.actions import ActionKind, Restore, stop_restore  # noqa: E402
-from guardian.engine.ruleset import load_rules  # noqa: E402
+from guardian.rulefile.reader import load_rules  # noqa: E402
 from guardian.logs.training import read_log  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-logs"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from typing import Any
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.engine.actions import Plan, Restore
+from guardian.logs.atomic import write_atomic
 from guardian.events import ActionOutcome, LrChange
 
 log = logging.getLogger("guardian")
@@ -144,9 +144,8 @@ class Actuator:
         """Write where a supervised restart should resume from; the run then stops."""
         folder = self.good.newest_before(onset - self.rollback_margin_steps) if self.good else None
         if self.restart_request is not None:
-            tmp = self.restart_request.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"resume_from": str(folder) if folder else None, "onset_step": onset}))
-            os.replace(tmp, self.restart_request)
+            write_atomic(self.restart_request, json.dumps({"resume_from": str(folder) if folder else None,
+                                                           "onset_step": onset}), mode=None)
         return {"rollback": "restart", "resume_from": str(folder) if folder else None}
 
     # ---- good states -------------------------------------------------------------------------------

@@ -44,11 +44,13 @@ from guardian.commands.supervisor import ENV_RESTART
 from guardian import events
 from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, merge
 from guardian.engine.engine import Decision, Engine, decision_from_event
-from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import METHOD_RULES, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
 from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
 from guardian.exporter import GuardianCollector, RunTracker, RunView
 from guardian.gpu import GpuReader
+from guardian.logs.atomic import write_atomic
 from guardian.logs.badsample import bad_samples_path
 from guardian.logs.eventlog import EventLog
 from guardian.transport.client import DaemonLink
@@ -724,6 +726,4 @@ def serve_run_metrics(callback: GuardianCallback, port: int, host: str = "127.0.
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data), mode=None)

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from guardian import __version__
-from guardian.engine.ruleset import RuleSet, default_rules_path, load_rules
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import default_rules_path, load_rules
 from guardian.errors import ConfigError, GuardianError, RuleFileError
 from guardian.transport.client import DaemonError
 

@@ -41,7 +41,7 @@ def test_installed_wheel_finds_its_shipped_rules(wheel: Path, tmp_path: Path) ->
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
                    check=True)
-    code = ("import guardian, guardian.engine.ruleset as r; rs = r.load_rules(); "
+    code = ("import guardian, guardian.rulefile.reader as r; rs = r.load_rules(); "
             "print(guardian.__file__); print(r.default_rules_path()); print(len(rs.rules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={"PYTHONPATH": str(target)}, cwd=tmp_path)

@@ -12,7 +12,8 @@ import torch
 from transformers import TrainerCallback
 
 from guardian.callbacks.snapshots import trainable_parameters
-from guardian.engine.ruleset import RuleSet, parse_rules
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import parse_rules
 
 
 @dataclass

@@ -35,7 +35,7 @@ import outcomes  # noqa: E402
 import scenarios as scen  # noqa: E402
 
 from guardian.detectors import DETECTORS  # noqa: E402
-from guardian.engine.ruleset import load_rules  # noqa: E402
+from guardian.rulefile.reader import load_rules  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
@@ -77,25 +76,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from guardian.commands.checkpointjudge import GOOD_MARK, STATE, CheckpointJudge
+from guardian.commands.eventsink import EventSink
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
-from guardian.engine.ruleset import RuleSet, Severity
-import msgspec
-
-from guardian.events import ActionOutcome, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent
-from guardian.errors import ConfigError, LogFormatError
-from guardian.logs.eventlog import EventLog
-from guardian.logs.training import TRAIN, Observation, _Assembler, _jsonl_record, _parse_trainer_state
+from guardian.engine.rules import RuleSet
+from guardian.errors import ConfigError
+from guardian.events import ActionOutcome, EndEvent, MetricsEvent, Severity, StartEvent
+from guardian.logs.tail import JsonlTail
+from guardian.logs.training import (TRAIN, Assembler, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
+                                      observation_order, read_trainer_state, trainer_state_ends_run)
 from guardian.transport.client import DaemonLink
 
 JSONL = "trainer_log.jsonl"
-STATE = "trainer_state.json"
-GOOD_MARK = "guardian_good.json"
-LAST_GOOD = "last_good_checkpoint"
-SOURCE = "attach"
-_PHASE_ORDER = {"train": 0, "eval": 1}
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).
 _WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "relative_to_first_steps"}
 MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
@@ -120,53 +116,25 @@ def parse_signal(text: str) -> signal.Signals:
 # --- reading ---------------------------------------------------------------------------------------------
 
 
-class JsonlTail:
-    """The complete lines appended to a file since the last read; notices truncation and replacement."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.inode: int | None = None
-
-    def read(self) -> tuple[bool, list[str]]:
-        """(whether the file was truncated or replaced and is read from its start, its new complete lines)."""
-        try:
-            with self.path.open("rb") as f:
-                st = os.fstat(f.fileno())
-                rewritten = self.inode is not None and (st.st_ino != self.inode or st.st_size < self.offset)
-                if rewritten:
-                    self.offset = 0
-                self.inode = st.st_ino
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return False, []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return rewritten, []  # a partial line stays on disk until its newline comes
-        self.offset += end + 1
-        return rewritten, [line.decode("utf-8", errors="replace") for line in data[:end].split(b"\n")]
-
-
-def for_log_interval(ruleset: RuleSet, interval: int) -> tuple[RuleSet, list[str]]:
-    """The rules as they apply to a log with a line every `interval` steps, and what changed.
+def for_log_interval(ruleset: RuleSet, interval_steps: int) -> tuple[RuleSet, list[str]]:
+    """The rules as they apply to a log with a line every `interval_steps` steps, and what changed.
 
     A warm-up that counts observations means steps in-process (the callback observes every step) but log
     lines here: at `logging_steps: 5` loss_spike's 20 would last 100 steps, longer than many short runs.
-    Such warm-ups become `warmup_steps / interval` lines (at least MIN_WARMUP_LINES, at most what they were),
+    Such warm-ups become `warmup_steps / interval_steps` lines (at least MIN_WARMUP_LINES, at most what they were),
     so they last about as many steps as the rule says. Windows, consecutive counts and step-based warm-ups
     are left as they are (on the real logs in the fixtures this changes no decision)."""
-    if interval <= 1:
+    if interval_steps <= 1:
         return ruleset, []
     rules, notes = [], []
     for rule in ruleset.rules:
         param = _WARMUPS_COUNT_OBSERVATIONS.get(rule.detector)
         if param is not None:
             warmup = int(getattr(rule.build_detector(), param))
-            lines = min(warmup, max(MIN_WARMUP_LINES, math.ceil(warmup / interval)))
+            lines = min(warmup, max(MIN_WARMUP_LINES, math.ceil(warmup / interval_steps)))
             if lines != warmup:
                 rule = dataclasses.replace(rule, params={**rule.params, param: lines})
-                notes.append(f"{rule.name} {warmup} -> {lines} lines ({lines * interval} steps)")
+                notes.append(f"{rule.name} {warmup} -> {lines} lines ({lines * interval_steps} steps)")
         rules.append(rule)
     return dataclasses.replace(ruleset, rules=tuple(rules)), notes
 
@@ -177,56 +145,12 @@ def log_interval(observations: Iterable[Observation]) -> int | None:
     return steps[1] - steps[0] if len(steps) == 2 and steps[1] > steps[0] else None
 
 
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-def _order(obs: Observation) -> tuple[int, int]:
-    return obs.step, _PHASE_ORDER.get(obs.phase, 2)
-
-
 def _same(a: Observation, b: Observation) -> bool:
     """Equal observations, NaN equal to NaN."""
     if (a.step, a.phase) != (b.step, b.phase) or a.metrics.keys() != b.metrics.keys():
         return False
     pairs = ((a.metrics[key], b.metrics[key]) for key in a.metrics)
     return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in pairs)
-
-
-def _jsonl_ends_run(line: str) -> bool:
-    """LLaMA-Factory's last line: current_steps reached total_steps, or percentage 100."""
-    if '"total_steps"' not in line:
-        return False
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(obj, dict):
-        return False
-    steps, total, percentage = obj.get("current_steps"), obj.get("total_steps"), obj.get("percentage")
-    if isinstance(percentage, (int, float)) and percentage >= 100:
-        return True
-    return isinstance(steps, int) and isinstance(total, int) and total > 0 and steps >= total
-
-
-def _state_ends_run(doc: dict[str, Any]) -> bool:
-    step, limit = doc.get("global_step"), doc.get("max_steps")
-    return isinstance(step, int) and isinstance(limit, int) and limit > 0 and step >= limit
-
-
-def _assemble(records: Iterable[Any]) -> tuple[_Assembler, list[Observation]]:
-    assembler = _Assembler()
-    for record in records:
-        assembler.add(record)
-    return assembler, assembler.observations()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def process_alive(pid: int) -> bool:
@@ -242,35 +166,6 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return True
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
-# --- events ------------------------------------------------------------------------------------------------
-
-
-class EventSink:
-    """Writes events to `<output_dir>/guardian/events.jsonl` (opened at the first event, so nothing is
-    created in the output directory before the run writes there) and, when linked, streams them."""
-
-    def __init__(self, path: Path, link: DaemonLink | None = None) -> None:
-        self.path, self.link = path, link
-        self._log: EventLog | None = None
-
-    def emit(self, event: AnyEvent, *, flush: bool = False) -> None:
-        if self._log is None:
-            self._log = EventLog(self.path)
-        event = self._log.write(msgspec.structs.replace(event, source=SOURCE), flush=flush)
-        if self.link is not None:
-            self.link.send(event)
-
-    def flush(self) -> None:
-        if self._log is not None:
-            self._log.flush()
-
-    def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-        if self.link is not None:
-            self.link.close()
 
 
 @dataclass(frozen=True)
@@ -304,7 +199,7 @@ class Follower:
         self.out, self.kill = out or sys.stdout, kill
         self.rules_in_use = ruleset  # the rules with warm-ups scaled to the log's interval, once it is known
         self.engine = Engine(ruleset)
-        self.interval: int | None = None  # steps between log lines
+        self.interval_steps: int | None = None  # steps between log lines
         self.source: str | None = None
         self.resumes = self.late = self.skipped_lines = 0
         self.signalled = False
@@ -312,12 +207,10 @@ class Follower:
         self._fed: list[Observation] = []
         self._decided: list[tuple[int, Decision]] = []  # (index in _fed of the observation, decision)
         self._tail = JsonlTail(self.output_dir / JSONL)
-        self._assembler = _Assembler()
+        self._assembler = Assembler()
         self._state_seen: dict[Path, tuple[int, int, int]] = {}
-        self._known: set[int] = set()  # checkpoint steps seen (judged or pending)
-        self._pending: dict[int, Path] = {}
-        self._good: list[tuple[int, Path]] = []
-        self._judged: list[int] = []  # checkpoint steps judged, good or not
+        self.checkpoints = CheckpointJudge(self.output_dir, quiet_steps=quiet_steps, rules_source=ruleset.source,
+                                           emit=lambda event: self.sink.emit(event, flush=True), say=self._say)
         self._grad_norms: dict[int, float] = {}  # step -> grad_norm from a trainer_state.json, for a jsonl log
         self._grad_file: tuple[Path, tuple[int, int, int]] | None = None
         self._grad_used: dict[int, float] = {}  # the grad norms given to the rules, by step
@@ -344,19 +237,19 @@ class Follower:
 
     @property
     def last_good(self) -> Path | None:
-        return self._good[-1][1] if self._good else None
+        return self.checkpoints.last_good
 
     # ---- one pass ---------------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        self._discover_checkpoints()
+        self.checkpoints.discover()
         if self.source is None:
             self._choose_source()
         if self.source == JSONL:
             self._read_jsonl()
         elif self.source == STATE:
             self._read_states()
-        self._discover_checkpoints()  # again: a resume forgets the checkpoints from its step on
+        self.checkpoints.discover()  # again: a resume forgets the checkpoints from its step on
         if self.last_step is not None:
             self._judge(self.last_step)
         if self.policy.pid is not None and not self.process_gone and not process_alive(self.policy.pid):
@@ -366,8 +259,9 @@ class Follower:
 
     def finish(self) -> None:
         """Judge what is left to judge, record the end if the run ended, and print a summary."""
-        if self._pending and self.last_step is not None:
-            self._judge(max(self._pending) if self.ended else self.last_step)
+        pending = self.checkpoints.newest_pending_step
+        if pending is not None and self.last_step is not None:
+            self._judge(pending if self.ended else self.last_step)
         if self.ended and self.source is not None:
             self.sink.emit(EndEvent(step=self.last_step, decisions=len(self._decided), resumes=self.resumes),
                            flush=True)
@@ -415,36 +309,35 @@ class Follower:
 
     def _read_jsonl(self) -> None:
         self._load_grad_norms()
-        rewritten, lines = self._tail.read()
-        if rewritten:
+        read = self._tail.read()
+        if read.restarted:
             self._say(f"{JSONL} was truncated or replaced: reading it again from the start")
-            self._assembler, history = _assemble(r for line in lines for r in (_jsonl_record(line) or []))
-            self._sync(history, shorter_is_resume=True, why=f"{JSONL} was rewritten")
-            self.log_ended = any(_jsonl_ends_run(line) for line in lines)
+            self._assembler = assemble(r for line in read.lines for r in (jsonl_records(line) or []))
+            self._sync(self._assembler.observations(), shorter_is_resume=True, why=f"{JSONL} was rewritten")
+            self.log_ended = any(jsonl_ends_run(line) for line in read.lines)
             return
-        for line in lines:
+        for line in read.lines:
             if not line.strip():
                 continue
-            parsed = _jsonl_record(line)
+            parsed = jsonl_records(line)
             if parsed is None:
                 self.skipped_lines += 1
                 continue
             for record in parsed:
                 self._add_record(record)
-            self.log_ended = self.log_ended or _jsonl_ends_run(line)
+            self.log_ended = self.log_ended or jsonl_ends_run(line)
 
-    def _add_record(self, record: Any) -> None:
+    def _add_record(self, record: Record) -> None:
         """One jsonl record through the shared assembler: a duplicate is dropped, a restart is a resume."""
-        obs: Observation = record.observation
-        restarts = self._assembler.restarts
-        self._assembler.add(record)
-        if self._assembler.restarts > restarts:
+        obs = record.observation
+        placed = self._assembler.add(record)
+        if placed.restarted:
             keep = sum(1 for o in self._fed if o.step < obs.step)
             previous = self.last_step
             self._resume(keep, obs.step, f"{JSONL} went back from step {previous} to {obs.step}")
-        if self._assembler._kept.get((obs.phase, obs.step)) is not obs:
+        if not placed.kept:
             return  # a duplicate: the first record of a step wins
-        if self._fed and _order(obs) <= _order(self._fed[-1]):
+        if self._fed and observation_order(obs) <= observation_order(self._fed[-1]):
             self.late += 1  # kept by the reader, but after later steps were fed: the rules saw their moment pass
             return
         self._feed(obs)
@@ -462,9 +355,10 @@ class Follower:
                 newest = (st.st_mtime_ns, path, (st.st_ino, st.st_size, st.st_mtime_ns))
         if newest is None or (self._grad_file is not None and self._grad_file == newest[1:]):
             return
-        history, doc = self._state_history(newest[1])
-        if doc is None:
+        state = read_trainer_state(newest[1])
+        if state is None:
             return  # half-written: read again on the next pass
+        history = state[0]
         self._grad_file = (newest[1], newest[2])
         self._grad_norms = {o.step: o.metrics["grad_norm"] for o in history
                             if o.phase == TRAIN and "grad_norm" in o.metrics}
@@ -491,21 +385,7 @@ class Follower:
             self._report(decision, late=True)
         if not new:
             return
-        for step, folder in list(self._good):  # marked good before these steps' grad norms were known
-            earlier = max((n for n in self._judged if n < step), default=0)
-            start = max(0, min(step - self.quiet_steps, earlier + 1))
-            near = [d for d in new if start <= d.step <= step]
-            if near:
-                self._good.remove((step, folder))
-                self._not_good(step, folder, f"{near[-1].rule} fired at step {near[-1].step}", near[-1].rule)
-                last = self.last_good
-                try:
-                    if last is not None:
-                        _write_atomic(self.output_dir / "guardian" / LAST_GOOD, f"{last}\n")
-                    else:
-                        (self.output_dir / "guardian" / LAST_GOOD).unlink(missing_ok=True)
-                except OSError as exc:
-                    self._say(f"guardian/{LAST_GOOD}: could not update it ({exc})")
+        self.checkpoints.unmark(new)  # marked good before these steps' grad norms were known
         self._act(max(d.step for d in new), new)
 
     def _state_files(self) -> list[Path]:
@@ -525,23 +405,14 @@ class Follower:
             if self._state_seen.get(path) != signature:
                 changed.append((st.st_mtime_ns, path, signature))
         for _, path, signature in sorted(changed):
-            history, doc = self._state_history(path)
-            if doc is None:
+            state = read_trainer_state(path)
+            if state is None:
                 continue  # half-written: read again on the next pass
+            history, doc = state
             self._state_seen[path] = signature
             self._sync(history, shorter_is_resume=False,
                        why=f"{path.relative_to(self.output_dir)} holds another history (a resumed run)")
-            self.log_ended = self.log_ended or _state_ends_run(doc)
-
-    def _state_history(self, path: Path) -> tuple[list[Observation], dict[str, Any] | None]:
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-            if not isinstance(doc, dict):
-                raise LogFormatError(f"{path}: not a JSON object")
-            parsed = _parse_trainer_state(path, doc.get("log_history"))
-        except (OSError, json.JSONDecodeError, LogFormatError):
-            return [], None
-        return _assemble(parsed.records)[1], doc
+            self.log_ended = self.log_ended or trainer_state_ends_run(doc)
 
     def _sync(self, history: list[Observation], *, shorter_is_resume: bool, why: str) -> None:
         """Bring what was fed in line with a whole history: feed what is new, or resume where it differs."""
@@ -552,7 +423,7 @@ class Follower:
         if i < len(fed):
             if i == len(history) and not shorter_is_resume:
                 return  # an older checkpoint's history: nothing new in it
-            if i == len(history) or _order(history[i]) <= _order(fed[-1]):
+            if i == len(history) or observation_order(history[i]) <= observation_order(fed[-1]):
                 step = min(fed[i].step, history[i].step) if i < len(history) else fed[i].step
                 self._resume(i, step, why)
             # else: the history goes on after what was fed (its beginning is gone): not a resume
@@ -563,7 +434,7 @@ class Follower:
 
     def _feed(self, obs: Observation) -> None:
         self._judge(obs.step - 1)  # checkpoints before this step are judged on what was known at their step
-        if self.interval is None and obs.phase == TRAIN:
+        if self.interval_steps is None and obs.phase == TRAIN:
             self._learn_interval(obs)
         if self.source == JSONL and obs.phase == TRAIN and "grad_norm" not in obs.metrics:
             self._grad_used.pop(obs.step, None)  # an abandoned run's, at the same step
@@ -592,8 +463,8 @@ class Follower:
         interval = log_interval([*self._fed, obs])
         if interval is None:
             return
-        self.interval = interval
-        scaled, notes = for_log_interval(self.ruleset, interval)
+        self.interval_steps = interval
+        scaled, notes = for_log_interval(self.ruleset, interval_steps=interval)
         if not notes:
             return
         self.rules_in_use = scaled
@@ -614,10 +485,7 @@ class Follower:
             self.engine.observe(obs.step, self._metrics(obs))
         self.resumes += 1
         self.log_ended = False
-        self._known = {n for n in self._known if n < step}
-        self._pending = {n: p for n, p in self._pending.items() if n < step}
-        self._good = [(n, p) for n, p in self._good if n < step]
-        self._judged = [n for n in self._judged if n < step]
+        self.checkpoints.forget_from(step)
         since = f"their state at step {self.last_step}" if self._fed else "scratch"
         extra = f"; {dropped} decisions made about the abandoned steps no longer count" if dropped else ""
         self._say(f"resume at step {step}: {why}; {replaced} observations from step {step} on are replaced and "
@@ -638,104 +506,41 @@ class Follower:
         if not stopping:
             return
         onset = min(d.finding.onset_step for d in stopping)
-        record: dict[str, Any] = {"stopped": False}
-        good = self.resume_point(before=onset)
+        good = self.checkpoints.resume_point(before=onset)
+        outcome = ActionOutcome(stopped=False, resume_from=None if good is None else str(good))
         if good is not None:
-            record["resume_from"] = str(good)
             self._say(f"  resume from the last good checkpoint before step {onset}: --resume_from_checkpoint {good}")
         else:
             self._say(f"  no good checkpoint from before step {onset} is known")
         if self.policy.pid is None:
             self._say("  not stopping the run: no --pid given")
         elif self.signalled:
-            record["already_signalled"] = True
+            outcome = msgspec.structs.replace(outcome, already_signalled=True)
         else:
-            self._signal(record)
-        self.sink.emit(ActionOutcome(**record).event(step, [d.rule for d in stopping]), flush=True)
+            outcome = self._signal(outcome)
+        self.sink.emit(outcome.event(step, [d.rule for d in stopping]), flush=True)
 
-    def _signal(self, record: dict[str, Any]) -> None:
+    def _signal(self, outcome: ActionOutcome) -> ActionOutcome:
+        """Send the stop signal once; `outcome` with what came of it."""
         pid, sig = self.policy.pid, self.policy.stop_signal
         assert pid is not None  # checked by the caller
         try:
             self.kill(pid, sig)
         except OSError as exc:
-            record["signal_error"] = f"{sig.name} to {pid}: {exc}"
             self._say(f"  could not send {sig.name} to process {pid}: {exc}")
-            return
+            return msgspec.structs.replace(outcome, signal_error=f"{sig.name} to {pid}: {exc}")
         self.signalled = True
-        record.update(stopped=True, signal=sig.name, pid=pid)
         self._say(f"  sent {sig.name} to process {pid} to stop the run")
+        return msgspec.structs.replace(outcome, stopped=True, signal=sig.name, pid=pid)
 
     def resume_point(self, before: int) -> Path | None:
         """The newest checkpoint marked good, still on disk, from before step `before`."""
-        for step, folder in reversed(self._good):
-            if step < before and folder.is_dir():
-                return folder
-        return None
-
-    # ---- checkpoints ------------------------------------------------------------------------------------
-
-    def _discover_checkpoints(self) -> None:
-        for state in self.output_dir.glob(f"checkpoint-*/{STATE}"):
-            number = state.parent.name.removeprefix("checkpoint-")
-            if number.isdigit() and int(number) not in self._known:
-                self._known.add(int(number))
-                self._pending[int(number)] = state.parent
+        return self.checkpoints.resume_point(before)
 
     def _judge(self, through: int) -> None:
-        """Mark each pending checkpoint up to step `through` good, or not, on the decisions around it."""
-        for step in sorted(n for n in self._pending if n <= through):
-            folder = self._pending.pop(step)
-            if not folder.is_dir() or not self._fed or self._fed[0].step > step:
-                continue  # rotated away already, or no log covers it
-            earlier = max((n for n in self._judged if n < step), default=0)
-            self._judged.append(step)
-            start = max(0, min(step - self.quiet_steps, earlier + 1))  # the quiet window, or since the last checkpoint
-            near = [d for _, d in self._decided if start <= d.step <= step]
-            gap = self._unlogged(max(start, 1), step)
-            if near:
-                self._not_good(step, folder, f"{near[-1].rule} fired at step {near[-1].step}", near[-1].rule)
-            elif gap is not None:
-                self._not_good(step, folder, gap, None)
-            else:
-                self._mark_good(step, folder, max(start, 1))
-
-    def _unlogged(self, first: int, last: int) -> str | None:
-        """Why the log cannot show steps `first`..`last` were healthy (some have no train line), or None.
-
-        A log line every k steps says nothing certain of the steps between (Trainer's logged loss is an
-        average, and NaN losses are left out of it), so a checkpoint is judged only on steps the log shows."""
-        train = [o.step for o in self._fed if o.phase == TRAIN]
-        first = max(first, train[0]) if train else first  # a log that starts later (a resumed run) from its start
-        logged = {n for n in train if first <= n <= last}
-        if len(logged) == last - first + 1:
-            return None
-        steps = sorted(logged)
-        gaps = {b - a for a, b in zip(steps, steps[1:])} or {self.interval or 1}
-        if len(gaps) == 1 and min(gaps) > 1:  # a line every k steps, not a few lines lost
-            return (f"the log covers only every {_ordinal(min(gaps))} step, so steps {first}-{last} cannot "
-                    f"all be known healthy (log every step, logging_steps: 1, for good checkpoints)")
-        missing = next(n for n in range(first, last + 1) if n not in logged)
-        return f"step {missing} is not in the log, so steps {first}-{last} cannot all be known healthy"
-
-    def _mark_good(self, step: int, folder: Path, start: int) -> None:
-        mark = {"step": step, "path": str(folder), "quiet_steps": self.quiet_steps, "rules": self.ruleset.source,
-                "judged_through_step": self.last_step, "marked_by": "guardian attach", "time": round(time.time(), 3)}
-        try:
-            _write_atomic(folder / GOOD_MARK, json.dumps(mark, indent=2) + "\n")
-            _write_atomic(self.output_dir / "guardian" / LAST_GOOD, f"{folder}\n")
-        except OSError as exc:
-            self._say(f"{folder.name}: could not mark it good ({exc})")
-            return
-        self._good.append((step, folder))
-        self._say(f"{folder.name} is good (every step {start}-{step} logged, no rule fired): "
-                  f"written to guardian/{LAST_GOOD}")
-        self.sink.emit(CheckpointEvent(step=step, good=True, path=str(folder)), flush=True)
-
-    def _not_good(self, step: int, folder: Path, why: str, rule: str | None) -> None:
-        (folder / GOOD_MARK).unlink(missing_ok=True)  # a mark left by an abandoned run's checkpoint
-        self._say(f"{folder.name} is not marked good: {why}")
-        self.sink.emit(CheckpointEvent(step=step, good=False, path=str(folder), why=why, rule=rule), flush=True)
+        """Judge the checkpoints up to step `through` on what was fed and decided."""
+        self.checkpoints.judge(through, self._fed, self.decisions, interval_steps=self.interval_steps,
+                               last_step=self.last_step)
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -852,7 +657,7 @@ def _check_rules(names: frozenset[str], ruleset: RuleSet) -> frozenset[str]:
     return names
 
 
-class _stop_on_sigterm:  # noqa: N801 - used as a context manager, reads like one
+class _stop_on_sigterm:  # used as a context manager, reads like one
     """SIGTERM ends the loop cleanly (events flushed, summary printed), like Ctrl-C."""
 
     def __init__(self, stop: threading.Event, wake: threading.Event) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from guardian.engine.actions import ActionKind
-from guardian.engine.ruleset import RuleSet, load_rules
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import load_rules
 from guardian.errors import ConfigError
 
 log = logging.getLogger("guardian")

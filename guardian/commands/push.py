@@ -19,7 +19,8 @@ from pathlib import Path
 
 from guardian.commands.attach import default_run_id
 from guardian.errors import ConfigError, GuardianError
-from guardian.events import StartEvent
+from guardian import events
+from guardian.events import Report, RunInfo, StartEvent
 from guardian.logs.eventlog import read_events
 from guardian.transport.client import DaemonLink, request
 from guardian.transport.token import find_token, load_or_create_run_key
@@ -67,8 +68,8 @@ def push(output_dir: str | os.PathLike[str], url: str, *, token: str | None = No
     # key, kept beside the event file, is not the one it started with) is told at once, not after the timeout
     key = load_or_create_run_key(path.parent)
     token = token or find_token()[0]
-    request(url, "POST", "/v1/report", {"run": {"id": run_id, "rules": rule_set, "meta": {}}, "events": []},
-            token=token, run_key=key)
+    hello = Report(v=1, run=RunInfo(id=run_id, rules=rule_set), events=[])
+    request(url, "POST", "/v1/report", events.to_builtins(hello), token=token, run_key=key)
     link = DaemonLink(url, run_id, rules=rule_set, token=token, max_buffered=chunk + 1, run_key_dir=path.parent)
     deadline = time.monotonic() + timeout_seconds
     skipped, pending, top = 0, 0, 0
@@ -88,11 +89,13 @@ def push(output_dir: str | os.PathLike[str], url: str, *, token: str | None = No
     return Pushed(run_id, count, link.acked_seq, skipped)
 
 
-def _wait(link: DaemonLink, seq: int, deadline: float, url: str, run_id: str, last: int, timeout: float) -> None:
+def _wait(link: DaemonLink, seq: int, deadline: float, url: str, run_id: str, last: int,
+          timeout_seconds: float) -> None:
+    """Until the daemon has acknowledged `seq`; GuardianError at `deadline` (a time.monotonic())."""
     while not link.wait_for(seq, timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
             why = f": {link.last_error}" if link.last_error else ""
-            raise GuardianError(f"the daemon at {url} did not take run {run_id}'s events within {timeout:g} s{why}; "
+            raise GuardianError(f"the daemon at {url} did not take run {run_id}'s events within {timeout_seconds:g} s{why}; "
                                 f"it has them up to seq {link.acked_seq} of {last}. Check that it runs (guardian "
                                 "serve) and the token, then push again")
         time.sleep(0.1)  # unreachable: wait_for returns at once while the sender retries on its back-off

@@ -14,7 +14,7 @@ from pathlib import Path
 from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
-from guardian.engine.ruleset import RuleSet
+from guardian.engine.rules import RuleSet
 from guardian.logs.training import EVAL, TRAIN, LogReport, Observation, read_log_with_report
 from guardian.transport import wire
 

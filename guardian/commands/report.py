@@ -25,7 +25,7 @@ from typing import Any
 from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind, Restore, describe_outcome, merge, stop_restore
 from guardian.engine.engine import Decision, decision_from_dict
-from guardian.engine.ruleset import RuleSet
+from guardian.engine.rules import RuleSet
 from guardian.errors import LogFormatError
 from guardian.logs.badsample import BAD_SAMPLES_FILE, BadSample, read_bad_samples
 from guardian import events

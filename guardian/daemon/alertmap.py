@@ -29,7 +29,9 @@ TARGETS = ("labelled", "all")
 
 
 @dataclass(frozen=True)
-class Mapping:
+class AlertAction:
+    """One entry of an alert-actions file: the action to queue for the runs of an alert whose labels match."""
+
     match: dict[str, str]
     action: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -39,14 +41,14 @@ class Mapping:
         return all(labels.get(k) == v for k, v in self.match.items())
 
 
-def load_alert_actions(path: Path) -> list[Mapping]:
+def load_alert_actions(path: Path) -> list[AlertAction]:
     """Read and validate an alert-actions file; RuleFileError lists every problem with its line."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuleFileError([Problem(str(path), None, None, f"cannot read the file: {exc.strerror}")]) from None
     data, problems = load_yaml(text, str(path))
-    mappings: list[Mapping] = []
+    mappings: list[AlertAction] = []
     if data is not None:
         mappings = _read(data, str(path), problems)
     if problems:
@@ -54,7 +56,7 @@ def load_alert_actions(path: Path) -> list[Mapping]:
     return mappings
 
 
-def _read(data: Any, source: str, problems: list[Problem]) -> list[Mapping]:
+def _read(data: Any, source: str, problems: list[Problem]) -> list[AlertAction]:
     def problem(line: int | None, message: str) -> None:
         problems.append(Problem(source, line, None, message))
 
@@ -80,7 +82,7 @@ def _read(data: Any, source: str, problems: list[Problem]) -> list[Mapping]:
         if runs not in TARGETS:
             problem(item.line_of("runs"), f"'runs' must be 'labelled' (the alert's run_id) or 'all', got {runs!r}")
         if not unknown and isinstance(match, dict) and action in ACTIONS and isinstance(params, dict) and runs in TARGETS:
-            out.append(Mapping(dict(match), str(action), dict(params), str(runs)))
+            out.append(AlertAction(dict(match), str(action), dict(params), str(runs)))
     return out
 
 

@@ -30,11 +30,11 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from prometheus_client import Histogram
 
-from guardian.daemon.alertmap import Mapping, firing_alerts, load_alert_actions
+from guardian.daemon.alertmap import AlertAction, firing_alerts, load_alert_actions
 from guardian.daemon.httpserver import HTTPServer, Reply, Request
 from guardian.daemon.store import ReportWrite, Store, StoreError, move_aside
 from guardian.engine.engine import Engine
-from guardian.engine.ruleset import RuleSet
+from guardian.engine.rules import RuleSet
 from guardian import events
 from guardian.events import ActionEvent, EndEvent, MetricsEvent, StartEvent
 from guardian.errors import RuleFileError
@@ -104,7 +104,7 @@ class RunState:
 class Guardian:
     """Runs, their engines and the store; thread-safe; knows nothing of HTTP."""
 
-    def __init__(self, store: Store, library: RuleLibrary, *, alert_actions: list[Mapping] | None = None,
+    def __init__(self, store: Store, library: RuleLibrary, *, alert_actions: list[AlertAction] | None = None,
                  idle_run_seconds: float = IDLE_RUN_SECONDS, ended_run_seconds: float = ENDED_RUN_SECONDS,
                  new_runs_per_minute: int = NEW_RUNS_PER_MINUTE) -> None:
         self.store = store

@@ -46,7 +46,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
-from guardian.errors import ConfigError
+from guardian.errors import ConfigError, GuardianError
 from guardian.transport import wire
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -97,14 +97,14 @@ class Reply:
 
 
 @dataclass
-class BodyTooLarge(Exception):
+class BodyTooLarge(GuardianError, ValueError):
     """Raised by the server (not a handler) when a request body is over `max_body`; the handler's
     `too_large` reply is sent and the connection closed."""
 
     size: int
 
 
-class Refused(Exception):
+class Refused(GuardianError, ValueError):
     """A request the server itself refuses: answered with `status` and the error shape, then closed."""
 
     def __init__(self, status: int, message: str) -> None:

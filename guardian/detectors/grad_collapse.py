@@ -59,7 +59,7 @@ class GradCollapseDetector:
     _grads: deque[float] = field(init=False, repr=False, default_factory=deque)
     _last_lr: float | None = field(init=False, default=None, repr=False)
     _after: int = field(init=False, default=-1, repr=False)  # observations since the warm-up ended; -1: not yet
-    _warmup_end: int | None = field(init=False, default=None, repr=False)
+    _warmup_end_step: int | None = field(init=False, default=None, repr=False)
     _onset: int | None = field(init=False, default=None, repr=False)
     _track: deque[tuple[int, float]] = field(init=False, repr=False, default_factory=deque)
     _done: bool = field(init=False, default=False, repr=False)
@@ -101,7 +101,7 @@ class GradCollapseDetector:
             if len(self._warmup_grads) < 2:  # no warm-up to compare with: never judged
                 self._done = True
                 return None
-            self._after, self._warmup_end = 0, step
+            self._after, self._warmup_end_step = 0, step
         self._after += 1
         self._losses.append(loss)
         self._grads.append(grad)
@@ -132,19 +132,19 @@ class GradCollapseDetector:
         self._done = True
         return Finding(
             metric=self.metric, value=losses, threshold=start * (1 - self.max_improvement),
-            onset_step=self._onset if self._onset is not None else (self._warmup_end or step),
+            onset_step=self._onset if self._onset is not None else (self._warmup_end_step or step),
             message=(f"{self.grad_metric} fell to {grads:.3g} by step {step}, {reference / grads:.3g}x below its "
                      f"level during the warm-up ({reference:.3g}), while {self.metric} stayed at {losses:.4g} "
                      f"({(start - losses) / start:+.1%} since the warm-up ended): the updates are too large for "
                      "the model; the peak rate is far too high"),
             evidence={"grad_reference": reference, "grad_recent": grads, "loss_start": start, "loss_recent": losses,
-                      "warmup_end_step": self._warmup_end, "lr_factor": self.lr_factor},
+                      "warmup_end_step": self._warmup_end_step, "lr_factor": self.lr_factor},
         )
 
     def state_dict(self) -> dict[str, JSONValue]:
         return {"warmup_grads": list(self._warmup_grads), "first_losses": list(self._first_losses),
                 "losses": list(self._losses), "grads": list(self._grads), "last_lr": self._last_lr,
-                "after": self._after, "warmup_end": self._warmup_end, "onset": self._onset, "done": self._done,
+                "after": self._after, "warmup_end": self._warmup_end_step, "onset": self._onset, "done": self._done,
                 "track": [list(t) for t in self._track]}
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
@@ -154,7 +154,7 @@ class GradCollapseDetector:
         self._grads = deque((float(x) for x in state["grads"]), maxlen=self.window_steps)  # type: ignore[union-attr]
         self._last_lr = None if state["last_lr"] is None else float(state["last_lr"])  # type: ignore[arg-type]
         self._after = int(state["after"])  # type: ignore[arg-type]
-        self._warmup_end = None if state["warmup_end"] is None else int(state["warmup_end"])  # type: ignore[arg-type]
+        self._warmup_end_step = None if state["warmup_end"] is None else int(state["warmup_end"])  # type: ignore[arg-type]
         self._onset = None if state.get("onset") is None else int(state["onset"])  # type: ignore[arg-type]
         self._track = deque(((int(a), float(b)) for a, b in state.get("track", [])),  # type: ignore[union-attr,misc]
                             maxlen=self.window_steps)

@@ -18,7 +18,8 @@ import msgspec
 from guardian import events
 from guardian.engine.actions import ActionKind, ActionSpec
 from guardian.engine.policy import IncidentPolicy
-from guardian.engine.ruleset import Rule, RuleSet, Severity
+from guardian.engine.rules import Rule, RuleSet
+from guardian.events import Severity
 from guardian.events import ActionRequest, DecisionEvent
 
 STATE_VERSION = 2

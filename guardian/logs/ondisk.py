@@ -142,7 +142,7 @@ def check_weights(folder: Path) -> Weights:
         return Weights(folder, None, f"{size / 1024**3:.1f} GiB of weights, not read")
     try:
         return Weights(folder, all(_file_finite(f) for f in files))
-    except Exception as exc:  # noqa: BLE001 - a damaged file is reported, never raised
+    except Exception as exc:  # a damaged file is reported, never raised
         return Weights(folder, None, f"unreadable ({type(exc).__name__}: {exc})")
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from guardian.errors import LogFormatError
 from guardian.events import Phase
+from guardian.logs.tail import lines_of
 
 HF_TRAINER_STATE = "hf_trainer_state"
 LLAMAFACTORY_JSONL = "llamafactory_jsonl"
@@ -73,7 +75,9 @@ class LogReport:
 
 
 @dataclass(frozen=True)
-class _Record:
+class Record:
+    """One observation as a log line (or log_history entry) gave it, with the writer's clock if it had one."""
+
     observation: Observation
     clock_seconds: float | None  # time since the writer started, when the log says
 
@@ -81,7 +85,7 @@ class _Record:
 @dataclass(frozen=True)
 class _Parsed:
     format: str
-    records: list[_Record]
+    records: list[Record]
     skipped: int
 
 
@@ -95,9 +99,7 @@ def read_log_with_report(path: str | os.PathLike[str]) -> tuple[list[Observation
     """Like `read_log`, and also say which format was read and what was skipped or dropped."""
     file = _resolve(Path(path))
     parsed = _parse(file, _read_text(file))
-    assembler = _Assembler()
-    for record in parsed.records:
-        assembler.add(record)
+    assembler = assemble(parsed.records)
     report = LogReport(
         format=parsed.format, path=str(file), skipped_lines=parsed.skipped,
         duplicates_dropped=assembler.duplicates, restarts=assembler.restarts,
@@ -167,15 +169,34 @@ def _parse_trainer_state(path: Path, history: object) -> _Parsed:
         raise LogFormatError(
             f"{path}: 'log_history' is a {type(history).__name__}, not a list; {_EXPECTED}"
         )
-    records: list[_Record] = []
+    records: list[Record] = []
     skipped = 0
     for entry in history:
         step = _as_step(entry.get("step")) if isinstance(entry, dict) else None
         if step is None:
             skipped += 1
             continue
-        records.extend(_Record(obs, None) for obs in _hf_observations(step, entry))
+        records.extend(Record(obs, None) for obs in _hf_observations(step, entry))
     return _Parsed(HF_TRAINER_STATE, records, skipped)
+
+
+def read_trainer_state(path: Path) -> tuple[list[Observation], dict[str, Any]] | None:
+    """One trainer_state.json's history, assembled, and the document; None while it cannot be read (missing,
+    or half-written: a follower reads it again later)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        if not isinstance(doc, dict):
+            return None
+        parsed = _parse_trainer_state(path, doc.get("log_history"))
+    except (OSError, json.JSONDecodeError, LogFormatError):
+        return None
+    return assemble(parsed.records).observations(), doc
+
+
+def trainer_state_ends_run(doc: dict[str, Any]) -> bool:
+    """Whether a trainer_state.json says the run is over: global_step reached max_steps."""
+    step, limit = doc.get("global_step"), doc.get("max_steps")
+    return isinstance(step, int) and isinstance(limit, int) and limit > 0 and step >= limit
 
 
 def _hf_observations(step: int, entry: dict[str, Any]) -> list[Observation]:
@@ -200,14 +221,14 @@ def _eval_observation(step: int, entry: dict[str, Any]) -> Observation | None:
 
 
 def _parse_jsonl(path: Path, text: str, whole_file_error: json.JSONDecodeError | None) -> _Parsed:
-    records: list[_Record] = []
+    records: list[Record] = []
     skipped = 0
     first_bad: int | None = None
     readable = 0
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(lines_of(text), start=1):
         if not line.strip():
             continue
-        parsed = _jsonl_record(line)
+        parsed = jsonl_records(line)
         if parsed is None:
             skipped += 1
             first_bad = first_bad or number
@@ -227,7 +248,7 @@ def _no_records_message(path: Path, line: int, whole_file_error: json.JSONDecode
     return f"{message}; {_EXPECTED}"
 
 
-def _jsonl_record(line: str) -> list[_Record] | None:
+def jsonl_records(line: str) -> list[Record] | None:
     """The records on one line, or None when the line is not a LLaMA-Factory log record."""
     try:
         obj = json.loads(line)
@@ -237,7 +258,7 @@ def _jsonl_record(line: str) -> list[_Record] | None:
     if step is None:
         return None
     clock = _parse_clock(obj.get("elapsed_time"))
-    return [_Record(obs, clock) for obs in _llamafactory_observations(step, obj)]
+    return [Record(obs, clock) for obs in _llamafactory_observations(step, obj)]
 
 
 def _llamafactory_observations(step: int, obj: dict[str, Any]) -> list[Observation]:
@@ -252,6 +273,23 @@ def _llamafactory_observations(step: int, obj: dict[str, Any]) -> list[Observati
         found.append(Observation(step, _numeric(train), TRAIN))
     evaluation = _eval_observation(step, obj)
     return found if evaluation is None else [*found, evaluation]
+
+
+def jsonl_ends_run(line: str) -> bool:
+    """Whether a trainer_log.jsonl line is LLaMA-Factory's last: current_steps reached total_steps, or
+    percentage 100."""
+    if '"total_steps"' not in line:
+        return False
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(obj, dict):
+        return False
+    steps, total, percentage = obj.get("current_steps"), obj.get("total_steps"), obj.get("percentage")
+    if isinstance(percentage, (int, float)) and percentage >= 100:
+        return True
+    return isinstance(steps, int) and isinstance(total, int) and total > 0 and steps >= total
 
 
 def _parse_clock(value: object) -> float | None:
@@ -301,6 +339,11 @@ def _as_step(value: object) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
+def observation_order(obs: Observation) -> tuple[int, int]:
+    """The order of observations in a run: by step, and at a step train before eval."""
+    return obs.step, _PHASE_ORDER.get(obs.phase, 2)
+
+
 # --- writers, duplicates and restarts ---------------------------------------------------------
 
 
@@ -311,7 +354,7 @@ class _Writer:
     step: int
     clock_seconds: float | None
 
-    def can_continue_with(self, record: _Record) -> bool:
+    def can_continue_with(self, record: Record) -> bool:
         if record.observation.step <= self.step:
             return False
         if record.clock_seconds is None or self.clock_seconds is None:
@@ -319,8 +362,17 @@ class _Writer:
         return record.clock_seconds + _CLOCK_SLACK_SECONDS >= self.clock_seconds
 
 
+@dataclass(frozen=True)
+class Placed:
+    """What adding one record did: whether it was kept (the first at its phase and step) and whether it
+    started a new segment (a resumed run: what was kept from its step on was dropped first)."""
+
+    kept: bool
+    restarted: bool
+
+
 @dataclass
-class _Assembler:
+class Assembler:
     """Turns records in file order into unique observations, handling writers and restarts."""
 
     duplicates: int = 0
@@ -328,19 +380,23 @@ class _Assembler:
     _kept: dict[tuple[str, int], Observation] = field(default_factory=dict)
     _writers: dict[str, list[_Writer]] = field(default_factory=dict)
 
-    def add(self, record: _Record) -> None:
+    def add(self, record: Record) -> Placed:
+        """Place a record (the next in file order) and keep its observation unless its step has one."""
+        restarts = self.restarts
         self._place(record)
         obs = record.observation
         key = (obs.phase, obs.step)
         if key in self._kept:
             self.duplicates += 1
-        else:
-            self._kept[key] = obs
+            return Placed(kept=False, restarted=self.restarts > restarts)
+        self._kept[key] = obs
+        return Placed(kept=True, restarted=self.restarts > restarts)
 
     def observations(self) -> list[Observation]:
-        return sorted(self._kept.values(), key=lambda o: (o.step, _PHASE_ORDER.get(o.phase, 2)))
+        """The kept observations, by step (train before eval at a step)."""
+        return sorted(self._kept.values(), key=observation_order)
 
-    def _place(self, record: _Record) -> None:
+    def _place(self, record: Record) -> None:
         """Advance the writer this record continues, or open a writer, or start a new segment."""
         writers = self._writers.setdefault(record.observation.phase, [])
         candidates = [w for w in writers if w.can_continue_with(record)]
@@ -359,3 +415,11 @@ class _Assembler:
         self.restarts += 1
         self._kept = {key: obs for key, obs in self._kept.items() if key[1] < step}
         self._writers = {}
+
+
+def assemble(records: Iterable[Record]) -> Assembler:
+    """An assembler that took `records` in order (its `observations()` are what they give)."""
+    assembler = Assembler()
+    for record in records:
+        assembler.add(record)
+    return assembler

@@ -23,7 +23,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from guardian.engine.ruleset import RuleSet, load_rules, parse_rules, read_rule_bytes, rule_text
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import load_rules, parse_rules, read_rule_bytes, rule_text
 from guardian.errors import Problem, RuleFileError
 
 log = logging.getLogger("guardian.reload")
@@ -32,6 +33,7 @@ log = logging.getLogger("guardian.reload")
 RULE_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_RULE_SETS = 256  # rule files read from one folder; more are refused and logged
 _READ_ATTEMPTS = 5  # reads of a file that keeps changing before waiting for its next change event
+_STOP_WAIT_SECONDS = 5.0  # how long `stop()` waits for the watcher and the reload worker to end
 
 Parse = Callable[[str, str], RuleSet]
 
@@ -124,7 +126,7 @@ class RuleLibrary:
             return self._parse(rule_text(data, str(path)), str(path))
         except RuleFileError as exc:
             return exc
-        except Exception as exc:  # noqa: BLE001 - a file the validator trips on must not stop the daemon
+        except Exception as exc:  # a file the validator trips on must not stop the daemon
             log.exception("validating %s failed", path)
             return RuleFileError([Problem(str(path), None, None, (
                 f"could not be validated ({type(exc).__name__}); this is a bug in Guardian, please report it"))])
@@ -177,14 +179,14 @@ class RuleLibrary:
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout=5)
+            self._observer.join(timeout=_STOP_WAIT_SECONDS)
             self._observer = None
         with self._lock:
             self._stopping = True
             self._due.clear()
             self._wake.notify_all()
         if self._worker is not None:
-            self._worker.join(timeout=5)
+            self._worker.join(timeout=_STOP_WAIT_SECONDS)
             self._worker = None
 
     def _changed(self, path: Path) -> None:
@@ -199,7 +201,7 @@ class RuleLibrary:
         while (name := self._next_due()) is not None:
             try:
                 self.reload(name)
-            except Exception:  # noqa: BLE001 - one bad reload (or callback) must not end all reloads
+            except Exception:  # one bad reload (or callback) must not end all reloads
                 log.exception("reloading rules '%s' failed; the last good rules stay in use", name)
 
     def _next_due(self) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from guardian.errors import Problem
+from guardian.errors import GuardianError, Problem
 
 MAX_DEPTH = 32  # rule files nest about 7 deep
 QUOTE_CHARS = 300  # the most of a value a problem quotes
@@ -48,7 +48,7 @@ class Located(dict):  # type: ignore[type-arg]
         return self.key_lines.get(key, self.line)
 
 
-class RefusedYAML(yaml.MarkedYAMLError):
+class RefusedYAML(GuardianError, yaml.MarkedYAMLError):
     """YAML that is valid but not allowed in a rule file; `problem` is the whole explanation."""
 
     def __init__(self, message: str, mark: yaml.Mark) -> None:

@@ -72,7 +72,7 @@ def patch(trainer_class: type) -> None:
         original_init(self, *args, **kwargs)
         try:
             add_guardian(self)
-        except Exception as exc:  # noqa: BLE001 - never break the user's Trainer
+        except Exception as exc:  # never break the user's Trainer
             print(f"guardian: could not attach to this Trainer ({exc}); training continues unguarded", file=sys.stderr)
 
     @functools.wraps(original_train)

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import msgspec
 
 from guardian import events
-from guardian.errors import ConfigError
+from guardian.errors import ConfigError, GuardianError
 from guardian.events import AnyEvent, Command, DecisionEvent, Reply, Report, RunInfo
 from guardian.logs.eventlog import read_events
 from guardian.transport import wire
@@ -43,7 +43,7 @@ from guardian.transport.token import RUN_KEY_HEADER, find_token, load_or_create_
 log = logging.getLogger("guardian.client")
 
 
-class DaemonError(RuntimeError):
+class DaemonError(GuardianError, RuntimeError):
     """The daemon refused a request (`status`), or what answered was not a guardian daemon; the message says why."""
 
     def __init__(self, message: str, status: int | None = None) -> None:

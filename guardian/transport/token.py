@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from guardian.errors import ConfigError
+from guardian.logs.atomic import write_atomic
 
 log = logging.getLogger("guardian.token")
 TOKEN_ENV = "GUARDIAN_TOKEN"
@@ -136,32 +137,11 @@ def _warn_if_readable(path: Path) -> None:
 def _write_atomically(path: Path, text: str, *, replace: bool) -> bool:
     """Write `path` with mode 0600 so that it holds either nothing or all of `text`, never a part; False when
     (not `replace`) the file appeared meanwhile and was left as it is."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # never clobbers a token another daemon wrote in the meantime
-            except FileExistsError:
-                return False
-        _fsync_dir(path.parent)
-        return True
+        write_atomic(path, text, mode=0o600, overwrite=replace)  # no overwrite: never clobbers another daemon's
+    except FileExistsError:
+        return False
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; free some space or fix the folder's "
                           "permissions, then start again") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return True

@@ -37,6 +37,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from guardian.errors import GuardianError
+
 VERSION = 1
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_EVENTS_PER_REPORT = 5000
@@ -56,7 +58,7 @@ MAX_GOOD_KEYS = 4096
 EVENT_KINDS = ("start", "metrics", "system", "decision", "action", "checkpoint", "end")
 
 
-class WireError(ValueError):
+class WireError(GuardianError, ValueError):
     """A message that does not follow the protocol; `status` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400) -> None:

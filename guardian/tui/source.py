@@ -23,7 +23,8 @@ from urllib.parse import quote
 
 from guardian.engine.actions import describe_outcome
 from guardian.engine.engine import Engine, decision_from_dict
-from guardian.engine.ruleset import RuleSet, load_rules
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import load_rules
 from guardian.errors import GuardianError, RuleFileError
 from guardian.exporter import RunTracker
 import msgspec

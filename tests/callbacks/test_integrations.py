@@ -71,7 +71,7 @@ def test_decisions_and_actions_are_in_tensorboard_at_their_steps(tmp_path: Path)
 
 
 def test_a_learning_rate_cut_shows_its_scale_and_says_what_was_done(tmp_path: Path) -> None:
-    from guardian.engine.ruleset import parse_rules
+    from guardian.rulefile.reader import parse_rules
 
     cut = parse_rules("""
 version: 1

@@ -18,9 +18,13 @@ import pytest
 from daemonkit import DaemonProcess
 from realpaths import REAL_LOGS, needs_fixtures
 
-from guardian.commands.attach import EventSink, Follower, JsonlTail, StopPolicy, for_log_interval, log_interval
+from guardian.commands.attach import Follower, StopPolicy, for_log_interval, log_interval
+from guardian.commands.eventsink import EventSink
 from guardian.commands.replay import replay
-from guardian.engine.ruleset import load_rules, parse_rules
+from guardian.rulefile.reader import load_rules, parse_rules
+from guardian.events import (ActionEvent, AnyEvent, CheckpointEvent, DecisionEvent, EndEvent, MetricsEvent, StartEvent,
+                             from_builtins)
+from guardian.logs.eventlog import read_events
 from guardian.logs.training import Observation, read_log
 from guardian.transport.client import request
 
@@ -86,22 +90,23 @@ def start_attach(run: Path, *args: str, log: Path) -> subprocess.Popen[str]:
                             stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV)
 
 
-def finish(proc: subprocess.Popen[str], log: Path, timeout: float = 60) -> str:
+def finish(proc: subprocess.Popen[str], log: Path, timeout_seconds: float = 60) -> str:
     try:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=timeout_seconds)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"attach did not end within {timeout} s:\n{log.read_text()}")
+        pytest.fail(f"attach did not end within {timeout_seconds} s:\n{log.read_text()}")
     text = log.read_text()
     assert proc.returncode == 0, text
     assert "Traceback" not in text, text
     return text
 
 
-def events(run: Path) -> list[dict[str, Any]]:
-    path = run / "guardian" / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def events(run: Path) -> list[AnyEvent]:
+    found = list(read_events(run / "guardian" / "events.jsonl"))
+    assert None not in found  # every line attach wrote is an event
+    return [event for event in found if event is not None]
 
 
 def effective(run: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
@@ -110,13 +115,14 @@ def effective(run: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     decisions: list[tuple[int, str]] = []
     observations: list[tuple[int, str]] = []
     for event in events(run):
-        if event["kind"] == "start" and event.get("resumed"):
-            decisions = [d for d in decisions if d[0] < event["step"]]
-            observations = [o for o in observations if o[0] < event["step"]]
-        elif event["kind"] == "decision":
-            decisions.append((event["step"], event["rule"]))
-        elif event["kind"] == "metrics":
-            observations.append((event["step"], event["phase"]))
+        match event:
+            case StartEvent(resumed=True, step=int(step)):
+                decisions = [d for d in decisions if d[0] < step]
+                observations = [o for o in observations if o[0] < step]
+            case DecisionEvent():
+                decisions.append((event.step, event.rule))
+            case MetricsEvent():
+                observations.append((event.step, event.phase))
     return decisions, observations
 
 
@@ -136,17 +142,13 @@ def wait_for(predicate: Any, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def count_events(run: Path, kind: str, **match: Any) -> int:
+def count_events(run: Path, kind: type[AnyEvent], **match: Any) -> int:
     path = run / "guardian" / "events.jsonl"
     if not path.exists():
         return 0
     found = 0
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written
-        found += event["kind"] == kind and all(event.get(k) == v for k, v in match.items())
+    for event in read_events(path):  # None: a line being written
+        found += isinstance(event, kind) and all(getattr(event, k) == v for k, v in match.items())
     return found
 
 
@@ -183,8 +185,8 @@ def test_attach_live_decides_as_replay_does_on_the_whole_file(tmp_path: Path, na
     if expect is not None:
         assert expected == expect
     assert observations == [(o.step, o.phase) for o in read_log(REAL_LOGS / name)]
-    assert printed_decisions(text) == [(e["step"], e["rule"]) for e in events(run) if e["kind"] == "decision"]
-    assert all(e["source"] == "attach" for e in events(run))
+    assert printed_decisions(text) == [(e.step, e.rule) for e in events(run) if isinstance(e, DecisionEvent)]
+    assert all(e.source == "attach" for e in events(run))
     if "rameyjm7" in name:
         assert "resume at step 5010" in text
         assert any(step >= 5010 for step, _ in expected)  # decisions after the resume were compared too
@@ -207,16 +209,16 @@ def test_a_truncated_or_replaced_log_is_followed_as_a_resume(tmp_path: Path) -> 
                 time.sleep(0.002)
 
     append(lines[:60])
-    wait_for(lambda: count_events(run, "metrics") >= 60)
+    wait_for(lambda: count_events(run, MetricsEvent) >= 60)
     replacement = run / "trainer_log.jsonl.new"  # rotation: a shorter file takes the name (another inode)
     replacement.write_bytes(b"".join(lines[:30]))
     os.replace(replacement, log)
-    wait_for(lambda: count_events(run, "start", resumed=True) == 1)
+    wait_for(lambda: count_events(run, StartEvent, resumed=True) == 1)
     append(lines[30:100])
-    wait_for(lambda: count_events(run, "metrics") >= 130)
+    wait_for(lambda: count_events(run, MetricsEvent) >= 130)
     with log.open("r+b") as f:  # truncation in place: the same inode, fewer bytes
         f.truncate(len(b"".join(lines[:50])))
-    wait_for(lambda: count_events(run, "start", resumed=True) == 2)
+    wait_for(lambda: count_events(run, StartEvent, resumed=True) == 2)
     append(lines[50:])
     text = finish(attach, tmp_path / "attach.out")
 
@@ -249,8 +251,8 @@ def test_attach_stops_a_real_run_on_nan_and_names_the_last_good_checkpoint(tmp_p
     assert f"--resume_from_checkpoint {good}" in text
     assert json.loads((good / "guardian_good.json").read_text())["step"] == 30
     assert not (out / "checkpoint-40" / "guardian_good.json").exists()
-    stops = [e for e in events(out) if e["kind"] == "action" and e.get("stopped")]
-    assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM" and stops[0]["resume_from"] == str(good)
+    stops = [e for e in events(out) if isinstance(e, ActionEvent) and e.stopped]
+    assert len(stops) == 1 and stops[0].signal == "SIGTERM" and stops[0].resume_from == str(good)
 
 
 # ---- the daemon -----------------------------------------------------------------------------------------
@@ -273,8 +275,9 @@ def test_attach_reports_to_the_daemon(tmp_path: Path) -> None:
         assert runs["aolin"]["meta"]["attached"] is True
         stored = request(daemon.url, "GET", "/v1/runs/aolin/events?kinds=decision,action,start,end")
         assert [(d["step"], d["rule"]) for d in stored["decisions"]] == [(210, "loss_stuck_at_zero")]
-        assert {e["kind"] for e in stored["events"]} == {"start", "decision", "action", "end"}
-        assert all(e["source"] == "attach" for e in stored["events"])
+        stored_events = [from_builtins(e) for e in stored["events"]]
+        assert {type(e) for e in stored_events} == {StartEvent, DecisionEvent, ActionEvent, EndEvent}
+        assert all(e.source == "attach" for e in stored_events)
     finally:
         daemon.stop()
 
@@ -312,7 +315,7 @@ def test_a_plain_hf_run_is_followed_through_its_checkpoints(tmp_path: Path) -> N
     assert f"--resume_from_checkpoint {tmp_path / 'checkpoint-30'}" in text
     assert "checkpoint-40 is not marked good: non_finite_loss fired at step 33" in text
     assert (tmp_path / "guardian" / "last_good_checkpoint").read_text() == f"{tmp_path / 'checkpoint-70'}\n"
-    assert f.ended and events(tmp_path)[-1]["kind"] == "end"
+    assert f.ended and isinstance(events(tmp_path)[-1], EndEvent)
 
 
 def test_a_checkpoint_with_another_history_is_a_resume(tmp_path: Path) -> None:
@@ -335,19 +338,6 @@ def test_a_checkpoint_with_another_history_is_a_resume(tmp_path: Path) -> None:
     assert f.resume_point(before=25) == tmp_path / "checkpoint-20"
 
 
-def test_a_half_written_line_waits_for_its_newline(tmp_path: Path) -> None:
-    path = tmp_path / "trainer_log.jsonl"
-    tail = JsonlTail(path)
-    assert tail.read() == (False, [])
-    path.write_bytes(b'{"a": 1}\n{"b"')
-    assert tail.read() == (False, ['{"a": 1}'])
-    with path.open("ab") as f:
-        f.write(b': 2}\n')
-    assert tail.read() == (False, ['{"b": 2}'])
-    path.write_bytes(b'{"c": 3}\n')
-    assert tail.read() == (True, ['{"c": 3}'])
-
-
 def test_unknown_stop_on_rule_and_signal_are_clear_errors(tmp_path: Path) -> None:
     for args, message in [(["--stop-on", "nan_loss"], "--stop-on nan_loss: no such rule"),
                           (["--stop-signal", "TERMINATE"], "--stop-signal 'TERMINATE' is not a signal")]:
@@ -362,7 +352,7 @@ def test_ctrl_c_or_sigterm_ends_attach_with_status_0(tmp_path: Path, sig: signal
     attach = start_attach(tmp_path / "not-yet", log=tmp_path / "attach.out")
     wait_for(lambda: "waiting for" in (tmp_path / "attach.out").read_text())
     attach.send_signal(sig)
-    text = finish(attach, tmp_path / "attach.out", timeout=20)
+    text = finish(attach, tmp_path / "attach.out", timeout_seconds=20)
     assert "attach: nothing read yet" in text
     assert not (tmp_path / "not-yet").exists()  # nothing created before the run writes there
 
@@ -449,8 +439,8 @@ def test_no_checkpoint_is_marked_good_on_steps_the_log_does_not_show(tmp_path: P
         assert f"checkpoint-{step} is not marked good: the log covers only every 5th step" in text
         assert not (run / f"checkpoint-{step}" / "guardian_good.json").exists()
     assert not (run / "guardian" / "last_good_checkpoint").exists()
-    checkpoints = [e for e in events(run) if e["kind"] == "checkpoint"]
-    assert [(e["step"], e["good"]) for e in checkpoints] == [(20, False), (40, False), (60, False)]
+    checkpoints = [e for e in events(run) if isinstance(e, CheckpointEvent)]
+    assert [(e.step, e.good) for e in checkpoints] == [(20, False), (40, False), (60, False)]
 
 
 def test_a_checkpoint_needs_every_step_since_the_one_before_logged_and_healthy(tmp_path: Path) -> None:
@@ -480,8 +470,8 @@ def test_grad_norm_comes_from_the_trainer_state_beside_a_llamafactory_log(tmp_pa
         assert (55, "grad_explosion") in printed_decisions(text)
         assert "grad_norm for 12 of 12 logged steps read from trainer_state.json" in text
         assert "for lack of grad_norm" not in text
-        metrics = [e for e in events(run) if e["kind"] == "metrics"]
-        assert all("grad_norm" in e["values"] for e in metrics)
+        metrics = [e for e in events(run) if isinstance(e, MetricsEvent)]
+        assert all("grad_norm" in e.values for e in metrics)
     else:
         assert printed_decisions(text) == []
         lacking = re.search(r"^attach: cannot fire for lack of grad_norm in the log: (.*)$", text, re.MULTILINE)
@@ -519,7 +509,7 @@ def test_grad_norms_that_come_after_their_lines_are_judged_when_their_checkpoint
 
     assert printed_decisions(text) == [(55, "grad_explosion_absolute"), (55, "grad_explosion")], text
     assert text.count("(judged late: its grad_norm came with a checkpoint)") == 2
-    assert [e["step"] for e in events(tmp_path) if e["kind"] == "decision" and e.get("late")] == [55, 55]
+    assert [e.step for e in events(tmp_path) if isinstance(e, DecisionEvent) and e.late] == [55, 55]
     assert "checkpoint-50 is good" in text
     assert "checkpoint-60 is not marked good: grad_explosion fired at step 55" in text
     assert not (tmp_path / "checkpoint-60" / "guardian_good.json").exists()

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from guardian.commands.demo import action_lines, demo_faults, run_demo, train_once
 from guardian.commands.report import load_run
-from guardian.engine.ruleset import load_rules
+from guardian.rulefile.reader import load_rules
 
 
 def test_demo_rescues_the_faulted_run(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from guardian.commands.doctor import Advice, Level, check_config, finetuning_type, method_of_trainer, preflight, read_config
-from guardian.engine.ruleset import load_rules, parse_rules
+from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.errors import ConfigError
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]

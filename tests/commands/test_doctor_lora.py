@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from guardian.commands.doctor import check_config, preflight
-from guardian.engine.ruleset import load_rules
+from guardian.rulefile.reader import load_rules
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
 WIDE = {**os.environ, "COLUMNS": "300"}  # error lines unwrapped

@@ -15,7 +15,7 @@ from realpaths import REAL_LOGS, needs_fixtures
 from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
 from guardian.daemon.daemon import Guardian
 from guardian.daemon.store import Store
-from guardian.engine.ruleset import load_rules
+from guardian.rulefile.reader import load_rules
 from guardian.errors import LogFormatError
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire

@@ -15,7 +15,7 @@ from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.report import RunRecord, load_run, verdict
 from guardian.commands.reportplot import build_figure, spans
-from guardian.engine.ruleset import load_rules
+from guardian.rulefile.reader import load_rules
 
 
 def log_file(tmp_path: Path, train: list[tuple[int, dict[str, Any]]], evals: list[tuple[int, float]] = ()) -> Path:

@@ -273,7 +273,7 @@ def test_store_growth_is_bounded(tmp_path: Path) -> None:
 
 def test_replay_of_a_stored_run_and_of_guardian_events(tmp_path: Path) -> None:
     from guardian.commands.replay import replay, replay_stored
-    from guardian.engine.ruleset import load_rules
+    from guardian.rulefile.reader import load_rules
 
     store = Store(tmp_path / "state" / "guardian.db")
     core = Guardian(store, RuleLibrary(None))

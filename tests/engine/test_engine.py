@@ -11,7 +11,9 @@ import pytest
 from guardian.detectors import Finding
 from guardian.engine.actions import ActionKind, ActionSpec, Plan, Restore, merge
 from guardian.engine.engine import Decision, Engine, RuleStatus
-from guardian.engine.ruleset import RuleSet, Severity, parse_rules
+from guardian.engine.rules import RuleSet
+from guardian.events import Severity
+from guardian.rulefile.reader import parse_rules
 
 NAN, INF = float("nan"), float("inf")
 HIGH, LOW = 50.0, 1.0  # grad_norm above and below the limit of 10 used by the rules below

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from guardian.engine.metricnames import closest, is_known
-from guardian.engine.ruleset import load_rules, parse_rules, shipped_rules_path
+from guardian.rulefile.reader import load_rules, parse_rules, shipped_rules_path
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
 TYPOS = """\

@@ -12,7 +12,7 @@ import pytest
 from guardian.engine.actions import Restore, merge
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.policy import IncidentPolicy, PolicySettings
-from guardian.engine.ruleset import parse_rules
+from guardian.rulefile.reader import parse_rules
 
 RULES = """\
 version: 1

@@ -16,7 +16,7 @@ from trlkit import dpo_trainer, grpo_trainer, sum_reward
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.trl_metrics import StoredMetrics
-from guardian.engine.ruleset import LOSS_LEVEL_RULES, load_rules, shipped_rules_for
+from guardian.rulefile.reader import LOSS_LEVEL_RULES, load_rules, shipped_rules_for
 
 SWAPPED = (30, 31, 32)
 PREFERENCE_RULES = {"reward_accuracy_collapse", "reward_margin_flip", "chosen_reward_collapse"}

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from guardian.engine.actions import ActionKind, ActionSpec
-from guardian.engine.ruleset import RuleSet, Severity, default_rules_path, load_rules, parse_rules
+from guardian.engine.rules import RuleSet
+from guardian.events import Severity
+from guardian.rulefile.reader import default_rules_path, load_rules, parse_rules
 from guardian.errors import GuardianError, Problem, RuleFileError
 
 SOURCE = "rules.yaml"

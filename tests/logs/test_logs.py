@@ -428,3 +428,21 @@ def test_directory_without_a_log(tmp_path: Path) -> None:
 def test_errors_are_value_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         read_log(tmp_path / "missing")
+
+
+def test_the_assembler_says_what_each_record_did() -> None:
+    from guardian.logs.training import Assembler, Placed, Record, jsonl_records
+
+    def record(step: int, loss: float) -> Record:
+        (found,) = jsonl_records(f'{{"current_steps": {step}, "loss": {loss}}}') or []
+        return found
+
+    assembler = Assembler()
+    assert assembler.add(record(1, 2.0)) == Placed(kept=True, restarted=False)
+    assert assembler.add(record(2, 1.9)) == Placed(kept=True, restarted=False)
+    assert assembler.add(record(2, 1.9)) == Placed(kept=False, restarted=False)  # another writer, same step
+    assert assembler.add(record(3, 1.8)) == Placed(kept=True, restarted=False)
+    assert assembler.add(record(1, 2.1)) == Placed(kept=True, restarted=True)  # below every writer: a resume
+    assert [(o.step, o.metrics["loss"]) for o in assembler.observations()] == [(1, 2.1)]
+    assert (assembler.duplicates, assembler.restarts) == (1, 1)
+    assert jsonl_records("not json") is None

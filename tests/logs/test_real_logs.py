@@ -8,7 +8,7 @@ import pytest
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.replay import replay
-from guardian.engine.ruleset import load_rules
+from guardian.rulefile.reader import load_rules
 
 pytestmark = needs_fixtures
 

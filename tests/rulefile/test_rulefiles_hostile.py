@@ -22,7 +22,8 @@ from daemonkit import DaemonProcess, wait_for
 
 from guardian.daemon.daemon import Guardian
 from guardian.daemon.store import Store
-from guardian.engine.ruleset import MAX_FILE_BYTES, MAX_PROBLEMS, RuleSet, load_rules, parse_rules
+from guardian.engine.rules import RuleSet
+from guardian.rulefile.reader import MAX_FILE_BYTES, MAX_PROBLEMS, load_rules, parse_rules
 from guardian.errors import RuleFileError
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
@@ -74,7 +75,7 @@ def test_billion_laughs_is_refused_at_the_first_anchor_with_little_memory() -> N
     assert len(text.encode()) < 420  # the issue's file was 393 bytes
     result = in_child(f"""
 import json, tracemalloc
-from guardian.engine.ruleset import parse_rules
+from guardian.rulefile.reader import parse_rules
 from guardian.errors import RuleFileError
 tracemalloc.start()
 try:
@@ -164,7 +165,7 @@ def test_devices_and_fifos_given_by_path_are_refused_without_reading(tmp_path: P
     os.mkfifo(fifo)
     result = in_child(f"""
 import json
-from guardian.engine.ruleset import load_rules
+from guardian.rulefile.reader import load_rules
 from guardian.errors import RuleFileError
 out = {{}}
 for path in ("/dev/zero", {str(fifo)!r}, {str(tmp_path)!r}):

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.engine.ruleset import load_rules, parse_rules
+from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.testing.tinyrun import TinyRun
 
 ROLLBACK_RULES = """

@@ -1,4 +1,5 @@
-"""Rule files: YAML in, validated `Rule`s out, with one clear problem per mistake (file, line, rule)."""
+"""Rule files: YAML in, validated `Rule`s (`guardian.engine.rules`) out, with one clear problem per mistake
+(file, line, rule); and where the shipped rule files are."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from guardian.events import Severity
 from guardian.engine.actions import ActionKind, ActionSpec, check_action_params
 from guardian.engine.metricnames import closest, is_known
 from guardian.engine.policy import PolicySettings
+from guardian.engine.rules import Escalation, Rule, RuleSet
 from guardian.errors import Problem, RuleFileError
 from guardian.rulefile.yamlfile import Located, clip, load_yaml, shown
 
@@ -33,72 +35,13 @@ MAX_PROBLEMS = 20  # problems listed per file; the rest are counted
 MESSAGE_CHARS = 1000  # the longest problem message kept (values quoted in it are cut shorter still)
 
 
-@dataclass(frozen=True)
-class Escalation:
-    """Stronger actions once a rule has fired `after_firings` times within `within_steps` steps."""
-
-    after_firings: int
-    within_steps: int
-    actions: tuple[ActionSpec, ...]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One validated rule: what to watch, how to judge it, and what to do when it fires."""
-
-    name: str
-    detector: str
-    params: Mapping[str, Any]
-    watches: tuple[str, ...]
-    severity: Severity
-    actions: tuple[ActionSpec, ...]
-    cooldown_steps: int = 0
-    escalation: tuple[Escalation, ...] = ()
-    description: str = ""
-    diagnosis: str = ""
-    fix: str = ""
-    actions_when_clipped: tuple[ActionSpec, ...] = ()  # instead of `actions` when the run clips gradients
-
-    def build_detector(self) -> Detector:
-        return DETECTORS[self.detector](**self.params)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The rule as plain JSON types, in the shape of a rule file entry (`guardian rules show --json`)."""
-        return {
-            "name": self.name, "description": self.description, "watches": list(self.watches),
-            "detector": {"kind": self.detector, **self.params}, "severity": self.severity.value,
-            "actions": [a.to_dict() for a in self.actions], "cooldown_steps": self.cooldown_steps,
-            "escalation": [{"after_firings": e.after_firings, "within_steps": e.within_steps,
-                            "actions": [a.to_dict() for a in e.actions]} for e in self.escalation],
-            "actions_when_clipped": [a.to_dict() for a in self.actions_when_clipped],
-            "diagnosis": self.diagnosis, "fix": self.fix,
-        }
-
-
-@dataclass(frozen=True)
-class RuleSet:
-    """All rules of a rule file plus the run-wide policy."""
-
-    rules: tuple[Rule, ...]
-    policy: PolicySettings = PolicySettings()
-    source: str = "<memory>"
-    # Not errors: metric names no known source logs (a typo, or a custom metric); `guardian rules check` shows them.
-    warnings: tuple[Problem, ...] = ()
-
-    @property
-    def rollback_budget(self) -> int:
-        return self.policy.rollback_budget
-
-    def by_name(self, name: str) -> Rule:
-        return next(rule for rule in self.rules if rule.name == name)
-
-
 def default_rules_path() -> Path:
     """Where the shipped `default.yaml` is, in a source checkout or an installed package."""
     return shipped_rules_path("default.yaml")
 
 
 def shipped_rules_path(name: str) -> Path:
+    """Where the shipped rule file `name` (default.yaml, preference.yaml, rl.yaml) is."""
     return Path(str(resources.files("guardian.shipped_rules").joinpath(name)))
 
 
@@ -525,7 +468,7 @@ def _is_int(value: Any) -> bool:
 
 def _watched_metrics(detector: Detector, params: Mapping[str, Any]) -> tuple[str, ...]:
     names: list[str] = []
-    for key in (*METRIC_FIELDS, "train_metric", "reference_metric", "lr_metric", "grad_metric"):
+    for key in METRIC_PARAMS:
         value = getattr(detector, key, None)
         if isinstance(value, str):
             names.append(value)
