@@ -363,7 +363,7 @@ def test_a_learning_rate_put_back_on_its_schedule_is_an_action(tmp_path: Path) -
     taken", and nothing on the picture."""
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.commands.reportplot import build_figure
+    from guardian.commands.report.plot import build_figure
     from guardian.testing.tinyrun import TinyRun
 
     TinyRun(str(tmp_path / "run"), max_steps=20, eval_steps=0).trainer(
