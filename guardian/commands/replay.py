@@ -108,7 +108,7 @@ def _result(path: str, report: LogReport, observations: list[Observation], rules
 def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResult:
     """Replay a run the daemon stored in `state_dir/guardian.db` (the daemon need not be running)."""
     with stored_run(state_dir, run_id) as store:
-        stored = store.events(run_id, (Kind.METRICS.value,))
+        stored = store.events(run_id, (Kind.METRICS,))
     observations = _observations(_decoded(stored))
     db = state_dir / "guardian.db"
     report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
