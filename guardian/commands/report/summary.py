@@ -58,6 +58,7 @@ def left_in_place(action: ActionEvent) -> str | None:
 
 
 def _would_do(decisions: list[Decision]) -> Interventions:
+    """What the decisions of a replay would have done, step by step, up to the first stop."""
     by_step: dict[int, list[Decision]] = {}
     for d in decisions:
         by_step.setdefault(d.step, []).append(d)
