@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from rich.console import Console
@@ -285,12 +286,12 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    from guardian.engine.actions import describe_outcome
+    from guardian.events import Kind
     from guardian.transport.client import request
-
     from guardian.transport.eventpages import all_events
 
-    kinds = () if args.all else ("decision", "action", "start", "end", "checkpoint")
+    kinds = () if args.all else tuple(k.value for k in (Kind.DECISION, Kind.ACTION, Kind.START, Kind.END,
+                                                        Kind.CHECKPOINT))
     data = all_events(lambda path: request(args.url, "GET", path, token=_token(args)), args.run, kinds)
     if not (data["events"] or data["decisions"] or data["commands"]):
         known = [r["id"] for r in request(args.url, "GET", "/v1/runs", token=_token(args))["runs"]]
@@ -302,25 +303,47 @@ def _events(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     console.print(f"[bold]Decisions of the daemon for {escape(args.run)}[/]")
-    for d in data["decisions"]:
-        actions = ", ".join(a["kind"] for a in d["actions"])
-        console.print(f"  step {d['step']:>7}  {d['rule']:<22} {actions:<24} {d['message']}", markup=False,
-                      highlight=False, soft_wrap=True)
-        if d.get("diagnosis"):
-            console.print(f"  {'':>12}  likely cause: {d['diagnosis']}; usual fix: {d['fix']}", markup=False,
-                          highlight=False, soft_wrap=True)
+    for line in _decision_lines(data["decisions"]):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("[bold]What the run did[/]")
-    for e in data["events"]:
-        if e["kind"] == "action":
-            source = f" [{e['source']}]" if e.get("source") else ""
-            console.print(f"  step {e['step']:>7}  {describe_outcome(e)} ({', '.join(e.get('rules', []))}){source}", markup=False, highlight=False, soft_wrap=True)
-        elif e["kind"] != "decision":
-            console.print(f"  seq {e['seq']:>7}  {e['kind']} {json.dumps({k: v for k, v in e.items() if k not in ('seq', 'kind', 'time')})}",
-                          markup=False, highlight=False, soft_wrap=True)
+    for line in _event_lines(data["events"]):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     for c in data["commands"]:
         state = "applied" if c["applied"] else "delivered" if c["delivered"] else "queued"
         console.print(f"  command {c['id']}: {c['action']} {c['params']} ({c['source']}) {state}", markup=False)
     return 0
+
+
+def _decision_lines(decisions: list[dict[str, Any]]) -> list[str]:
+    """`guardian events`: the daemon's decisions (`Decision.to_dict()` in its JSON page), a line or two each."""
+    from guardian.engine.engine import decision_from_dict
+
+    lines = []
+    for data in decisions:
+        d = decision_from_dict(data)
+        actions = ", ".join(a.kind.value for a in d.actions)
+        lines.append(f"  step {d.step:>7}  {d.rule:<22} {actions:<24} {d.finding.message}")
+        if d.diagnosis:
+            lines.append(f"  {'':>12}  likely cause: {d.diagnosis}; usual fix: {d.fix}")
+    return lines
+
+
+def _event_lines(page: list[dict[str, Any]]) -> list[str]:
+    """`guardian events`: what the run did, from the events of the daemon's JSON page (decisions are listed
+    apart): an action as what it did, any other event as its fields."""
+    from guardian import events
+    from guardian.events import ActionEvent, DecisionEvent
+
+    lines = []
+    for data in page:
+        event = events.from_builtins(data)
+        if isinstance(event, ActionEvent):
+            source = f" [{event.source}]" if event.source else ""
+            lines.append(f"  step {event.step:>7}  {event.outcome.describe()} ({', '.join(event.rules)}){source}")
+        elif not isinstance(event, DecisionEvent):
+            fields = {k: v for k, v in events.to_builtins(event).items() if k not in ("seq", "kind", "time")}
+            lines.append(f"  seq {event.seq:>7}  {event.kind.value} {json.dumps(fields)}")
+    return lines
 
 
 def _ctl(args: argparse.Namespace) -> int:

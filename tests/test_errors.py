@@ -9,7 +9,7 @@ import pkgutil
 import guardian
 from guardian.errors import GuardianError
 
-SKIP = ("guardian.callbacks", "guardian.tui", "guardian.testing", "guardian.commands.reportplot")
+SKIP = ("guardian.callbacks", "guardian.tui", "guardian.testing", "guardian.commands.report.plot")
 
 
 def _modules() -> list[str]:

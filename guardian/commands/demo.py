@@ -19,6 +19,9 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from guardian.events import ActionEvent, LrChange
+from msgspec import UNSET
+
 RESCUE_TOLERANCE = 0.05  # the guarded run must end within 5 % of the clean run's eval loss
 
 
@@ -29,7 +32,7 @@ class RunResult:
     seconds: float
     faults: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)  # one line per intervention
-    outcomes: list[dict[str, Any]] = field(default_factory=list)  # the interventions as the actuator recorded them
+    outcomes: list[ActionEvent] = field(default_factory=list)  # the interventions as the actuator recorded them
     counts: dict[str, int] = field(default_factory=dict)  # the actuator's counts by kind
     decisions: list[str] = field(default_factory=list)
 
@@ -91,10 +94,9 @@ def _step_listener(on_step: Callable[[int], None]) -> Any:
     return StepListener()
 
 
-def _summarise(outcome: dict[str, Any]) -> str:
-    from guardian.engine.actions import describe_outcome as describe
-
-    return f"step {outcome['step']}: {describe(outcome)} ({', '.join(outcome['rules'])})"
+def _summarise(action: ActionEvent) -> str:
+    """"step 15: skipped this update (non_finite_loss)": one intervention."""
+    return f"step {action.step}: {action.outcome.describe()} ({', '.join(action.rules)})"
 
 
 def run_demo(out_dir: Path, *, steps: int = 400, seed: int = 0, console: Console | None = None) -> bool:
@@ -140,34 +142,34 @@ def _indented(console: Console, text: str) -> None:
     console.print(Padding(Text(text), (0, 0, 0, 2)))
 
 
-_OUTCOME_KINDS = ("skipped_update", "lr_restored", "rollback", "lr_factor", "stopped")  # keys of an outcome record
+def _kind(action: ActionEvent) -> tuple[str, ...]:
+    """Which kinds of intervention an action carried out: skipped_update, lr_restored, rollback, lr_factor,
+    stopped."""
+    done = (("skipped_update", action.skipped_update), ("lr_restored", isinstance(action.lr_restored, LrChange)),
+            ("rollback", bool(action.rollback)), ("lr_factor", bool(action.lr_factor)),
+            ("stopped", bool(action.stopped)))
+    return tuple(name for name, did in done if did)
 
 
-def _kind(outcome: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(key for key in _OUTCOME_KINDS if outcome.get(key))
-
-
-def action_lines(outcomes: list[dict[str, Any]]) -> list[str]:
+def action_lines(actions: list[ActionEvent]) -> list[str]:
     """One line per stretch of consecutive steps with the same kind of action for the same rules."""
-    from guardian.engine.actions import describe_outcome as describe
-
-    groups: list[list[dict[str, Any]]] = []
-    for outcome in outcomes:
+    groups: list[list[ActionEvent]] = []
+    for action in actions:
         last = groups[-1][-1] if groups else None
-        if last is not None and int(last["step"]) == int(outcome["step"]) - 1 \
-                and (_kind(last), last["rules"]) == (_kind(outcome), outcome["rules"]):
-            groups[-1].append(outcome)
+        if last is not None and last.step == action.step - 1 \
+                and (_kind(last), last.rules) == (_kind(action), action.rules):
+            groups[-1].append(action)
         else:
-            groups.append([outcome])
+            groups.append([action])
     lines = []
     for group in groups:
-        first, final = int(group[0]["step"]), int(group[-1]["step"])
+        first, final = group[0].step, group[-1].step
         where = f"step {first}" if first == final else f"steps {first}-{final}"
-        each = f", each step (at step {first})" if len(group) > 1 and "lr_restored" in group[0] else ""
-        what = describe(group[0])
+        each = f", each step (at step {first})" if len(group) > 1 and group[0].lr_restored is not UNSET else ""
+        what = group[0].outcome.describe()
         if len(group) > 1:
             what = what.replace("skipped this update", "skipped each update")
-        lines.append(f"{where}: {what}{each} ({', '.join(group[0]['rules'])})")
+        lines.append(f"{where}: {what}{each} ({', '.join(group[0].rules)})")
     return lines
 
 

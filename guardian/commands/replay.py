@@ -6,17 +6,20 @@ directory (see `guardian.logs.training`), Guardian's own `events.jsonl`, or a ru
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
+from guardian import events
+from guardian.events import AnyEvent, Kind, MetricsEvent
+from guardian.logs.eventlog import decode_line, read_events
 from guardian.logs.training import EVAL, TRAIN, LogReport, Observation, read_log_with_report
-from guardian.transport import wire
 
 GUARDIAN_EVENTS = "guardian_events"
 GUARDIAN_STORE = "guardian_store"
@@ -87,10 +90,10 @@ def replay_engine(observations: list[Observation], ruleset: RuleSet) -> tuple[li
 
 def replay(path: str | os.PathLike[str], ruleset: RuleSet) -> ReplayResult:
     """Read a log file or run directory and replay the rules over it."""
-    events = _guardian_events_file(Path(path))
-    if events is not None:
-        observations = _observations(json.loads(line) for line in events.read_text().splitlines() if line.strip())
-        report = LogReport(GUARDIAN_EVENTS, str(events), 0, 0, 0)
+    events_file = _guardian_events_file(Path(path))
+    if events_file is not None:
+        observations = _observations(read_events(events_file))
+        report = LogReport(GUARDIAN_EVENTS, str(events_file), 0, 0, 0)
     else:
         observations, report = read_log_with_report(path)
     return _result(str(path), report, observations, ruleset)
@@ -105,7 +108,8 @@ def _result(path: str, report: LogReport, observations: list[Observation], rules
 def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResult:
     """Replay a run the daemon stored in `state_dir/guardian.db` (the daemon need not be running)."""
     with stored_run(state_dir, run_id) as store:
-        observations = _observations(store.events(run_id, ("metrics",)))
+        stored = store.events(run_id, (Kind.METRICS,))
+    observations = _observations(_decoded(stored))
     db = state_dir / "guardian.db"
     report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
     return _result(f"{db}#{run_id}", report, observations, ruleset)
@@ -119,20 +123,18 @@ def _guardian_events_file(path: Path) -> Path | None:
         candidate = path / "guardian" / "events.jsonl"
         return candidate if candidate.is_file() and not has_trainer_log and not has_checkpoints else None
     if path.is_file() and path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open("rb") as f:
             first = f.readline()
-        try:
-            head = json.loads(first)
-        except json.JSONDecodeError:
-            return None
-        return path if isinstance(head, dict) and "seq" in head and "kind" in head else None
+        return path if decode_line(first) is not None else None
     return None
 
 
-def _observations(events: object) -> list[Observation]:
-    out = []
-    for event in events:  # type: ignore[attr-defined]
-        if event.get("kind") == "metrics" and isinstance(event.get("step"), int):
-            kind = EVAL if event.get("phase") == "eval" else TRAIN
-            out.append(Observation(event["step"], wire.metric_values(event), kind))
-    return out
+def _decoded(stored: Iterable[AnyEvent | Mapping[str, Any]]) -> list[AnyEvent]:
+    """The store's events as events (a store that answers with JSON-shaped dicts has them decoded here)."""
+    return [events.from_builtins(e) if isinstance(e, Mapping) else e for e in stored]
+
+
+def _observations(run_events: Iterable[AnyEvent | None]) -> list[Observation]:
+    """The observations of a run's metrics events, in order (unreadable lines, None, are passed over)."""
+    return [Observation(e.step, dict(e.values), EVAL if e.phase == EVAL else TRAIN)
+            for e in run_events if isinstance(e, MetricsEvent)]

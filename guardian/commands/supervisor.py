@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from guardian.errors import ConfigError
+from guardian.events import AnyEvent, StartEvent
+from guardian.logs.eventlog import decode_line
 from guardian.testing.inject import ENV_OPTIONS, ENV_RESUME
 
 log = logging.getLogger("guardian.run")
@@ -196,34 +198,25 @@ def _made_progress(code: int, state: dict[str, Any], started_at: float) -> bool:
     events = Path(output_dir, "guardian", "events.jsonl") if output_dir else None
     if events is None or not events.is_file():
         return True
-    ours = [e for e in _tail_events(events) if isinstance(e.get("time"), (int, float)) and e["time"] >= started_at]
-    starts = [i for i, e in enumerate(ours) if e.get("kind") == "start"]
+    ours = [e for e in _tail_events(events) if e.time >= started_at]
+    starts = [i for i, e in enumerate(ours) if isinstance(e, StartEvent)]
     if not starts:
         return True  # no start written (no event log this time), or more than the tail since it
     first = starts[-1]
-    begun = ours[first].get("step")
-    begun = begun if isinstance(begun, int) else 0
-    return any(isinstance(e.get("step"), int) and e["step"] > begun for e in ours[first + 1:])
+    begun = ours[first].step or 0
+    return any(e.step is not None and e.step > begun for e in ours[first + 1:])
 
 
-def _tail_events(path: Path) -> list[dict[str, Any]]:
+def _tail_events(path: Path) -> list[AnyEvent]:
     """The events in the last EVENTS_TAIL_BYTES of an event log (a line cut by that limit is dropped)."""
     try:
         with path.open("rb") as f:
             start = max(0, f.seek(0, os.SEEK_END) - EVENTS_TAIL_BYTES)
             f.seek(start)
-            lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]
+            lines = f.read().splitlines()[1 if start else 0:]
     except OSError:
         return []
-    events = []
-    for line in lines:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a half-written last line
-        if isinstance(event, dict):
-            events.append(event)
-    return events
+    return [event for event in map(decode_line, lines) if event is not None]  # None: a half-written last line
 
 
 def _signal_name(number: int) -> str:

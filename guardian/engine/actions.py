@@ -143,28 +143,3 @@ def merge(actions: Iterable[ActionSpec]) -> Plan:
             if wanted is not Restore.AUTO and _RESTORE_ORDER.index(wanted) > _RESTORE_ORDER.index(restore):
                 restore = wanted
     return Plan(skip, rollback, lr_factor, min_lr, stop, restore, restore_lr)
-
-
-def describe_outcome(outcome: dict[str, Any]) -> str:
-    """One line saying what an intervention did."""
-    parts = []
-    if "rollback" in outcome:
-        if outcome["rollback"] == "restart":
-            parts.append(f"sharded state: asked for a supervised restart from {outcome['resume_from']}")
-        elif outcome["rollback"] == "impossible":
-            parts.append(f"could not roll back ({outcome['reason']})")
-        else:
-            parts.append(f"rolled back to step {outcome['rollback_to_step']} from {outcome['rollback']} "
-                         f"in {outcome['rollback_seconds'] * 1000:.1f} ms")
-    if outcome.get("skipped_update"):
-        parts.append("skipped this update")
-    if "lr_restored" in outcome:
-        parts.append(f"learning rate put back on its schedule: {outcome['lr_restored']['from']:.3g} -> "
-                     f"{outcome['lr_restored']['to']:.3g}")
-    if "lr_factor" in outcome:
-        parts.append(f"learning rate x{outcome['lr_factor']:.3g} -> {outcome['lr']:.3g} (scale {outcome['lr_scale']:.3g})")
-    if outcome.get("stopped"):
-        restored = f", left {outcome['restored']} in place" if "restored" in outcome else ""
-        restored = f", restored {outcome['restored_best']}" if "restored_best" in outcome else restored
-        parts.append("stopping training" + restored)
-    return "; ".join(parts) or "recorded"

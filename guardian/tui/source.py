@@ -11,7 +11,6 @@ since the newest event, so the `stalled` rule fires on a run that stopped writin
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -21,8 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from guardian.engine.actions import describe_outcome
-from guardian.engine.engine import Engine, decision_from_dict
+from guardian.engine.engine import Decision, Engine, decision_from_dict, decision_from_event
 from guardian.engine.rules import RuleSet
 from guardian.rulefile.reader import load_rules
 from guardian.errors import GuardianError, RuleFileError
@@ -30,7 +28,8 @@ from guardian.exporter import RunTracker
 import msgspec
 
 from guardian import events
-from guardian.transport import wire
+from guardian.events import ActionEvent, AnyEvent, DecisionEvent, MetricsEvent, StartEvent
+from guardian.logs.eventlog import decode_line
 from guardian.transport.client import DaemonError, request
 from guardian.transport.eventpages import pages
 
@@ -148,20 +147,25 @@ def run_status(ended: bool, rules: Mapping[str, str]) -> str:
     return "firing" if "firing" in rules.values() else "running"
 
 
-def decision_line(data: Mapping[str, Any]) -> DecisionLine | None:
-    """A decision (`Decision.to_dict()`, or a decision event) in one line; None if it is malformed."""
+def decision_line(data: DecisionEvent | Mapping[str, Any]) -> DecisionLine | None:
+    """A decision (its event, or `Decision.to_dict()` as a daemon's JSON page holds it) in one line; None if it
+    is malformed."""
+    if isinstance(data, DecisionEvent):
+        return _line_of(decision_from_event(data))
     try:
-        decision = decision_from_dict(data)
-    except (KeyError, TypeError, ValueError):
+        return _line_of(decision_from_dict(data))
+    except (KeyError, TypeError, ValueError, msgspec.ValidationError):
         return None
+
+
+def _line_of(decision: Decision) -> DecisionLine:
     actions = ", ".join(str(a) for a in decision.actions) or "none"
     return DecisionLine(decision.step, decision.rule, decision.severity.value, actions, decision.finding.message)
 
 
-def _manual(rules: Any) -> list[str]:
+def _manual(rules: list[str]) -> list[str]:
     """The actions of an action event's "manual:ACTION" rules (commands carried out)."""
-    return [r.split(":", 1)[1] for r in rules if isinstance(r, str) and r.startswith("manual:")] \
-        if isinstance(rules, list) else []
+    return [r.split(":", 1)[1] for r in rules if r.startswith("manual:")]
 
 
 def _params(params: Any) -> str:
@@ -190,67 +194,57 @@ class RunRecord:
         self.max_steps: int | None = None
         self.rules_source: str | None = None
 
-    def apply(self, event: Mapping[str, Any]) -> bool:
-        """Take one event (older or repeated sequence numbers are ignored); True if it was new."""
-        seq = event.get("seq")
-        if isinstance(seq, int):
-            if seq <= self.last_seq:
+    def apply(self, event: AnyEvent) -> bool:
+        """Take one event (older or repeated sequence numbers are ignored; an unnumbered one, seq 0, is taken);
+        True if it was new."""
+        if event.seq:
+            if event.seq <= self.last_seq:
                 return False
-            self.last_seq = seq
-        kind = event.get("kind")
-        values = wire.metric_values(dict(event)) if kind == "metrics" else {}
-        try:
-            self.tracker.apply(events.from_builtins(event))
-        except msgspec.ValidationError:
-            pass
-        if isinstance(event.get("time"), (int, float)):
-            self.last_time = max(self.last_time or 0.0, float(event["time"]))
-            self.first_time = float(event["time"]) if self.first_time is None else self.first_time
-        if kind == "metrics":
-            self._metrics(values, event.get("step"))
-        elif kind == "decision" and self.decisions_from_events:
-            self._add_decisions([event])
-        elif kind == "action":
-            self._action(event)
-        elif kind == "start":
-            self._start(event)
+            self.last_seq = event.seq
+        self.tracker.apply(event)
+        if event.time > 0:  # 0: not timed
+            self.last_time = max(self.last_time or 0.0, event.time)
+            self.first_time = event.time if self.first_time is None else self.first_time
+        match event:
+            case MetricsEvent():
+                self._metrics(event)
+            case DecisionEvent() if self.decisions_from_events:
+                self._add_decisions([event])
+            case ActionEvent():
+                self._action(event)
+            case StartEvent():
+                self._start(event)
         return True
 
-    def _metrics(self, values: Mapping[str, float], step: Any) -> None:
+    def _metrics(self, event: MetricsEvent) -> None:
+        values = event.values
         self.values.update(values)
-        step = step if isinstance(step, int) else (self.steps["loss"][-1] + 1 if self.steps["loss"] else 0)
         for key in CURVES:
             if key in values:
                 self.history[key].append(values[key])
-                self.steps[key].append(step)
+                self.steps[key].append(event.step)
 
-    def _action(self, event: Mapping[str, Any]) -> None:
+    def _action(self, event: ActionEvent) -> None:
         """An intervention carried out: who stopped the run, and what the operator's commands did."""
-        step = event.get("step") if isinstance(event.get("step"), int) else 0
-        manual = _manual(event.get("rules"))
-        outcome = {k: v for k, v in event.items() if k not in ("seq", "kind", "time", "step", "rules", "source",
-                                                               "command_ids")}
-        try:
-            did = describe_outcome(outcome)
-        except (KeyError, TypeError, ValueError):
-            did = "carried out"
-        if event.get("stopped") is True:
-            rules = [r for r in event.get("rules") or [] if isinstance(r, str) and not r.startswith("manual:")]
+        manual = _manual(event.rules)
+        if event.stopped is True:
+            rules = [r for r in event.rules if not r.startswith("manual:")]
             self.stopped_by = OPERATOR if manual or not rules else ", ".join(rules)
-        ids = [i for i in event.get("command_ids") or [] if isinstance(i, int)]
+        ids = list(event.command_ids or [])
         self.carried_out.update(ids)
         if manual:
             which = f", command {', '.join(map(str, ids))}" if ids else ""
-            self.operator.append(DecisionLine(step, OPERATOR, OPERATOR, ", ".join(manual), f"{did} (by hand{which})"))
+            self.operator.append(DecisionLine(event.step, OPERATOR, OPERATOR, ", ".join(manual),
+                                              f"{event.outcome.describe()} (by hand{which})"))
 
-    def _start(self, event: Mapping[str, Any]) -> None:
+    def _start(self, event: StartEvent) -> None:
         self.stopped_by = None  # a resumed run: running again
-        if isinstance(event.get("max_steps"), int) and event["max_steps"] > 0:
-            self.max_steps = int(event["max_steps"])
-        if isinstance(event.get("source"), str):
-            self.rules_source = event["source"]
+        if event.max_steps is not None and event.max_steps > 0:
+            self.max_steps = event.max_steps
+        if event.source is not None:
+            self.rules_source = event.source
 
-    def _add_decisions(self, decisions: Iterable[Mapping[str, Any]]) -> None:
+    def _add_decisions(self, decisions: Iterable[DecisionEvent | Mapping[str, Any]]) -> None:
         for data in decisions:
             line = decision_line(data)
             if line is not None:
@@ -370,7 +364,7 @@ class DaemonSource:
         started = self.clock()
         data: dict[str, Any] = {}
         for data in pages(self._get, record.run_id, since_seq=record.last_seq, max_pages=self.PAGES_PER_POLL):
-            for event in data.get("events", []):
+            for event in _decoded(data.get("events", [])):
                 record.apply(event)
         record.set_decisions(data.get("decisions", []))
         record.set_commands(data.get("commands", []))
@@ -386,6 +380,17 @@ class DaemonSource:
         return int(reply["command_id"])
 
 
+def _decoded(page: Iterable[Any]) -> list[AnyEvent]:
+    """The events of a daemon's JSON page, decoded; one that is not an event is left out."""
+    out = []
+    for data in page:
+        try:
+            out.append(events.from_builtins(data))
+        except msgspec.ValidationError:
+            continue
+    return out
+
+
 # ---- one run's event file --------------------------------------------------------------------------
 
 
@@ -399,7 +404,7 @@ class EventTail:
         self._partial = b""
         self._inode: int | None = None
 
-    def read(self) -> tuple[list[dict[str, Any]], bool]:
+    def read(self) -> tuple[list[AnyEvent], bool]:
         """(the events of the lines completed since the last call, whether the file was replaced)."""
         try:
             stat = os.stat(self.path)
@@ -414,15 +419,7 @@ class EventTail:
             data = f.read()
         self._offset += len(data)
         *lines, self._partial = (self._partial + data).split(b"\n")
-        return [event for event in map(_parse_line, lines) if event is not None], restarted
-
-
-def _parse_line(line: bytes) -> dict[str, Any] | None:
-    try:
-        event = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return event if isinstance(event, dict) else None
+        return [event for event in map(decode_line, lines) if event is not None], restarted
 
 
 def _rules_for(source: str | None) -> RuleSet:
@@ -453,26 +450,27 @@ class DirSource:
 
     def snapshot(self) -> Snapshot:
         try:
-            events, restarted = self._tail.read()
+            new_events, restarted = self._tail.read()
         except OSError as exc:
             return Snapshot(self._runs(), self.where, error=f"cannot read {self.path}: {exc}")
         if restarted:
             self._record, self._engine = None, None
-        for event in events:
+        for event in new_events:
             self._apply(event)
         return Snapshot(self._runs(), self.where)
 
-    def _apply(self, event: dict[str, Any]) -> None:
+    def _apply(self, event: AnyEvent) -> None:
         if self._record is None:
             self._record = RunRecord(self.run_id)
         if not self._record.apply(event):
             return
-        if event.get("kind") == "start" and (self._engine is None or self._engine.ruleset.source != self._record.rules_source):
-            self._engine = Engine(_rules_for(self._record.rules_source))
-        if event.get("kind") == "metrics" and isinstance(event.get("step"), int):
-            if self._engine is None:
-                self._engine = Engine(_rules_for(None))
-            self._engine.observe(event["step"], wire.metric_values(event))
+        match event:
+            case StartEvent() if self._engine is None or self._engine.ruleset.source != self._record.rules_source:
+                self._engine = Engine(_rules_for(self._record.rules_source))
+            case MetricsEvent():
+                if self._engine is None:
+                    self._engine = Engine(_rules_for(None))
+                self._engine.observe(event.step, dict(event.values))
 
     def _runs(self) -> tuple[RunSnapshot, ...]:
         record = self._record

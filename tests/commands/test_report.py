@@ -17,6 +17,8 @@ from guardian.daemon.daemon import Guardian
 from guardian.daemon.store import Store
 from guardian.rulefile.reader import load_rules
 from guardian.errors import LogFormatError
+from guardian.events import DecisionEvent
+from guardian.logs.eventlog import read_events
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
 
@@ -50,6 +52,7 @@ def guarded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def events_of(run: Path) -> list[dict[str, object]]:
+    """The run's events as the JSON a daemon receives."""
     return [json.loads(line) for line in (run / "guardian" / "events.jsonl").read_text().splitlines()]
 
 
@@ -61,8 +64,8 @@ def assert_png(path: Path) -> None:
 
 def test_an_embedded_run_reports_its_decisions_actions_and_rescues(guarded_run: Path, tmp_path: Path) -> None:
     record = load_run(guarded_run, ruleset=load_rules())
-    recorded = [e for e in events_of(guarded_run) if e["kind"] == "decision"]
-    assert [(d.step, d.rule) for d in record.decisions] == [(e["step"], e["rule"]) for e in recorded]
+    recorded = [e for e in read_events(guarded_run / "guardian" / "events.jsonl") if isinstance(e, DecisionEvent)]
+    assert [(d.step, d.rule) for d in record.decisions] == [(e.step, e.rule) for e in recorded]
     assert [d.step for d in record.decisions if d.rule == "non_finite_loss"] == [20, 21, 22, 31]
     assert [d.step for d in record.decisions if d.rule == "weights_damaged"] == [31]
     png, md = write_report(record, tmp_path / "out")
@@ -363,7 +366,7 @@ def test_a_learning_rate_put_back_on_its_schedule_is_an_action(tmp_path: Path) -
     taken", and nothing on the picture."""
     from guardian.callbacks import GuardianCallback
     from guardian.callbacks.faults import Fault, FaultInjector
-    from guardian.commands.reportplot import build_figure
+    from guardian.commands.report.plot import build_figure
     from guardian.testing.tinyrun import TinyRun
 
     TinyRun(str(tmp_path / "run"), max_steps=20, eval_steps=0).trainer(

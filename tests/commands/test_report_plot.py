@@ -14,7 +14,7 @@ import pytest
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.report import RunRecord, load_run, verdict
-from guardian.commands.reportplot import build_figure, spans
+from guardian.commands.report.plot import build_figure, spans
 from guardian.rulefile.reader import load_rules
 
 

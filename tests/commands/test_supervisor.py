@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from repopaths import SCRIPTS_DIR
 
+from guardian.events import AnyEvent, DecisionEvent, StartEvent
+from guardian.logs.eventlog import read_events
+
 SCRIPT = SCRIPTS_DIR / "plain_train.py"
 GUARDIAN = [sys.executable, "-m", "guardian.cli", "run", "--backoff", "0.1"]
 
@@ -23,8 +26,10 @@ def guarded(out: Path, *options: str, **faults: str) -> subprocess.CompletedProc
                           text=True, env=env, timeout=600)
 
 
-def events(out: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (out / "guardian" / "events.jsonl").read_text().splitlines()]
+def events(out: Path) -> list[AnyEvent]:
+    read = list(read_events(out / "guardian" / "events.jsonl"))
+    assert None not in read
+    return [e for e in read if e is not None]
 
 
 def test_the_script_really_has_no_guardian_in_it() -> None:
@@ -41,8 +46,8 @@ def test_an_unmodified_script_gets_guardian_and_is_rescued(tmp_path: Path) -> No
     result = guarded(tmp_path, FAULT_NAN_STEP="15")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 40, "finite": True}
-    decisions = [e for e in events(tmp_path) if e["kind"] == "decision"]
-    assert [(d["step"], d["rule"]) for d in decisions] == [(15, "non_finite_loss")]
+    decisions = [e for e in events(tmp_path) if isinstance(e, DecisionEvent)]
+    assert [(d.step, d.rule) for d in decisions] == [(15, "non_finite_loss")]
     assert "guardian run: the run finished" in result.stderr
 
 
@@ -50,7 +55,7 @@ def test_a_trainer_subclass_like_llamafactory_is_guarded_too(tmp_path: Path) -> 
     result = guarded(tmp_path, FAULT_NAN_STEP="15", SUBCLASS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 40, "finite": True}
-    assert [e["rule"] for e in events(tmp_path) if e["kind"] == "decision"] == ["non_finite_loss"]
+    assert [e.rule for e in events(tmp_path) if isinstance(e, DecisionEvent)] == ["non_finite_loss"]
 
 
 def test_a_killed_run_restarts_from_the_last_good_checkpoint_and_finishes(tmp_path: Path) -> None:
@@ -58,7 +63,7 @@ def test_a_killed_run_restarts_from_the_last_good_checkpoint_and_finishes(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     good = tmp_path / "guardian" / "good" / "checkpoint-20"
     assert f"was killed by SIGKILL; restart 1 of 3 in 0 s, resuming from {good}" in result.stderr
-    starts = [e["step"] for e in events(tmp_path) if e["kind"] == "start"]
+    starts = [e.step for e in events(tmp_path) if isinstance(e, StartEvent)]
     assert starts == [0, 20]  # the second attempt began at the checkpoint's step
     assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 40, "finite": True}
 
@@ -154,7 +159,7 @@ def test_sharded_state_turns_a_rollback_into_a_restart_request(tmp_path: Path) -
     control = Control()
     outcome = actuator.carry_out(Plan(skip_update=True, rollback=True), 30, 25, control, None, None, None,
                                  pre_update=True)
-    assert control.should_training_stop and outcome["rollback"] == "restart"
+    assert control.should_training_stop and outcome.rollback == "restart"
     request = json.loads(actuator.restart_request.read_text())
     assert request == {"resume_from": str(tmp_path / "guardian" / "good" / "checkpoint-10"), "onset_step": 25}
 
@@ -200,7 +205,7 @@ def test_a_crash_at_the_first_step_of_a_real_trainer_is_not_restarted(tmp_path: 
     """Training began (Guardian's callback told the supervisor), but no step got through: not a mid-training crash."""
     result = guarded(tmp_path, FAULT_CRASH_STEP="1")
     assert result.returncode == 1, result.stderr[-3000:]
-    assert [e["step"] for e in events(tmp_path) if e["kind"] == "start"] == [0]
+    assert [e.step for e in events(tmp_path) if isinstance(e, StartEvent)] == [0]
     assert STARTUP_FAILURE.format(1) in result.stderr and "restart 1" not in result.stderr
 
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from daemonkit import DaemonProcess
 from rich.console import Console, RenderableType
 from repopaths import REPO_ROOT
 
+from guardian.events import ActionEvent, AnyEvent, DecisionEvent, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.transport.client import DaemonError, request
 from guardian.tui import widgets
 from guardian.tui.app import TopApp
@@ -238,23 +240,23 @@ def test_wide_terminals_get_long_sparklines_with_their_scale_and_more_columns() 
 def test_an_ended_run_says_how_it_ended() -> None:
     from guardian.tui.source import RunRecord
 
-    def ended(*events: dict[str, Any]) -> RunSnapshot:
+    def ended(*run_events: AnyEvent) -> RunSnapshot:
         record = RunRecord("r")
-        for seq, event in enumerate([{"kind": "start", "max_steps": 50}, *events], start=1):
-            record.apply({"seq": seq, "time": 1000.0 + seq, "step": 5, **event})
+        for seq, event in enumerate([StartEvent(max_steps=50), *run_events], start=1):
+            record.apply(msgspec.structs.replace(event, seq=seq, time=1000.0 + seq, step=5))
         return record.snapshot({})
 
-    assert ended({"kind": "end"}).ending == "finished"
-    assert ended({"kind": "action", "rules": ["overfitting"], "stopped": True, "skipped_update": True},
-                 {"kind": "end"}).ending == "stopped by rule overfitting"
-    by_hand = ended({"kind": "action", "rules": ["manual:stop"], "source": "command", "stopped": True,
-                     "skipped_update": True, "command_ids": [4]}, {"kind": "end"})
+    assert ended(EndEvent()).ending == "finished"
+    assert ended(ActionEvent(rules=["overfitting"], stopped=True, skipped_update=True),
+                 EndEvent()).ending == "stopped by rule overfitting"
+    by_hand = ended(ActionEvent(rules=["manual:stop"], source="command", stopped=True, skipped_update=True,
+                                command_ids=[4]), EndEvent())
     assert by_hand.ending == "stopped by operator"
     assert [(d.step, d.rule, d.actions, d.reason) for d in by_hand.decisions] == [
         (5, "operator", "stop", "skipped this update; stopping training (by hand, command 4)")]
     assert RunSnapshot("r", "stalled").ending == "no reports: crashed or lost?"
     assert RunSnapshot("r", "running").ending is None
-    assert ended({"kind": "end"}, {"kind": "start"}).ending is None  # resumed: running again
+    assert ended(EndEvent(), StartEvent()).ending is None  # resumed: running again
     screen_text = render(widgets.runs_screen(Snapshot((by_hand,), URL), 0, width=100, height=12, waiting=""), 100)
     assert "stopped by operator" in screen_text.splitlines()[2]
     assert "╭─ latest decisions of r (1) · stopped by operator" in screen_text
@@ -455,9 +457,9 @@ def test_the_daemon_refuses_actions_on_an_ended_run_and_top_logs_queued_ones(tmp
             request(url, "POST", "/v1/report", {"run": {"id": run, "rules": "default"}, "events": list(events)},
                     token=token, run_key=key)
 
-        report("done", {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 2.0}},
+        report("done", {"seq": 1, "kind": "metrics", "step": 1, "phase": "train", "values": {"loss": 2.0}},
                {"seq": 2, "kind": "end", "step": 1})
-        report("live", {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 2.0}})
+        report("live", {"seq": 1, "kind": "metrics", "step": 1, "phase": "train", "values": {"loss": 2.0}})
         source = DaemonSource(url, token)
         with pytest.raises(DaemonError, match="run 'done' has ended: rollback is only for a run still training"):
             source.control("done", "rollback", {})
@@ -482,14 +484,14 @@ def test_event_tail_copes_with_a_late_file_partial_lines_growth_and_replacement(
     assert tail.read() == ([], False)  # not there yet
     whole = event_line(1, "start", step=0)
     path.write_text(whole + '{"seq": 2, "kind": "metr')
-    assert [e["seq"] for e in tail.read()[0]] == [1]
+    assert [e.seq for e in tail.read()[0]] == [1]
     with path.open("a") as f:
-        f.write('ics", "step": 1, "values": {"loss": 2.0}}\nnot json\n' + event_line(3, "end", step=1))
-    assert [e["seq"] for e in tail.read()[0]] == [2, 3]
+        f.write('ics", "step": 1, "phase": "train", "values": {"loss": 2.0}}\nnot json\n' + event_line(3, "end", step=1))
+    assert [e.seq for e in tail.read()[0]] == [2, 3]
     assert tail.read() == ([], False)
     path.write_text(whole)  # a new run in the same folder: a shorter file
     events, restarted = tail.read()
-    assert restarted and [e["seq"] for e in events] == [1]
+    assert restarted and [e.seq for e in events] == [1]
 
 
 def test_dir_source_marks_a_run_that_stopped_writing_as_stalled(tmp_path: Path) -> None:
@@ -560,10 +562,11 @@ def test_daemon_source_fetches_a_runs_events_only_when_it_changed_and_survives_a
     fake.runs = [{"id": "r1", "status": "firing", "last_step": 2, "last_seen": 5.0, "decisions": 1,
                   "seconds_since_report": 1.0, "rule_status": {"non_finite_loss": "firing"}, "meta": {"max_steps": 9}}]
     decision = {"step": 2, "rule": "non_finite_loss", "severity": "critical", "actions": [{"kind": "skip_update"}],
-                "metric": "loss", "value": "nan", "threshold": None, "onset_step": 2, "message": "loss is nan"}
+                "metric": "loss", "value": "nan", "threshold": None, "onset_step": 2, "message": "loss is nan",
+                "incident": 1}
     fake.events["r1"] = {"decisions": [decision], "events": [
-        {"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 3.0}, "lr_scale": 1.0},
-        {"seq": 2, "kind": "metrics", "step": 2, "values": {"loss": "nan"}},
+        {"seq": 1, "kind": "metrics", "step": 1, "phase": "train", "values": {"loss": 3.0}, "lr_scale": 1.0},
+        {"seq": 2, "kind": "metrics", "step": 2, "phase": "train", "values": {"loss": "nan"}},
         {"seq": 3, "kind": "system", "rank": 0, "gpus": [{"gpu": 0, "memory_used_bytes": GIB, "memory_total_bytes": 8 * GIB}]},
     ]}
     source = DaemonSource(URL, fetch=fake)
@@ -609,11 +612,11 @@ def test_history_stays_bounded_however_long_the_run() -> None:
 
     record = RunRecord("long", decisions_kept=10)
     for step in range(1, 5001):
-        record.apply({"seq": step, "kind": "metrics", "step": step, "values": {"loss": 1.0 / step, "grad_norm": 1.0}})
-    decision = {"rule": "loss_spike", "severity": "warning", "actions": [], "metric": "loss", "value": 9.0,
-                "threshold": 1.0, "onset_step": 1, "message": "spike"}
+        record.apply(MetricsEvent(seq=step, step=step, phase="train", values={"loss": 1.0 / step, "grad_norm": 1.0}))
     for step in range(50):
-        record.apply({"seq": 6000 + step, "kind": "decision", "step": step, **decision})
+        record.apply(DecisionEvent(seq=6000 + step, step=step, rule="loss_spike", severity=Severity.WARNING, actions=[],
+                                   metric="loss", value=9.0, threshold=1.0, onset_step=1, message="spike",
+                                   incident=None))
     run = record.snapshot({})
     assert len(run.history["loss"]) == HISTORY_POINTS and run.history["loss"][-1] == 1.0 / 5000
     assert [d.step for d in run.decisions] == list(range(40, 50)) and run.step == 5000

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardian.commands.report import (
-    ACTION_STYLES, SEVERITY_COLOURS, RunRecord, Series, _by_rule, _finite, _restored_best, interventions,
-    operator_actions,
-)
+from guardian.commands.report.record import RunRecord, Series
+from guardian.commands.report.summary import by_rule, finite_points, interventions, operator_actions, restored_best
+from guardian.events import LrChange
 
 FIGSIZE_INCHES = (12, 10)
 DPI = 110
@@ -27,6 +26,14 @@ MARKS_MAX = 40  # firings, skips: at most this many separate marks per severity 
 LABEL_GAP_FRACTION = 0.07  # value labels closer than this fraction of the step axis are not both written
 LABELS_MAX = 6
 OPERATOR_STYLE = ("#e377c2", "P", "operator action")
+SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#ff9f1c", "critical": "#d62728"}
+ACTION_STYLES = {  # action -> (colour, marker, legend label)
+    "skip": ("#555555", "v", "update skipped"),
+    "rollback": ("#9467bd", "<", "rollback (arrow: back to the target step)"),
+    "lr_cut": ("#2ca02c", "D", "learning-rate cut"),
+    "stop": ("#000000", "s", "stop"),
+    "lr_restore": ("#17becf", "o", "learning rate put back on its schedule"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ def build_figure(record: RunRecord, headline: str) -> Any:
     """The report's figure: loss, gradient norm, learning rate and the decision strip, each only if it has data."""
     from matplotlib.figure import Figure
 
-    rules = list(_by_rule(record.decisions))
+    rules = list(by_rule(record.decisions))
     panels = _panels(record)
     ratios = [{"loss": 3.0, "grad": 2.0, "lr": 2.0}.get(p, 0.9 + 0.3 * (len(rules) + _operator_rows(record)))
               for p in panels]
@@ -120,7 +127,7 @@ def _loss_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
         shown += _curve(ax, train, top, flags, color="#1f77b4", label="train loss", smooth=True)
     if evals:
         shown += _curve(ax, evals, top, flags, color="#ff7f0e", label="eval loss", marker="o")
-    best = _restored_best(record)
+    best = restored_best(record)
     if best is not None:
         ax.scatter([best[0]], [best[1]], marker="*", s=160, color="#ff7f0e", edgecolors="black", zorder=8,
                    label="best weights " + ("that would be restored" if record.replayed else "restored"))
@@ -137,7 +144,7 @@ def _grad_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
     positive = Series([s for s, v in zip(series.steps, series.values) if not (math.isfinite(v) and v <= 0)],
                       [v for v in series.values if not (math.isfinite(v) and v <= 0)])
     ax.set_ylabel("grad norm (log)")
-    if _finite(positive):
+    if finite_points(positive):
         ax.set_yscale("log")
         _plain_log_ticks(ax)
         shown = _curve(ax, positive, None, flags, color="#8c564b", label="grad norm", smooth=True)
@@ -165,8 +172,7 @@ def _lr_panel(ax: Any, record: RunRecord, flags: set[str]) -> None:
             cut = [(s, v) for s, v in cut if v is not None and math.isfinite(v) and (top is None or v <= top)]
             ax.scatter([s for s, _ in cut], [v for _, v in cut], marker="D", color=ACTION_STYLES["lr_cut"][0],
                        s=30, zorder=5)
-        restored = [(int(a["step"]), float(a["lr_restored"]["to"])) for a in record.actions
-                    if isinstance(a.get("lr_restored"), dict) and isinstance(a["lr_restored"].get("to"), (int, float))]
+        restored = [(a.step, a.lr_restored.to) for a in record.actions if isinstance(a.lr_restored, LrChange)]
         if restored:  # the logged rate is the one that jumped; the update used this one
             ax.scatter([s for s, _ in restored], [v for _, v in restored], marker="o", s=22, zorder=6,
                        facecolors="none", edgecolors=ACTION_STYLES["lr_restore"][0], linewidths=1.2)
@@ -196,7 +202,7 @@ def _curve(ax: Any, series: Series, top: float | None, flags: set[str], *, color
         ax.plot(steps, _rolling_median(values, max(5, len(values) // 100)), color=color, lw=1.4, label=label)
     else:
         ax.plot(steps, values, color=color, lw=1.1, label=label, marker=marker, ms=4)
-    points = _finite(series)
+    points = finite_points(series)
     over = [(s, v) for s, v in points if top is not None and v > top]
     if over:
         _off_scale_marks(ax, over, color)
@@ -284,7 +290,7 @@ def _robust_top(values: list[float], *, log: bool) -> float | None:
 def _step_grid(record: RunRecord) -> list[int]:
     """Every step the run logged or decided at: what "consecutive" means for firings."""
     steps = {s for series in (*record.train.values(), *record.eval.values()) for s in series.steps}
-    steps |= {d.step for d in record.decisions} | {int(a["step"]) for a in record.actions}
+    steps |= {d.step for d in record.decisions} | {a.step for a in record.actions}
     return sorted(steps)
 
 
@@ -317,21 +323,21 @@ def _mark_decisions(ax: Any, record: RunRecord, grid: list[int], flags: set[str]
                 flags.add("band")
     acts = interventions(record)
     for action in acts.rollbacks:
-        if "rollback_to_step" in action:
-            ax.axvspan(action["rollback_to_step"], action["step"], color=ACTION_STYLES["rollback"][0], alpha=0.08, lw=0)
+        if action.rollback_to_step is not None:
+            ax.axvspan(action.rollback_to_step, action.step, color=ACTION_STYLES["rollback"][0], alpha=0.08, lw=0)
     for step in acts.stops:
         ax.axvline(step, color="black", ls="--", lw=1.2)
         if record.replayed:
             ax.axvspan(step, record.last_step, color="#999999", alpha=0.12, lw=0)
     for action in operator_actions(record):
-        ax.axvline(int(action["step"]), color=OPERATOR_STYLE[0], ls=":", lw=1.4)
+        ax.axvline(action.step, color=OPERATOR_STYLE[0], ls=":", lw=1.4)
 
 
 def _timeline_strip(ax: Any, record: RunRecord, rules: list[str], grid: list[int]) -> None:
     """One row per rule that fired (runs of firings as bars), a row for Guardian's actions, one for the operator's."""
     operator = operator_actions(record)
     rows = {rule: i + 1 for i, rule in enumerate(rules)}
-    for rule, group in _by_rule(record.decisions).items():
+    for rule, group in by_rule(record.decisions).items():
         worst = max(group, key=lambda d: ("info", "warning", "critical").index(d.severity.value))
         _span_row(ax, spans([d.step for d in group], grid), rows[rule], SEVERITY_COLOURS[worst.severity.value])
     acts = interventions(record)
@@ -339,14 +345,14 @@ def _timeline_strip(ax: Any, record: RunRecord, rules: list[str], grid: list[int
     # Several actions at one step sit on sub-rows of the actions row: skips low, rollbacks high.
     for kind, steps, y in (("skip", acts.skipped, -0.22), ("lr_restore", acts.lr_restores, 0.0),
                            ("lr_cut", acts.lr_cuts, 0.0), ("stop", acts.stops, 0.0),
-                           ("rollback", [int(a["step"]) for a in acts.rollbacks], 0.22)):
+                           ("rollback", [a.step for a in acts.rollbacks], 0.22)):
         colour, marker, _ = ACTION_STYLES[kind]
         if kind in ("skip", "lr_restore"):
             _span_row(ax, spans(steps, grid), y, colour, marker=marker, hollow=hollow)
         elif steps:
             ax.scatter(steps, [y] * len(steps), marker=marker, s=45, zorder=4,
                        facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.2)
-    targets = [(int(a["step"]), int(a["rollback_to_step"])) for a in acts.rollbacks if "rollback_to_step" in a]
+    targets = [(a.step, a.rollback_to_step) for a in acts.rollbacks if a.rollback_to_step is not None]
     labelled = {step for step, _ in keep_apart([(s, float(s)) for s, _ in targets],
                                                max(1.0, (grid[-1] - grid[0]) * LABEL_GAP_FRACTION) if grid else 1.0,
                                                LABELS_MAX)}
@@ -361,7 +367,7 @@ def _timeline_strip(ax: Any, record: RunRecord, rules: list[str], grid: list[int
     if operator:
         y = len(rules) + 1
         colour, marker, _ = OPERATOR_STYLE
-        ax.scatter([int(a["step"]) for a in operator], [y] * len(operator), marker=marker, s=60, color=colour, zorder=4)
+        ax.scatter([a.step for a in operator], [y] * len(operator), marker=marker, s=60, color=colour, zorder=4)
         ticks.append(y)
         labels.append("operator")
     ax.set_yticks(ticks, labels)
@@ -402,7 +408,7 @@ def _legend_handles(record: RunRecord, flags: set[str]) -> list[Any]:
     if operator_actions(record):
         colour, marker, label = OPERATOR_STYLE
         handles.append(Line2D([], [], color=colour, marker=marker, ls=":", label=label))
-    if any("rollback_to_step" in a for a in acts.rollbacks):
+    if any(a.rollback_to_step is not None for a in acts.rollbacks):
         handles.append(Patch(color=ACTION_STYLES["rollback"][0], alpha=0.2, label="steps undone by a rollback"))
     if record.replayed and acts.stops:
         handles.append(Patch(color="#999999", alpha=0.3, label="after the stop the rules would have made"))
