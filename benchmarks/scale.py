@@ -999,7 +999,7 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
     the allocation sites that grew between 50 steps after tracing began and the end."""
     import tracemalloc
 
-    from guardian.daemon.daemon import Guardian
+    from guardian.daemon.core import Guardian
     from guardian.daemon.store import Store
     from guardian.rulefile.reload import RuleLibrary
     from guardian.transport import wire

@@ -47,7 +47,8 @@ from guardian.engine.engine import Decision, Engine, decision_from_event
 from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
 from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
-from guardian.exporter import GuardianCollector, RunTracker, RunView
+from guardian.exporter import GuardianCollector
+from guardian.runview import RunTracker, RunView
 from guardian.gpu import GpuReader
 from guardian.logs.badsample import bad_samples_path
 from guardian.logs.eventlog import EventLog

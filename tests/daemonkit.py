@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
+from guardian.daemon.core import Guardian; from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport.client import DaemonError, request

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from guardian import events
 from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
@@ -105,7 +106,7 @@ def _result(path: str, report: LogReport, observations: list[Observation], rules
 def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResult:
     """Replay a run the daemon stored in `state_dir/guardian.db` (the daemon need not be running)."""
     with stored_run(state_dir, run_id) as store:
-        observations = _observations(store.events(run_id, ("metrics",)))
+        observations = _observations([events.to_builtins(e) for e in store.events(run_id, (events.Kind.METRICS,))])
     db = state_dir / "guardian.db"
     report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
     return _result(f"{db}#{run_id}", report, observations, ruleset)

@@ -178,7 +178,7 @@ def load_stored(state_dir: Path, run_id: str) -> RunRecord:
     with stored_run(state_dir, run_id) as store:
         stored, daemon_decisions = store.events(run_id, limit=10**9), store.decisions(run_id, limit=10**9)
     return _from_events(run_id, STORED, f"{state_dir / 'guardian.db'}#{run_id}",
-                        [events.from_builtins(e) for e in stored], daemon_decisions)
+                        stored, [events.to_builtins(d) for d in daemon_decisions])
 
 
 def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:

@@ -25,7 +25,7 @@ from guardian.engine.actions import describe_outcome
 from guardian.engine.engine import Engine, decision_from_dict
 from guardian.engine.ruleset import RuleSet, load_rules
 from guardian.errors import GuardianError, RuleFileError
-from guardian.exporter import RunTracker
+from guardian.runview import RunTracker
 import msgspec
 
 from guardian import events

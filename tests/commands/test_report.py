@@ -13,7 +13,7 @@ from PIL import Image
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
-from guardian.daemon.daemon import Guardian
+from guardian.daemon.core import Guardian
 from guardian.daemon.store import Store
 from guardian.engine.ruleset import load_rules
 from guardian.errors import LogFormatError

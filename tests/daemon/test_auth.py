@@ -17,7 +17,7 @@ import pytest
 from daemonkit import DaemonProcess, in_process_daemon
 from transformers import TrainerCallback
 
-from guardian.daemon.daemon import Guardian, load_or_create_token
+from guardian.daemon.core import Guardian; from guardian.transport.token import load_or_create_token
 from guardian.daemon.store import Store
 from guardian.errors import ConfigError
 from guardian.rulefile.reload import RuleLibrary

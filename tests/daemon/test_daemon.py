@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, free_port, in_process_daemon, wait_for
 
-from guardian.daemon.daemon import Guardian, _is_loopback, load_or_create_token, make_server
+from guardian.daemon.core import Guardian; from guardian.daemon.routes import is_loopback as _is_loopback; from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
@@ -409,7 +409,7 @@ def test_closing_with_the_daemon_down_makes_one_more_attempt_then_returns() -> N
 
 
 def test_the_daemon_measures_how_long_it_takes_to_answer_reports(daemon: tuple[Guardian, str, str]) -> None:
-    from guardian.daemon.daemon import metrics_endpoint
+    from guardian.daemon.serve import metrics_endpoint
 
     core, url, _ = daemon
     for seq in (1, 2, 3):

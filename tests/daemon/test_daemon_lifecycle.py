@@ -114,7 +114,7 @@ def test_the_index_lists_the_endpoints_and_writes_still_need_the_token(tmp_path:
 
 
 def test_saving_a_stall_decision_keeps_the_time_of_the_last_report(tmp_path: Path) -> None:
-    from guardian.daemon.daemon import Guardian
+    from guardian.daemon.core import Guardian
     from guardian.daemon.store import Store
     from guardian.rulefile.reload import RuleLibrary
     from guardian.transport import wire

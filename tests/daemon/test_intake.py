@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from guardian.daemon.daemon import Guardian, _Routes, load_or_create_token, make_server, metrics_endpoint
+from guardian.daemon.core import Guardian; from guardian.daemon.routes import Routes as _Routes; from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
 from guardian.daemon.httpserver import Request
 from guardian.daemon.store import Store
 from guardian.exporter import KeyBudget, RunTracker
