@@ -304,6 +304,7 @@ class Command(Struct, kw_only=True):
     id: Int64
     action: ActionKind
     params: dict[str, Any] = {}
+    source: str | None = None  # who queued it: "ctl", "tui", "alert:<alertname>"
 
 
 # ---- the messages of the HTTP protocol -------------------------------------------------------------------

@@ -297,7 +297,7 @@ class Store:
                 (run_id,),
             ).fetchall()
             db.executemany("UPDATE commands SET delivered = ? WHERE id = ?", [(time.time(), r[0]) for r in rows])
-        return [Command(id=r[0], action=events.ActionKind(r[1]), params=json.loads(r[2])) for r in rows]
+        return [Command(id=r[0], action=events.ActionKind(r[1]), params=json.loads(r[2]), source=r[3]) for r in rows]
 
     def commands(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._read("SELECT id, action, params, source, created, delivered, applied FROM commands "

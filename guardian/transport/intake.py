@@ -75,8 +75,13 @@ class _Version(msgspec.Struct):
     v: Any = None
 
 
+class _Seq(msgspec.Struct):
+    seq: Any = None
+
+
 _envelope: Final = msgspec.json.Decoder(_Envelope)
 _version: Final = msgspec.json.Decoder(_Version)
+_seq: Final = msgspec.json.Decoder(_Seq)
 _tree: Final = msgspec.json.Decoder()
 
 
@@ -149,8 +154,11 @@ def _decode_error(where: str, exc: Exception, data: bytes) -> WireError:
         if _SURROGATE_ESCAPE.search(data):
             return WireError(f"{where} holds a lone surrogate (\\ud800-\\udfff); send valid Unicode")
         return WireError(f"{where} is not valid JSON: {exc}")
-    message, _, path = str(exc).partition(" - at `$")
-    path = path.rstrip("`")
+    message, _, at = str(exc).partition(" - at `")
+    if at.startswith("key` in `$"):  # a dict key: "- at `key` in `$.values`"
+        path = at.removeprefix("key` in `$").rstrip("`") + " key"
+    else:
+        path = at.removeprefix("$").rstrip("`")
     if where == "body":
         if not path:
             return WireError(f"body must be a JSON object with a 'v' field: {message}")
@@ -164,8 +172,12 @@ def _event(i: int, raw: msgspec.Raw) -> AnyEvent:
     try:
         event = events.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-        if isinstance(exc, msgspec.ValidationError) and ("`$.kind`" in str(exc) or "field `kind`" in str(exc)):
-            raise WireError(f"{where}.kind must be one of {', '.join(events.KINDS)}: {exc}") from None
+        if isinstance(exc, msgspec.ValidationError):
+            _check_seq_first(where, raw)  # as before typed events: a bad seq is named before anything else
+            if "`$.kind`" in str(exc) or "field `kind`" in str(exc):
+                raise WireError(f"{where}.kind must be one of {', '.join(events.KINDS)}: {exc}") from None
+            if "`$.values[...]`" in str(exc):  # msgspec does not name the key: find it
+                _check_values_are_numbers(where, raw)
         raise _decode_error(where, exc, bytes(raw)) from None
     if event.seq < 1:
         raise WireError(f"{where}.seq must be an integer >= 1, got {event.seq}")
@@ -182,6 +194,29 @@ def _event(i: int, raw: msgspec.Raw) -> AnyEvent:
         case SystemEvent():
             _check_system(where, event)
     return event
+
+
+def _check_values_are_numbers(where: str, raw: msgspec.Raw) -> None:
+    """Name the first value of a metrics event that is not a number (called when it failed to decode)."""
+    try:
+        values = _tree.decode(raw).get("values")
+    except (msgspec.DecodeError, RecursionError, AttributeError):
+        return
+    for key, value in values.items() if isinstance(values, dict) else ():
+        try:
+            msgspec.convert(value, float, strict=False)
+        except msgspec.ValidationError:
+            raise WireError(f"{where}.values.{key} must be a number (or \"nan\"/\"inf\"), got {value!r}") from None
+
+
+def _check_seq_first(where: str, raw: msgspec.Raw) -> None:
+    """Refuse an event whose seq is missing or below 1 (called when it failed to decode, to name that first)."""
+    try:
+        seq = _seq.decode(raw).seq
+    except (msgspec.DecodeError, RecursionError):
+        return
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise WireError(f"{where}.seq must be an integer >= 1, got {seq!r}")
 
 
 def _check_event_tree(where: str, data: bytes, event: AnyEvent) -> None:

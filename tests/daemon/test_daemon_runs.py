@@ -12,6 +12,7 @@ import pytest
 from daemonkit import DaemonProcess, free_port
 from trainkit import AtStep, Recorder, all_finite, events
 
+from guardian.events import from_builtins
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.commands.push import push
@@ -117,7 +118,7 @@ def test_a_step_does_not_wait_for_a_daemon_that_is_down(tmp_path: Path) -> None:
 
     link = DaemonLink(f"http://127.0.0.1:{free_port()}", "down")
     try:
-        link.send({"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 1.0}})
+        link.send(from_builtins({"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 1.0}}))
         while not link.unreachable:  # the sender's first attempt fails
             time.sleep(0.01)
         # Without the early return this would wait out the hour-long deadline.

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemonkit import intake_of
 
-from guardian.daemon.core import Guardian; from guardian.daemon.routes import Routes as _Routes; from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
+from guardian.daemon.core import Guardian
+from guardian.daemon.routes import Routes as _Routes
+from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
 from guardian.daemon.httpserver import Request
 from guardian.daemon.store import Store
-from guardian.exporter import KeyBudget, RunTracker
+from guardian.runview import KeyBudget, RunTracker
 from guardian.rulefile.reload import RuleLibrary
-from guardian.transport import wire
 
 
 class Served:
@@ -217,7 +219,7 @@ def test_value_keys_are_capped_across_the_daemon(served: Served) -> None:
     for run_id in ("a", "b"):
         events = [{"seq": s, "kind": "metrics", "step": s, "values": {f"k{s}_{k}": "nan" for k in range(200)}}
                   for s in range(1, 3)]  # 400 new keys each
-        served.core.report(wire.parse_report(report(run_id, events)))
+        served.core.report(intake_of(report(run_id, events)))
     status, text = served.get("/metrics")
     assert status == 200
     assert _series(text, b"guardian_nonfinite_values_total{", "a") == 400 + 3
@@ -280,8 +282,8 @@ def test_guardian_top_reads_events_a_page_at_a_time(served: Served) -> None:
 
 def test_idle_and_ended_runs_leave_memory_and_come_back_from_the_store(served: Served) -> None:
     core = served.core
-    core.report(wire.parse_report(report("idle", metrics_events(5))))
-    core.report(wire.parse_report(report("ended", [*metrics_events(3), {"seq": 4, "kind": "end", "step": 3}])))
+    core.report(intake_of(report("idle", metrics_events(5))))
+    core.report(intake_of(report("ended", [*metrics_events(3), {"seq": 4, "kind": "end", "step": 3}])))
     now = time.time()
     assert core.evict_idle(now + 60) == 0
     assert core.evict_idle(now + core.ended_run_seconds + 1) == 1 and set(core._runs) == {"idle"}
@@ -333,7 +335,7 @@ def test_a_damaged_store_is_a_clear_error_and_fresh_store_moves_it_aside(tmp_pat
         store = Store(db)
         core = Guardian(store, RuleLibrary(tmp_path / "rules"))
         for i in range(50):
-            core.report(wire.parse_report(report(f"r{i}", metrics_events(40), meta={"x": "y" * 2000})))
+            core.report(intake_of(report(f"r{i}", metrics_events(40), meta={"x": "y" * 2000})))
         store.close()
         data = db.read_bytes()
         db.write_bytes(data[: len(data) // 2])
