@@ -28,7 +28,7 @@ from guardian import events
 from guardian.errors import ConfigError, LogFormatError
 from guardian.events import AnyEvent, Command, DecisionEvent, Kind
 from guardian.transport import wire
-from guardian.transport.intake import StoredEvent, check_tree
+from guardian.transport.intake import StoredEvent, check_tree, phaseless_metrics
 
 log = logging.getLogger("guardian.daemon")
 _decision: Final = msgspec.json.Decoder(DecisionEvent, strict=False)  # rows from before typed events have no kind
@@ -370,8 +370,10 @@ def _event_of(run_id: str, seq: int, body: str | bytes) -> AnyEvent | None:
     try:
         return events.decode(body)
     except (msgspec.DecodeError, RecursionError) as exc:
-        log.warning("run %s: stored event seq %s is unreadable (%s); left out", run_id, seq, exc)
-        return None
+        legacy = phaseless_metrics(body)  # stored by a daemon from before typed events
+        if legacy is None:
+            log.warning("run %s: stored event seq %s is unreadable (%s); left out", run_id, seq, exc)
+        return legacy
 
 
 def _decision_of(run_id: str, body: str | bytes) -> DecisionEvent | None:

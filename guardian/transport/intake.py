@@ -97,7 +97,7 @@ def parse_report(body: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> ReportIntak
         raise WireError("'events' must be a list")
     if len(envelope.events) > MAX_EVENTS_PER_REPORT:
         raise WireError(f"{len(envelope.events)} events in one report; send at most {MAX_EVENTS_PER_REPORT}", 413)
-    taken = [StoredEvent(_event(i, raw), bytes(raw)) for i, raw in enumerate(envelope.events)]
+    taken = [_stored(i, raw) for i, raw in enumerate(envelope.events)]
     return ReportIntake(envelope.run, taken, envelope.decisions_since_step)
 
 
@@ -155,6 +155,8 @@ def _decode_error(where: str, exc: Exception, data: bytes) -> WireError:
             return WireError(f"{where} holds a lone surrogate (\\ud800-\\udfff); send valid Unicode")
         return WireError(f"{where} is not valid JSON: {exc}")
     message, _, at = str(exc).partition(" - at `")
+    if message == "Integer value out of range":
+        message = "holds an integer beyond 64 bits; send smaller numbers"
     if at.startswith("key` in `$"):  # a dict key: "- at `key` in `$.values`"
         path = at.removeprefix("key` in `$").rstrip("`") + " key"
     else:
@@ -166,19 +168,18 @@ def _decode_error(where: str, exc: Exception, data: bytes) -> WireError:
     return WireError(f"{where}{path}: {message}")
 
 
-def _event(i: int, raw: msgspec.Raw) -> AnyEvent:
-    """Event `i` of a report decoded and checked beyond what its type bounds."""
+def _stored(i: int, raw: msgspec.Raw) -> StoredEvent:
+    """Event `i` of a report with the JSON the store keeps: the bytes as sent (re-encoded only for a metrics
+    event sent without its phase, so that every stored row decodes as it is)."""
+    event, as_sent = _event(i, raw)
+    return StoredEvent(event, bytes(raw) if as_sent else events.encode(event))
+
+
+def _event(i: int, raw: msgspec.Raw) -> tuple[AnyEvent, bool]:
+    """Event `i` of a report decoded and checked beyond what its type bounds; and whether its JSON decodes as it
+    is (else it was a phaseless metrics event)."""
     where = f"events[{i}]"
-    try:
-        event = events.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-        if isinstance(exc, msgspec.ValidationError):
-            _check_seq_first(where, raw)  # as before typed events: a bad seq is named before anything else
-            if "`$.kind`" in str(exc) or "field `kind`" in str(exc):
-                raise WireError(f"{where}.kind must be one of {', '.join(events.KINDS)}: {exc}") from None
-            if "`$.values[...]`" in str(exc):  # msgspec does not name the key: find it
-                _check_values_are_numbers(where, raw)
-        raise _decode_error(where, exc, bytes(raw)) from None
+    event, as_sent = _decoded(where, raw)
     if event.seq < 1:
         raise WireError(f"{where}.seq must be an integer >= 1, got {event.seq}")
     data = bytes(raw)
@@ -193,7 +194,41 @@ def _event(i: int, raw: msgspec.Raw) -> AnyEvent:
             _check_value_keys(where, event.values)
         case SystemEvent():
             _check_system(where, event)
-    return event
+    return event, as_sent
+
+
+def phaseless_metrics(raw: msgspec.Raw | bytes | str) -> MetricsEvent | None:
+    """A metrics event written without `phase` (protocol v1 lets a sender leave it out: a training step), or None
+    when `raw` is not one. Guardian's own senders always write the phase."""
+    try:
+        tree = _tree.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not isinstance(tree, dict) or "phase" in tree:
+        return None
+    try:
+        event = events.from_builtins({**tree, "phase": "train"})
+    except msgspec.ValidationError:
+        return None
+    return event if isinstance(event, MetricsEvent) else None
+
+
+def _decoded(where: str, raw: msgspec.Raw) -> tuple[AnyEvent, bool]:
+    """An event decoded into its struct, and whether as it is (not a phaseless metrics event); WireError naming
+    the field (seq and kind first) when it does not decode."""
+    try:
+        return events.decode(raw), True
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        legacy = phaseless_metrics(raw) if isinstance(exc, msgspec.ValidationError) else None
+        if legacy is not None:
+            return legacy, False
+        if isinstance(exc, msgspec.ValidationError):
+            _check_seq_first(where, raw)  # as before typed events: a bad seq is named before anything else
+            if "`$.kind`" in str(exc) or "field `kind`" in str(exc):
+                raise WireError(f"{where}.kind must be one of {', '.join(events.KINDS)}: {exc}") from None
+            if "`$.values[...]`" in str(exc):  # msgspec does not name the key: find it
+                _check_values_are_numbers(where, raw)
+        raise _decode_error(where, exc, bytes(raw)) from None
 
 
 def _check_values_are_numbers(where: str, raw: msgspec.Raw) -> None:
