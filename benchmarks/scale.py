@@ -1002,7 +1002,7 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
     from guardian.daemon.core import Guardian
     from guardian.daemon.store import Store
     from guardian.rulefile.reload import RuleLibrary
-    from guardian.transport import wire
+    from guardian.transport.intake import parse_report
 
     tmp = Path(tempfile.mkdtemp(prefix="guardian-heap-"))
     core = Guardian(Store(tmp / "guardian.db"), RuleLibrary(tmp / "rules"))
@@ -1015,9 +1015,7 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
             tracemalloc.start(5)
         for sim in sims:
             events, last, _ = sim.batch(step, time.time())
-            message = json.loads(sim.body(events))
-            core.report(wire.parse_report(message), message.get("decisions_since_step"),
-                        run_key="scale-benchmark-run-key-0123456789")
+            core.report(parse_report(sim.body(events)), run_key="scale-benchmark-run-key-0123456789")
             sim.started, sim.seq, sim.step = True, events[-1]["seq"], last
         if step % 50 == 0:
             current = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None

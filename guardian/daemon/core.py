@@ -310,7 +310,8 @@ class Guardian:
         applied: list[int] = []
         assert state.tracker is not None
         state.tracker.view.host = str(meta.get("host", state.tracker.view.host))
-        for event, _ in new:
+        for stored in new:
+            event = stored.event
             state.tracker.apply(event)
             match event:
                 case MetricsEvent():

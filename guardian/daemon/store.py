@@ -199,7 +199,8 @@ class Store:
         and the events stored since let `Guardian` bring it up to date by replaying them."""
         now = time.time()
         meta = json.dumps(w.meta)  # everything is encoded before the lock is taken
-        events_ = [(w.run_id, e.seq, e.kind.value, e.step, e.time, raw.decode()) for e, raw in w.events]
+        events_ = [(w.run_id, s.event.seq, s.event.kind.value, s.event.step, s.event.time, s.raw.decode())
+                   for s in w.events]
         decisions = [(w.run_id, d.step, d.rule, d.severity.value, now, events.encode(d).decode())
                      for d in w.decisions]
         seen = now if w.last_seen is None else w.last_seen

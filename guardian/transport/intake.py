@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import msgspec
 
@@ -30,11 +30,12 @@ MAX_GOOD_KEYS = 4096
 # openers than levels allowed (a deep field), a run of 19 digits (an integer beyond 64 bits) or an escape (a lone
 # surrogate); a metrics event, the common one, is then never walked.
 _EVENT_DEPTH: Final = MAX_DEPTH - 2  # an event sits two levels down in the body
-_SUSPECT: Final = re.compile(rb"(?<![\d.])\d{19}|\\u")
+_DIGITS_AS_NINES: Final = bytes.maketrans(b"0123456789", b"9" * 10)
+_NINETEEN_DIGITS: Final = b"9" * 19  # the fewest digits of an integer beyond 64 bits, after _DIGITS_AS_NINES
 _SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-class StoredEvent(NamedTuple):
+class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     """An event as the intake decoded it and the raw JSON it arrived as (what the store keeps)."""
 
     event: AnyEvent
@@ -97,7 +98,8 @@ def parse_report(body: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> ReportIntak
         raise WireError("'events' must be a list")
     if len(envelope.events) > MAX_EVENTS_PER_REPORT:
         raise WireError(f"{len(envelope.events)} events in one report; send at most {MAX_EVENTS_PER_REPORT}", 413)
-    taken = [_stored(i, raw) for i, raw in enumerate(envelope.events)]
+    suspect = _NINETEEN_DIGITS in body.translate(_DIGITS_AS_NINES) or b"\\u" in body  # one pass over the body
+    taken = [_stored(i, raw, suspect) for i, raw in enumerate(envelope.events)]
     return ReportIntake(envelope.run, taken, envelope.decisions_since_step)
 
 
@@ -168,24 +170,38 @@ def _decode_error(where: str, exc: Exception, data: bytes) -> WireError:
     return WireError(f"{where}{path}: {message}")
 
 
-def _stored(i: int, raw: msgspec.Raw) -> StoredEvent:
+def _stored(i: int, raw: msgspec.Raw, suspect: bool) -> StoredEvent:
     """Event `i` of a report with the JSON the store keeps: the bytes as sent (re-encoded only for a metrics
-    event sent without its phase, so that every stored row decodes as it is)."""
-    event, as_sent = _event(i, raw)
-    return StoredEvent(event, bytes(raw) if as_sent else events.encode(event))
+    event sent without its phase, so that every stored row decodes as it is). Without `suspect` the body holds
+    no escape and no run of 19 digits, so no event needs looking at for them."""
+    data = bytes(raw)
+    try:
+        event = events.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return _stored_slowly(i, data, suspect)
+    if (type(event) is MetricsEvent and event.seq >= 1 and event.source is None and not suspect
+            and data.count(b"{") + data.count(b"[") <= _EVENT_DEPTH):  # the usual event: only its keys to check
+        if not event.values.keys() <= _GOOD_KEYS:
+            _check_value_keys(f"events[{i}]", event.values)
+        return StoredEvent(event, data)
+    _check_event(f"events[{i}]", event, data, suspect)
+    return StoredEvent(event, data)
 
 
-def _event(i: int, raw: msgspec.Raw) -> tuple[AnyEvent, bool]:
-    """Event `i` of a report decoded and checked beyond what its type bounds; and whether its JSON decodes as it
-    is (else it was a phaseless metrics event)."""
+def _stored_slowly(i: int, data: bytes, suspect: bool) -> StoredEvent:
+    """An event that did not decode as it is: a phaseless metrics event (stored re-encoded), else WireError."""
     where = f"events[{i}]"
-    event, as_sent = _decoded(where, raw)
+    event, as_sent = _decoded(where, data)
+    _check_event(where, event, data, suspect)
+    return StoredEvent(event, data if as_sent else events.encode(event))
+
+
+def _check_event(where: str, event: AnyEvent, data: bytes, suspect: bool = True) -> None:
+    """An event's bounds beyond what its type checks: seq from 1, names, free-form fields."""
     if event.seq < 1:
         raise WireError(f"{where}.seq must be an integer >= 1, got {event.seq}")
-    data = bytes(raw)
-    if data.count(b"{") + data.count(b"[") > _EVENT_DEPTH or _SUSPECT.search(data):
-        _check_event_tree(where, data, event)
-    elif isinstance(event, (DecisionEvent, EndEvent)):  # free-form fields: evidence, params, incidents
+    if (data.count(b"{") + data.count(b"[") > _EVENT_DEPTH or isinstance(event, (DecisionEvent, EndEvent))
+            or (suspect and (b"\\u" in data or _holds_long_integer(data)))):  # DecisionEvent, EndEvent: free-form
         _check_event_tree(where, data, event)
     if event.source is not None:
         check_name(event.source, f"{where}.source")
@@ -194,7 +210,21 @@ def _event(i: int, raw: msgspec.Raw) -> tuple[AnyEvent, bool]:
             _check_value_keys(where, event.values)
         case SystemEvent():
             _check_system(where, event)
-    return event, as_sent
+
+
+def _holds_long_integer(data: bytes) -> bool:
+    """Whether the JSON holds a run of 19 or more digits that is not a fraction or an exponent (an integer that
+    may be beyond 64 bits, or digits in a string: either way worth a full check)."""
+    nines = data.translate(_DIGITS_AS_NINES)
+    start = nines.find(_NINETEEN_DIGITS)
+    while start != -1:
+        if start == 0 or data[start - 1] not in b".eE+":
+            return True
+        end = start + len(_NINETEEN_DIGITS)
+        while end < len(nines) and nines[end] == 57:  # the rest of this run ('9')
+            end += 1
+        start = nines.find(_NINETEEN_DIGITS, end)
+    return False
 
 
 def phaseless_metrics(raw: msgspec.Raw | bytes | str) -> MetricsEvent | None:
@@ -213,7 +243,7 @@ def phaseless_metrics(raw: msgspec.Raw | bytes | str) -> MetricsEvent | None:
     return event if isinstance(event, MetricsEvent) else None
 
 
-def _decoded(where: str, raw: msgspec.Raw) -> tuple[AnyEvent, bool]:
+def _decoded(where: str, raw: bytes) -> tuple[AnyEvent, bool]:
     """An event decoded into its struct, and whether as it is (not a phaseless metrics event); WireError naming
     the field (seq and kind first) when it does not decode."""
     try:
@@ -228,10 +258,10 @@ def _decoded(where: str, raw: msgspec.Raw) -> tuple[AnyEvent, bool]:
                 raise WireError(f"{where}.kind must be one of {', '.join(events.KINDS)}: {exc}") from None
             if "`$.values[...]`" in str(exc):  # msgspec does not name the key: find it
                 _check_values_are_numbers(where, raw)
-        raise _decode_error(where, exc, bytes(raw)) from None
+        raise _decode_error(where, exc, raw) from None
 
 
-def _check_values_are_numbers(where: str, raw: msgspec.Raw) -> None:
+def _check_values_are_numbers(where: str, raw: bytes) -> None:
     """Name the first value of a metrics event that is not a number (called when it failed to decode)."""
     try:
         values = _tree.decode(raw).get("values")
@@ -244,7 +274,7 @@ def _check_values_are_numbers(where: str, raw: msgspec.Raw) -> None:
             raise WireError(f"{where}.values.{key} must be a number (or \"nan\"/\"inf\"), got {value!r}") from None
 
 
-def _check_seq_first(where: str, raw: msgspec.Raw) -> None:
+def _check_seq_first(where: str, raw: bytes) -> None:
     """Refuse an event whose seq is missing or below 1 (called when it failed to decode, to name that first)."""
     try:
         seq = _seq.decode(raw).seq

@@ -408,7 +408,7 @@ def test_closing_with_the_daemon_down_makes_one_more_attempt_then_returns() -> N
     before = link.failures
     link.close(flush_seconds=60)  # the sender's back-off reaches 5 s: waiting it out would take a dozen more tries
     assert link.failures == before + 1
-    assert [e["seq"] for e in link._queue] == [1]  # undelivered, not dropped (the callback's spool file has it)
+    assert [e.seq for e in link._queue] == [1]  # undelivered, not dropped (the callback's spool file has it)
 
 
 def test_the_daemon_measures_how_long_it_takes_to_answer_reports(daemon: tuple[Guardian, str, str]) -> None:
