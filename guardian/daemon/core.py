@@ -90,6 +90,8 @@ class RunState:
     key: str | None = None  # that key itself, once a report showed it (memory only: no hash on every report)
     tracker: RunTracker | None = None
     state_saved: float = field(default_factory=_first_save_due)
+    last_decision_step: int = -1  # of its latest stored decision (-1: none): a report asking from a later step
+    # gets none without a query
     lock: threading.Lock = field(default_factory=threading.Lock)
     evicted: bool = False
 
@@ -143,6 +145,8 @@ class Guardian:
                 state.last_seen = row.last_seen  # its last report, not now: a stall is measured from there
                 self._restore_view(state, row.meta)
                 state.key_hash = self.store.run_key_hash(run_id)
+                last_decision = self.store.last_decision_step(run_id)
+                state.last_decision_step = -1 if last_decision is None else last_decision
                 since_seq = 0  # no state saved yet: replay every stored event
                 if row.engine_state:
                     try:
@@ -265,6 +269,8 @@ class Guardian:
             raise
         if save_state:
             state.state_saved = time.monotonic()
+        if decisions:
+            state.last_decision_step = max(state.last_decision_step, *(d.step for d in decisions))
 
     def flush(self) -> None:
         """Save every run's rule state now (on shutdown: a restart then replays nothing)."""
@@ -294,8 +300,10 @@ class Guardian:
                 self.counters["events_ingested"] += len(new)
                 self.counters["events_duplicate"] += len(report.events) - len(new)  # and those after a gap
                 self.counters["reports"] += 1
-            if report.decisions_since_step is not None:
-                decisions = self.store.decisions(report.run_id, since_step=report.decisions_since_step)
+            since = report.decisions_since_step
+            if since is not None:
+                decisions = self.store.decisions(report.run_id, since_step=since) if (
+                    state.last_decision_step >= since) else []
             reply = Reply(ack_seq=state.last_seq, decided_through_step=state.last_step, decisions=decisions,
                           commands=self._take_commands(report.run_id))
             if bound is not None:

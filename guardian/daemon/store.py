@@ -198,32 +198,32 @@ class Store:
         `w.engine_state`, when given, is saved as of `w.last_seq`; without it the stored state stays as it was,
         and the events stored since let `Guardian` bring it up to date by replaying them."""
         now = time.time()
-        meta = json.dumps(w.meta)  # everything is encoded before the lock is taken
-        events_ = [(w.run_id, s.event.seq, s.event.kind.value, s.event.step, s.event.time, s.raw.decode())
-                   for s in w.events]
+        meta = msgspec.json.encode(w.meta).decode()  # everything is encoded before the lock is taken
+        events_ = [(w.run_id, s.event.seq, type(s.event).__struct_config__.tag, s.event.step, s.event.time,
+                    s.raw.decode()) for s in w.events]  # the struct's tag: its kind as the wire spells it
         decisions = [(w.run_id, d.step, d.rule, d.severity.value, now, events.encode(d).decode())
                      for d in w.decisions]
         seen = now if w.last_seen is None else w.last_seen
-        with self._tx() as db:
+        with self._tx() as db:  # a report that made no decision and applied no command: 3 statements and the events
             db.execute(
-                "INSERT INTO runs (id, rules, meta, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, rules = excluded.rules",
-                (w.run_id, w.rules, meta, now, seen),
+                "INSERT INTO runs (id, rules, meta, first_seen, last_seen, last_seq, last_step, ended) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, "
+                "rules = excluded.rules, last_seq = MAX(last_seq, excluded.last_seq), "
+                "last_step = COALESCE(excluded.last_step, last_step), ended = MAX(ended, excluded.ended), "
+                "meta = CASE WHEN excluded.meta = '{}' THEN meta ELSE excluded.meta END",
+                (w.run_id, w.rules, meta, now, seen, w.last_seq, w.last_step, int(w.ended)),
             )
             added = db.executemany(
                 "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)", events_,
-            ).rowcount
-            db.executemany(
-                "INSERT INTO decisions (run_id, step, rule, severity, time, body) VALUES (?, ?, ?, ?, ?, ?)", decisions)
-            db.execute(
-                "UPDATE runs SET last_seq = MAX(last_seq, ?), last_step = COALESCE(?, last_step),"
-                " ended = MAX(ended, ?), meta = CASE WHEN ? = '{}' THEN meta ELSE ? END WHERE id = ?",
-                (w.last_seq, w.last_step, int(w.ended), meta, meta, w.run_id),
-            )
+            ).rowcount if events_ else 0
+            if decisions:
+                db.executemany("INSERT INTO decisions (run_id, step, rule, severity, time, body) "
+                               "VALUES (?, ?, ?, ?, ?, ?)", decisions)
             if w.engine_state is not None:
                 db.execute("INSERT OR REPLACE INTO run_states (run_id, seq, state) VALUES (?, ?, ?)",
                            (w.run_id, w.last_seq, w.engine_state))
-            db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(now, i) for i in w.applied])
+            if w.applied:
+                db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(now, i) for i in w.applied])
             if w.key_hash is not None:
                 db.execute("INSERT OR REPLACE INTO run_keys (run_id, key_hash) VALUES (?, ?)", (w.run_id, w.key_hash))
         return added
@@ -276,6 +276,11 @@ class Store:
         rows = self._read("SELECT body FROM decisions WHERE run_id = ? AND step >= ? ORDER BY id DESC LIMIT ?",
                           (run_id, -1 if since_step is None else since_step, limit))
         return [row[0] for row in reversed(rows)]
+
+    def last_decision_step(self, run_id: str) -> int | None:
+        """The step of the run's latest decision, or None when it has none."""
+        rows = self._read("SELECT MAX(step) FROM decisions WHERE run_id = ?", (run_id,))
+        return rows[0][0] if rows else None
 
     def decision_counts(self) -> dict[str, int]:
         return dict(self._read("SELECT run_id, COUNT(*) FROM decisions GROUP BY run_id"))
