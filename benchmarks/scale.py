@@ -883,11 +883,34 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     data = {"benchmark": "scale", "machine": info, "wall_seconds": round(wall, 1), "per_report_costs": costs,
             "settings": {**vars(args), "out": _from_repo(args.out)}, "phases": phases, "profile": profile_summary,
-            "soak": soak, "phase_table": table(PHASE_HEADERS, [phase_row(p) for p in phases])}
+            "soak": soak, "phase_table": table(PHASE_HEADERS, [phase_row(p) for p in phases]),
+            "side_by_side": side_by_side(phases)}
     out = write_json(args.out, data)
     md = Path(out).with_suffix(".md")
     md.write_text(markdown(data))
     print(f"\n{data['phase_table']}\n\nwrote {out} and {md} ({wall / 60:.1f} min)")
+
+
+def side_by_side(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each phase run on both daemons (--baseline-src): this tree's figures, the baseline's and their ratio."""
+    out = []
+    for base in (p for p in phases if p["daemon"] == "baseline"):
+        label = base["label"].removesuffix("-baseline")
+        stock = next((p for p in phases if p["daemon"] == "stock" and p["label"] == label), None)
+        if stock is None:
+            continue
+        row: dict[str, Any] = {"phase": label}
+        for name, get in (("events_per_s", lambda p: p["events_per_s"]),
+                          ("post_to_reply_median_ms", lambda p: p["post_to_reply_ms"].get("median")),
+                          ("post_to_reply_p99_ms", lambda p: p["post_to_reply_ms"].get("p99")),
+                          ("in_daemon_median_ms", lambda p: (p.get("daemon_report_ms") or {}).get("median")),
+                          ("in_daemon_p99_ms", lambda p: (p.get("daemon_report_ms") or {}).get("p99")),
+                          ("daemon_cpu_cores", lambda p: p["daemon_cpu_cores"])):
+            new, old = get(stock), get(base)
+            row[name] = {"this_tree": new, "baseline": old,
+                         "ratio": round(new / old, 2) if isinstance(new, (int, float)) and old else None}
+        out.append(row)
+    return out
 
 
 def analysis(data: dict[str, Any]) -> list[str]:
