@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from guardian.events import ActionKind
 from guardian.runview import RunView
 
 # The run's latest values: metric name here -> key in RunView.latest (HF's own log keys).
@@ -42,7 +43,8 @@ PEAK_GAUGES = {
                                    "value when no step came between; NaN if any was NaN)."),
 }
 RULE_STATES = ("ok", "warming_up", "firing", "cooling_down")
-ACTIONS = ("skip_update", "rollback", "reduce_lr", "stop")
+ACTIONS = tuple(kind.value for kind in (ActionKind.SKIP_UPDATE, ActionKind.ROLLBACK, ActionKind.REDUCE_LR,
+                                         ActionKind.STOP))
 SOURCES = ("local", "daemon", "command")
 WATCHED_FINITE = ("loss", "grad_norm", "eval_loss")  # exported from 0, so the first NaN is an increase
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from guardian.events import ActionEvent, AnyEvent, EndEvent, GpuFacts, MetricsEvent, StartEvent, SystemEvent
+from guardian.events import ActionEvent, ActionKind, AnyEvent, EndEvent, GpuFacts, MetricsEvent, StartEvent, SystemEvent
 
 # Per-step values whose spikes fall between two scrapes: kept as the highest value since each scraper's
 # previous scrape (the exporter's *_max gauges).
@@ -176,15 +176,15 @@ class RunTracker:
         view, source = self.view, (event.source or "local").split(" ")[0]
         done = []
         if event.skipped_update:
-            done.append("skip_update")
+            done.append(ActionKind.SKIP_UPDATE.value)
             view.skipped_updates += 1
         if event.rollback not in (None, "impossible", "restart"):
-            done.append("rollback")
+            done.append(ActionKind.ROLLBACK.value)
             view.rollbacks += 1
         if event.lr_factor is not None:
-            done.append("reduce_lr")
+            done.append(ActionKind.REDUCE_LR.value)
             view.latest["lr_scale"] = event.lr_scale if event.lr_scale is not None else view.latest.get("lr_scale", 1.0)
         if event.stopped:
-            done.append("stop")
+            done.append(ActionKind.STOP.value)
         for action in done:
             view.actions[(action, source)] = view.actions.get((action, source), 0) + 1

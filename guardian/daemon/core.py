@@ -407,7 +407,7 @@ class Guardian:
         if row.ended:
             raise wire.WireError(f"run '{run_id}' has ended: {action} is only for a run still training", 409)
         factor = params.get("factor", 0.5)
-        if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
+        if action == ActionKind.REDUCE_LR.value and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
             raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")
         command = self.store.add_command(run_id, action, params, source)
         with self._lock:
