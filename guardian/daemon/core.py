@@ -79,6 +79,8 @@ def _key_hash(key: str) -> str:
 
 @dataclass
 class RunState:
+    """A run in memory: its rule set and engine, its progress, its key, its exporter view, its lock."""
+
     id: str
     rules: str
     engine: Engine

@@ -73,10 +73,14 @@ class _Envelope(msgspec.Struct, kw_only=True):
 
 
 class _Version(msgspec.Struct):
+    """A body's protocol version alone, whatever the rest holds."""
+
     v: Any = None
 
 
 class _Seq(msgspec.Struct):
+    """An event's seq alone, whatever the rest holds."""
+
     seq: Any = None
 
 
@@ -114,6 +118,7 @@ def parse_object(body: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> dict[str, A
 
 
 def _decode_envelope(body: bytes, max_bytes: int) -> _Envelope:
+    """A report body's envelope (its events left raw), of protocol version 1."""
     _check_size_and_utf8(body, max_bytes)
     try:
         envelope = _envelope.decode(body)
@@ -126,6 +131,7 @@ def _decode_envelope(body: bytes, max_bytes: int) -> _Envelope:
 
 
 def _check_size_and_utf8(body: bytes, max_bytes: int) -> None:
+    """Refuse a body over `max_bytes` (413) or not valid UTF-8 (400)."""
     if len(body) > max_bytes:
         raise WireError(f"message of {len(body)} bytes is over the limit of {max_bytes}; send smaller batches", 413)
     if not body.isascii():
@@ -136,6 +142,7 @@ def _check_size_and_utf8(body: bytes, max_bytes: int) -> None:
 
 
 def _check_version(body: bytes) -> None:
+    """Refuse a body that did not decode when its `v` is another version (409): that is what is wrong with it."""
     try:
         version = _version.decode(body).v
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
@@ -145,6 +152,7 @@ def _check_version(body: bytes) -> None:
 
 
 def _version_error(version: Any) -> WireError:
+    """The 409 for a body of another protocol version."""
     return WireError(f"unsupported protocol version {version!r}; this guardian speaks version {VERSION}", 409)
 
 
