@@ -189,6 +189,7 @@ def event_page(store: Store, run_id: str, query: dict[str, list[str]]) -> bytes:
 
 
 def _query_int(query: dict[str, list[str]], name: str, default: int, low: int, high: int) -> int:
+    """A query parameter as an integer from `low` to `high` (`default` when absent); WireError (400) otherwise."""
     text = query.get(name, [""])[0]
     if not text:
         return default

@@ -19,15 +19,16 @@ first report binds the run to it; the reply then carries `run_key`). Errors are
 `{"v": 1, "error": "<what is wrong and what to do>"}` with status 400 (malformed), 401 (no valid token), 403
 (another process's run, or a browser's request), 404, 408 (too slow), 409 (unsupported version; a seq gap,
 with `"expected_seq"` added: resend from there), 413 (too large), 415 (not JSON), 421 (a Host that is not
-loopback), 429 (too many new runs) or 503 (the daemon is full; retry). The messages are the structs of guardian.events; the JSON Schema,
-`guardian/schema/wire-v1.schema.json`, is generated from them. guardian.transport.intake checks a report.
+loopback), 429 (too many new runs) or 503 (the daemon is full; retry). The messages are the structs of
+guardian.events; the JSON Schema, `guardian/schema/wire-v1.schema.json`, is generated from them; the daemon
+checks a report with guardian.transport.intake.
 
 Bounds, checked at intake so that nothing stored can break a later listing or scrape: a body of at most 4 MiB
 in UTF-8 (no lone surrogates), nested at most 32 deep, integers within 64 bits (seq and step within 2^53-1);
 at most 5,000 events a report and 256 values an event; `run.meta` at most 16 KiB encoded and 8 deep; every
 string that becomes a label, a key or a file name (`run.id` up to 200 characters; `run.rules`, value keys,
-`meta.host`, a system event's `rank` and `gpu`, an action's `source` up to 128) printable, without control
-characters.
+`meta.host`, a system event's `rank` and `gpu`, an event's `source` up to 128) printable, without control
+characters. A metrics event sent without `phase` is a training step.
 """
 
 from __future__ import annotations
