@@ -329,17 +329,18 @@ class Store:
 
     def thin(self, run_id: str) -> int:
         """Thin a run's oldest metrics events beyond `metrics_kept`; return how many were deleted."""
-        count = self._query("SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = 'metrics'", (run_id,))[0][0]
+        metrics = Kind.METRICS.value
+        count = self._query("SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = ?", (run_id, metrics))[0][0]
         if count <= self.metrics_kept:
             return 0
         cutoff = self._query(
-            "SELECT seq FROM events WHERE run_id = ? AND kind = 'metrics' ORDER BY seq DESC LIMIT 1 OFFSET ?",
-            (run_id, self.metrics_kept),
+            "SELECT seq FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (run_id, metrics, self.metrics_kept),
         )[0][0]
         with self._tx() as db:
             return db.execute(
-                "DELETE FROM events WHERE run_id = ? AND kind = 'metrics' AND seq <= ? AND step % ? != 0",
-                (run_id, cutoff, self.thin_every),
+                "DELETE FROM events WHERE run_id = ? AND kind = ? AND seq <= ? AND step % ? != 0",
+                (run_id, metrics, cutoff, self.thin_every),
             ).rowcount
 
     def prune(self, retain_days: float) -> int:
