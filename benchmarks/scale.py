@@ -883,11 +883,34 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     data = {"benchmark": "scale", "machine": info, "wall_seconds": round(wall, 1), "per_report_costs": costs,
             "settings": {**vars(args), "out": _from_repo(args.out)}, "phases": phases, "profile": profile_summary,
-            "soak": soak, "phase_table": table(PHASE_HEADERS, [phase_row(p) for p in phases])}
+            "soak": soak, "phase_table": table(PHASE_HEADERS, [phase_row(p) for p in phases]),
+            "side_by_side": side_by_side(phases)}
     out = write_json(args.out, data)
     md = Path(out).with_suffix(".md")
     md.write_text(markdown(data))
     print(f"\n{data['phase_table']}\n\nwrote {out} and {md} ({wall / 60:.1f} min)")
+
+
+def side_by_side(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each phase run on both daemons (--baseline-src): this tree's figures, the baseline's and their ratio."""
+    out = []
+    for base in (p for p in phases if p["daemon"] == "baseline"):
+        label = base["label"].removesuffix("-baseline")
+        stock = next((p for p in phases if p["daemon"] == "stock" and p["label"] == label), None)
+        if stock is None:
+            continue
+        row: dict[str, Any] = {"phase": label}
+        for name, get in (("events_per_s", lambda p: p["events_per_s"]),
+                          ("post_to_reply_median_ms", lambda p: p["post_to_reply_ms"].get("median")),
+                          ("post_to_reply_p99_ms", lambda p: p["post_to_reply_ms"].get("p99")),
+                          ("in_daemon_median_ms", lambda p: (p.get("daemon_report_ms") or {}).get("median")),
+                          ("in_daemon_p99_ms", lambda p: (p.get("daemon_report_ms") or {}).get("p99")),
+                          ("daemon_cpu_cores", lambda p: p["daemon_cpu_cores"])):
+            new, old = get(stock), get(base)
+            row[name] = {"this_tree": new, "baseline": old,
+                         "ratio": round(new / old, 2) if isinstance(new, (int, float)) and old else None}
+        out.append(row)
+    return out
 
 
 def analysis(data: dict[str, Any]) -> list[str]:
@@ -999,10 +1022,10 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
     the allocation sites that grew between 50 steps after tracing began and the end."""
     import tracemalloc
 
-    from guardian.daemon.daemon import Guardian
+    from guardian.daemon.core import Guardian
     from guardian.daemon.store import Store
     from guardian.rulefile.reload import RuleLibrary
-    from guardian.transport import wire
+    from guardian.transport.intake import parse_report
 
     tmp = Path(tempfile.mkdtemp(prefix="guardian-heap-"))
     core = Guardian(Store(tmp / "guardian.db"), RuleLibrary(tmp / "rules"))
@@ -1015,9 +1038,7 @@ def heap_check(n_runs: int, steps: int) -> dict[str, Any]:
             tracemalloc.start(5)
         for sim in sims:
             events, last, _ = sim.batch(step, time.time())
-            message = json.loads(sim.body(events))
-            core.report(wire.parse_report(message), message.get("decisions_since_step"),
-                        run_key="scale-benchmark-run-key-0123456789")
+            core.report(parse_report(sim.body(events)), run_key="scale-benchmark-run-key-0123456789")
             sim.started, sim.seq, sim.step = True, events[-1]["seq"], last
         if step % 50 == 0:
             current = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None

@@ -48,7 +48,8 @@ from guardian.engine.rules import RuleSet
 from guardian.rulefile.reader import METHOD_RULES, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
 from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
-from guardian.exporter import GuardianCollector, RunTracker, RunView
+from guardian.exporter import GuardianCollector
+from guardian.runview import RunTracker, RunView
 from guardian.gpu import GpuReader
 from guardian.logs.atomic import write_atomic
 from guardian.logs.badsample import bad_samples_path

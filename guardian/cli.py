@@ -252,7 +252,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guardian.daemon.daemon import serve
+    from guardian.daemon.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(host=args.host, port=args.port, state_dir=args.state_dir, rules_dir=args.rules_dir,

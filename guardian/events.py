@@ -304,6 +304,7 @@ class Command(Struct, kw_only=True):
     id: Int64
     action: ActionKind
     params: dict[str, Any] = {}
+    source: str | None = None  # who queued it: "ctl", "tui", "alert:<alertname>"
 
 
 # ---- the messages of the HTTP protocol -------------------------------------------------------------------
@@ -329,7 +330,7 @@ class Report(Struct, kw_only=True, omit_defaults=True):
     decisions_since_step: Int64 | None = None
 
 
-class Reply(Struct, kw_only=True, omit_defaults=True):
+class Reply(Struct, kw_only=True):  # not omit_defaults: "v" is written in every body
     """The answer to a report: every event up to `ack_seq` is stored; the decisions and queued commands."""
 
     v: Literal[1] = 1
@@ -348,7 +349,7 @@ class Control(Struct, kw_only=True):
     params: dict[str, Any] = {}
 
 
-class ErrorReply(Struct, kw_only=True, omit_defaults=True):
+class ErrorReply(Struct, kw_only=True):  # not omit_defaults: "v" is written in every body
     """Any error: what is wrong and what to do; a seq gap (409) adds the run's next seq to resend from."""
 
     v: Literal[1] = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,11 +13,27 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
+from guardian.daemon.core import Guardian
+from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport.client import DaemonError, request
+from guardian.transport.intake import ReportIntake, parse_report
+from guardian.transport.wire import encode_value
+
+
+def report_intake(run_id: str, rules: str = "default", meta: dict[str, Any] | None = None,
+                  events: list[dict[str, Any]] | None = None, **extra: Any) -> ReportIntake:
+    """A report as the daemon's intake takes it from a body of JSON-shaped events (the wire's own path)."""
+    return intake_of({"v": 1, "run": {"id": run_id, "rules": rules, "meta": meta or {}}, "events": events or [],
+                      **extra})
+
+
+def intake_of(body: dict[str, Any]) -> ReportIntake:
+    """A JSON-shaped report body through the daemon's intake."""
+    return parse_report(json.dumps(encode_value(body)).encode())
 
 
 def free_port() -> int:

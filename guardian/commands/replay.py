@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardian import events
 from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
-from guardian import events
 from guardian.events import AnyEvent, Kind, MetricsEvent
 from guardian.logs.eventlog import decode_line, read_events
 from guardian.logs.training import EVAL, TRAIN, LogReport, Observation, read_log_with_report

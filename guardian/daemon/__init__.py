@@ -1,1 +1,2 @@
-"""The daemon: its HTTP server and endpoints, the SQLite store of runs, and the mapping of decisions to alerts."""
+"""The daemon: its core (runs, reports, control), its HTTP routes and wiring, the SQLite store of runs, and the
+mapping of alerts to actions."""

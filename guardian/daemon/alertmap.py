@@ -23,8 +23,10 @@ from typing import Any
 
 from guardian.errors import Problem, RuleFileError
 from guardian.rulefile.yamlfile import Located, load_yaml
+from guardian.events import ActionKind
 
-ACTIONS = ("stop", "rollback", "reduce_lr", "skip_update")
+ACTIONS = tuple(kind.value for kind in (ActionKind.STOP, ActionKind.ROLLBACK, ActionKind.REDUCE_LR,
+                                         ActionKind.SKIP_UPDATE))  # as the daemon's CONTROL_ACTIONS
 TARGETS = ("labelled", "all")
 
 

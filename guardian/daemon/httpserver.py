@@ -46,8 +46,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
+from guardian import events
 from guardian.errors import ConfigError, GuardianError
-from guardian.transport import wire
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
@@ -116,8 +116,8 @@ Handler = Callable[[Request], Reply]
 
 
 def error_reply(status: int, message: str, *, close: bool = True) -> Reply:
-    """An error in the daemon's one error shape, `{"v": 1, "error": message}` (see guardian.transport.wire)."""
-    return Reply(status, wire.dumps({"error": message}), close=close)
+    """An error in the daemon's one error shape, events.ErrorReply: `{"v": 1, "error": message}`."""
+    return Reply(status, events.encode(events.ErrorReply(error=message)), close=close)
 
 
 def raise_open_file_limit() -> int:

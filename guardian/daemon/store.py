@@ -12,6 +12,7 @@ every `thin_every`-th step (decisions, actions and commands are never thinned); 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,10 +20,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import msgspec
+
+from guardian import events
 from guardian.errors import ConfigError, LogFormatError
+from guardian.events import AnyEvent, Command, DecisionEvent, Kind
 from guardian.transport import wire
+from guardian.transport.intake import StoredEvent, check_tree, phaseless_metrics
+
+log = logging.getLogger("guardian.daemon")
+_decision: Final = msgspec.json.Decoder(DecisionEvent, strict=False)  # rows from before typed events have no kind
+_json_value: Final = msgspec.json.Decoder(msgspec.Raw)  # checks a row is JSON without building it
 
 
 class StoreError(ConfigError):
@@ -100,8 +110,8 @@ class ReportWrite:
     run_id: str
     rules: str
     meta: dict[str, Any]
-    events: list[dict[str, Any]]
-    decisions: list[dict[str, Any]]
+    events: list[StoredEvent]  # stored as the raw JSON they arrived as
+    decisions: list[DecisionEvent]
     engine_state: str | None  # JSON, encoded when the state was taken; None leaves the stored state as it was
     last_seq: int
     last_step: int | None
@@ -188,30 +198,32 @@ class Store:
         `w.engine_state`, when given, is saved as of `w.last_seq`; without it the stored state stays as it was,
         and the events stored since let `Guardian` bring it up to date by replaying them."""
         now = time.time()
-        meta = json.dumps(w.meta)  # everything is encoded before the lock is taken
-        events = [(w.run_id, e["seq"], e["kind"], e.get("step"), e.get("time"), json.dumps(e)) for e in w.events]
-        decisions = [(w.run_id, d["step"], d["rule"], d["severity"], now, json.dumps(d)) for d in w.decisions]
+        meta = msgspec.json.encode(w.meta).decode()  # everything is encoded before the lock is taken
+        events_ = [(w.run_id, s.event.seq, type(s.event).__struct_config__.tag, s.event.step, s.event.time,
+                    s.raw.decode()) for s in w.events]  # the struct's tag: its kind as the wire spells it
+        decisions = [(w.run_id, d.step, d.rule, d.severity.value, now, events.encode(d).decode())
+                     for d in w.decisions]
         seen = now if w.last_seen is None else w.last_seen
-        with self._tx() as db:
+        with self._tx() as db:  # a report that made no decision and applied no command: 3 statements and the events
             db.execute(
-                "INSERT INTO runs (id, rules, meta, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, rules = excluded.rules",
-                (w.run_id, w.rules, meta, now, seen),
+                "INSERT INTO runs (id, rules, meta, first_seen, last_seen, last_seq, last_step, ended) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, "
+                "rules = excluded.rules, last_seq = MAX(last_seq, excluded.last_seq), "
+                "last_step = COALESCE(excluded.last_step, last_step), ended = MAX(ended, excluded.ended), "
+                "meta = CASE WHEN excluded.meta = '{}' THEN meta ELSE excluded.meta END",
+                (w.run_id, w.rules, meta, now, seen, w.last_seq, w.last_step, int(w.ended)),
             )
             added = db.executemany(
-                "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)", events,
-            ).rowcount
-            db.executemany(
-                "INSERT INTO decisions (run_id, step, rule, severity, time, body) VALUES (?, ?, ?, ?, ?, ?)", decisions)
-            db.execute(
-                "UPDATE runs SET last_seq = MAX(last_seq, ?), last_step = COALESCE(?, last_step),"
-                " ended = MAX(ended, ?), meta = CASE WHEN ? = '{}' THEN meta ELSE ? END WHERE id = ?",
-                (w.last_seq, w.last_step, int(w.ended), meta, meta, w.run_id),
-            )
+                "INSERT OR IGNORE INTO events (run_id, seq, kind, step, time, body) VALUES (?, ?, ?, ?, ?, ?)", events_,
+            ).rowcount if events_ else 0
+            if decisions:
+                db.executemany("INSERT INTO decisions (run_id, step, rule, severity, time, body) "
+                               "VALUES (?, ?, ?, ?, ?, ?)", decisions)
             if w.engine_state is not None:
                 db.execute("INSERT OR REPLACE INTO run_states (run_id, seq, state) VALUES (?, ?, ?)",
                            (w.run_id, w.last_seq, w.engine_state))
-            db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(now, i) for i in w.applied])
+            if w.applied:
+                db.executemany("UPDATE commands SET applied = ? WHERE id = ?", [(now, i) for i in w.applied])
             if w.key_hash is not None:
                 db.execute("INSERT OR REPLACE INTO run_keys (run_id, key_hash) VALUES (?, ?)", (w.run_id, w.key_hash))
         return added
@@ -226,29 +238,49 @@ class Store:
 
     # ---- events and decisions ----------------------------------------------------------------------
 
-    def events(self, run_id: str, kinds: tuple[str, ...] = (), since_seq: int = 0, limit: int = 100_000) -> list[dict[str, Any]]:
-        sql = "SELECT body FROM events WHERE run_id = ? AND seq > ?"
+    def events(self, run_id: str, kinds: tuple[Kind, ...] = (), since_seq: int = 0,
+               limit: int = 100_000) -> list[AnyEvent]:
+        """The run's events after `since_seq` in seq order (at most `limit`; `kinds` filters), typed; a row that
+        no longer decodes is left out with a warning."""
+        return [event for seq, body in self.event_rows(run_id, kinds, since_seq, limit)
+                if (event := _event_of(run_id, seq, body)) is not None]
+
+    def event_rows(self, run_id: str, kinds: tuple[Kind, ...] = (), since_seq: int = 0,
+                   limit: int = 100_000) -> list[tuple[int, str]]:
+        """The run's stored rows after `since_seq` as (seq, raw JSON), for an events page."""
+        sql = "SELECT seq, body FROM events WHERE run_id = ? AND seq > ?"
         args: list[Any] = [run_id, since_seq]
         if kinds:
             sql += f" AND kind IN ({','.join('?' * len(kinds))})"
-            args.extend(kinds)
+            args.extend(kind.value for kind in kinds)
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
-        return [json.loads(row[0]) for row in self._read(sql, tuple(args))]
+        return [(row[0], row[1]) for row in self._read(sql, tuple(args))]
 
-    def last_event(self, run_id: str, kind: str) -> dict[str, Any] | None:
-        """The run's newest event of this kind (by seq), or None."""
-        rows = self._read("SELECT body FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1",
-                          (run_id, kind))
-        return json.loads(rows[0][0]) if rows else None
+    def last_event(self, run_id: str, kind: Kind) -> AnyEvent | None:
+        """The run's newest event of this kind (by seq), or None (also when its row no longer decodes)."""
+        rows = self._read("SELECT seq, body FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1",
+                          (run_id, kind.value))
+        return _event_of(run_id, rows[0][0], rows[0][1]) if rows else None
 
     def event_seqs(self, run_id: str) -> list[int]:
         return [row[0] for row in self._query("SELECT seq FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
 
-    def decisions(self, run_id: str, limit: int = 10_000, since_step: int | None = None) -> list[dict[str, Any]]:
+    def decisions(self, run_id: str, limit: int = 10_000, since_step: int | None = None) -> list[DecisionEvent]:
+        """The run's newest decisions (at or after `since_step`), oldest first, typed; unreadable rows left out."""
+        return [decision for body in self.decision_rows(run_id, limit, since_step)
+                if (decision := _decision_of(run_id, body)) is not None]
+
+    def decision_rows(self, run_id: str, limit: int = 10_000, since_step: int | None = None) -> list[str]:
+        """The raw JSON of the run's newest decisions (at or after `since_step`), oldest first."""
         rows = self._read("SELECT body FROM decisions WHERE run_id = ? AND step >= ? ORDER BY id DESC LIMIT ?",
-                           (run_id, -1 if since_step is None else since_step, limit))
-        return [json.loads(row[0]) for row in reversed(rows)]
+                          (run_id, -1 if since_step is None else since_step, limit))
+        return [row[0] for row in reversed(rows)]
+
+    def last_decision_step(self, run_id: str) -> int | None:
+        """The step of the run's latest decision, or None when it has none."""
+        rows = self._read("SELECT MAX(step) FROM decisions WHERE run_id = ?", (run_id,))
+        return rows[0][0] if rows else None
 
     def decision_counts(self) -> dict[str, int]:
         return dict(self._read("SELECT run_id, COUNT(*) FROM decisions GROUP BY run_id"))
@@ -263,7 +295,7 @@ class Store:
             )
             return int(cursor.lastrowid or 0)
 
-    def take_commands(self, run_id: str) -> list[dict[str, Any]]:
+    def take_commands(self, run_id: str) -> list[Command]:
         """Commands not yet delivered to the run; marks them delivered."""
         with self._tx() as db:
             rows = db.execute(
@@ -271,7 +303,7 @@ class Store:
                 (run_id,),
             ).fetchall()
             db.executemany("UPDATE commands SET delivered = ? WHERE id = ?", [(time.time(), r[0]) for r in rows])
-        return [{"id": r[0], "action": r[1], "params": json.loads(r[2]), "source": r[3]} for r in rows]
+        return [Command(id=r[0], action=events.ActionKind(r[1]), params=json.loads(r[2]), source=r[3]) for r in rows]
 
     def commands(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._read("SELECT id, action, params, source, created, delivered, applied FROM commands "
@@ -297,17 +329,18 @@ class Store:
 
     def thin(self, run_id: str) -> int:
         """Thin a run's oldest metrics events beyond `metrics_kept`; return how many were deleted."""
-        count = self._query("SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = 'metrics'", (run_id,))[0][0]
+        metrics = Kind.METRICS.value
+        count = self._query("SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = ?", (run_id, metrics))[0][0]
         if count <= self.metrics_kept:
             return 0
         cutoff = self._query(
-            "SELECT seq FROM events WHERE run_id = ? AND kind = 'metrics' ORDER BY seq DESC LIMIT 1 OFFSET ?",
-            (run_id, self.metrics_kept),
+            "SELECT seq FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (run_id, metrics, self.metrics_kept),
         )[0][0]
         with self._tx() as db:
             return db.execute(
-                "DELETE FROM events WHERE run_id = ? AND kind = 'metrics' AND seq <= ? AND step % ? != 0",
-                (run_id, cutoff, self.thin_every),
+                "DELETE FROM events WHERE run_id = ? AND kind = ? AND seq <= ? AND step % ? != 0",
+                (run_id, metrics, cutoff, self.thin_every),
             ).rowcount
 
     def prune(self, retain_days: float) -> int:
@@ -339,6 +372,35 @@ def _run_row(row: tuple[Any, ...]) -> RunRow:
                   json.loads(row[9]) if row[9] else None, bool(row[7]), row[8])
 
 
+def _event_of(run_id: str, seq: int, body: str | bytes) -> AnyEvent | None:
+    """A stored event row decoded, or None (logged) when it no longer decodes."""
+    try:
+        return events.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        legacy = phaseless_metrics(body)  # stored by a daemon from before typed events
+        if legacy is None:
+            log.warning("run %s: stored event seq %s is unreadable (%s); left out", run_id, seq, exc)
+        return legacy
+
+
+def _decision_of(run_id: str, body: str | bytes) -> DecisionEvent | None:
+    """A stored decision row decoded, or None (logged) when it no longer decodes."""
+    try:
+        return _decision.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        log.warning("run %s: a stored decision is unreadable (%s); left out", run_id, exc)
+        return None
+
+
+def is_json(body: str | bytes) -> bool:
+    """Whether a stored row is JSON (an events page passes rows through as they are)."""
+    try:
+        _json_value.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
+
+
 def _meta(text: str) -> dict[str, Any]:
     """A run's stored meta; one a daemon before intake checks accepted (too deep, too large, lone surrogates)
     reads as a note, so listing the runs never fails over it."""
@@ -346,7 +408,7 @@ def _meta(text: str) -> dict[str, Any]:
         meta = json.loads(text)
         if len(text) > wire.MAX_META_BYTES or not isinstance(meta, dict):
             raise wire.WireError("too large")
-        wire.check_tree(meta, "meta", max_depth=8)
+        check_tree(meta, "meta", max_depth=8)
         return meta
     except (RecursionError, ValueError):  # WireError and JSONDecodeError are ValueErrors
         return {"unreadable": f"stored meta of {len(text)} bytes is not valid (from an older daemon); ignored"}

@@ -24,7 +24,7 @@ from guardian.engine.engine import Decision, Engine, decision_from_dict, decisio
 from guardian.engine.rules import RuleSet
 from guardian.rulefile.reader import load_rules
 from guardian.errors import GuardianError, RuleFileError
-from guardian.exporter import RunTracker
+from guardian.runview import RunTracker
 import msgspec
 
 from guardian import events

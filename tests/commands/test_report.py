@@ -9,18 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemonkit import report_intake
 from PIL import Image
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
-from guardian.daemon.daemon import Guardian
+from guardian.daemon.core import Guardian
 from guardian.daemon.store import Store
 from guardian.rulefile.reader import load_rules
 from guardian.errors import LogFormatError
 from guardian.events import DecisionEvent
 from guardian.logs.eventlog import read_events
 from guardian.rulefile.reload import RuleLibrary
-from guardian.transport import wire
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
@@ -140,7 +140,7 @@ def test_a_daemon_stored_run_is_reported_from_the_store(tmp_path: Path) -> None:
     events = [{"seq": i, "kind": "metrics", "step": i, "phase": "train", "values": {"loss": 2.0 - 0.001 * i, "grad_norm": 1.0}}
               for i in range(1, 40)]
     events.append({"seq": 40, "kind": "metrics", "step": 40, "phase": "train", "values": {"loss": "inf", "grad_norm": 1.0}})
-    core.report(wire.Report("stored-run", "default", {}, events))
+    core.report(report_intake("stored-run", "default", {}, events))
     store.close()
     record = load_run(None, run_id="stored-run", state_dir=tmp_path / "state", ruleset=load_rules())
     assert [(d.step, d.rule) for d in record.decisions] == [(40, "non_finite_loss")]
@@ -156,7 +156,7 @@ def test_a_daemon_stored_run_is_reported_from_the_store(tmp_path: Path) -> None:
 def test_a_run_streamed_to_the_daemon_lists_each_decision_once(guarded_run: Path, tmp_path: Path) -> None:
     """The run's own decision events and the daemon's decisions about the same steps are one decision each."""
     store = Store(tmp_path / "guardian.db")
-    Guardian(store, RuleLibrary(None)).report(wire.Report("streamed", "default", {}, events_of(guarded_run)))
+    Guardian(store, RuleLibrary(None)).report(report_intake("streamed", "default", {}, events_of(guarded_run)))
     store.close()
     stored = load_run(None, run_id="streamed", state_dir=tmp_path, ruleset=load_rules())
     embedded = load_run(guarded_run, ruleset=load_rules())

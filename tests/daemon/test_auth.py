@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonkit import DaemonProcess, in_process_daemon
+from daemonkit import DaemonProcess, in_process_daemon, report_intake
 from transformers import TrainerCallback
 
-from guardian.daemon.daemon import Guardian, load_or_create_token
+from guardian.events import from_builtins
+from guardian.daemon.core import Guardian
+from guardian.transport.token import load_or_create_token
 from guardian.daemon.store import Store
 from guardian.errors import ConfigError
 from guardian.rulefile.reload import RuleLibrary
@@ -107,20 +109,20 @@ def test_a_run_is_bound_to_the_key_of_its_first_report(daemon: tuple[Guardian, s
 
 def test_run_keys_survive_a_daemon_restart_and_an_ended_run_may_be_claimed_afresh(tmp_path: Path) -> None:
     first = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
-    first.report(wire.Report("r", "default", {}, [metrics(1, 1, loss=1.0)]), run_key=KEY)
+    first.report(report_intake("r", "default", {}, [metrics(1, 1, loss=1.0)]), run_key=KEY)
     first.store.close()
     core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))  # restarted
     with pytest.raises(wire.WireError, match="another process") as refused:
-        core.report(wire.Report("r", "default", {}, [{"seq": 2, "kind": "end", "step": 1}]), run_key=OTHER_KEY)
+        core.report(report_intake("r", "default", {}, [{"seq": 2, "kind": "end", "step": 1}]), run_key=OTHER_KEY)
     assert refused.value.status == 403
-    core.report(wire.Report("r", "default", {}, [{"seq": 2, "kind": "end", "step": 1}]), run_key=KEY)
+    core.report(report_intake("r", "default", {}, [{"seq": 2, "kind": "end", "step": 1}]), run_key=KEY)
     with pytest.raises(wire.WireError, match="earlier process up to seq 2.*its own run id") as renumbered:
-        core.report(wire.Report("r", "default", {}, [{"seq": 1, "kind": "start", "step": 0}]), run_key=OTHER_KEY)
+        core.report(report_intake("r", "default", {}, [{"seq": 1, "kind": "start", "step": 0}]), run_key=OTHER_KEY)
     assert renumbered.value.status == 409  # numbered from 1 again: would be taken for the old process's events
-    reply = core.report(wire.Report("r", "default", {}, [{"seq": 3, "kind": "start", "step": 1}]), run_key=OTHER_KEY)
-    assert reply["run_key"] == OTHER_KEY and reply["ack_seq"] == 3  # ended: a new process took it over
+    reply = core.report(report_intake("r", "default", {}, [{"seq": 3, "kind": "start", "step": 1}]), run_key=OTHER_KEY)
+    assert reply.run_key == OTHER_KEY and reply.ack_seq == 3  # ended: a new process took it over
     with pytest.raises(wire.WireError, match="another process"):
-        core.report(wire.Report("r", "default", {}, [metrics(4, 2, loss=1.0)]), run_key=KEY)
+        core.report(report_intake("r", "default", {}, [metrics(4, 2, loss=1.0)]), run_key=KEY)
 
 
 def test_a_restarted_process_continues_its_run_with_the_key_kept_beside_its_files(
@@ -128,7 +130,7 @@ def test_a_restarted_process_continues_its_run_with_the_key_kept_beside_its_file
     core, url, token = daemon
     folder = tmp_path / "run" / "guardian"
     link = DaemonLink(url, "resumed", token=token, run_key_dir=folder)
-    link.send(metrics(1, 1, loss=1.0))
+    link.send(from_builtins(metrics(1, 1, loss=1.0)))
     assert link.wait_for(1, timeout=10)
     link.close()
     key_file = folder / "run_key"
@@ -136,9 +138,9 @@ def test_a_restarted_process_continues_its_run_with_the_key_kept_beside_its_file
     again = DaemonLink(url, "resumed", token=token, run_key_dir=folder)  # the process after a crash or resume
     stranger = DaemonLink(url, "resumed", token=token, run_key_dir=tmp_path / "elsewhere")
     try:
-        again.send(metrics(2, 2, loss=1.0))
+        again.send(from_builtins(metrics(2, 2, loss=1.0)))
         assert again.wait_for(2, timeout=10) and again.failures == 0
-        stranger.send(metrics(3, 3, loss="nan"))
+        stranger.send(from_builtins(metrics(3, 3, loss="nan")))
         deadline = time.monotonic() + 10
         while not stranger.failures and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -178,7 +180,7 @@ def test_a_sender_resends_from_the_seq_the_daemon_expects(daemon: tuple[Guardian
     link = DaemonLink(url, "lost", token=token, spool=spool)
     try:
         for event in events[5:]:  # the sender believes 1-5 delivered (as after a daemon that lost them)
-            link.send(event)
+            link.send(from_builtins(event))
         link.acked_seq = 5
         assert link.wait_for(10, timeout=15)
     finally:
@@ -254,7 +256,7 @@ def test_a_spoofed_report_cannot_judge_or_end_another_process_run(tmp_path: Path
     victim = DaemonLink(daemon.url, "victim", token=daemon.token, run_key_dir=tmp_path / "victim" / "guardian")
     try:
         for seq in range(1, 21):
-            victim.send(metrics(seq, seq, loss=2.0 - 0.01 * seq, grad_norm=1.0))
+            victim.send(from_builtins(metrics(seq, seq, loss=2.0 - 0.01 * seq, grad_norm=1.0)))
         assert victim.wait_for(20, timeout=15)
         nan = report("victim", [metrics(21, 21, loss="nan", grad_norm="nan"), metrics(22, 22, loss="nan")])
         end = report("victim", [{"seq": 21, "kind": "end", "step": 21}])
@@ -264,7 +266,7 @@ def test_a_spoofed_report_cannot_judge_or_end_another_process_run(tmp_path: Path
                 status, answer = raw(daemon.url, "POST", "/v1/report", body, auth(daemon.token, key))
                 assert status == 403 and "another process" in answer["error"]
         victim.want_decisions_from(1)
-        victim.send(metrics(21, 21, loss=1.79, grad_norm=1.0))
+        victim.send(from_builtins(metrics(21, 21, loss=1.79, grad_norm=1.0)))
         assert victim.wait_for(21, timeout=15)
         assert victim.take_decisions(10**9) == []  # nothing was decided for the victim
         run = {r["id"]: r for r in request(daemon.url, "GET", "/v1/runs")["runs"]}["victim"]
@@ -342,7 +344,7 @@ def test_a_reply_that_is_not_a_daemons_counts_as_a_failure_and_the_sender_lives_
     server = FakeDaemon(lambda message: ok(message) if good.is_set() else (status, body))
     link = DaemonLink(server.url, "r", token="t" * 40)
     try:
-        link.send(metrics(1, 1, loss=1.0))
+        link.send(from_builtins(metrics(1, 1, loss=1.0)))
         deadline = time.monotonic() + 10
         while link.failures < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -364,7 +366,7 @@ def test_a_kept_alive_connection_closed_while_idle_is_retried_at_once() -> None:
     try:
         for seq in (1, 2, 3):
             server.closed.clear()
-            link.send(metrics(seq, seq, loss=1.0))
+            link.send(from_builtins(metrics(seq, seq, loss=1.0)))
             assert link.wait_for(seq, timeout=10)
             assert server.closed.wait(10)  # the server has hung up the connection the sender keeps
             time.sleep(0.05)

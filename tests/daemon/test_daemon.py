@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonkit import DaemonProcess, free_port, in_process_daemon, wait_for
+from daemonkit import DaemonProcess, free_port, in_process_daemon, intake_of, report_intake, wait_for
 
-from guardian.daemon.daemon import Guardian, _is_loopback, load_or_create_token, make_server
+from guardian.events import from_builtins
+from guardian.daemon.core import Guardian
+from guardian.daemon.routes import is_loopback as _is_loopback
+from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
@@ -153,14 +156,14 @@ def test_a_run_that_stops_reporting_is_marked_stalled(daemon: tuple[Guardian, st
     core.tick(now=time.time() + 301)
     assert core.runs()[0]["status"] == "stalled"
     core.tick(now=time.time() + 302)  # one decision per stall, not one per tick
-    assert [d["rule"] for d in core.store.decisions("r1")] == ["stalled"]
+    assert [d.rule for d in core.store.decisions("r1")] == ["stalled"]
 
 
 def test_rule_state_survives_a_daemon_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / "g.db")
     first = Guardian(store, RuleLibrary(None))
     events = [metrics(i, i, loss=2.0 + 0.01 * (i % 3), grad_norm=1.0) for i in range(1, 40)]
-    first.report(wire.Report("r", "default", {}, events), run_key=RUN_KEY)
+    first.report(report_intake("r", "default", {}, events), run_key=RUN_KEY)
     saved = first._state("r", "default").engine.state_dict()
     store.close()
     second = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
@@ -173,10 +176,10 @@ def test_rule_state_is_saved_now_and_then_and_a_crash_replays_the_rest(tmp_path:
     store = Store(tmp_path / "g.db")
     first = Guardian(store, RuleLibrary(None))
     steps = [metrics(i, i, loss=2.0 + 0.01 * (i % 3), grad_norm=1.0 + 0.01 * (i % 5)) for i in range(1, 80)]
-    first.report(wire.Report("r", "default", {}, steps[:30]), run_key=RUN_KEY)
+    first.report(report_intake("r", "default", {}, steps[:30]), run_key=RUN_KEY)
     first.flush()
     for event in steps[30:]:  # one report per step, as a run sends them; none of them saves the state
-        first.report(wire.Report("r", "default", {}, [event]), run_key=RUN_KEY)
+        first.report(report_intake("r", "default", {}, [event]), run_key=RUN_KEY)
     row = store.run("r")
     assert row is not None and (row.engine_seq, row.last_seq) == (30, 79)
     saved = first._state("r", "default").engine.state_dict()
@@ -196,15 +199,15 @@ def test_hot_reload_reaches_live_runs_and_keeps_the_last_good_rules(tmp_path: Pa
     core = Guardian(store, RuleLibrary(rules_dir, debounce_seconds=0.05))
     core.library.watch()
     try:
-        core.report(wire.Report("r", "mine", {}, [metrics(i, i, loss=1.0 + 0.01 * (i % 2)) for i in range(1, 11)]),
+        core.report(report_intake("r", "mine", {}, [metrics(i, i, loss=1.0 + 0.01 * (i % 2)) for i in range(1, 11)]),
                     run_key=RUN_KEY)
         spike_state = core._state("r", "mine").engine.state_dict()["rules"]["spike"]
         (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n" + spike + high.replace("THRESHOLD", "5"))
         wait_for(lambda: core._state("r", "mine").engine.ruleset.by_name("high").params["above"] == 5.0)
         engine = core._state("r", "mine").engine
         assert engine.state_dict()["rules"]["spike"] == spike_state  # unchanged rule kept its state
-        reply = core.report(wire.Report("r", "mine", {}, [metrics(11, 11, loss=6.0)]), run_key=RUN_KEY)
-        assert "high" in [d["rule"] for d in reply["decisions"]]
+        reply = core.report(report_intake("r", "mine", {}, [metrics(11, 11, loss=6.0)]), run_key=RUN_KEY)
+        assert "high" in [d.rule for d in reply.decisions]
 
         (rules_dir / "mine.yaml").write_text("version: 1\nrules:\n  - name: broken\n    detector: {kind: nope}\n")
         wait_for(lambda: "mine" in core.library.errors)
@@ -260,8 +263,8 @@ def test_cli_talks_to_a_real_daemon_process(tmp_path: Path) -> None:
 def test_store_growth_is_bounded(tmp_path: Path) -> None:
     store = Store(tmp_path / "g.db", metrics_kept=100, thin_every=10)
     core = Guardian(store, RuleLibrary(None))
-    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=1.0) for i in range(1, 301)]), run_key=RUN_KEY)
-    core.report(wire.Report("r", "default", {}, [{"seq": 301, "kind": "end", "step": 300}]), run_key=RUN_KEY)
+    core.report(report_intake("r", "default", {}, [metrics(i, i, loss=1.0) for i in range(1, 301)]), run_key=RUN_KEY)
+    core.report(report_intake("r", "default", {}, [{"seq": 301, "kind": "end", "step": 300}]), run_key=RUN_KEY)
     core.maintain(retain_days=None)
     seqs = store.event_seqs("r")
     old, recent = [s for s in seqs if s <= 200], [s for s in seqs if s > 200]
@@ -278,7 +281,7 @@ def test_replay_of_a_stored_run_and_of_guardian_events(tmp_path: Path) -> None:
     store = Store(tmp_path / "state" / "guardian.db")
     core = Guardian(store, RuleLibrary(None))
     events = [metrics(i, i, loss=1.0, grad_norm=0.5) for i in range(1, 20)] + [metrics(20, 20, loss="inf")]
-    core.report(wire.Report("stored", "default", {}, events), run_key=RUN_KEY)
+    core.report(report_intake("stored", "default", {}, events), run_key=RUN_KEY)
     assert [d.rule for d in replay_stored(tmp_path / "state", "stored", load_rules()).decisions] == ["non_finite_loss"]
     log = tmp_path / "run" / "guardian" / "events.jsonl"
     log.parent.mkdir(parents=True)
@@ -321,14 +324,14 @@ def test_a_report_the_store_cannot_take_is_not_acknowledged_and_its_resend_is_st
 
     store = Store(tmp_path / "g.db")
     core = Guardian(store, RuleLibrary(None))
-    core.report(wire.Report("r", "default", {}, [metrics(i, i, loss=2.0) for i in range(1, 6)]), run_key=RUN_KEY)
+    core.report(report_intake("r", "default", {}, [metrics(i, i, loss=2.0) for i in range(1, 6)]), run_key=RUN_KEY)
     store._db.execute("PRAGMA query_only = 1")  # the disk refuses writes (full, read-only, ...)
     lost = [metrics(i, i, loss=2.0) for i in range(6, 9)]
     with pytest.raises(sqlite3.OperationalError):
-        core.report(wire.Report("r", "default", {}, lost), run_key=RUN_KEY)
+        core.report(report_intake("r", "default", {}, lost), run_key=RUN_KEY)
     store._db.execute("PRAGMA query_only = 0")
-    reply = core.report(wire.Report("r", "default", {}, lost), run_key=RUN_KEY)  # the client resends what it lost
-    assert reply["ack_seq"] == 8
+    reply = core.report(report_intake("r", "default", {}, lost), run_key=RUN_KEY)  # the client resends what it lost
+    assert reply.ack_seq == 8
     assert store.event_seqs("r") == list(range(1, 9))
     assert core.counters["events_ingested"] == 8  # counted when stored: the failed attempt is not
 
@@ -376,7 +379,7 @@ def test_a_sender_facing_a_stalled_daemon_backs_off_then_delivers_everything_onc
     try:
         with core.store._lock:  # the daemon's event loop stalls on its store, as under a flood of reports
             for seq in range(1, 101):
-                link.send(metrics(seq, seq, loss=1.0))
+                link.send(from_builtins(metrics(seq, seq, loss=1.0)))
             give_up = time.monotonic() + 30
             while link.pacing.timeout < 1.2 and time.monotonic() < give_up:  # two replies timed out
                 time.sleep(0.01)
@@ -397,7 +400,7 @@ def test_closing_with_the_daemon_down_makes_one_more_attempt_then_returns() -> N
     from guardian.transport.client import DaemonLink
 
     link = DaemonLink(f"http://127.0.0.1:{free_port()}", "down")
-    link.send(metrics(1, 1, loss=1.0))
+    link.send(from_builtins(metrics(1, 1, loss=1.0)))
     give_up = time.monotonic() + 30
     while not link.unreachable and time.monotonic() < give_up:
         time.sleep(0.01)
@@ -405,11 +408,11 @@ def test_closing_with_the_daemon_down_makes_one_more_attempt_then_returns() -> N
     before = link.failures
     link.close(flush_seconds=60)  # the sender's back-off reaches 5 s: waiting it out would take a dozen more tries
     assert link.failures == before + 1
-    assert [e["seq"] for e in link._queue] == [1]  # undelivered, not dropped (the callback's spool file has it)
+    assert [e.seq for e in link._queue] == [1]  # undelivered, not dropped (the callback's spool file has it)
 
 
 def test_the_daemon_measures_how_long_it_takes_to_answer_reports(daemon: tuple[Guardian, str, str]) -> None:
-    from guardian.daemon.daemon import metrics_endpoint
+    from guardian.daemon.serve import metrics_endpoint
 
     core, url, _ = daemon
     for seq in (1, 2, 3):
@@ -432,7 +435,7 @@ def test_metrics_rendered_in_pieces_are_the_library_s_exposition_byte_for_byte(t
     for r in range(30):
         events = [metrics(s, s, loss=1.0 + 0.1 * (s % 3), grad_norm=float(r + 1)) for s in range(1, 8)]
         events.append(metrics(8, 8, loss=float("nan")) if r % 4 == 0 else metrics(8, 8, loss=1.0))
-        core.report(wire.parse_report({"v": 1, "run": {"id": f'run "{r}"\\n', "rules": "default"},
+        core.report(intake_of({"v": 1, "run": {"id": f'run "{r}"\\n', "rules": "default"},
                                        "events": events}), None)
         core.report_seconds.observe(0.001 * r)
     collector = GuardianCollector(core.views, core.health)
@@ -493,8 +496,8 @@ def test_metrics_tell_a_run_that_ended_on_nan_from_a_healthy_one(tmp_path: Path)
     core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(tmp_path / "rules"))
     events = [metrics(s, s, loss=1.0 + 0.01 * (s % 3), grad_norm=1.0) for s in range(1, 30)]
     events.append(metrics(30, 30, loss="nan", grad_norm="inf"))
-    key = core.report(wire.parse_report({"v": 1, "run": {"id": "r", "rules": "default"}, "events": events}),
-                      None)["run_key"]
+    key = core.report(intake_of({"v": 1, "run": {"id": "r", "rules": "default"}, "events": events}), None).run_key
+    assert isinstance(key, str)
 
     def scrape() -> str:
         registry = CollectorRegistry(auto_describe=False)
@@ -504,7 +507,7 @@ def test_metrics_tell_a_run_that_ended_on_nan_from_a_healthy_one(tmp_path: Path)
     text = scrape()
     assert 'guardian_train_loss{run_id="r"} NaN' in text and 'guardian_grad_norm{run_id="r"} +Inf' in text
     assert 'guardian_rule_firing{rule="non_finite_loss",run_id="r"} 1.0' in text
-    core.report(wire.Report("r", "default", {}, [{"seq": 31, "kind": "end", "step": 30}]), None, run_key=key)
+    core.report(report_intake("r", "default", {}, [{"seq": 31, "kind": "end", "step": 30}]), run_key=key)
     text = scrape()
     assert 'guardian_rule_firing{rule="non_finite_loss",run_id="r"} 0.0' in text
     assert 'guardian_run_ended{run_id="r"} 1.0' in text

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemonkit import DaemonProcess, wait_for
+from daemonkit import DaemonProcess, report_intake, wait_for
 
 from guardian.transport.client import DaemonError, request
 
@@ -114,13 +114,12 @@ def test_the_index_lists_the_endpoints_and_writes_still_need_the_token(tmp_path:
 
 
 def test_saving_a_stall_decision_keeps_the_time_of_the_last_report(tmp_path: Path) -> None:
-    from guardian.daemon.daemon import Guardian
+    from guardian.daemon.core import Guardian
     from guardian.daemon.store import Store
     from guardian.rulefile.reload import RuleLibrary
-    from guardian.transport import wire
 
     core = Guardian(Store(tmp_path / "g.db"), RuleLibrary(None))
-    core.report(wire.Report("r", "default", {}, [metrics(1, 1, loss=1.0)]), run_key=RUN_KEY)
+    core.report(report_intake("r", "default", {}, [metrics(1, 1, loss=1.0)]), run_key=RUN_KEY)
     reported = core.runs()[0]["last_seen"]
     time.sleep(0.3)
     core.tick(now=reported + 400)  # the stall decision is committed...

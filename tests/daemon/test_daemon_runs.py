@@ -12,6 +12,7 @@ import pytest
 from daemonkit import DaemonProcess, free_port
 from trainkit import AtStep, Recorder, all_finite, events
 
+from guardian.events import MetricsEvent
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.commands.push import push
@@ -80,7 +81,7 @@ def test_a_daemon_decision_about_step_n_is_applied_before_update_n_plus_1(tmp_pa
     finally:
         daemon.stop()
     [intervention] = guardian.interventions
-    assert (intervention["step"], intervention["source"]) == (6, "daemon")
+    assert (intervention.step, intervention.source) == (6, "daemon")
     for step in range(1, 6):
         assert guarded.rates[step] == clean.rates[step]
     for step in range(6, 13):
@@ -98,7 +99,7 @@ def test_manual_stop_through_the_daemon(tmp_path: Path) -> None:
         trainer = TinyRun(str(tmp_path / "run"), max_steps=100, eval_steps=0).trainer([guardian, AtStep({10: stop})])
         trainer.train()
         assert 10 < trainer.state.global_step <= 13
-        assert guardian.interventions[-1]["rules"] == ["manual:stop"]
+        assert guardian.interventions[-1].rules == ["manual:stop"]
         runs = {r["id"]: r for r in request(daemon.url, "GET", "/v1/runs")["runs"]}
         assert runs["manual"]["status"] == "ended"
         deadline = time.monotonic() + 10
@@ -117,7 +118,7 @@ def test_a_step_does_not_wait_for_a_daemon_that_is_down(tmp_path: Path) -> None:
 
     link = DaemonLink(f"http://127.0.0.1:{free_port()}", "down")
     try:
-        link.send({"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 1.0}})
+        link.send(MetricsEvent(seq=1, step=1, phase="train", values={"loss": 1.0}))
         while not link.unreachable:  # the sender's first attempt fails
             time.sleep(0.01)
         # Without the early return this would wait out the hour-long deadline.

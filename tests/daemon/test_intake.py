@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemonkit import intake_of
 
-from guardian.daemon.daemon import Guardian, _Routes, load_or_create_token, make_server, metrics_endpoint
+from guardian.events import MetricsEvent
+from guardian.daemon.core import Guardian
+from guardian.daemon.routes import Routes as _Routes
+from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
 from guardian.daemon.httpserver import Request
 from guardian.daemon.store import Store
-from guardian.exporter import KeyBudget, RunTracker
+from guardian.runview import KeyBudget, RunTracker
 from guardian.rulefile.reload import RuleLibrary
-from guardian.transport import wire
 
 
 class Served:
@@ -106,20 +109,22 @@ def _nested(depth: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("body", "says"), [
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, "body must be a JSON object"),  # refused as an array before its depth
+    (b'{"v": 1, "run": {"id": "x", "meta": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b'}, "events": []}',
+     "nested too deeply"),
     (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": ' + b"9" * 5000 + b', "kind": "end"}]}', "beyond 64 bits"),
     (b'{"v": 1, "run": {"id": "x", "meta": {"n": -' + b"9" * 30 + b'}}, "events": []}', "beyond 64 bits"),
-    (json.dumps(report("x", [{"seq": 2**70, "kind": "end"}])).encode(), "seq must be at most 2^53-1"),
+    (json.dumps(report("x", [{"seq": 2**70, "kind": "end"}])).encode(), "events[0].seq: Expected `int` <= 9007199254740991"),
     (json.dumps(report("x", [{"seq": 1, "kind": "end", "time": 2**70}])).encode(), "events[0].time holds the integer"),
     (json.dumps(report("x", [{"seq": 1, "kind": "action", "command_ids": [2**70]}])).encode(),
-     "events[0].command_ids holds the integer"),
+     "events[0].command_ids[0]: Expected `int` <= 9223372036854775807"),
     (json.dumps(report("x", [{"seq": 1, "kind": "end", "x": _nested(40)}])).encode(), "events[0].x is nested too"),
-    (json.dumps({**report("x"), "decisions_since_step": 2**70}).encode(), "body holds the integer"),
-    (json.dumps(report("x", [{"seq": 2**60, "kind": "end"}])).encode(), "seq must be at most 2^53-1"),
+    (json.dumps({**report("x"), "decisions_since_step": 2**70}).encode(), "decisions_since_step: Expected `int` <="),
+    (json.dumps(report("x", [{"seq": 2**60, "kind": "end"}])).encode(), "events[0].seq: Expected `int` <= 9007199254740991"),
     (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 2**60, "values": {}}])).encode(),
-     "step must be an integer from 0 to 2^53-1"),
+     "events[0].step: Expected `int` <= 9007199254740991"),
     (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 2**70, "values": {}}])).encode(),
-     "step must be an integer from 0 to 2^53-1"),
+     "events[0].step: Expected `int` <= 9007199254740991"),
     (json.dumps(report("x", [{"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": 10**400}}])).encode(),
      "values.loss must be a number"),
 ])
@@ -142,7 +147,7 @@ def test_a_big_meta_and_too_many_value_keys_are_refused(served: Served) -> None:
     assert status == 400 and "'run.meta' is" in reply["error"] and "at most 16384" in reply["error"]
     many = [{"seq": 1, "kind": "metrics", "step": 1, "values": {f"k{i}": 1.0 for i in range(300)}}]
     status, reply = served.post("/v1/report", json.dumps(report("wide", many)).encode())
-    assert status == 400 and "events[0].values has 300 keys; send at most 256" in reply["error"]
+    assert status == 400 and "events[0].values: Expected `object` of length <= 256" in reply["error"]
 
 
 SURROGATE = "\\ud800"  # as JSON spells it: json.loads accepts it, no UTF-8 writer can encode it
@@ -167,10 +172,10 @@ def test_a_lone_surrogate_is_refused_and_metrics_still_answer(served: Served, wh
 
 @pytest.mark.parametrize(("event", "says"), [
     ({"seq": 1, "kind": "metrics", "step": 1, "values": {"a\nb": 1.0}}, "events[0].values key must not hold control"),
-    ({"seq": 1, "kind": "metrics", "step": 1, "values": {"k" * 129: 1.0}}, "at most 128 characters"),
-    ({"seq": 1, "kind": "system", "step": 1, "rank": {"x": 1}, "gpus": []}, "events[0].rank must be"),
+    ({"seq": 1, "kind": "metrics", "step": 1, "values": {"k" * 129: 1.0}}, "events[0].values key: Expected `str` of length <= 128"),
+    ({"seq": 1, "kind": "system", "step": 1, "rank": {"x": 1}, "gpus": []}, "events[0].rank: Expected `int | str`"),
     ({"seq": 1, "kind": "system", "step": 1, "rank": 0, "gpus": [{"gpu": "g\x00"}]}, "gpus[].gpu must not hold"),
-    ({"seq": 1, "kind": "system", "step": 1, "rank": 0, "gpus": "all"}, "gpus must be a list"),
+    ({"seq": 1, "kind": "system", "step": 1, "rank": 0, "gpus": "all"}, "events[0].gpus: Expected `array`"),
     ({"seq": 1, "kind": "action", "step": 1, "source": "x\r\ny"}, "events[0].source must not hold control"),
 ])
 def test_names_that_become_labels_are_checked_at_intake(served: Served, event: dict[str, Any], says: str) -> None:
@@ -217,7 +222,7 @@ def test_value_keys_are_capped_across_the_daemon(served: Served) -> None:
     for run_id in ("a", "b"):
         events = [{"seq": s, "kind": "metrics", "step": s, "values": {f"k{s}_{k}": "nan" for k in range(200)}}
                   for s in range(1, 3)]  # 400 new keys each
-        served.core.report(wire.parse_report(report(run_id, events)))
+        served.core.report(intake_of(report(run_id, events)))
     status, text = served.get("/metrics")
     assert status == 200
     assert _series(text, b"guardian_nonfinite_values_total{", "a") == 400 + 3
@@ -229,8 +234,8 @@ def test_value_keys_are_capped_across_the_daemon(served: Served) -> None:
 
 def test_a_tracker_keeps_known_keys_past_the_cap() -> None:
     tracker = RunTracker("r", max_keys=2)
-    tracker.apply({"kind": "metrics", "step": 1}, {"a": 1.0, "b": 2.0, "c": 3.0})
-    tracker.apply({"kind": "metrics", "step": 2}, {"a": 4.0, "c": 5.0})
+    tracker.apply(MetricsEvent(step=1, phase="train", values={"a": 1.0, "b": 2.0, "c": 3.0}))
+    tracker.apply(MetricsEvent(step=2, phase="train", values={"a": 4.0, "c": 5.0}))
     assert tracker.view.latest == {"a": 4.0, "b": 2.0, "step": 2.0} and tracker.dropped == 2
 
 
@@ -280,8 +285,8 @@ def test_guardian_top_reads_events_a_page_at_a_time(served: Served) -> None:
 
 def test_idle_and_ended_runs_leave_memory_and_come_back_from_the_store(served: Served) -> None:
     core = served.core
-    core.report(wire.parse_report(report("idle", metrics_events(5))))
-    core.report(wire.parse_report(report("ended", [*metrics_events(3), {"seq": 4, "kind": "end", "step": 3}])))
+    core.report(intake_of(report("idle", metrics_events(5))))
+    core.report(intake_of(report("ended", [*metrics_events(3), {"seq": 4, "kind": "end", "step": 3}])))
     now = time.time()
     assert core.evict_idle(now + 60) == 0
     assert core.evict_idle(now + core.ended_run_seconds + 1) == 1 and set(core._runs) == {"idle"}
@@ -333,7 +338,7 @@ def test_a_damaged_store_is_a_clear_error_and_fresh_store_moves_it_aside(tmp_pat
         store = Store(db)
         core = Guardian(store, RuleLibrary(tmp_path / "rules"))
         for i in range(50):
-            core.report(wire.parse_report(report(f"r{i}", metrics_events(40), meta={"x": "y" * 2000})))
+            core.report(intake_of(report(f"r{i}", metrics_events(40), meta={"x": "y" * 2000})))
         store.close()
         data = db.read_bytes()
         db.write_bytes(data[: len(data) // 2])
@@ -420,3 +425,43 @@ def test_cli_events_and_ctl_reach_a_run_whose_id_needs_quoting(tmp_path: Path,
         assert run_id in out and "command 1: stop" in out
     finally:
         daemon.stop()
+
+
+def test_a_stored_row_is_the_raw_event_json_as_sent_byte_for_byte(served: Served) -> None:
+    sent = [b'{"seq": 1,  "kind": "metrics", "time": 1.5, "step": 1, "phase": "train", "values": {"loss": "nan"}}',
+            b'{"kind":"action","seq":2,"step":1,"skipped_update":true,"rules":["spike"],"extra":{"kept":[1]}}',
+            b'{"seq":3,"kind":"end","step":1}']
+    body = b'{"v": 1, "run": {"id": "raw"}, "events": [' + b", ".join(sent) + b"]}"
+    status, reply = served.post("/v1/report", body)
+    assert status == 200 and reply["ack_seq"] == 3
+    with sqlite3.connect(served.core.store.path) as db:
+        rows = db.execute("SELECT body FROM events WHERE run_id = 'raw' ORDER BY seq").fetchall()
+    assert [row[0].encode() for row in rows] == sent
+    page = served.get_json("/v1/runs/raw/events")
+    assert [e["seq"] for e in page["events"]] == [1, 2, 3] and page["events"][1]["extra"] == {"kept": [1]}
+    [metrics, action, end] = served.core.store.events("raw")
+    assert isinstance(metrics, MetricsEvent) and metrics.values["loss"] != metrics.values["loss"]  # NaN
+    assert action.rules == ["spike"] and end.step == 1
+
+
+@pytest.mark.parametrize(("event", "says"), [
+    ({"seq": 4, "kind": "metrics", "step": "four", "phase": "train", "values": {}}, "events[3].step: Expected `int`"),
+    ({"seq": 4, "kind": "decision", "step": 4}, "events[3]: Object missing required field `rule`"),
+    ({"seq": 4, "kind": "metrics", "step": 4, "phase": "later", "values": {}}, "events[3].phase: Invalid enum value"),
+    ({"seq": 4, "kind": "system", "step": 4, "gpus": [{"gpu": 0, "power_watts": "hot"}]},
+     "events[3].gpus[0].power_watts: Expected `float"),
+])
+def test_a_report_with_a_bad_event_names_its_index_and_field(served: Served, event: dict[str, Any], says: str) -> None:
+    status, reply = served.post("/v1/report", json.dumps(report("bad", [*metrics_events(3), event])).encode())
+    assert status == 400 and says in reply["error"], reply
+    assert served.core.store.run("bad") is None  # nothing of the report was taken
+
+
+@pytest.mark.parametrize("body", [
+    b'{"v": 2, "run": {"id": "x"}, "events": []}',
+    b'{"v": 2, "run": {"id": 7}, "events": "whatever a version 2 sends"}',
+    b'{"run": {"id": "x"}, "events": []}',
+])
+def test_a_report_of_another_protocol_version_gets_409(served: Served, body: bytes) -> None:
+    status, reply = served.post("/v1/report", body)
+    assert status == 409 and "unsupported protocol version" in reply["error"] and "version 1" in reply["error"]

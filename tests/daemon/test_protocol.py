@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardian.daemon.daemon import Guardian, load_or_create_token, make_server
+from guardian.daemon.core import Guardian
+from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.errors import ConfigError
 from guardian.rulefile.reload import RuleLibrary

@@ -103,7 +103,7 @@ def test_alertmanager_alert_stops_a_real_run(tmp_path: Path) -> None:
                           logging_steps=1000).trainer([guardian, AtStep({5: fire})])
         trainer.train()
         assert trainer.state.global_step < 5000, "the alert never stopped the run"
-        assert guardian.interventions[-1]["rules"] == ["manual:stop"]
+        assert guardian.interventions[-1].rules == ["manual:stop"]
         commands = request(daemon.url, "GET", "/v1/runs/fleet-run/events")["commands"]
         assert [(c["action"], c["source"]) for c in commands] == [("stop", "alert:TrainingFleetEmergency")]
     finally:

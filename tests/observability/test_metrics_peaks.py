@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, free_port, wait_for
 
-from guardian.daemon.daemon import Guardian, load_or_create_token, make_server, metrics_endpoint
+from guardian.daemon.core import Guardian
+from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
 from guardian.daemon.store import Store
-from guardian.exporter import Peaks
+from guardian.runview import Peaks
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport.client import request
 

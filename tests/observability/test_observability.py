@@ -120,8 +120,8 @@ def _wait(condition: Any, seconds: float, log: Path) -> None:
 
 def test_the_run_was_rescued_and_stopped_by_hand(observed: dict[str, Any]) -> None:
     guardian = observed["guardian"]
-    sources = {(tuple(i["rules"]), i["source"]) for i in guardian.interventions}
-    assert any("rollback" in str(i.get("rollback", "")) or i.get("rollback") == "memory" for i in guardian.interventions)
+    sources = {(tuple(i.rules), i.source) for i in guardian.interventions}
+    assert any("rollback" in str(i.rollback or "") or i.rollback == "memory" for i in guardian.interventions)
     assert ((("manual:stop",), "command")) in sources
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, wait_for
 
-from guardian.daemon.daemon import Guardian
+from guardian.daemon.core import Guardian
 from guardian.daemon.store import Store
 from guardian.engine.rules import RuleSet
 from guardian.rulefile.reader import MAX_FILE_BYTES, MAX_PROBLEMS, load_rules, parse_rules

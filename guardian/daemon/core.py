@@ -1,54 +1,49 @@
-"""The guardian daemon: many runs report to it; it applies their rule sets and answers with decisions.
+"""The guardian daemon's core: many runs report to it; it applies their rule sets and answers with decisions.
 
-`Guardian` is the core (no HTTP): runs, their engines and the store. `serve()` wires it to an HTTP server,
-the rule-file watcher and the stall ticker. Bind to loopback by default; a token (created on first start,
-mode 0600, see guardian.transport.token) is required for every write (reports, control, alerts), and for reads too when
-listening beyond loopback. A run id is bound to the key its first report carried (`X-Guardian-Run-Key`): later
-reports need the same key until the run has ended. A run's events are taken in seq order without gaps: a report
-that skips ahead is answered 409 with the `expected_seq`, and the sender resends from there.
+`Guardian` knows nothing of HTTP: it holds the runs in memory (their engines, exporter views and keys), ingests
+their reports, queues operators' and alerts' commands, feeds stalls, and evicts idle runs to the store. A run id is
+bound to the key its first report carried (`X-Guardian-Run-Key`): later reports need the same key until the run
+has ended. A run's events are taken in seq order without gaps: a report that skips ahead is answered 409 with the
+`expected_seq`, and the sender resends from there. guardian.daemon.routes answers HTTP with it,
+guardian.daemon.serve wires it up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import os
 import random
-import signal
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
+from typing import Any, Final
 
 from prometheus_client import Histogram
 
-from guardian.daemon.alertmap import AlertAction, firing_alerts, load_alert_actions
-from guardian.daemon.httpserver import HTTPServer, Reply, Request
-from guardian.daemon.store import ReportWrite, Store, StoreError, move_aside
+from guardian.daemon.alertmap import AlertAction, firing_alerts
+from guardian.daemon.store import ReportWrite, Store
 from guardian.engine.engine import Engine
 from guardian.engine.rules import RuleSet
-from guardian import events
-from guardian.events import ActionEvent, EndEvent, MetricsEvent, StartEvent
+from guardian.events import (ActionEvent, ActionKind, Command, DecisionEvent, EndEvent, Kind, MetricsEvent, Reply,
+                             StartEvent)
 from guardian.errors import RuleFileError
-from guardian.exporter import GuardianCollector, KeyBudget, Peaks, RunTracker, RunView, exposition_pieces
 from guardian.rulefile.reload import RuleLibrary
+from guardian.runview import KeyBudget, Peaks, RunTracker, RunView
 from guardian.transport import wire
-from guardian.transport.token import RUN_KEY_HEADER, load_or_create_token, new_run_key, token_path, valid_run_key
+from guardian.transport.intake import ReportIntake, StoredEvent
+from guardian.transport.token import RUN_KEY_HEADER, new_run_key, valid_run_key
 
-__all__ = ["Guardian", "SeqGap", "load_or_create_token", "make_server", "serve"]
+__all__ = ["CONTROL_ACTIONS", "Guardian", "RunState", "SeqGap"]
 
 log = logging.getLogger("guardian.daemon")
-DEFAULT_PORT = 8765
 REPORT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-CONTROL_ACTIONS = {"stop", "rollback", "reduce_lr", "skip_update"}
+# What an operator or an alert may queue for a run (an alert and restore_lr are a rule's to ask for)
+CONTROL_ACTIONS: Final = frozenset({ActionKind.STOP, ActionKind.ROLLBACK, ActionKind.REDUCE_LR,
+                                    ActionKind.SKIP_UPDATE})
 # A run's rule state is saved with a report that made decisions or ended the run, and otherwise about this
 # often: encoding it (~20 KB of detector windows, ~0.8 ms) with every report cost more than everything else a
 # report does, and with 1,000 runs saving every 5 s the saves alone wrote 4 MB/s and held replies up to a second.
@@ -61,8 +56,6 @@ STATE_SAVE_SECONDS = 60.0
 IDLE_RUN_SECONDS = 24 * 3600.0
 ENDED_RUN_SECONDS = 5 * 60.0
 NEW_RUNS_PER_MINUTE = 2000
-# A report body over this is judged in the thread pool, so the event loop keeps answering the others.
-INLINE_REPORT_BYTES = 256 * 1024
 
 
 def _first_save_due() -> float:
@@ -86,6 +79,8 @@ def _key_hash(key: str) -> str:
 
 @dataclass
 class RunState:
+    """A run in memory: its rule set and engine, its progress, its key, its exporter view, its lock."""
+
     id: str
     rules: str
     engine: Engine
@@ -97,6 +92,8 @@ class RunState:
     key: str | None = None  # that key itself, once a report showed it (memory only: no hash on every report)
     tracker: RunTracker | None = None
     state_saved: float = field(default_factory=_first_save_due)
+    last_decision_step: int = -1  # of its latest stored decision (-1: none): a report asking from a later step
+    # gets none without a query
     lock: threading.Lock = field(default_factory=threading.Lock)
     evicted: bool = False
 
@@ -150,6 +147,8 @@ class Guardian:
                 state.last_seen = row.last_seen  # its last report, not now: a stall is measured from there
                 self._restore_view(state, row.meta)
                 state.key_hash = self.store.run_key_hash(run_id)
+                last_decision = self.store.last_decision_step(run_id)
+                state.last_decision_step = -1 if last_decision is None else last_decision
                 since_seq = 0  # no state saved yet: replay every stored event
                 if row.engine_state:
                     try:
@@ -167,11 +166,11 @@ class Guardian:
         counters (its action events), as they were before a restart or eviction."""
         assert state.tracker is not None
         state.tracker.view.host = str(meta.get("host", ""))
-        for event in self.store.events(state.id, ("action",)):
-            state.tracker.apply(events.from_builtins(event))
-        last = self.store.last_event(state.id, "metrics")
+        for event in self.store.events(state.id, (Kind.ACTION,)):
+            state.tracker.apply(event)
+        last = self.store.last_event(state.id, Kind.METRICS)
         if last is not None:
-            state.tracker.apply(events.from_builtins(last))
+            state.tracker.apply(last)
         state.tracker.peaks = Peaks()  # what came before the restart is not a new peak
 
     def restore(self, now: float | None = None) -> int:
@@ -241,17 +240,18 @@ class Guardian:
 
     def _catch_up(self, engine: Engine, run_id: str, since_seq: int) -> None:
         """Replay the stored metrics events after `since_seq` through `engine` (their decisions are stored)."""
-        replayed = self.store.events(run_id, ("metrics",), since_seq=since_seq)
+        replayed = self.store.events(run_id, (Kind.METRICS,), since_seq=since_seq)
         for event in replayed:
-            engine.observe(event["step"], wire.metric_values(event))
+            if isinstance(event, MetricsEvent):
+                engine.observe(event.step, event.values)
         if replayed:
             log.info("run %s: rule state brought up to date with %d stored events", run_id, len(replayed))
 
     def _save_state_now(self, state: RunState, decided: bool) -> bool:
         return decided or state.ended or time.monotonic() - state.state_saved >= STATE_SAVE_SECONDS
 
-    def _commit(self, state: RunState, meta: dict[str, Any], events: list[dict[str, Any]],
-                decisions: list[dict[str, Any]], save_state: bool, applied: Sequence[int] = (),
+    def _commit(self, state: RunState, meta: dict[str, Any], events: list[StoredEvent],
+                decisions: list[DecisionEvent], save_state: bool, applied: Sequence[int] = (),
                 key_hash: str | None = None) -> None:
         """Store a run's new events, decisions and progress in one transaction (call holding `state.lock`).
 
@@ -271,6 +271,8 @@ class Guardian:
             raise
         if save_state:
             state.state_saved = time.monotonic()
+        if decisions:
+            state.last_decision_step = max(state.last_decision_step, *(d.step for d in decisions))
 
     def flush(self) -> None:
         """Save every run's rule state now (on shutdown: a restart then replays nothing)."""
@@ -280,38 +282,17 @@ class Guardian:
             with state.lock:
                 self._commit(state, {}, [], [], save_state=True)
 
-    def report(self, report: wire.Report, decisions_since_step: int | None = None,
-               run_key: str | None = None) -> dict[str, Any]:
-        """Ingest a report sent with `run_key`; return the reply body (ack, decisions, commands, and `run_key`
-        when the report bound the run to a key)."""
+    def report(self, report: ReportIntake, run_key: str | None = None) -> Reply:
+        """Ingest a report sent with `run_key`; return the reply (ack, decisions, commands, and `run_key` when the
+        report bound the run to a key)."""
         state = self._state(report.run_id, report.rules)
         with state.lock:
             bound = self._claim(state, run_key)
             if bound is not None and state.key_hash is not None:
                 self._check_numbering(state, report.events)
             new = self._continuing(state, report.events)
-            decisions: list[dict[str, Any]] = []
-            applied: list[int] = []
-            assert state.tracker is not None
-            state.tracker.view.host = str(report.meta.get("host", state.tracker.view.host))
-            for raw in new:
-                event = events.from_builtins(raw)
-                state.tracker.apply(event)
-                match event:
-                    case MetricsEvent():
-                        for decision in state.engine.observe(event.step, event.values):
-                            decisions.append(decision.to_dict())
-                        state.last_step = event.step
-                    case ActionEvent():
-                        applied.extend(event.command_ids or ())
-                        if event.rollback_to_step is not None:  # the run went back: so do the baselines
-                            state.engine.rewind(event.rollback_to_step)
-                    case EndEvent():
-                        state.ended = True
-                    case StartEvent():
-                        state.ended = False
-                        state.engine.clipped = event.clipped is True  # rules' actions_when_clipped
-            state.last_seq = new[-1]["seq"] if new else state.last_seq
+            decisions, applied = self._apply(state, report.meta, new)
+            state.last_seq = new[-1].event.seq if new else state.last_seq
             state.last_seen = time.time()
             self._commit(state, report.meta, new, decisions, self._save_state_now(state, bool(decisions)), applied,
                          None if bound is None else _key_hash(bound))
@@ -321,11 +302,41 @@ class Guardian:
                 self.counters["events_ingested"] += len(new)
                 self.counters["events_duplicate"] += len(report.events) - len(new)  # and those after a gap
                 self.counters["reports"] += 1
-            if decisions_since_step is not None:
-                decisions = self.store.decisions(report.run_id, since_step=decisions_since_step)
-            reply = {"ack_seq": state.last_seq, "decided_through_step": state.last_step, "decisions": decisions,
-                     "commands": self._take_commands(report.run_id)}
-            return reply if bound is None else {**reply, "run_key": bound}
+            since = report.decisions_since_step
+            if since is not None:
+                decisions = self.store.decisions(report.run_id, since_step=since) if (
+                    state.last_decision_step >= since) else []
+            reply = Reply(ack_seq=state.last_seq, decided_through_step=state.last_step, decisions=decisions,
+                          commands=self._take_commands(report.run_id))
+            if bound is not None:
+                reply.run_key = bound
+            return reply
+
+    @staticmethod
+    def _apply(state: RunState, meta: dict[str, Any], new: list[StoredEvent]) -> tuple[list[DecisionEvent], list[int]]:
+        """Run a report's new events through the run's view and engine (holding `state.lock`); return the
+        decisions they caused and the command ids they report applied."""
+        decisions: list[DecisionEvent] = []
+        applied: list[int] = []
+        assert state.tracker is not None
+        state.tracker.view.host = str(meta.get("host", state.tracker.view.host))
+        for stored in new:
+            event = stored.event
+            state.tracker.apply(event)
+            match event:
+                case MetricsEvent():
+                    decisions.extend(decision.to_event() for decision in state.engine.observe(event.step, event.values))
+                    state.last_step = event.step
+                case ActionEvent():
+                    applied.extend(event.command_ids or ())
+                    if event.rollback_to_step is not None:  # the run went back: so do the baselines
+                        state.engine.rewind(event.rollback_to_step)
+                case EndEvent():
+                    state.ended = True
+                case StartEvent():
+                    state.ended = False
+                    state.engine.clipped = event.clipped is True  # rules' actions_when_clipped
+        return decisions, applied
 
     @staticmethod
     def _claim(state: RunState, given: str | None) -> str | None:
@@ -352,32 +363,35 @@ class Guardian:
         return given
 
     @staticmethod
-    def _check_numbering(state: RunState, events: list[dict[str, Any]]) -> None:
+    def _check_numbering(state: RunState, events: list[StoredEvent]) -> None:
         """A new process taking over an ended run continues its numbering; events numbered from 1 again would
         be taken for the earlier process's (acknowledged, never stored), so they are refused."""
-        first = min((e["seq"] for e in events), default=state.last_seq + 1)
+        first = min((e.event.seq for e in events), default=state.last_seq + 1)
         if first <= state.last_seq:
             raise wire.WireError(
                 f"run '{state.id}' was reported by an earlier process up to seq {state.last_seq}, and this report's "
                 f"events start at seq {first}: give this run its own run id", 409)
 
     @staticmethod
-    def _continuing(state: RunState, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _continuing(state: RunState, events: list[StoredEvent]) -> list[StoredEvent]:
         """The events that continue the run from `state.last_seq`, in seq order, each seq once; the ones before
         a gap when there is one, and SeqGap when the very first new one leaves a gap."""
-        out: list[dict[str, Any]] = []
+        out: list[StoredEvent] = []
         expected = state.last_seq + 1
-        for event in sorted((e for e in events if e["seq"] > state.last_seq), key=lambda e: e["seq"]):
-            if event["seq"] > expected:
+        if all(e.event.seq == expected + i for i, e in enumerate(events)):  # the usual report: nothing to sort
+            return list(events)
+        for stored in sorted((e for e in events if e.event.seq > state.last_seq), key=lambda e: e.event.seq):
+            seq = stored.event.seq
+            if seq > expected:
                 if not out:
-                    raise SeqGap(state.id, event["seq"], expected)
+                    raise SeqGap(state.id, seq, expected)
                 break
-            if event["seq"] == expected:  # a second event with a seq already taken is a duplicate
-                out.append(event)
+            if seq == expected:  # a second event with a seq already taken is a duplicate
+                out.append(stored)
                 expected += 1
         return out
 
-    def _take_commands(self, run_id: str) -> list[dict[str, Any]]:
+    def _take_commands(self, run_id: str) -> list[Command]:
         with self._lock:
             if run_id not in self._commands_waiting:
                 return []
@@ -387,14 +401,15 @@ class Guardian:
     def control(self, run_id: str, action: str, params: dict[str, Any], source: str) -> int:
         """Queue a manual action for a run; it is delivered with the run's next report."""
         if action not in CONTROL_ACTIONS:
-            raise wire.WireError(f"unknown action '{action}'; valid: {', '.join(sorted(CONTROL_ACTIONS))}")
+            valid = ", ".join(sorted(kind.value for kind in CONTROL_ACTIONS))
+            raise wire.WireError(f"unknown action '{action}'; valid: {valid}")
         row = self.store.run(run_id)
         if row is None:
             raise wire.WireError(f"no run '{run_id}'; `guardian runs` lists them", 404)
         if row.ended:
             raise wire.WireError(f"run '{run_id}' has ended: {action} is only for a run still training", 409)
         factor = params.get("factor", 0.5)
-        if action == "reduce_lr" and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
+        if action == ActionKind.REDUCE_LR.value and (not isinstance(factor, (int, float)) or not 0 < factor < 1):
             raise wire.WireError(f"reduce_lr factor must be between 0 and 1, got {factor!r}")
         command = self.store.add_command(run_id, action, params, source)
         with self._lock:
@@ -435,7 +450,7 @@ class Guardian:
             with state.lock:
                 decisions = state.engine.observe(state.last_step or 0, {"seconds_since_report": now - state.last_seen})
                 if decisions:
-                    self._commit(state, {}, [], [d.to_dict() for d in decisions], save_state=True)
+                    self._commit(state, {}, [], [d.to_event() for d in decisions], save_state=True)
 
     def maintain(self, retain_days: float | None) -> None:
         """Keep the store bounded: thin old metrics of every run, delete runs past retention."""
@@ -509,296 +524,3 @@ class Guardian:
         self.store.record_reload(name, False, str(error))
 
 
-# ---- HTTP --------------------------------------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _Routes:
-    """The daemon's endpoints: one `Request` in, one `Reply` out (see guardian.daemon.httpserver)."""
-
-    def __init__(self, core: Guardian, token: str, token_path: Path, require_token: bool) -> None:
-        self.core, self.token, self.token_path, self.require_token = core, token, token_path, require_token
-        self.metrics: Any = None
-
-    @staticmethod
-    def inline(request: Request) -> bool:
-        """Reports are answered on the event loop, and so are scrapes (rendered there a piece at a time, between
-        reports); everything else (listings, control) in the thread pool."""
-        path = request.target.split("?")[0].rstrip("/")
-        if (request.method, path) == ("POST", "/v1/report"):
-            return len(request.body) <= INLINE_REPORT_BYTES  # a large one is judged in the pool, off the loop
-        return (request.method, path) == ("GET", "/metrics")
-
-    @staticmethod
-    def too_large(size: int) -> Reply:
-        return Reply(413, wire.dumps({"error": f"message of {size} bytes is over the limit of "
-                                               f"{wire.MAX_BODY_BYTES} bytes; send smaller batches"}))
-
-    def _authorized(self, request: Request) -> bool:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), self.token.encode())
-
-    def _token_needed(self, parts: list[str]) -> str:
-        if parts == ["v1", "alerts"]:
-            return ("alert webhooks need the token: 'Authorization: Bearer <token>' (Alertmanager: "
-                    f"http_config.authorization.credentials_file: {self.token_path})")
-        what = "every request" if self.require_token else "writes (reports, control, alerts)"
-        return (f"a valid token is required for {what}; the token is in {self.token_path}. The guardian commands "
-                "read it from --token or $GUARDIAN_TOKEN, the callback from token= or $GUARDIAN_TOKEN, both else "
-                "from $GUARDIAN_HOME/token; over HTTP send 'Authorization: Bearer <token>'")
-
-    def index(self) -> dict[str, Any]:
-        """GET /: what this daemon serves, and which requests need the token."""
-        from guardian import __version__
-
-        reads = "token needed" if self.require_token else "open on loopback"
-        return {"service": "guardian daemon", "version": __version__, "token_file": str(self.token_path),
-                "reads": reads, "writes": "token needed (Authorization: Bearer <token>)",
-                "endpoints": [{"method": method, "path": path, "token": self.require_token or method == "POST",
-                               "what": what} for method, path, what in ENDPOINTS]}
-
-    def handle(self, request: Request) -> Reply:
-        method, url = request.method, urlparse(request.target)
-        parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
-        try:
-            if (self.require_token or method not in ("GET", "HEAD")) and not self._authorized(request):
-                raise wire.WireError(self._token_needed(parts), 401)
-            return self._route(request, parts, parse_qs(url.query))
-        except wire.WireError as exc:
-            self.core.count("reports_rejected", method == "POST" and parts[-1:] == ["report"])
-            body: dict[str, Any] = {"error": str(exc)}
-            if isinstance(exc, SeqGap):
-                body["expected_seq"] = exc.expected_seq
-            return Reply(exc.status, wire.dumps(body))
-        except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
-            log.exception("error handling %s %s", method, request.target)
-            return Reply(500, wire.dumps({"error": f"internal error: {exc}"}))
-
-    def _route(self, request: Request, parts: list[str], query: dict[str, list[str]]) -> Reply:
-        core, method = self.core, request.method
-        if method == "GET" and parts == ["healthz"]:
-            return Reply(200, wire.dumps({"ok": True}))
-        if method == "GET" and parts == ["metrics"] and self.metrics is not None:
-            pieces, content_type = self.metrics(scraper_of(request, query))
-            return Reply(200, content_type=content_type, pieces=pieces)
-        if method == "GET" and not parts:
-            return _ok(self.index())
-        if parts[:1] != ["v1"]:
-            raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
-        if method == "POST" and parts == ["v1", "report"]:
-            started = time.perf_counter()
-            message = wire.loads(request.body)
-            since = message.get("decisions_since_step")
-            reply = _ok(core.report(wire.parse_report(message), since if isinstance(since, int) else None,
-                                    request.headers.get(RUN_KEY_HEADER.lower())))
-            core.report_seconds.observe(time.perf_counter() - started)
-            return reply
-        if method == "GET" and parts == ["v1", "runs"]:
-            return _ok({"runs": core.runs()})
-        if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "events":
-            return _ok(event_page(core.store, parts[2], query))
-        if method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "runs"] and parts[3] == "control":
-            message = wire.loads(request.body)
-            params = message.get("params", {})
-            if not isinstance(params, dict) or not isinstance(message.get("action"), str):
-                raise wire.WireError("body must be {\"v\": 1, \"action\": \"stop|rollback|reduce_lr\", \"params\": {}}")
-            return _ok({"command_id": core.control(parts[2], message["action"], params, source="ctl")})
-        if method == "POST" and parts == ["v1", "alerts"]:
-            return _ok({"queued": core.alerts(wire.parse_json(request.body))})
-        if method == "GET" and parts == ["v1", "rules"]:
-            return _ok({"rule_sets": core.library.names(), "errors": core.library.errors,
-                        "reloads": core.store.reloads()})
-        raise wire.WireError(f"no such endpoint: {method} {request.target}", 404)
-
-
-ENDPOINTS = (
-    ("GET", "/", "this index"),
-    ("GET", "/healthz", "liveness: {\"ok\": true}"),
-    ("GET", "/metrics", "Prometheus metrics (?scraper=NAME tells scrapers apart for the *_max gauges)"),
-    ("GET", "/v1/runs", "every run with its status, rule states and meta"),
-    ("GET", "/v1/runs/{run_id}/events", "a run's events, a page at a time (since_seq, limit, kinds), decisions "
-                                        "and commands"),
-    ("GET", "/v1/rules", "rule sets, reload errors and reloads"),
-    ("POST", "/v1/report", "a run's events (the callback sends these)"),
-    ("POST", "/v1/runs/{run_id}/control", "queue stop, rollback, reduce_lr or skip_update for a run"),
-    ("POST", "/v1/alerts", "Alertmanager or Grafana webhooks, mapped to actions by alert-actions.yaml"),
-)
-MAX_SCRAPER_NAME = 200
-
-
-def scraper_of(request: Request, query: dict[str, list[str]]) -> str:
-    """Who is scraping /metrics, for the peaks since its previous scrape: `?scraper=NAME` (Prometheus scrape
-    config `params: {scraper: [NAME]}`), else its address and User-Agent."""
-    named = query.get("scraper", [""])[0]
-    who = f"name {named}" if named else f"{request.peer} {request.headers.get('user-agent', '')}"
-    return who[:MAX_SCRAPER_NAME]
-
-
-EVENTS_PAGE_DEFAULT = 1000
-EVENTS_PAGE_MAX = 10_000
-
-
-def event_page(store: Store, run_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
-    """One page of GET /v1/runs/{id}/events: the events after `since_seq` (at most `limit`, default 1000, at most
-    10,000; `kinds` a comma-separated filter), `next_since_seq` to ask for the next page with (null when this
-    was the last), and the run's decisions and commands."""
-    since_seq = _query_int(query, "since_seq", 0, 0, wire.MAX_SEQ)
-    limit = _query_int(query, "limit", EVENTS_PAGE_DEFAULT, 1, EVENTS_PAGE_MAX)
-    kinds = tuple(query["kinds"][0].split(",")) if query.get("kinds") else ()
-    if not set(kinds) <= set(wire.EVENT_KINDS):
-        raise wire.WireError(f"query parameter 'kinds' must be a comma-separated list of {', '.join(wire.EVENT_KINDS)}")
-    events = store.events(run_id, kinds, since_seq=since_seq, limit=limit)
-    more = len(events) == limit
-    return {"events": events, "next_since_seq": events[-1]["seq"] if more else None,
-            "decisions": store.decisions(run_id), "commands": store.commands(run_id)}
-
-
-def _query_int(query: dict[str, list[str]], name: str, default: int, low: int, high: int) -> int:
-    text = query.get(name, [""])[0]
-    if not text:
-        return default
-    if not text.isdigit() or len(text) > 16 or not low <= int(text) <= high:
-        raise wire.WireError(f"query parameter '{name}' must be an integer from {low} to {high}, got {text[:20]!r}")
-    return int(text)
-
-
-def _private(db: Path) -> None:
-    """The store's files readable by this user only (SQLite gives -wal and -shm files it makes later the mode of
-    the database file)."""
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        if path.exists():
-            os.chmod(path, 0o600)
-
-
-def _ok(body: dict[str, Any]) -> Reply:
-    return Reply(200, wire.dumps(body))
-
-
-class DaemonServer(HTTPServer):
-    """The daemon's HTTP server: `routes` answer, `metrics` (set by `serve`) renders GET /metrics."""
-
-    def __init__(self, routes: _Routes, host: str, port: int, **options: Any) -> None:
-        # a web page must not reach the daemon: no Origin, JSON bodies only, and on loopback only requests
-        # addressed to loopback (DNS rebinding); `options` (timeouts, limits) go to HTTPServer
-        super().__init__(host, port, handle=routes.handle, inline=routes.inline, too_large=routes.too_large,
-                         max_body=wire.MAX_BODY_BYTES, refuse_browsers=True, loopback_hosts=_is_loopback(host),
-                         **options)
-        self.routes = routes
-
-    @property
-    def metrics(self) -> Any:
-        return self.routes.metrics
-
-    @metrics.setter
-    def metrics(self, render: Any) -> None:
-        self.routes.metrics = render
-
-
-def metrics_endpoint(core: Guardian) -> Any:
-    """A function returning the Prometheus text format of the core's state as pieces to render one by one on the
-    event loop (see `exposition_pieces`), and its content type, for GET /metrics."""
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-    def render(scraper: str = "") -> tuple[Any, str]:
-        collector = GuardianCollector(lambda: core.views(scraper), core.health)
-        return exposition_pieces(collector, (core.report_seconds,)), CONTENT_TYPE_LATEST
-
-    return render
-
-
-def make_server(core: Guardian, host: str, port: int, token: str, token_path: Path, **options: Any) -> DaemonServer:
-    """The daemon's server, listening already; the token is needed for everything off loopback. `options`:
-    HTTPServer's timeouts and limits."""
-    return DaemonServer(_Routes(core, token, token_path, require_token=not _is_loopback(host)), host, port,
-                        **options)
-
-
-def open_store(state_dir: Path, *, fresh: bool = False) -> Store:
-    """The daemon's store in `state_dir`; StoreError (which file, what is wrong, what to do) when it is damaged.
-    With `fresh`, a damaged store is moved aside with a timestamp and an empty one started (a sound store is
-    kept: the flag can stay in a service file). Warns when a store is created in a state folder that was in
-    use before (its token is there): the old store may have been moved or deleted."""
-    path = state_dir / "guardian.db"
-    used_before = (state_dir / "token").exists()
-    try:
-        store = Store(path)
-    except StoreError as exc:
-        if not fresh:
-            raise
-        moved = move_aside(path)
-        log.warning("%s; moved it aside to %s and started an empty store", str(exc).split(";")[0], moved)
-        return Store(path)
-    if fresh:
-        log.warning("--fresh-store: %s is sound, so it is kept", path)
-    elif store.created and used_before:
-        log.warning("%s is new, but %s was used before (its token is there): runs stored earlier are not in it. "
-                    "If the store was moved, stop the daemon and put it back", path, state_dir)
-    return store
-
-
-def daemon_url(host: str, port: int) -> str:
-    """The URL clients use for a daemon bound to (host, port): this machine's name for a wildcard address."""
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path, rules_dir: Path | None = None,
-          alert_actions: Path | None = None, tick_seconds: float = 1.0, maintain_seconds: float = 600.0,
-          retain_days: float | None = None, ready: threading.Event | None = None, fresh_store: bool = False) -> None:
-    """Run the daemon until SIGINT/SIGTERM. `fresh_store` moves a damaged store aside and starts an empty one."""
-    token_path_ = token_path(state_dir)
-    store = open_store(state_dir, fresh=fresh_store)  # before the token: a new store in a used folder is warned of
-    token = load_or_create_token(state_dir)
-    _private(store.path)
-    library = RuleLibrary(rules_dir if rules_dir is not None else state_dir / "rules")
-    actions_file = alert_actions or state_dir / "alert-actions.yaml"
-    mappings = load_alert_actions(actions_file) if alert_actions or actions_file.exists() else []
-    core = Guardian(store, library, alert_actions=mappings)
-    core.restore()  # the runs in memory before a restart, with their last reports and rule states
-    library.watch()
-    server = make_server(core, host, port, token, token_path_)
-    server.metrics = metrics_endpoint(core)
-    stopping = threading.Event()
-
-    def ticker() -> None:
-        last_maintained = time.monotonic()
-        while not stopping.wait(tick_seconds):
-            try:
-                core.tick()
-                if time.monotonic() - last_maintained > maintain_seconds:
-                    core.maintain(retain_days)
-                    last_maintained = time.monotonic()
-            except Exception:  # noqa: BLE001 - the ticker must outlive one bad pass
-                log.exception("stall check or store maintenance failed")
-
-    threading.Thread(target=ticker, daemon=True, name="guardian-ticker").start()
-
-    def stop(*_: Any) -> None:
-        stopping.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    url = daemon_url(str(server.server_address[0]), int(server.server_address[1]))
-    log.info("guardian daemon listening on %s (state in %s, rules in %s); the token for writes is in %s. "
-             "Runs report here with:\n    export GUARDIAN_URL=%s", url, state_dir, library.rules_dir, token_path_, url)
-    if ready is not None:
-        ready.set()
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        library.stop()
-        server.server_close()
-        try:
-            core.flush()
-        finally:
-            store.close()
