@@ -16,8 +16,6 @@ A failure inside Guardian is logged and training goes on.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -37,17 +35,21 @@ from guardian.callbacks.integrations import IntegrationBridge
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
+from guardian.callbacks.run_metrics import serve_run_metrics
+from guardian.callbacks.runfiles import (SupervisorFile, restart_number, resumed_from, run_dirs_of, save_state,
+                                         saved_engine_state, saved_state_for_resume)
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.callbacks.trl_metrics import StoredMetrics
+from guardian.callbacks.verdicts import VerdictArbiter
+from guardian.commands.attach import default_run_id
 from guardian.commands.doctor import method_of_trainer, preflight
-from guardian.commands.supervisor import ENV_RESTART
 from guardian import events
-from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, merge
-from guardian.engine.engine import Decision, Engine, decision_from_event
+from guardian.engine.actions import IMMEDIATE, ActionKind, merge
+from guardian.engine.engine import Decision, Engine
 from guardian.engine.ruleset import METHOD_RULES, RuleSet, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
-from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
-from guardian.exporter import GuardianCollector, RunTracker, RunView
+from guardian.events import ActionEvent, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
+from guardian.exporter import RunTracker
 from guardian.gpu import GpuReader
 from guardian.logs.badsample import bad_samples_path
 from guardian.logs.eventlog import EventLog
@@ -56,7 +58,6 @@ from guardian.transport.token import TOKEN_ENV, default_state_dir, find_token, t
 
 log = logging.getLogger("guardian")
 F = TypeVar("F", bound=Callable[..., Any])
-STATE_FILE = "guardian_state.json"
 
 
 def _never_raises(hook: F) -> F:
@@ -74,13 +75,6 @@ def _never_raises(hook: F) -> F:
             return None
 
     return safe  # type: ignore[return-value]
-
-
-def default_run_id(output_dir: str, run_name: str | None = None) -> str:
-    """Stable across resumes of the same run: the output folder's name and a hash of its full path."""
-    path = os.path.abspath(output_dir)
-    digest = hashlib.sha1(f"{socket.gethostname()}:{path}".encode()).hexdigest()[:8]
-    return f"{run_name or os.path.basename(path.rstrip('/')) or 'run'}-{digest}"
 
 
 class GuardianCallback(TrainerCallback):
@@ -163,8 +157,7 @@ class GuardianCallback(TrainerCallback):
         self.samples: SampleTracker | None = None  # which samples each step used; bad_samples.jsonl
         self.integrations = IntegrationBridge(enabled=report_to_integrations)  # report_to's writers
         self.advice: list[Any] = []
-        self._supervisor_file = Path(os.environ["GUARDIAN_SUPERVISOR_FILE"]) if os.environ.get(
-            "GUARDIAN_SUPERVISOR_FILE") else None
+        self.supervisor = SupervisorFile()  # under `guardian run`: what the supervisor needs to know
         self._output_dir = ""
         self.tracker = RunTracker(run_id or "embedded")
         self.metrics_server: Any = None
@@ -177,16 +170,13 @@ class GuardianCallback(TrainerCallback):
         self.decisions: list[Decision] = []
         self.interventions: list[ActionEvent] = []
         self.errors = 0
-        self.verdicts = {"daemon": 0, "local_fallback": 0}
+        self.arbiter = VerdictArbiter(deadline_seconds=deadline_seconds)  # daemon mode: whose verdict to act on
         self.link: DaemonLink | None = None
         self._trainer: Any = None
         self._probe: StepProbe | None = None
         self._events: EventLog | None = None
         self._ended_log: Path | None = None  # where evaluations after train end are appended
         self._last_decision_step = -(10**9)
-        self._pending: list[tuple[int, int, list[Decision]]] = []  # (seq, step, local decisions) awaiting a verdict
-        self._pending_since = 0.0
-        self._acted_early: set[tuple[int, str]] = set()  # (step, rule) of skips made before the verdict
         self.sync = RankSync()
         self.reference = ReferenceBatch()
         self._probed: dict[str, float] = {}
@@ -210,6 +200,11 @@ class GuardianCallback(TrainerCallback):
     @property
     def snapshots(self) -> snapshots.SnapshotRing:
         return self.actuator.snapshots
+
+    @property
+    def verdicts(self) -> dict[str, int]:
+        """Daemon mode: how often the daemon's verdict was acted on, and how often ours (the daemon was late)."""
+        return self.arbiter.counts
 
     # ---- hooks -------------------------------------------------------------------------------------
 
@@ -252,6 +247,7 @@ class GuardianCallback(TrainerCallback):
             self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
                                    spool=events_path, run_key_dir=events_path.parent)
             log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
+        self.arbiter.link, self.arbiter.deadline_seconds = self.link, self.deadline_seconds
         self._output_dir = os.path.abspath(args.output_dir)
         self.integrations.attach(self._trainer, main_process=state.is_world_process_zero)
         self._resume(args, state)
@@ -265,7 +261,7 @@ class GuardianCallback(TrainerCallback):
         self._gpus = _gpu_reader()
         if self.metrics_port is not None and state.is_world_process_zero:
             self.tracker.view.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
-            self.metrics_server = serve_run_metrics(self, self.metrics_port)
+            self.metrics_server = serve_run_metrics(self.tracker, self.engine, self.metrics_port)
         size = snapshots.trainable_nbytes(model)
         if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
             self.actuator.use_snapshots = False
@@ -275,7 +271,7 @@ class GuardianCallback(TrainerCallback):
             self.advice = preflight(args, model, self.ruleset, strict=self.strict_preflight,
                                     snapshots_enabled=self.actuator.use_snapshots,
                                     method=method_of_trainer(self._trainer) if self._trainer is not None else None,
-                                    quiet=_restart_number() > 0)
+                                    quiet=restart_number() > 0)
         if self.actuator.use_snapshots and self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler):
             self.engine.remember(state.global_step)
         reading = self._probe.reading
@@ -321,7 +317,7 @@ class GuardianCallback(TrainerCallback):
         early = [d for d in decisions if any(a.kind in IMMEDIATE for a in d.actions)]
         if early:
             self._act(step, early, *kit, pre_update=True, only=tuple(IMMEDIATE))
-            self._acted_early.update((d.step, d.rule) for d in early)
+            self.arbiter.acted_early(early)
         self._await_verdict(event, step, decisions)
 
     @_never_raises
@@ -375,7 +371,7 @@ class GuardianCallback(TrainerCallback):
         # Every rank measures (the reference loss is averaged over ranks); rank 0 writes.
         probe = self._reference_loss(model) if self._healthy(step) else None
         if folder.is_dir() and state.is_world_process_zero:
-            _write_json(folder / STATE_FILE, self._state())
+            save_state(folder, self._state())
             finite = model is None or snapshots.all_finite(list(snapshots.trainable_parameters(model).values()))
             if self._healthy(step) and finite and self.actuator.good is not None:
                 info = {"lr_scale": self.lr_scale, **({"probe_loss": probe} if probe is not None else {})}
@@ -422,60 +418,31 @@ class GuardianCallback(TrainerCallback):
     # ---- the daemon's verdicts ---------------------------------------------------------------------
 
     def _await_verdict(self, event: AnyEvent | None, step: int, local: list[Decision]) -> None:
-        if event is None or self.link is None:
-            return
-        if not self._pending:
-            self._pending_since = time.monotonic()
-            self.link.want_decisions_from(step)
-        self._pending.append((event.seq, step, local))
+        """Rank 0: the daemon's verdict on this step is settled before the next update."""
+        if event is not None:
+            self.arbiter.await_verdict(event.seq, step, local)
 
     def _apply_remote(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
         """Act on the daemon's verdicts for earlier steps (or our own past the deadline) and its commands.
 
         Rank 0 talks to the daemon; under DDP it broadcasts the resulting plan, so every rank applies it."""
-        decisions, source, commands = self._collect_remote() if self.link is not None else ([], "", [])
-        self._acted_early.clear()
-        actions = [a for d in decisions for a in d.actions if a.kind is not ActionKind.SKIP_UPDATE]
-        actions += [ActionSpec(c.action, dict(c.params)) for c in commands]
-        plan = merge(actions) if decisions or commands else None
-        onset = min([d.finding.onset_step for d in decisions], default=step)
+        verdict = self.arbiter.settle(step)
+        plan, onset = verdict.plan, verdict.onset_step
         if self.sync.active:
             device = next(model.parameters()).device if model is not None else torch.device("cpu")
             plan, onset = self.sync.broadcast_plan(plan, onset, device)
         if plan is None:
             return
         self._last_decision_step = step
-        for decision in decisions:
-            self._record(decision, source)
+        for decision in verdict.decisions:
+            self._record(decision, verdict.source)
         if plan.empty:
             return
         outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler, pre_update=True)
-        rules = [d.rule for d in decisions] + [f"manual:{c.action.value}" for c in commands]
-        self._log_outcome(outcome.event(step, rules, "command" if commands and not decisions else source,
-                                        [c.id for c in commands] if commands else None))
-
-    def _collect_remote(self) -> tuple[list[Decision], str, list[Command]]:
-        """Rank 0: the verdicts on pending steps (the daemon's if in time, else ours) and queued commands."""
-        assert self.link is not None
-        decisions: list[Decision] = []
-        source = ""
-        if self._pending:
-            last_seq, last_step = self._pending[-1][0], self._pending[-1][1]
-            left = self.deadline_seconds - (time.monotonic() - self._pending_since)
-            if self.link.wait_for(last_seq, max(0.0, left)):
-                decisions = [decision_from_event(d) for d in self.link.take_decisions(last_step)]
-                self.verdicts["daemon"] += 1
-                source = "daemon"
-            else:
-                self.link.take_decisions(last_step)  # a late answer about these steps is not acted on
-                decisions = [d for _, _, local in self._pending for d in local]
-                self.verdicts["local_fallback"] += 1
-                source = "local (daemon late)"
-            self._pending.clear()
-        # The skips were already made when those steps' updates happened.
-        decisions = [d for d in decisions if (d.step, d.rule) not in self._acted_early]
-        self._acted_early.clear()
-        return decisions, source, self.link.take_commands()
+        commands = verdict.commands
+        rules = [d.rule for d in verdict.decisions] + [f"manual:{c.action.value}" for c in commands]
+        source = "command" if commands and not verdict.decisions else verdict.source
+        self._log_outcome(outcome.event(step, rules, source, [c.id for c in commands] if commands else None))
 
     # ---- acting ------------------------------------------------------------------------------------
 
@@ -527,11 +494,11 @@ class GuardianCallback(TrainerCallback):
         tokenizer = (kwargs.get("processing_class") or getattr(trainer, "processing_class", None)
                      or getattr(trainer, "tokenizer", None)
                      or getattr(getattr(trainer, "data_collator", None), "tokenizer", None))
-        resumed_from = os.environ.get("GUARDIAN_RESUME_FROM")
+        resumed = resumed_from()
         self.samples = SampleTracker(
             args.output_dir, rank=self.sync.rank, world_size=self.sync.world_size, tokenizer=tokenizer,
             mask_known_bad=self.mask_known_bad_samples, counts=self.actuator.counts,
-            also_read=[bad_samples_path(d) for d in _run_dirs_of(resumed_from)] if resumed_from else ())
+            also_read=[bad_samples_path(d) for d in run_dirs_of(resumed)] if resumed else ())
         self.samples.attach(kwargs.get("train_dataloader"))
         if self._probe is not None and self._probe.wrapped:
             self._probe.on_inputs = self.samples.see
@@ -561,12 +528,7 @@ class GuardianCallback(TrainerCallback):
 
     def _rewind(self, source: str, step: int) -> None:
         """The rules' baselines follow the weights back to `step` (from memory, or the checkpoint's state)."""
-        saved = None
-        if source != "memory":
-            try:
-                saved = json.loads((Path(source) / STATE_FILE).read_text()).get("engine")
-            except (OSError, ValueError):
-                saved = None
+        saved = saved_engine_state(source) if source != "memory" else None
         if not self.engine.rewind(step, saved):
             log.info("Guardian: rules that follow the loss level start afresh after the rollback to step %d", step)
 
@@ -609,27 +571,17 @@ class GuardianCallback(TrainerCallback):
         return {"engine": self.engine.state_dict(), "lr_scale": self.lr_scale, "counts": self.counts}
 
     def _tell_supervisor(self) -> None:
-        """Under `guardian run`: where the run writes, its good checkpoints, and any restart request."""
-        if self._supervisor_file is None or self.sync.rank != 0:
-            return
-        good = self.actuator.good
-        request = self.actuator.restart_request
-        _write_json(self._supervisor_file, {
-            "output_dir": self._output_dir,
-            "good_checkpoints": [str(good.root / f"checkpoint-{s}") for s in good.steps()] if good else [],
-            "restart_request": json.loads(request.read_text()) if request and request.is_file() else None,
-        })
+        """Under `guardian run` (rank 0): where the run writes, its good checkpoints, and any restart request."""
+        if self.sync.rank == 0:
+            self.supervisor.tell(self._output_dir, self.actuator.good, self.actuator.restart_request)
 
     def _resume(self, args: Any, state: Any) -> None:
         if state.global_step == 0:
             return
-        candidates = [Path(p) / STATE_FILE for p in (os.environ.get("GUARDIAN_RESUME_FROM"),) if p]
-        candidates += [Path(args.output_dir) / folder / f"checkpoint-{state.global_step}" / STATE_FILE
-                       for folder in (".", "guardian/good")]
-        saved = next((c for c in candidates if c.is_file()), None)
-        if saved is None:
+        found = saved_state_for_resume(args.output_dir, state.global_step)
+        if found is None:
             return
-        data = json.loads(saved.read_text())
+        saved, data = found
         try:
             self.engine.load_state_dict(data["engine"])
         except (KeyError, ValueError) as exc:
@@ -657,15 +609,6 @@ def show_log_lines(rank: int = 0) -> None:
         logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def _restart_number() -> int:
-    """Which attempt of a supervised run this is (`guardian run` sets GUARDIAN_RESTART: 0 first, N at the Nth
-    restart); 0 outside `guardian run`."""
-    try:
-        return max(0, int(os.environ.get(ENV_RESTART, "0")))
-    except ValueError:
-        return 0
-
-
 def _daemon_token(url: str) -> str | None:
     """`GUARDIAN_TOKEN`, else the daemon's token file; None (said loudly: the daemon refuses every report
     without it) when neither is there. Training goes on either way, with local verdicts."""
@@ -675,15 +618,6 @@ def _daemon_token(url: str) -> str | None:
                     "run's steps are judged locally only. Set %s, or GUARDIAN_HOME to the daemon's state folder "
                     "(its token file is %s)", url, where, TOKEN_ENV, token_path(default_state_dir()))
     return token
-
-
-def _run_dirs_of(checkpoint: str) -> list[Path]:
-    """The run folders a checkpoint may belong to: `RUN/checkpoint-N` or `RUN/guardian/good/checkpoint-N`."""
-    folder = Path(checkpoint).resolve()
-    dirs = [folder.parent]
-    if folder.parent.name == "good" and folder.parent.parent.name == "guardian":
-        dirs.append(folder.parent.parent.parent)
-    return dirs
 
 
 def _sharded(trainer: Any) -> bool:
@@ -702,28 +636,3 @@ def _gpu_reader() -> GpuReader | None:
     except AttributeError:
         reader = GpuReader()
     return reader if reader.available else None
-
-
-def serve_run_metrics(callback: GuardianCallback, port: int, host: str = "127.0.0.1") -> Any:
-    """Prometheus metrics for one embedded run on host:port (loopback by default)."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    def views() -> list[RunView]:
-        view = callback.tracker.view
-        view.rule_status = {k: v.value for k, v in callback.engine.rule_status().items()}
-        view.rule_firings = {k: fired for k, (fired, _) in callback.engine.rule_counts().items()}
-        view.last_report = view.last_report or time.time()
-        view.peaks = callback.tracker.peaks.take("embedded", view.latest)  # one window, whoever scrapes
-        return [view]
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(GuardianCollector(views))
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    log.info("Guardian: metrics for this run on http://%s:%d/metrics", host, port)
-    return server
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
