@@ -100,6 +100,6 @@ def test_a_rollback_takes_the_newest_good_checkpoint_over_an_older_snapshot(tmp_
           save_steps=20)
     assert [s.step for s in guardian.snapshots.all()] == [0]
     assert (tmp_path / "guardian" / "good" / "checkpoint-20").is_dir()
-    (rollback,) = [i for i in guardian.interventions if "rollback" in i]
-    assert rollback["rollback_to_step"] == 20, rollback
-    assert rollback["rollback"].endswith("checkpoint-20")
+    (rollback,) = [i for i in guardian.interventions if i.rollback is not None]
+    assert rollback.rollback_to_step == 20, rollback
+    assert rollback.rollback.endswith("checkpoint-20")

@@ -79,7 +79,7 @@ def test_rollback_from_memory_restores_weights_and_optimizer_bit_for_bit(tmp_pat
     guardian = GuardianCallback(rules(ROLLBACK_ON_NAN), snapshot_every_steps=25)
     run(tmp_path, [FaultInjector([Fault("nan", 40)]), guardian, recorder], max_steps=40)
     [outcome] = guardian.interventions
-    assert (outcome["rollback"], outcome["rollback_to_step"]) == ("memory", 25)
+    assert (outcome.rollback, outcome.rollback_to_step) == ("memory", 25)
     trainer_state = recorder.copies[25]
     model_now = recorder.params_at_end[40]
     for name, value in trainer_state["params"].items():
@@ -100,8 +100,8 @@ def test_rollback_from_a_protected_checkpoint_on_disk(tmp_path: Path) -> None:
     trainer = run(tmp_path, [FaultInjector([Fault("nan", 38)]), guardian, recorder],
                   max_steps=38, save_steps=10, save_total_limit=1)
     [outcome] = guardian.interventions
-    assert outcome["rollback_to_step"] == 30
-    assert outcome["rollback"].endswith("guardian/good/checkpoint-30")
+    assert outcome.rollback_to_step == 30
+    assert outcome.rollback is not None and outcome.rollback.endswith("guardian/good/checkpoint-30")
     assert_same_state(trainer.model, trainer.optimizer, recorder.copies[30])
     # save_total_limit=1 rotated checkpoint-30 away; Guardian's link kept it.
     assert not (tmp_path / "checkpoint-30").exists()
@@ -112,7 +112,7 @@ def test_no_rollback_target_falls_back_to_skipping(tmp_path: Path) -> None:
     guardian = GuardianCallback(rules(ROLLBACK_ON_NAN), snapshot_every_steps=0)
     trainer = run(tmp_path, [FaultInjector([Fault("nan", 10)]), guardian], max_steps=15)
     [outcome] = guardian.interventions
-    assert outcome["rollback"] == "impossible" and outcome["skipped_update"]
+    assert outcome.rollback == "impossible" and outcome.skipped_update
     assert all_finite(trainer.model)
 
 

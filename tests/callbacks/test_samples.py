@@ -30,6 +30,7 @@ from guardian.callbacks.samples import BadSampleFile, IndexQueue, SampleTracker,
 from guardian.commands.report import load_run, render_markdown
 from guardian.engine.ruleset import load_rules
 from guardian.logs.badsample import BadSample, bad_samples_path, fingerprint, read_bad_samples
+from guardian.events import LrChange
 from guardian.testing.tinyrun import ALPHABET, BOS, CharTokenizer, TextDataset, TinyRun, make_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -88,7 +89,7 @@ def records(out: Path) -> list[BadSample]:
 
 
 def skips(guardian: GuardianCallback) -> list[int]:
-    return [r["step"] for r in guardian.interventions if r.get("skipped_update")]
+    return [r.step for r in guardian.interventions if r.skipped_update]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_the_skipped_steps_name_exactly_their_samples(bad_run: dict[str, Any]) -
     guardian, dataset = bad_run["guardian"], bad_run["dataset"]
     assert guardian.counts["skipped_updates"] > 0 and skips(guardian) == [25, 33]
     # step 30's jump is put back on its schedule, not skipped: a learning-rate jump says nothing about the data
-    assert [r["step"] for r in guardian.interventions if r.get("lr_restored")] == [30]
+    assert [r.step for r in guardian.interventions if isinstance(r.lr_restored, LrChange)] == [30]
     named = records(bad_run["out"])
     assert sorted(s.index for s in named) == sorted(bad_run["garbage"])  # type: ignore[type-var]
     assert [s.step for s in named] == [25] * 8 + [33] * 8
