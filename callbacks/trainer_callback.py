@@ -385,7 +385,8 @@ class GuardianCallback(TrainerCallback):
         counts = self.counts
         self._emit(EndEvent(step=state.global_step, skipped_updates=counts["skipped_updates"],
                             rollbacks=counts["rollbacks"], lr_cuts=counts["lr_cuts"],
-                            lr_restores=counts["lr_restores"], stops=counts["stops"], decisions=len(self.decisions),
+                            lr_restores=counts["lr_restores"], stops=counts["stops"],
+                            masked_samples=counts.get("masked_samples", 0), decisions=len(self.decisions),
                             incidents=[i.to_dict() for i in self.engine.policy.incidents], lr_scale=self.lr_scale,
                             guardian_errors=self.errors, verdicts=dict(self.verdicts)), flush=True)
         if self.link is not None:

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from trainkit import CorruptWeight, Recorder, all_finite, events, rules
+from trainkit import CorruptWeight, Recorder, all_finite, rules, run_events
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
+from guardian.events import ActionEvent
 from guardian.callbacks.snapshots import trainable_parameters
 from guardian.testing.tinyrun import TextDataset, TinyRun, build_model, make_texts
 
@@ -139,7 +140,7 @@ rules:
     trainer.evaluate(eval_dataset=TextDataset(make_texts(8, seed=99)))  # a different, worse set, same step
     for name, param in trainable_parameters(trainer.model).items():
         assert torch.equal(param.detach(), before[name]), name
-    assert not [e for e in events(tmp_path) if e["kind"] == "action" and e["step"] == 40]
+    assert not [e for e in run_events(tmp_path) if isinstance(e, ActionEvent) and e.step == 40]
 
 
 def _fp16_trainer(tmp_path: Path, callbacks: list[Any], *, max_grad_norm: float) -> Trainer:

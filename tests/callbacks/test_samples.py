@@ -29,8 +29,9 @@ from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.callbacks.samples import BadSampleFile, IndexQueue, SampleTracker, record_order, stop_recording
 from guardian.commands.report import load_run, render_markdown
 from guardian.engine.ruleset import load_rules
+from guardian.events import EndEvent, LrChange
 from guardian.logs.badsample import BadSample, bad_samples_path, fingerprint, read_bad_samples
-from guardian.events import LrChange
+from guardian.logs.eventlog import read_events
 from guardian.testing.tinyrun import ALPHABET, BOS, CharTokenizer, TextDataset, TinyRun, make_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -184,8 +185,8 @@ def test_a_restart_in_the_same_folder_masks_them(bad_run: dict[str, Any], tmp_pa
     assert f"16 samples known bad from an earlier run will be masked ({bad_samples_path(out)})" in caplog.text
     assert guardian.counts["masked_samples"] == 16
     assert guardian.counts["skipped_updates"] == 0 and not guardian.decisions  # the spikes do not come back
-    end = [json.loads(line) for line in (out / "guardian" / "events.jsonl").read_text().splitlines()][-1]
-    assert end["kind"] == "end" and end["masked_samples"] == 16
+    end = list(read_events(out / "guardian" / "events.jsonl"))[-1]
+    assert isinstance(end, EndEvent) and end.masked_samples == 16
     assert recorder.batches == bad_run["batches"]  # masked, not dropped: the same batches in the same order
     assert len(records(out)) == 16  # nothing new was written
 
