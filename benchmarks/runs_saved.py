@@ -58,6 +58,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, describe_machine, machine_info, table, write_json  # noqa: E402
 
+from guardian.events import ActionEvent  # noqa: E402
+
 KINDS = ["poison", "lr_blowup", "nan", "overfit", "poison+lr_blowup+nan", "overfit+poison", "lr_blowup+nan"]
 ALL_VARIANTS = ["unguarded", "stop-only", "stop+best", "guardian"]
 
@@ -224,10 +226,8 @@ def train_one(cfg: Config, variant: str, steps: int, workdir: Path) -> dict[str,
     return result
 
 
-def _brief(outcome: dict[str, Any]) -> str:
-    from guardian.engine.actions import describe_outcome
-
-    return f"step {outcome['step']}: {describe_outcome(outcome)} ({', '.join(outcome['rules'])})"
+def _brief(action: ActionEvent) -> str:
+    return f"step {action.step}: {action.outcome.describe()} ({', '.join(action.rules)})"
 
 
 # ---- scoring and reporting -----------------------------------------------------------------------------
