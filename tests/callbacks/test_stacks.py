@@ -100,10 +100,10 @@ def test_without_clipping_the_norm_and_loss_are_still_read_every_step(tmp_path: 
         [raw, guardian])
     trainer.train()
     metrics = train_metrics(tmp_path)
-    assert [e["step"] for e in metrics] == list(range(1, 7)) == seen
+    assert [e.step for e in metrics] == list(range(1, 7)) == seen
     for event in metrics:
-        assert isinstance(event["values"]["loss"], float)
-        assert event["values"]["grad_norm"] == pytest.approx(raw.norms[event["step"]], rel=1e-5)
+        assert isinstance(event.values["loss"], float)
+        assert event.values["grad_norm"] == pytest.approx(raw.norms[event.step], rel=1e-5)
     assert guardian._probe is not None and guardian._probe.reading.pre_update
 
 
