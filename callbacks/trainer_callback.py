@@ -11,6 +11,10 @@ decisions about step N are carried out before the update of step N+1, if it answ
 `deadline_seconds`; otherwise the embedded engine, which sees the same stream, decides. A skip of the
 update being made right now cannot wait for a round trip, so the embedded engine always makes those.
 A failure inside Guardian is logged and training goes on.
+
+The hooks live here and delegate: `verdicts.VerdictArbiter` settles whose verdict a step acts on in daemon mode,
+`actuator.Actuator` carries a plan out, `runfiles` holds the supervisor and state files, `run_metrics` serves an
+embedded run's Prometheus metrics, `integrations` writes to the Trainer's own reporting.
 """
 
 from __future__ import annotations
@@ -215,41 +219,13 @@ class GuardianCallback(TrainerCallback):
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
+        main = bool(state.is_world_process_zero)
         show_log_lines(int(getattr(args, "process_index", 0)))
         self._trainer = self._trainer or find_trainer()
-        method = method_of_trainer(self._trainer) if self._trainer is not None else None
-        if not self._rules_given and method in METHOD_RULES:  # DPO family: + preference.yaml; GRPO/PPO: rl.yaml
-            self.ruleset = shipped_rules_for(method)
-            self.engine = Engine(self.ruleset)
-        self._stored = StoredMetrics(self._trainer) if self._trainer is not None else None
-        self._train_ended = False
-        self.reference = ReferenceBatch()
-        self._probe = StepProbe(self._trainer, reference=self.reference)
-        if not self._probe.reading.pre_update and state.is_world_process_zero:
-            log.warning(self._probe.reading.warning())
-        self.sync = RankSync()
-        self.actuator.in_process_rollback = not _sharded(self._trainer)
-        self.actuator.scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
-        clip = getattr(args, "max_grad_norm", None)
-        self.engine.clipped = isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
-        self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
-        if state.is_world_process_zero:
-            self.actuator.restart_request = Path(args.output_dir) / "guardian" / "restart_request.json"
-        events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
-        if state.is_world_process_zero and (self.event_log_enabled or self.url):
-            self._events = EventLog(events_path)
-            self._ended_log = events_path
-        if state.is_world_process_zero and self.url:
-            self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
-            meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
-                    "host": socket.gethostname(), "pid": os.getpid()}
-            self.token = self.token or _daemon_token(self.url)
-            self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
-                                   spool=events_path, run_key_dir=events_path.parent)
-            log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
-        self.arbiter.link, self.arbiter.deadline_seconds = self.link, self.deadline_seconds
-        self._output_dir = os.path.abspath(args.output_dir)
-        self.integrations.attach(self._trainer, main_process=state.is_world_process_zero)
+        self._choose_rules()
+        self._watch_trainer(args, main)
+        self._open_outputs(args, state, main)
+        self.integrations.attach(self._trainer, main_process=main)
         self._resume(args, state)
         self._track_samples(args, state, kwargs)
         if self.lr_factor_at_start and optimizer is not None:
@@ -259,29 +235,18 @@ class GuardianCallback(TrainerCallback):
         self._tell_supervisor()
         self._rank = int(getattr(args, "process_index", 0))
         self._gpus = _gpu_reader()
-        if self.metrics_port is not None and state.is_world_process_zero:
+        if self.metrics_port is not None and main:
             self.tracker.view.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
             self.metrics_server = serve_run_metrics(self.tracker, self.engine, self.metrics_port)
-        size = snapshots.trainable_nbytes(model)
-        if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
-            self.actuator.use_snapshots = False
-            log.warning("Guardian: trainable weights are %.1f GB, over snapshot_max_bytes; rollbacks will use "
-                        "good checkpoints on disk only", size / 1e9)
-        if state.is_world_process_zero:
+        size = self._size_up_snapshots(model)
+        if main:
             self.advice = preflight(args, model, self.ruleset, strict=self.strict_preflight,
                                     snapshots_enabled=self.actuator.use_snapshots,
                                     method=method_of_trainer(self._trainer) if self._trainer is not None else None,
                                     quiet=restart_number() > 0)
         if self.actuator.use_snapshots and self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler):
             self.engine.remember(state.global_step)
-        reading = self._probe.reading
-        self._emit(StartEvent(step=state.global_step, rules=[r.name for r in self.ruleset.rules],
-                              source=self.ruleset.source, trainable_bytes=size, max_steps=state.max_steps,
-                              clipped=self.engine.clipped, pre_update=reading.pre_update,
-                              grad_norm_from=reading.grad_norm, pre_update_why=reading.why or None,
-                              # so `guardian push` can deliver the file later
-                              run_id=self.run_id if self.link else None, rule_set=self.rule_set if self.link else None),
-                   flush=True)
+        self._emit_start(state, size)
         log.info("Guardian: watching with %d rules from %s", len(self.ruleset.rules), self.ruleset.source)
 
     @_never_raises
@@ -294,16 +259,7 @@ class GuardianCallback(TrainerCallback):
         self._measure_first_snapshot(state.global_step, model)
         if self._probe is None or not self._probe.wrapped:
             return  # no per-step reading (said at train begin): the rules judge what Trainer logs, in on_log
-        reduce = self.sync.reduce_step_values if self.sync.active else None
-        values = self._probe.read(model, reduce)
-        if self._stored is not None:
-            for key, value in self._stored.read().items():  # TRL stores them in training_step: this step's, pre-update
-                values.setdefault(key, value)
-        if optimizer is not None:
-            values["learning_rate"] = current_lr(optimizer)
-            scheduled = scheduled_lrs(lr_scheduler, optimizer)
-            if scheduled:
-                values["scheduled_lr"] = scheduled[0]
+        values = self._step_values(self._probe, model, optimizer, lr_scheduler)
         self._probed = {}
         try:
             decisions = self.engine.observe(step, values, probe=lambda onset: self._measure_probe(model, onset))
@@ -319,6 +275,19 @@ class GuardianCallback(TrainerCallback):
             self._act(step, early, *kit, pre_update=True, only=tuple(IMMEDIATE))
             self.arbiter.acted_early(early)
         self._await_verdict(event, step, decisions)
+
+    def _step_values(self, probe: StepProbe, model: Any, optimizer: Any, scheduler: Any) -> dict[str, float]:
+        """This step's values before its update: the probe's (over all ranks), TRL's stored metrics, the rates."""
+        values = probe.read(model, self.sync.reduce_step_values if self.sync.active else None)
+        if self._stored is not None:
+            for key, value in self._stored.read().items():  # TRL stores them in training_step: this step's, pre-update
+                values.setdefault(key, value)
+        if optimizer is not None:
+            values["learning_rate"] = current_lr(optimizer)
+            scheduled = scheduled_lrs(scheduler, optimizer)
+            if scheduled:
+                values["scheduled_lr"] = scheduled[0]
+        return values
 
     @_never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -415,6 +384,72 @@ class GuardianCallback(TrainerCallback):
             events.close()
         log.info("Guardian: an evaluation at step %s after training ended is recorded in %s; no rule acts on it",
                  event.step, self._ended_log)
+
+    # ---- train begin, step by step --------------------------------------------------------------------
+
+    def _choose_rules(self) -> None:
+        """No rules given: the shipped ones for the trainer's method (DPO family: + preference.yaml; GRPO/PPO:
+        rl.yaml)."""
+        method = method_of_trainer(self._trainer) if self._trainer is not None else None
+        if not self._rules_given and method in METHOD_RULES:
+            self.ruleset = shipped_rules_for(method)
+            self.engine = Engine(self.ruleset)
+
+    def _watch_trainer(self, args: Any, main: bool) -> None:
+        """Hook into the trainer: the per-step reading, the ranks, and what the actuator needs to act."""
+        self._stored = StoredMetrics(self._trainer) if self._trainer is not None else None
+        self._train_ended = False
+        self.reference = ReferenceBatch()
+        self._probe = StepProbe(self._trainer, reference=self.reference)
+        if not self._probe.reading.pre_update and main:
+            log.warning(self._probe.reading.warning())
+        self.sync = RankSync()
+        self.actuator.in_process_rollback = not _sharded(self._trainer)
+        self.actuator.scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
+        clip = getattr(args, "max_grad_norm", None)
+        self.engine.clipped = isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
+        self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
+        if main:
+            self.actuator.restart_request = Path(args.output_dir) / "guardian" / "restart_request.json"
+
+    def _open_outputs(self, args: Any, state: Any, main: bool) -> None:
+        """Rank 0: the event file, and in daemon mode the link to the daemon (which spools from that file)."""
+        events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
+        if main and (self.event_log_enabled or self.url):
+            self._events = EventLog(events_path)
+            self._ended_log = events_path
+        if main and self.url:
+            self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
+            meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
+                    "host": socket.gethostname(), "pid": os.getpid()}
+            self.token = self.token or _daemon_token(self.url)
+            self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
+                                   spool=events_path, run_key_dir=events_path.parent)
+            log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
+        self.arbiter.link, self.arbiter.deadline_seconds = self.link, self.deadline_seconds
+        self._output_dir = os.path.abspath(args.output_dir)
+
+    def _size_up_snapshots(self, model: Any) -> int:
+        """The trainable weights' size in bytes; over `snapshot_max_bytes`, rollbacks use checkpoints only."""
+        size = snapshots.trainable_nbytes(model)
+        if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
+            self.actuator.use_snapshots = False
+            log.warning("Guardian: trainable weights are %.1f GB, over snapshot_max_bytes; rollbacks will use "
+                        "good checkpoints on disk only", size / 1e9)
+        return size
+
+    def _emit_start(self, state: Any, trainable_bytes: int) -> None:
+        """The start event: the rules, how each step is read, and (daemon mode) the run's id and rule set."""
+        reading = self._probe.reading if self._probe is not None else None
+        self._emit(StartEvent(step=state.global_step, rules=[r.name for r in self.ruleset.rules],
+                              source=self.ruleset.source, trainable_bytes=trainable_bytes,
+                              max_steps=state.max_steps, clipped=self.engine.clipped,
+                              pre_update=reading.pre_update if reading else None,
+                              grad_norm_from=reading.grad_norm if reading else None,
+                              pre_update_why=(reading.why or None) if reading else None,
+                              # so `guardian push` can deliver the file later
+                              run_id=self.run_id if self.link else None, rule_set=self.rule_set if self.link else None),
+                   flush=True)
 
     # ---- the daemon's verdicts ---------------------------------------------------------------------
 
