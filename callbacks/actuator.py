@@ -28,6 +28,7 @@ log = logging.getLogger("guardian")
 PROBE_TOLERANCE = 1.5  # a good state's reference loss may be this many times the best one's
 EVALS_KEPT = 100
 OVERFIT_MARGIN = 0.03  # an evaluation this much above the best one says the run was past its best
+COUNTS = ("skipped_updates", "rollbacks", "lr_cuts", "lr_restores", "stops")  # what the actuator counts
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Actuator:
         self.use_snapshots = use_snapshots
         self.good: checkpoints.GoodCheckpoints | None = None
         self.lr_scale = 1.0
-        self.counts = {"skipped_updates": 0, "rollbacks": 0, "lr_cuts": 0, "lr_restores": 0, "stops": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
         self.best_eval: tuple[float, snapshots.Snapshot] | None = None
         self.evals: deque[tuple[int, float]] = deque(maxlen=EVALS_KEPT)
         self.scaler: Any = None  # the mixed-precision GradScaler, when the run has one

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from guardian.callbacks.actuator import COUNTS
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision
 from guardian.events import ActionEvent
@@ -228,8 +229,7 @@ class IntegrationBridge:
             return
         step = record.step
         decisions = self._step_decisions.get(step, [])
-        scalars = {f"guardian/{k}": float(counts.get(k, 0))
-                   for k in ("skipped_updates", "rollbacks", "lr_cuts", "lr_restores", "stops")}
+        scalars = {f"guardian/{k}": float(counts.get(k, 0)) for k in COUNTS}
         scalars["guardian/lr_scale"] = float(lr_scale)
         incident = next((d.incident for d in decisions if d.incident is not None), None)
         stop = bool(record.stopped)
