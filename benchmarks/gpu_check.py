@@ -98,6 +98,10 @@ from _common import RESULTS_DIR, machine_info, summary, table, write_json  # noq
 import torch  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from guardian import events  # noqa: E402
+from guardian.events import ActionEvent, SystemEvent  # noqa: E402
+from guardian.logs.eventlog import read_events  # noqa: E402
+
 CHECKS = ("overhead", "recovery", "nvml", "ddp")
 GPU_FACTS = ("memory_used_bytes", "memory_total_bytes", "utilization_ratio", "temperature_celsius", "power_watts")
 # Seconds per check; the full cuda run stays under 8 minutes even if every check used all of its budget.
@@ -319,7 +323,7 @@ def check_recovery(device: str, precision: str) -> Result:
         guardian = GuardianCallback(snapshot_every_steps=10)
         trainer = tiny_llama_trainer(out, device, precision, [FaultInjector([Fault("nan", 10)]), guardian], 20)
         trainer.train()
-        skipped = [i["step"] for i in guardian.interventions if i.get("skipped_update")]
+        skipped = [i.step for i in guardian.interventions if i.skipped_update]
         figures["skip"] = {"decisions": [[d.step, d.rule] for d in guardian.decisions], "skipped_steps": skipped,
                            "global_step": trainer.state.global_step, "guardian_errors": guardian.errors,
                            "weights_finite": _finite(trainer.model), **_scaler_facts(trainer)}
@@ -335,16 +339,16 @@ def check_recovery(device: str, precision: str) -> Result:
         record = Record()
         trainer = tiny_llama_trainer(out, device, precision, [FaultInjector([Fault("nan", 16)]), guardian, record], 20)
         trainer.train()
-        acts = [i for i in guardian.interventions if "rollback" in i]
-        figures["rollback"] = {"interventions": acts, "counts": dict(guardian.counts),
+        acts = [i for i in guardian.interventions if i.rollback is not None]
+        figures["rollback"] = {"interventions": [events.to_builtins(a) for a in acts], "counts": dict(guardian.counts),
                                "global_step": trainer.state.global_step, "guardian_errors": guardian.errors,
                                "weights_finite": _finite(trainer.model), **_scaler_facts(trainer)}
         require(guardian.errors == 0, f"Guardian had {guardian.errors} internal errors (a GradScaler assertion?)",
                 figures)
         require(trainer.state.global_step == 20, "the run did not reach step 20", figures)
-        require(len(acts) == 1 and acts[0].get("rollback") == "memory" and acts[0].get("rollback_to_step") == 10,
+        require(len(acts) == 1 and acts[0].rollback == "memory" and acts[0].rollback_to_step == 10,
                 "no single rollback from memory to the step-10 snapshot", figures)
-        require(acts[0].get("lr_factor") == 0.5 and guardian.counts["lr_cuts"] == 1, "the LR was not cut x0.5",
+        require(acts[0].lr_factor == 0.5 and guardian.counts["lr_cuts"] == 1, "the LR was not cut x0.5",
                 figures)
         require(record.steps[16]["checksum"] == record.steps[10]["checksum"],
                 "the weights after the rollback differ from the snapshot's", figures)
@@ -405,16 +409,14 @@ def check_nvml(device: str) -> Result:
         scrape = _Scrape(port, 5)
         trainer = tiny_llama_trainer(out, device, "bf16" if device == "cuda" else "fp32", [guardian, scrape], 8)
         trainer.train()
-        systems = [json.loads(line) for line in (Path(out) / "guardian" / "events.jsonl").read_text().splitlines()
-                   if '"system"' in line]
-        systems = [e for e in systems if e.get("kind") == "system"]
+        systems = [e for e in read_events(Path(out) / "guardian" / "events.jsonl") if isinstance(e, SystemEvent)]
     require("guardian_" in scrape.text, "the run's /metrics endpoint gave no Guardian metrics", figures)
     if device != "cuda":
         raise Skip("no NVML/GPU: skipped")
     exported = _exported_gpu_facts(scrape.text)
     figures["exported"] = exported
     figures["system_events"] = len(systems)
-    last = systems[-1]["gpus"] if systems else []
+    last = [events.to_builtins(gpu) for gpu in systems[-1].gpus] if systems else []
     figures["event_gpus"] = last
     missing = [k for k in GPU_FACTS if not math.isfinite(exported.get(k, math.nan))]
     require(not missing, f"not exported on /metrics (or not finite): {missing}", figures)
@@ -457,8 +459,10 @@ def check_ddp(device: str, budget_s: float) -> Result:
                                         "decisions", "interventions")})
     require(rec["backend"] == backend, f"process group backend {rec['backend']}, wanted {backend}", figures)
     require(rec["world_size"] == 1 and rec["global_step"] == 40, "not one rank to step 40", figures)
-    [act] = [i for i in rec["interventions"] if "rollback" in i] or [{}]
-    require((act.get("rollback"), act.get("rollback_to_step"), act.get("lr_factor")) == ("memory", 20, 0.5),
+    acts = [events.from_builtins(i) for i in rec["interventions"]]
+    rollbacks = [(a.rollback, a.rollback_to_step, a.lr_factor) for a in acts
+                 if isinstance(a, ActionEvent) and a.rollback is not None]
+    require(rollbacks == [("memory", 20, 0.5)],
             "no rollback from memory to step 20 with LR x0.5", figures)
     steps = rec["steps"]
     require(steps["30"]["checksum"] == steps["20"]["checksum"], "weights after the rollback differ", figures)
@@ -492,7 +496,7 @@ def ddp_worker(out: str, device: str) -> None:
             "global_step": trainer.state.global_step, "steps": record.steps,
             "model_wrapper": type(trainer.model_wrapped).__name__,
             "device": str(next(trainer.model.parameters()).device),  # type: ignore[union-attr]
-            "decisions": [[d.step, d.rule] for d in guardian.decisions], "interventions": guardian.interventions,
+            "decisions": [[d.step, d.rule] for d in guardian.decisions], "interventions": [events.to_builtins(i) for i in guardian.interventions],
         }, f)
     dist.barrier()
     dist.destroy_process_group()

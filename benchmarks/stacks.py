@@ -23,6 +23,8 @@ import transformers
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
+from guardian.events import MetricsEvent, StartEvent
+from guardian.logs.eventlog import read_events
 from guardian.testing.tinyrun import TinyRun
 
 STRETCH = range(30, 45)
@@ -42,14 +44,13 @@ def measure(max_grad_norm: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         run = TinyRun(folder, max_steps=50, eval_steps=0, logging_steps=5, max_grad_norm=max_grad_norm)
         run.trainer([FaultInjector([Fault("poison", STRETCH.start, steps=len(STRETCH))]), guardian]).train()
-        lines = (Path(folder) / "guardian" / "events.jsonl").read_text().splitlines()
-    events = [json.loads(line) for line in lines]
-    start = next(e for e in events if e["kind"] == "start")
-    norms = [e["values"]["grad_norm"] for e in events if e["kind"] == "metrics" and e.get("step") in STRETCH
-             and isinstance(e["values"].get("grad_norm"), float)]
+        written = list(read_events(Path(folder) / "guardian" / "events.jsonl"))
+    start = next(e for e in written if isinstance(e, StartEvent))
+    norms = [e.values["grad_norm"] for e in written if isinstance(e, MetricsEvent) and e.step in STRETCH
+             and isinstance(e.values.get("grad_norm"), float)]
     return {
         "transformers": transformers.__version__, "max_grad_norm": max_grad_norm,
-        "pre_update": start.get("pre_update"), "grad_norm_from": start.get("grad_norm_from"),
+        "pre_update": start.pre_update, "grad_norm_from": start.grad_norm_from,
         "decisions_in_stretch": sum(d.step in STRETCH for d in guardian.decisions),
         "skipped_updates": guardian.counts["skipped_updates"],
         "steps_fed": len(fed), "steps_fed_twice": sum(n > 1 for n in fed.values()),

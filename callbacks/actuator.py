@@ -28,6 +28,7 @@ log = logging.getLogger("guardian")
 PROBE_TOLERANCE = 1.5  # a good state's reference loss may be this many times the best one's
 EVALS_KEPT = 100
 OVERFIT_MARGIN = 0.03  # an evaluation this much above the best one says the run was past its best
+COUNTS = ("skipped_updates", "rollbacks", "lr_cuts", "lr_restores", "stops")  # what the actuator counts
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Actuator:
         self.use_snapshots = use_snapshots
         self.good: checkpoints.GoodCheckpoints | None = None
         self.lr_scale = 1.0
-        self.counts = {"skipped_updates": 0, "rollbacks": 0, "lr_cuts": 0, "lr_restores": 0, "stops": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
         self.best_eval: tuple[float, snapshots.Snapshot] | None = None
         self.evals: deque[tuple[int, float]] = deque(maxlen=EVALS_KEPT)
         self.scaler: Any = None  # the mixed-precision GradScaler, when the run has one
@@ -62,33 +63,32 @@ class Actuator:
     def carry_out(self, plan: Plan, step: int, onset: int, control: Any, model: Any, optimizer: Any,
                   scheduler: Any, *, pre_update: bool) -> ActionOutcome:
         """Do what the plan says; return what was done (false when nothing was)."""
-        done: dict[str, Any] = {}
+        done = ActionOutcome()
         if plan.restore_lr and optimizer is not None:
-            restored = self.restore_lr(optimizer, scheduler)
-            if restored is None:
+            done.lr_restored = self.restore_lr(optimizer, scheduler)
+            if done.lr_restored is None:
                 plan = replace(plan, skip_update=True)  # no schedule to go back to: do not update at this rate
-            done["lr_restored"] = restored
         if plan.rollback and not self.in_process_rollback:
-            done.update(self.request_restart(onset))
+            self.request_restart(onset, done)
             plan = replace(plan, stop=True, restore=Restore.CURRENT)
         elif plan.rollback:
-            done.update(self.rollback(onset, model, optimizer, scheduler))
+            self.rollback(onset, model, optimizer, scheduler, done)
         if plan.skip_update and pre_update and optimizer is not None:
             self.skip(optimizer)
-            done["skipped_update"] = True
+            done.skipped_update = True
         if plan.lr_factor < 1.0 and optimizer is not None:
             applied = scale_lr(optimizer, scheduler, plan.lr_factor, plan.min_lr)
             if applied < 1.0:
                 self.lr_scale *= applied
                 self.counts["lr_cuts"] += 1
-            done.update(lr_factor=applied, lr=current_lr(optimizer), lr_scale=self.lr_scale)
+            done.lr_factor, done.lr, done.lr_scale = applied, current_lr(optimizer), self.lr_scale
         if plan.stop:
             if plan.restore is not Restore.CURRENT and model is not None:
-                done["restored"] = self.restore_for_stop(plan.restore, onset, model, optimizer, scheduler)
+                done.restored = self.restore_for_stop(plan.restore, onset, model, optimizer, scheduler)
             control.should_training_stop = True
             self.counts["stops"] += 1
-            done["stopped"] = True
-        return ActionOutcome(**done)
+            done.stopped = True
+        return done
 
     # ---- single actions ----------------------------------------------------------------------------
 
@@ -119,17 +119,19 @@ class Actuator:
         self.counts["lr_restores"] += 1
         return LrChange(from_=before, to=current_lr(optimizer))
 
-    def rollback(self, onset: int, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-        """Restore the newest good state (memory or disk) from before `onset - margin`; the schedule stays put."""
+    def rollback(self, onset: int, model: Any, optimizer: Any, scheduler: Any, done: ActionOutcome) -> None:
+        """Restore the newest good state (memory or disk) from before `onset - margin`; the schedule stays put.
+        Says in `done` where the weights came from, or why they could not."""
         started = time.perf_counter()
         target = self.target(onset)
         if target is None:
-            return {"rollback": "impossible", "reason": f"no good snapshot or checkpoint before step {onset}"}
+            done.rollback, done.reason = "impossible", f"no good snapshot or checkpoint before step {onset}"
+            return
         self._restore(target, model, optimizer, scheduler)
         self.snapshots.drop_from(target.step + 1)
         self.counts["rollbacks"] += 1
-        seconds = time.perf_counter() - started
-        return {"rollback": target.source, "rollback_to_step": target.step, "rollback_seconds": round(seconds, 4)}
+        done.rollback, done.rollback_to_step = target.source, target.step
+        done.rollback_seconds = round(time.perf_counter() - started, 4)
 
     def restore_for_stop(self, restore: Restore, onset: int, model: Any, optimizer: Any, scheduler: Any) -> str:
         """Leave the best known-good weights in place before a stop; say which."""
@@ -140,13 +142,13 @@ class Actuator:
         self._restore(state, model, optimizer, scheduler)
         return f"the weights of step {state.step} ({why})"
 
-    def request_restart(self, onset: int) -> dict[str, Any]:
-        """Write where a supervised restart should resume from; the run then stops."""
+    def request_restart(self, onset: int, done: ActionOutcome) -> None:
+        """Write where a supervised restart should resume from (and say it in `done`); the run then stops."""
         folder = self.good.newest_before(onset - self.rollback_margin_steps) if self.good else None
         if self.restart_request is not None:
             write_atomic(self.restart_request, json.dumps({"resume_from": str(folder) if folder else None,
                                                            "onset_step": onset}), mode=None)
-        return {"rollback": "restart", "resume_from": str(folder) if folder else None}
+        done.rollback, done.resume_from = "restart", str(folder) if folder else None
 
     # ---- good states -------------------------------------------------------------------------------
 

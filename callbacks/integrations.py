@@ -26,8 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from guardian.engine.actions import ActionKind, describe_outcome
+from guardian.callbacks.actuator import COUNTS
+from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision
+from guardian.events import ActionEvent
 
 log = logging.getLogger("guardian")
 F = TypeVar("F", bound=Callable[..., None])
@@ -49,13 +51,13 @@ class Report:
     stop: bool = False
 
 
-def action_line(record: Mapping[str, Any], decisions: list[Decision]) -> str:
-    """"Guardian skipped step 812 (loss_spike): loss 9.6 at step 812 is ..." for an action record."""
-    step = record["step"]
+def action_line(record: ActionEvent, decisions: list[Decision]) -> str:
+    """"Guardian skipped step 812 (loss_spike): loss 9.6 at step 812 is ..." for an action."""
+    step = record.step
     acting = [d for d in decisions if not alert_only(d)]  # an alert at the same step has its own line
-    named = [d.rule for d in acting] or [str(r) for r in record.get("rules", [])]
+    named = [d.rule for d in acting] or list(record.rules)
     rules = ", ".join(dict.fromkeys(named)) or "command"
-    what = describe_outcome(dict(record))
+    what = record.outcome.describe()
     head = f"skipped step {step}" if what == "skipped this update" else f"at step {step}: {what}"
     why = "; ".join(dict.fromkeys(d.finding.message for d in acting if d.finding.message))
     return f"Guardian {head} ({rules})" + (f": {why}" if why else "")
@@ -221,17 +223,16 @@ class IntegrationBridge:
                                decision.severity.value == "critical"))
 
     @_quietly
-    def action(self, record: Mapping[str, Any], counts: Mapping[str, int], lr_scale: float) -> None:
-        """Guardian acted at `record["step"]`: the running counts, the rate's scale and the action's line."""
+    def action(self, record: ActionEvent, counts: Mapping[str, int], lr_scale: float) -> None:
+        """Guardian acted at `record.step`: the running counts, the rate's scale and the action's line."""
         if not self.writers:
             return
-        step = int(record["step"])
+        step = record.step
         decisions = self._step_decisions.get(step, [])
-        scalars = {f"guardian/{k}": float(counts.get(k, 0))
-                   for k in ("skipped_updates", "rollbacks", "lr_cuts", "lr_restores", "stops")}
+        scalars = {f"guardian/{k}": float(counts.get(k, 0)) for k in COUNTS}
         scalars["guardian/lr_scale"] = float(lr_scale)
         incident = next((d.incident for d in decisions if d.incident is not None), None)
-        stop = bool(record.get("stopped"))
+        stop = bool(record.stopped)
         critical = stop or any(d.severity.value == "critical" for d in decisions)
         self._write(Report(step, scalars, action_line(record, decisions), incident, critical, action=True, stop=stop))
 

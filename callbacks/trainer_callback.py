@@ -11,13 +11,15 @@ decisions about step N are carried out before the update of step N+1, if it answ
 `deadline_seconds`; otherwise the embedded engine, which sees the same stream, decides. A skip of the
 update being made right now cannot wait for a round trip, so the embedded engine always makes those.
 A failure inside Guardian is logged and training goes on.
+
+The hooks live here and delegate: `verdicts.VerdictArbiter` settles whose verdict a step acts on in daemon mode,
+`actuator.Actuator` carries a plan out, `runfiles` holds the supervisor and state files, `run_metrics` serves an
+embedded run's Prometheus metrics, `integrations` writes to the Trainer's own reporting.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -37,21 +39,23 @@ from guardian.callbacks.integrations import IntegrationBridge
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
+from guardian.callbacks.run_metrics import serve_run_metrics
+from guardian.callbacks.runfiles import (SupervisorFile, restart_number, resumed_from, run_dirs_of, save_state,
+                                         saved_engine_state, saved_state_for_resume)
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.callbacks.trl_metrics import StoredMetrics
+from guardian.callbacks.verdicts import VerdictArbiter
+from guardian.commands.attach import default_run_id
 from guardian.commands.doctor import method_of_trainer, preflight
-from guardian.commands.supervisor import ENV_RESTART
 from guardian import events
-from guardian.engine.actions import IMMEDIATE, ActionKind, ActionSpec, merge
-from guardian.engine.engine import Decision, Engine, decision_from_event
+from guardian.engine.actions import IMMEDIATE, ActionKind, merge
+from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
 from guardian.rulefile.reader import METHOD_RULES, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
-from guardian.events import ActionEvent, AnyEvent, Command, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
-from guardian.exporter import GuardianCollector
-from guardian.runview import RunTracker, RunView
+from guardian.events import ActionEvent, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
+from guardian.runview import RunTracker
 from guardian.gpu import GpuReader
-from guardian.logs.atomic import write_atomic
 from guardian.logs.badsample import bad_samples_path
 from guardian.logs.eventlog import EventLog
 from guardian.transport.client import DaemonLink
@@ -59,7 +63,6 @@ from guardian.transport.token import TOKEN_ENV, default_state_dir, find_token, t
 
 log = logging.getLogger("guardian")
 F = TypeVar("F", bound=Callable[..., Any])
-STATE_FILE = "guardian_state.json"
 
 
 def _never_raises(hook: F) -> F:
@@ -77,13 +80,6 @@ def _never_raises(hook: F) -> F:
             return None
 
     return safe  # type: ignore[return-value]
-
-
-def default_run_id(output_dir: str, run_name: str | None = None) -> str:
-    """Stable across resumes of the same run: the output folder's name and a hash of its full path."""
-    path = os.path.abspath(output_dir)
-    digest = hashlib.sha1(f"{socket.gethostname()}:{path}".encode()).hexdigest()[:8]
-    return f"{run_name or os.path.basename(path.rstrip('/')) or 'run'}-{digest}"
 
 
 class GuardianCallback(TrainerCallback):
@@ -166,8 +162,7 @@ class GuardianCallback(TrainerCallback):
         self.samples: SampleTracker | None = None  # which samples each step used; bad_samples.jsonl
         self.integrations = IntegrationBridge(enabled=report_to_integrations)  # report_to's writers
         self.advice: list[Any] = []
-        self._supervisor_file = Path(os.environ["GUARDIAN_SUPERVISOR_FILE"]) if os.environ.get(
-            "GUARDIAN_SUPERVISOR_FILE") else None
+        self.supervisor = SupervisorFile()  # under `guardian run`: what the supervisor needs to know
         self._output_dir = ""
         self.tracker = RunTracker(run_id or "embedded")
         self.metrics_server: Any = None
@@ -180,16 +175,13 @@ class GuardianCallback(TrainerCallback):
         self.decisions: list[Decision] = []
         self.interventions: list[ActionEvent] = []
         self.errors = 0
-        self.verdicts = {"daemon": 0, "local_fallback": 0}
+        self.arbiter = VerdictArbiter(deadline_seconds=deadline_seconds)  # daemon mode: whose verdict to act on
         self.link: DaemonLink | None = None
         self._trainer: Any = None
         self._probe: StepProbe | None = None
         self._events: EventLog | None = None
         self._ended_log: Path | None = None  # where evaluations after train end are appended
         self._last_decision_step = -(10**9)
-        self._pending: list[tuple[int, int, list[Decision]]] = []  # (seq, step, local decisions) awaiting a verdict
-        self._pending_since = 0.0
-        self._acted_early: set[tuple[int, str]] = set()  # (step, rule) of skips made before the verdict
         self.sync = RankSync()
         self.reference = ReferenceBatch()
         self._probed: dict[str, float] = {}
@@ -214,6 +206,11 @@ class GuardianCallback(TrainerCallback):
     def snapshots(self) -> snapshots.SnapshotRing:
         return self.actuator.snapshots
 
+    @property
+    def verdicts(self) -> dict[str, int]:
+        """Daemon mode: how often the daemon's verdict was acted on, and how often ours (the daemon was late)."""
+        return self.arbiter.counts
+
     # ---- hooks -------------------------------------------------------------------------------------
 
     @_never_raises
@@ -223,40 +220,13 @@ class GuardianCallback(TrainerCallback):
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
+        main = bool(state.is_world_process_zero)
         show_log_lines(int(getattr(args, "process_index", 0)))
         self._trainer = self._trainer or find_trainer()
-        method = method_of_trainer(self._trainer) if self._trainer is not None else None
-        if not self._rules_given and method in METHOD_RULES:  # DPO family: + preference.yaml; GRPO/PPO: rl.yaml
-            self.ruleset = shipped_rules_for(method)
-            self.engine = Engine(self.ruleset)
-        self._stored = StoredMetrics(self._trainer) if self._trainer is not None else None
-        self._train_ended = False
-        self.reference = ReferenceBatch()
-        self._probe = StepProbe(self._trainer, reference=self.reference)
-        if not self._probe.reading.pre_update and state.is_world_process_zero:
-            log.warning(self._probe.reading.warning())
-        self.sync = RankSync()
-        self.actuator.in_process_rollback = not _sharded(self._trainer)
-        self.actuator.scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
-        clip = getattr(args, "max_grad_norm", None)
-        self.engine.clipped = isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
-        self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
-        if state.is_world_process_zero:
-            self.actuator.restart_request = Path(args.output_dir) / "guardian" / "restart_request.json"
-        events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
-        if state.is_world_process_zero and (self.event_log_enabled or self.url):
-            self._events = EventLog(events_path)
-            self._ended_log = events_path
-        if state.is_world_process_zero and self.url:
-            self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
-            meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
-                    "host": socket.gethostname(), "pid": os.getpid()}
-            self.token = self.token or _daemon_token(self.url)
-            self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
-                                   spool=events_path, run_key_dir=events_path.parent)
-            log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
-        self._output_dir = os.path.abspath(args.output_dir)
-        self.integrations.attach(self._trainer, main_process=state.is_world_process_zero)
+        self._choose_rules()
+        self._watch_trainer(args, main)
+        self._open_outputs(args, state, main)
+        self.integrations.attach(self._trainer, main_process=main)
         self._resume(args, state)
         self._track_samples(args, state, kwargs)
         if self.lr_factor_at_start and optimizer is not None:
@@ -266,29 +236,18 @@ class GuardianCallback(TrainerCallback):
         self._tell_supervisor()
         self._rank = int(getattr(args, "process_index", 0))
         self._gpus = _gpu_reader()
-        if self.metrics_port is not None and state.is_world_process_zero:
+        if self.metrics_port is not None and main:
             self.tracker.view.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
-            self.metrics_server = serve_run_metrics(self, self.metrics_port)
-        size = snapshots.trainable_nbytes(model)
-        if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
-            self.actuator.use_snapshots = False
-            log.warning("Guardian: trainable weights are %.1f GB, over snapshot_max_bytes; rollbacks will use "
-                        "good checkpoints on disk only", size / 1e9)
-        if state.is_world_process_zero:
+            self.metrics_server = serve_run_metrics(self.tracker, self.engine, self.metrics_port)
+        size = self._size_up_snapshots(model)
+        if main:
             self.advice = preflight(args, model, self.ruleset, strict=self.strict_preflight,
                                     snapshots_enabled=self.actuator.use_snapshots,
                                     method=method_of_trainer(self._trainer) if self._trainer is not None else None,
-                                    quiet=_restart_number() > 0)
+                                    quiet=restart_number() > 0)
         if self.actuator.use_snapshots and self.actuator.snapshot(state.global_step, model, optimizer, lr_scheduler):
             self.engine.remember(state.global_step)
-        reading = self._probe.reading
-        self._emit(StartEvent(step=state.global_step, rules=[r.name for r in self.ruleset.rules],
-                              source=self.ruleset.source, trainable_bytes=size, max_steps=state.max_steps,
-                              clipped=self.engine.clipped, pre_update=reading.pre_update,
-                              grad_norm_from=reading.grad_norm, pre_update_why=reading.why or None,
-                              # so `guardian push` can deliver the file later
-                              run_id=self.run_id if self.link else None, rule_set=self.rule_set if self.link else None),
-                   flush=True)
+        self._emit_start(state, size)
         log.info("Guardian: watching with %d rules from %s", len(self.ruleset.rules), self.ruleset.source)
 
     @_never_raises
@@ -301,16 +260,7 @@ class GuardianCallback(TrainerCallback):
         self._measure_first_snapshot(state.global_step, model)
         if self._probe is None or not self._probe.wrapped:
             return  # no per-step reading (said at train begin): the rules judge what Trainer logs, in on_log
-        reduce = self.sync.reduce_step_values if self.sync.active else None
-        values = self._probe.read(model, reduce)
-        if self._stored is not None:
-            for key, value in self._stored.read().items():  # TRL stores them in training_step: this step's, pre-update
-                values.setdefault(key, value)
-        if optimizer is not None:
-            values["learning_rate"] = current_lr(optimizer)
-            scheduled = scheduled_lrs(lr_scheduler, optimizer)
-            if scheduled:
-                values["scheduled_lr"] = scheduled[0]
+        values = self._step_values(self._probe, model, optimizer, lr_scheduler)
         self._probed = {}
         try:
             decisions = self.engine.observe(step, values, probe=lambda onset: self._measure_probe(model, onset))
@@ -324,8 +274,21 @@ class GuardianCallback(TrainerCallback):
         early = [d for d in decisions if any(a.kind in IMMEDIATE for a in d.actions)]
         if early:
             self._act(step, early, *kit, pre_update=True, only=tuple(IMMEDIATE))
-            self._acted_early.update((d.step, d.rule) for d in early)
+            self.arbiter.acted_early(early)
         self._await_verdict(event, step, decisions)
+
+    def _step_values(self, probe: StepProbe, model: Any, optimizer: Any, scheduler: Any) -> dict[str, float]:
+        """This step's values before its update: the probe's (over all ranks), TRL's stored metrics, the rates."""
+        values = probe.read(model, self.sync.reduce_step_values if self.sync.active else None)
+        if self._stored is not None:
+            for key, value in self._stored.read().items():  # TRL stores them in training_step: this step's, pre-update
+                values.setdefault(key, value)
+        if optimizer is not None:
+            values["learning_rate"] = current_lr(optimizer)
+            scheduled = scheduled_lrs(scheduler, optimizer)
+            if scheduled:
+                values["scheduled_lr"] = scheduled[0]
+        return values
 
     @_never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -378,7 +341,7 @@ class GuardianCallback(TrainerCallback):
         # Every rank measures (the reference loss is averaged over ranks); rank 0 writes.
         probe = self._reference_loss(model) if self._healthy(step) else None
         if folder.is_dir() and state.is_world_process_zero:
-            _write_json(folder / STATE_FILE, self._state())
+            save_state(folder, self._state())
             finite = model is None or snapshots.all_finite(list(snapshots.trainable_parameters(model).values()))
             if self._healthy(step) and finite and self.actuator.good is not None:
                 info = {"lr_scale": self.lr_scale, **({"probe_loss": probe} if probe is not None else {})}
@@ -392,7 +355,8 @@ class GuardianCallback(TrainerCallback):
         counts = self.counts
         self._emit(EndEvent(step=state.global_step, skipped_updates=counts["skipped_updates"],
                             rollbacks=counts["rollbacks"], lr_cuts=counts["lr_cuts"],
-                            lr_restores=counts["lr_restores"], stops=counts["stops"], decisions=len(self.decisions),
+                            lr_restores=counts["lr_restores"], stops=counts["stops"],
+                            masked_samples=counts.get("masked_samples", 0), decisions=len(self.decisions),
                             incidents=[i.to_dict() for i in self.engine.policy.incidents], lr_scale=self.lr_scale,
                             guardian_errors=self.errors, verdicts=dict(self.verdicts)), flush=True)
         if self.link is not None:
@@ -422,63 +386,100 @@ class GuardianCallback(TrainerCallback):
         log.info("Guardian: an evaluation at step %s after training ended is recorded in %s; no rule acts on it",
                  event.step, self._ended_log)
 
+    # ---- train begin, step by step --------------------------------------------------------------------
+
+    def _choose_rules(self) -> None:
+        """No rules given: the shipped ones for the trainer's method (DPO family: + preference.yaml; GRPO/PPO:
+        rl.yaml)."""
+        method = method_of_trainer(self._trainer) if self._trainer is not None else None
+        if not self._rules_given and method in METHOD_RULES:
+            self.ruleset = shipped_rules_for(method)
+            self.engine = Engine(self.ruleset)
+
+    def _watch_trainer(self, args: Any, main: bool) -> None:
+        """Hook into the trainer: the per-step reading, the ranks, and what the actuator needs to act."""
+        self._stored = StoredMetrics(self._trainer) if self._trainer is not None else None
+        self._train_ended = False
+        self.reference = ReferenceBatch()
+        self._probe = StepProbe(self._trainer, reference=self.reference)
+        if not self._probe.reading.pre_update and main:
+            log.warning(self._probe.reading.warning())
+        self.sync = RankSync()
+        self.actuator.in_process_rollback = not _sharded(self._trainer)
+        self.actuator.scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
+        clip = getattr(args, "max_grad_norm", None)
+        self.engine.clipped = isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
+        self.actuator.good = checkpoints.GoodCheckpoints(args.output_dir, keep=self.protect_checkpoints)
+        if main:
+            self.actuator.restart_request = Path(args.output_dir) / "guardian" / "restart_request.json"
+
+    def _open_outputs(self, args: Any, state: Any, main: bool) -> None:
+        """Rank 0: the event file, and in daemon mode the link to the daemon (which spools from that file)."""
+        events_path = Path(args.output_dir) / "guardian" / "events.jsonl"
+        if main and (self.event_log_enabled or self.url):
+            self._events = EventLog(events_path)
+            self._ended_log = events_path
+        if main and self.url:
+            self.run_id = self.run_id or default_run_id(args.output_dir, getattr(args, "run_name", None))
+            meta = {"output_dir": os.path.abspath(args.output_dir), "max_steps": state.max_steps,
+                    "host": socket.gethostname(), "pid": os.getpid()}
+            self.token = self.token or _daemon_token(self.url)
+            self.link = DaemonLink(self.url, self.run_id, rules=self.rule_set, meta=meta, token=self.token,
+                                   spool=events_path, run_key_dir=events_path.parent)
+            log.info("Guardian: reporting run %s to %s", self.run_id, self.url)
+        self.arbiter.link, self.arbiter.deadline_seconds = self.link, self.deadline_seconds
+        self._output_dir = os.path.abspath(args.output_dir)
+
+    def _size_up_snapshots(self, model: Any) -> int:
+        """The trainable weights' size in bytes; over `snapshot_max_bytes`, rollbacks use checkpoints only."""
+        size = snapshots.trainable_nbytes(model)
+        if self.actuator.use_snapshots and size > self.snapshot_max_bytes:
+            self.actuator.use_snapshots = False
+            log.warning("Guardian: trainable weights are %.1f GB, over snapshot_max_bytes; rollbacks will use "
+                        "good checkpoints on disk only", size / 1e9)
+        return size
+
+    def _emit_start(self, state: Any, trainable_bytes: int) -> None:
+        """The start event: the rules, how each step is read, and (daemon mode) the run's id and rule set."""
+        reading = self._probe.reading if self._probe is not None else None
+        self._emit(StartEvent(step=state.global_step, rules=[r.name for r in self.ruleset.rules],
+                              source=self.ruleset.source, trainable_bytes=trainable_bytes,
+                              max_steps=state.max_steps, clipped=self.engine.clipped,
+                              pre_update=reading.pre_update if reading else None,
+                              grad_norm_from=reading.grad_norm if reading else None,
+                              pre_update_why=(reading.why or None) if reading else None,
+                              # so `guardian push` can deliver the file later
+                              run_id=self.run_id if self.link else None, rule_set=self.rule_set if self.link else None),
+                   flush=True)
+
     # ---- the daemon's verdicts ---------------------------------------------------------------------
 
     def _await_verdict(self, event: AnyEvent | None, step: int, local: list[Decision]) -> None:
-        if event is None or self.link is None:
-            return
-        if not self._pending:
-            self._pending_since = time.monotonic()
-            self.link.want_decisions_from(step)
-        self._pending.append((event.seq, step, local))
+        """Rank 0: the daemon's verdict on this step is settled before the next update."""
+        if event is not None:
+            self.arbiter.await_verdict(event.seq, step, local)
 
     def _apply_remote(self, step: int, control: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
         """Act on the daemon's verdicts for earlier steps (or our own past the deadline) and its commands.
 
         Rank 0 talks to the daemon; under DDP it broadcasts the resulting plan, so every rank applies it."""
-        decisions, source, commands = self._collect_remote() if self.link is not None else ([], "", [])
-        self._acted_early.clear()
-        actions = [a for d in decisions for a in d.actions if a.kind is not ActionKind.SKIP_UPDATE]
-        actions += [ActionSpec(c.action, dict(c.params)) for c in commands]
-        plan = merge(actions) if decisions or commands else None
-        onset = min([d.finding.onset_step for d in decisions], default=step)
+        verdict = self.arbiter.settle(step)
+        plan, onset = verdict.plan, verdict.onset_step
         if self.sync.active:
             device = next(model.parameters()).device if model is not None else torch.device("cpu")
             plan, onset = self.sync.broadcast_plan(plan, onset, device)
         if plan is None:
             return
         self._last_decision_step = step
-        for decision in decisions:
-            self._record(decision, source)
+        for decision in verdict.decisions:
+            self._record(decision, verdict.source)
         if plan.empty:
             return
         outcome = self.actuator.carry_out(plan, step, onset, control, model, optimizer, scheduler, pre_update=True)
-        rules = [d.rule for d in decisions] + [f"manual:{c.action.value}" for c in commands]
-        self._log_outcome(outcome.event(step, rules, "command" if commands and not decisions else source,
-                                        [c.id for c in commands] if commands else None))
-
-    def _collect_remote(self) -> tuple[list[Decision], str, list[Command]]:
-        """Rank 0: the verdicts on pending steps (the daemon's if in time, else ours) and queued commands."""
-        assert self.link is not None
-        decisions: list[Decision] = []
-        source = ""
-        if self._pending:
-            last_seq, last_step = self._pending[-1][0], self._pending[-1][1]
-            left = self.deadline_seconds - (time.monotonic() - self._pending_since)
-            if self.link.wait_for(last_seq, max(0.0, left)):
-                decisions = [decision_from_event(d) for d in self.link.take_decisions(last_step)]
-                self.verdicts["daemon"] += 1
-                source = "daemon"
-            else:
-                self.link.take_decisions(last_step)  # a late answer about these steps is not acted on
-                decisions = [d for _, _, local in self._pending for d in local]
-                self.verdicts["local_fallback"] += 1
-                source = "local (daemon late)"
-            self._pending.clear()
-        # The skips were already made when those steps' updates happened.
-        decisions = [d for d in decisions if (d.step, d.rule) not in self._acted_early]
-        self._acted_early.clear()
-        return decisions, source, self.link.take_commands()
+        commands = verdict.commands
+        rules = [d.rule for d in verdict.decisions] + [f"manual:{c.action.value}" for c in commands]
+        source = "command" if commands and not verdict.decisions else verdict.source
+        self._log_outcome(outcome.event(step, rules, source, [c.id for c in commands] if commands else None))
 
     # ---- acting ------------------------------------------------------------------------------------
 
@@ -530,11 +531,11 @@ class GuardianCallback(TrainerCallback):
         tokenizer = (kwargs.get("processing_class") or getattr(trainer, "processing_class", None)
                      or getattr(trainer, "tokenizer", None)
                      or getattr(getattr(trainer, "data_collator", None), "tokenizer", None))
-        resumed_from = os.environ.get("GUARDIAN_RESUME_FROM")
+        resumed = resumed_from()
         self.samples = SampleTracker(
             args.output_dir, rank=self.sync.rank, world_size=self.sync.world_size, tokenizer=tokenizer,
             mask_known_bad=self.mask_known_bad_samples, counts=self.actuator.counts,
-            also_read=[bad_samples_path(d) for d in _run_dirs_of(resumed_from)] if resumed_from else ())
+            also_read=[bad_samples_path(d) for d in run_dirs_of(resumed)] if resumed else ())
         self.samples.attach(kwargs.get("train_dataloader"))
         if self._probe is not None and self._probe.wrapped:
             self._probe.on_inputs = self.samples.see
@@ -564,12 +565,7 @@ class GuardianCallback(TrainerCallback):
 
     def _rewind(self, source: str, step: int) -> None:
         """The rules' baselines follow the weights back to `step` (from memory, or the checkpoint's state)."""
-        saved = None
-        if source != "memory":
-            try:
-                saved = json.loads((Path(source) / STATE_FILE).read_text()).get("engine")
-            except (OSError, ValueError):
-                saved = None
+        saved = saved_engine_state(source) if source != "memory" else None
         if not self.engine.rewind(step, saved):
             log.info("Guardian: rules that follow the loss level start afresh after the rollback to step %d", step)
 
@@ -612,27 +608,17 @@ class GuardianCallback(TrainerCallback):
         return {"engine": self.engine.state_dict(), "lr_scale": self.lr_scale, "counts": self.counts}
 
     def _tell_supervisor(self) -> None:
-        """Under `guardian run`: where the run writes, its good checkpoints, and any restart request."""
-        if self._supervisor_file is None or self.sync.rank != 0:
-            return
-        good = self.actuator.good
-        request = self.actuator.restart_request
-        _write_json(self._supervisor_file, {
-            "output_dir": self._output_dir,
-            "good_checkpoints": [str(good.root / f"checkpoint-{s}") for s in good.steps()] if good else [],
-            "restart_request": json.loads(request.read_text()) if request and request.is_file() else None,
-        })
+        """Under `guardian run` (rank 0): where the run writes, its good checkpoints, and any restart request."""
+        if self.sync.rank == 0:
+            self.supervisor.tell(self._output_dir, self.actuator.good, self.actuator.restart_request)
 
     def _resume(self, args: Any, state: Any) -> None:
         if state.global_step == 0:
             return
-        candidates = [Path(p) / STATE_FILE for p in (os.environ.get("GUARDIAN_RESUME_FROM"),) if p]
-        candidates += [Path(args.output_dir) / folder / f"checkpoint-{state.global_step}" / STATE_FILE
-                       for folder in (".", "guardian/good")]
-        saved = next((c for c in candidates if c.is_file()), None)
-        if saved is None:
+        found = saved_state_for_resume(args.output_dir, state.global_step)
+        if found is None:
             return
-        data = json.loads(saved.read_text())
+        saved, data = found
         try:
             self.engine.load_state_dict(data["engine"])
         except (KeyError, ValueError) as exc:
@@ -660,15 +646,6 @@ def show_log_lines(rank: int = 0) -> None:
         logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def _restart_number() -> int:
-    """Which attempt of a supervised run this is (`guardian run` sets GUARDIAN_RESTART: 0 first, N at the Nth
-    restart); 0 outside `guardian run`."""
-    try:
-        return max(0, int(os.environ.get(ENV_RESTART, "0")))
-    except ValueError:
-        return 0
-
-
 def _daemon_token(url: str) -> str | None:
     """`GUARDIAN_TOKEN`, else the daemon's token file; None (said loudly: the daemon refuses every report
     without it) when neither is there. Training goes on either way, with local verdicts."""
@@ -678,15 +655,6 @@ def _daemon_token(url: str) -> str | None:
                     "run's steps are judged locally only. Set %s, or GUARDIAN_HOME to the daemon's state folder "
                     "(its token file is %s)", url, where, TOKEN_ENV, token_path(default_state_dir()))
     return token
-
-
-def _run_dirs_of(checkpoint: str) -> list[Path]:
-    """The run folders a checkpoint may belong to: `RUN/checkpoint-N` or `RUN/guardian/good/checkpoint-N`."""
-    folder = Path(checkpoint).resolve()
-    dirs = [folder.parent]
-    if folder.parent.name == "good" and folder.parent.parent.name == "guardian":
-        dirs.append(folder.parent.parent.parent)
-    return dirs
 
 
 def _sharded(trainer: Any) -> bool:
@@ -705,26 +673,3 @@ def _gpu_reader() -> GpuReader | None:
     except AttributeError:
         reader = GpuReader()
     return reader if reader.available else None
-
-
-def serve_run_metrics(callback: GuardianCallback, port: int, host: str = "127.0.0.1") -> Any:
-    """Prometheus metrics for one embedded run on host:port (loopback by default)."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    def views() -> list[RunView]:
-        view = callback.tracker.view
-        view.rule_status = {k: v.value for k, v in callback.engine.rule_status().items()}
-        view.rule_firings = {k: fired for k, (fired, _) in callback.engine.rule_counts().items()}
-        view.last_report = view.last_report or time.time()
-        view.peaks = callback.tracker.peaks.take("embedded", view.latest)  # one window, whoever scrapes
-        return [view]
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(GuardianCollector(views))
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    log.info("Guardian: metrics for this run on http://%s:%d/metrics", host, port)
-    return server
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data), mode=None)

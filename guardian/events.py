@@ -283,6 +283,7 @@ class EndEvent(Event, tag="end", kw_only=True, omit_defaults=True):
     lr_cuts: Int64 = 0
     lr_restores: Int64 = 0
     stops: Int64 = 0
+    masked_samples: Int64 = 0  # rows of samples an earlier run named as bad, masked when they came again
     decisions: Int64 = 0
     incidents: list[dict[str, Any]] | None = None
     lr_scale: float | None = None

@@ -14,6 +14,8 @@ from transformers import TrainerCallback
 from guardian.callbacks.snapshots import trainable_parameters
 from guardian.engine.rules import RuleSet
 from guardian.rulefile.reader import parse_rules
+from guardian.events import AnyEvent, MetricsEvent, StartEvent
+from guardian.logs.eventlog import read_events
 
 
 @dataclass
@@ -65,8 +67,27 @@ def rules(text: str) -> RuleSet:
 
 
 def events(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines of a run's event file as JSON values (the daemon's tests compare them with what it stored)."""
     path = Path(output_dir) / "guardian" / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_events(output_dir: str | Path) -> list[AnyEvent]:
+    """The events of a run's event file, typed (every line must be one)."""
+    found = list(read_events(Path(output_dir) / "guardian" / "events.jsonl"))
+    assert None not in found, "a line of the event file is not an event"
+    return [e for e in found if e is not None]
+
+
+def start_event(output_dir: str | Path) -> StartEvent:
+    """The run's one start event."""
+    [start] = [e for e in run_events(output_dir) if isinstance(e, StartEvent)]
+    return start
+
+
+def train_metrics(output_dir: str | Path) -> list[MetricsEvent]:
+    """The run's metrics events of training steps (not evaluations)."""
+    return [e for e in run_events(output_dir) if isinstance(e, MetricsEvent) and e.phase == "train"]
 
 
 def all_finite(model: Any) -> bool:

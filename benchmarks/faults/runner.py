@@ -36,6 +36,8 @@ from model import build_model
 from peers import SpikeStopCallback
 from scenarios import NO_INJECTION, Scenario
 
+from guardian import events
+
 VARIANTS = ["clean", "unguarded", "guardian", "hf_early_stop", "spike_stop"]
 TEST_BATCH = 128
 
@@ -306,11 +308,12 @@ def quiet() -> None:
 
 
 def _guardian_record(cb: Any, output_dir: str) -> dict[str, Any]:
-    events = Path(output_dir) / "guardian" / "events.jsonl"
-    lines = sum(1 for _ in events.open()) if events.is_file() else 0
+    event_file = Path(output_dir) / "guardian" / "events.jsonl"
+    lines = sum(1 for _ in event_file.open()) if event_file.is_file() else 0
     decisions = [{"rule": d.rule, "step": d.step, "actions": [str(a) for a in d.actions], "message": d.message}
                  for d in cb.decisions]
-    return {"decisions": decisions, "interventions": list(cb.interventions), "counts": dict(cb.counts),
+    interventions = [events.to_builtins(i) for i in cb.interventions]  # the record is written as JSON
+    return {"decisions": decisions, "interventions": interventions, "counts": dict(cb.counts),
             "events_lines": lines}
 
 

@@ -97,11 +97,12 @@ _WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "re
 MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
 
 
-def default_run_id(output_dir: str | os.PathLike[str]) -> str:
-    """Like `guardian.callbacks.trainer_callback.default_run_id` (no torch here): folder name + path hash."""
+def default_run_id(output_dir: str | os.PathLike[str], run_name: str | None = None) -> str:
+    """A run's id at the daemon, stable across resumes: its name (else its output folder's) and a hash of the
+    folder's full path. The callback, attach and push all use this one."""
     path = os.path.abspath(output_dir)
     digest = hashlib.sha1(f"{socket.gethostname()}:{path}".encode()).hexdigest()[:8]
-    return f"{os.path.basename(path.rstrip('/')) or 'run'}-{digest}"
+    return f"{run_name or os.path.basename(path.rstrip('/')) or 'run'}-{digest}"
 
 
 def parse_signal(text: str) -> signal.Signals:

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from trainkit import events, rules
+from trainkit import rules, run_events
 from repopaths import SCRIPTS_DIR
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
+from guardian.events import ActionEvent, DecisionEvent, EndEvent, MetricsEvent
 from guardian.testing.tinyrun import TextDataset, TinyRun, make_texts
 
 SCRIPT = SCRIPTS_DIR / "plain_train.py"
@@ -59,15 +60,17 @@ def test_evaluations_after_train_are_recorded_and_never_acted_on(tmp_path: Path)
     assert before.keys() == after.keys()
     for name, value in after.items():
         assert torch.equal(value, before[name]), name
-    written = events(tmp_path)
-    end = next(i for i, e in enumerate(written) if e["kind"] == "end")
+    written = run_events(tmp_path)
+    end = next(i for i, e in enumerate(written) if isinstance(e, EndEvent))
     later = written[end + 1:]
-    assert [(e["kind"], e["step"], e["phase"], e.get("after_train")) for e in later] == [
-        ("metrics", 20, "eval", True), ("metrics", 20, "eval", True)]
-    assert [e["values"]["eval_loss"] for e in later] == [first["eval_loss"], second["eval_loss"]]
-    assert [e["seq"] for e in written] == list(range(1, len(written) + 1))  # the numbering goes on
+    assert all(isinstance(e, MetricsEvent) for e in later), later
+    assert [(e.step, e.phase, e.after_train) for e in later if isinstance(e, MetricsEvent)] == [
+        (20, "eval", True), (20, "eval", True)]
+    assert [e.values["eval_loss"] for e in later if isinstance(e, MetricsEvent)] == [
+        first["eval_loss"], second["eval_loss"]]
+    assert [e.seq for e in written] == list(range(1, len(written) + 1))  # the numbering goes on
     assert guardian.interventions == [] and guardian.counts["stops"] == 0
-    assert not [e for e in written if e["kind"] in ("decision", "action")]
+    assert not [e for e in written if isinstance(e, (DecisionEvent, ActionEvent))]
 
 
 @pytest.mark.slow
@@ -100,6 +103,6 @@ def test_a_rollback_takes_the_newest_good_checkpoint_over_an_older_snapshot(tmp_
           save_steps=20)
     assert [s.step for s in guardian.snapshots.all()] == [0]
     assert (tmp_path / "guardian" / "good" / "checkpoint-20").is_dir()
-    (rollback,) = [i for i in guardian.interventions if "rollback" in i]
-    assert rollback["rollback_to_step"] == 20, rollback
-    assert rollback["rollback"].endswith("checkpoint-20")
+    (rollback,) = [i for i in guardian.interventions if i.rollback is not None]
+    assert rollback.rollback_to_step == 20, rollback
+    assert rollback.rollback.endswith("checkpoint-20")

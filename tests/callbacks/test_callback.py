@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import Recorder, all_finite, assert_same_state, events, rules
+from trainkit import Recorder, all_finite, assert_same_state, rules, run_events, train_metrics
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
+from guardian.events import DecisionEvent, MetricsEvent
 from guardian.testing.tinyrun import TinyRun, build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -52,8 +53,9 @@ def test_nan_update_is_skipped_and_never_reaches_the_weights(tmp_path: Path) -> 
     # Trainer's logged loss hides the NaN step (logging_nan_inf_filter); Guardian read the real one.
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(x) for x in logged)
-    nan_metrics = [e for e in events(tmp_path) if e["kind"] == "metrics" and e["step"] == 20]
-    assert nan_metrics[0]["values"]["loss"] == "nan"
+    nan_metrics = [e for e in run_events(tmp_path) if isinstance(e, MetricsEvent) and e.step == 20]
+    assert math.isnan(nan_metrics[0].values["loss"])
+    assert '"loss":"nan"' in (tmp_path / "guardian" / "events.jsonl").read_text()  # the wire's spelling
 
 
 def test_poisoned_batches_are_skipped(tmp_path: Path) -> None:
@@ -61,9 +63,9 @@ def test_poisoned_batches_are_skipped(tmp_path: Path) -> None:
     run(tmp_path, [FaultInjector([Fault("poison", 40, steps=2)]), guardian])
     assert [(d.step, d.rule) for d in guardian.decisions] == [(40, "loss_spike"), (41, "loss_spike")]
     assert "loss" in guardian.decisions[0].message and "step 40" in guardian.decisions[0].message
-    recorded = [e for e in events(tmp_path) if e["kind"] == "decision"]
-    assert [e["rule"] for e in recorded] == ["loss_spike", "loss_spike"]
-    assert recorded[0]["fix"] and recorded[0]["diagnosis"]
+    recorded = [e for e in run_events(tmp_path) if isinstance(e, DecisionEvent)]
+    assert [e.rule for e in recorded] == ["loss_spike", "loss_spike"]
+    assert recorded[0].fix and recorded[0].diagnosis
 
 
 def test_learning_rate_blowup_is_caught_before_its_update(tmp_path: Path) -> None:
@@ -79,7 +81,7 @@ def test_rollback_from_memory_restores_weights_and_optimizer_bit_for_bit(tmp_pat
     guardian = GuardianCallback(rules(ROLLBACK_ON_NAN), snapshot_every_steps=25)
     run(tmp_path, [FaultInjector([Fault("nan", 40)]), guardian, recorder], max_steps=40)
     [outcome] = guardian.interventions
-    assert (outcome["rollback"], outcome["rollback_to_step"]) == ("memory", 25)
+    assert (outcome.rollback, outcome.rollback_to_step) == ("memory", 25)
     trainer_state = recorder.copies[25]
     model_now = recorder.params_at_end[40]
     for name, value in trainer_state["params"].items():
@@ -100,8 +102,8 @@ def test_rollback_from_a_protected_checkpoint_on_disk(tmp_path: Path) -> None:
     trainer = run(tmp_path, [FaultInjector([Fault("nan", 38)]), guardian, recorder],
                   max_steps=38, save_steps=10, save_total_limit=1)
     [outcome] = guardian.interventions
-    assert outcome["rollback_to_step"] == 30
-    assert outcome["rollback"].endswith("guardian/good/checkpoint-30")
+    assert outcome.rollback_to_step == 30
+    assert outcome.rollback is not None and outcome.rollback.endswith("guardian/good/checkpoint-30")
     assert_same_state(trainer.model, trainer.optimizer, recorder.copies[30])
     # save_total_limit=1 rotated checkpoint-30 away; Guardian's link kept it.
     assert not (tmp_path / "checkpoint-30").exists()
@@ -112,7 +114,7 @@ def test_no_rollback_target_falls_back_to_skipping(tmp_path: Path) -> None:
     guardian = GuardianCallback(rules(ROLLBACK_ON_NAN), snapshot_every_steps=0)
     trainer = run(tmp_path, [FaultInjector([Fault("nan", 10)]), guardian], max_steps=15)
     [outcome] = guardian.interventions
-    assert outcome["rollback"] == "impossible" and outcome["skipped_update"]
+    assert outcome.rollback == "impossible" and outcome.skipped_update
     assert all_finite(trainer.model)
 
 
@@ -147,7 +149,7 @@ rules:
 def test_gradient_accumulation_loss_matches_what_trainer_logs(tmp_path: Path) -> None:
     guardian = GuardianCallback()
     trainer = run(tmp_path, [guardian], max_steps=12, logging_steps=1, gradient_accumulation_steps=3, batch_size=4)
-    seen = {e["step"]: e["values"]["loss"] for e in events(tmp_path) if e["kind"] == "metrics" and e.get("phase") == "train"}
+    seen = {e.step: e.values["loss"] for e in train_metrics(tmp_path)}
     logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     assert logged.keys() == seen.keys()
     for step, loss in logged.items():
@@ -160,10 +162,10 @@ def test_added_after_construction_still_reads_every_step(tmp_path: Path) -> None
     trainer.add_callback(guardian)
     trainer.train()
     assert guardian._probe is not None and guardian._probe.wrapped
-    train = [e for e in events(tmp_path) if e["kind"] == "metrics" and e.get("phase") == "train"]
-    assert [e["step"] for e in train] == list(range(1, 16))
-    assert all(isinstance(e["values"]["loss"], float) and isinstance(e["values"]["grad_norm"], float) for e in train)
-    assert [e["seq"] for e in events(tmp_path)] == list(range(1, len(events(tmp_path)) + 1))
+    train = train_metrics(tmp_path)
+    assert [e.step for e in train] == list(range(1, 16))
+    assert all(isinstance(e.values["loss"], float) and isinstance(e.values["grad_norm"], float) for e in train)
+    assert [e.seq for e in run_events(tmp_path)] == list(range(1, len(run_events(tmp_path)) + 1))
 
 
 def test_a_failure_inside_guardian_never_stops_training(tmp_path: Path) -> None:
@@ -200,8 +202,8 @@ def test_the_shipped_overfitting_rule_waits_for_the_second_pass_and_restores_the
     guardian = GuardianCallback()  # the shipped rules
     trainer = run(tmp_path, [guardian], max_steps=400, train_size=16, eval_steps=10, learning_rate=5e-3,
                   warmup_steps=0, lr_scheduler_type="constant")
-    evaluations = [e for e in events(tmp_path) if e["kind"] == "metrics" and e["phase"] == "eval"]
-    assert evaluations and all(e["values"]["epoch"] == e["step"] / 2 for e in evaluations)  # 16 lines, batch 8
+    evaluations = [e for e in run_events(tmp_path) if isinstance(e, MetricsEvent) and e.phase == "eval"]
+    assert evaluations and all(e.values["epoch"] == e.step / 2 for e in evaluations)  # 16 lines, batch 8
     [stop] = [d for d in guardian.decisions if d.rule == "overfitting"]
     assert stop.finding.evidence["epoch"] >= 1.0 and trainer.state.global_step == stop.step < 400
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]

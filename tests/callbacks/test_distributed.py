@@ -13,6 +13,9 @@ import pytest
 from daemonkit import DaemonProcess, free_port
 from repopaths import SCRIPTS_DIR
 
+from guardian import events
+from guardian.events import ActionEvent
+
 SCRIPT = SCRIPTS_DIR / "ddp_train.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -27,6 +30,13 @@ def torchrun(out: Path, scenario: str, url: str | None = None, env: dict[str, st
     ranks = [out / f"rank-{r}.json" for r in (0, 1)]
     assert all(p.exists() for p in ranks), result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads(p.read_text()) for p in ranks]
+
+
+def interventions(record: dict[str, Any]) -> list[ActionEvent]:
+    """A rank's interventions, as its script wrote them (events.to_builtins), typed again."""
+    found = [events.from_builtins(i) for i in record["interventions"]]
+    assert all(isinstance(i, ActionEvent) for i in found), found
+    return [i for i in found if isinstance(i, ActionEvent)]
 
 
 def assert_ranks_agree(records: list[dict[str, Any]]) -> None:
@@ -47,7 +57,7 @@ def test_a_fault_on_one_rank_is_skipped_by_every_rank(tmp_path: Path) -> None:
     assert [10, "non_finite_loss"] in records[0]["decisions"] and records[0]["global_step"] == 30
     assert all(s["finite"] for s in records[0]["steps"].values())
     # Rank 0 wrote the samples of every skipped step, its own and rank 1's, with verified indices.
-    skipped = sorted(i["step"] for i in records[0]["interventions"] if i.get("skipped_update"))
+    skipped = sorted(i.step for i in interventions(records[0]) if i.skipped_update)
     named = [json.loads(line) for line in (tmp_path / "guardian" / "bad_samples.jsonl").read_text().splitlines()]
     assert sorted({(s["step"], s["rank"]) for s in named}) == [(step, r) for step in skipped for r in (0, 1)]
     assert len(named) == 8 * len(skipped) and all(s["index_verified"] for s in named)
@@ -58,9 +68,9 @@ def test_rollback_and_lr_cut_restore_the_same_state_on_every_rank(tmp_path: Path
     records = torchrun(tmp_path, "rollback")  # NaN at step 30 on rank 0 only; rules: rollback + LR x0.5
     assert_ranks_agree(records)
     for record in records:
-        [intervention] = record["interventions"]
-        assert (intervention["rollback"], intervention["rollback_to_step"]) == ("memory", 20)
-        assert intervention["lr_factor"] == 0.5
+        [intervention] = interventions(record)
+        assert (intervention.rollback, intervention.rollback_to_step) == ("memory", 20)
+        assert intervention.lr_factor == 0.5
     steps = records[0]["steps"]
     assert steps["30"]["checksum"] == steps["20"]["checksum"]  # back to the snapshot, on both ranks
 
@@ -88,5 +98,5 @@ def test_a_daemon_command_reaches_every_rank_at_the_same_step(tmp_path: Path) ->
         daemon.stop()
     assert_ranks_agree(records)
     assert 5 < records[0]["global_step"] < 300
-    assert records[0]["interventions"][-1]["rules"] == ["manual:stop"]  # rank 0 heard it from the daemon
-    assert all(r["interventions"][-1]["stopped"] for r in records)  # rank 1 got it by broadcast
+    assert interventions(records[0])[-1].rules == ["manual:stop"]  # rank 0 heard it from the daemon
+    assert all(interventions(r)[-1].stopped for r in records)  # rank 1 got it by broadcast

@@ -30,6 +30,9 @@ from typing import Any
 import pytest
 from repopaths import STUBS_DIR
 
+from guardian.events import ActionEvent, AnyEvent, DecisionEvent, EndEvent, MetricsEvent, StartEvent
+from guardian.logs.eventlog import read_events
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llamafactory") is None or shutil.which("llamafactory-cli", path=str(
         Path(sys.executable).parent)) is None,
@@ -179,8 +182,25 @@ def unguarded(tmp: Path, cfg: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLI, "train", str(cfg)], capture_output=True, text=True, env=child_env(tmp), timeout=600)
 
 
-def events(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "guardian" / "events.jsonl").read_text().splitlines()]
+def events(out: Path) -> list[AnyEvent]:
+    """The run's event file, typed (every line must be an event)."""
+    found = list(read_events(out / "guardian" / "events.jsonl"))
+    assert None not in found, "a line of the event file is not an event"
+    return [e for e in found if e is not None]
+
+
+def decided(written: list[AnyEvent]) -> list[tuple[int, str]]:
+    return [(e.step, e.rule) for e in written if isinstance(e, DecisionEvent)]
+
+
+def skipped_steps(written: list[AnyEvent]) -> list[int]:
+    return [e.step for e in written if isinstance(e, ActionEvent) and e.skipped_update]
+
+
+def after_end(written: list[AnyEvent]) -> list[AnyEvent]:
+    """The events written after the run's end event (evaluations after `train()` returned)."""
+    end = next(i for i, e in enumerate(written) if isinstance(e, EndEvent))
+    return written[end + 1:]
 
 
 def adapter_is_finite(folder: Path) -> bool:
@@ -194,8 +214,12 @@ def final_eval_loss(out: Path) -> float:
     return float(json.loads((out / "eval_results.json").read_text())["eval_loss"])
 
 
-def train_steps(written: list[dict[str, Any]]) -> list[int]:
-    return [e["step"] for e in written if e["kind"] == "metrics" and e["phase"] == "train"]
+def train_metrics(written: list[AnyEvent]) -> list[MetricsEvent]:
+    return [e for e in written if isinstance(e, MetricsEvent) and e.phase == "train"]
+
+
+def train_steps(written: list[AnyEvent]) -> list[int]:
+    return [e.step for e in train_metrics(written)]
 
 
 GARBAGE = list(range(GARBAGE_FROM, GARBAGE_FROM + GARBAGE_STEPS))
@@ -238,10 +262,8 @@ def test_sft_lora_under_guardian_run_skips_the_garbage_and_keeps_good_checkpoint
     assert f"Guardian: run ended at step {STEPS}: 3 decisions, 3 updates skipped, 0 rollbacks" in said
     written = events(out)
     assert train_steps(written) == list(range(1, STEPS + 1))  # every optimizer step read, in the process
-    decisions = [(e["step"], e["rule"]) for e in written if e["kind"] == "decision"]
-    assert decisions == [(step, "loss_spike") for step in GARBAGE]
-    skipped = [e["step"] for e in written if e["kind"] == "action" and e.get("skipped_update")]
-    assert skipped == GARBAGE  # dropped before optimizer.step(): the garbage never reached the weights
+    assert decided(written) == [(step, "loss_spike") for step in GARBAGE]
+    assert skipped_steps(written) == GARBAGE  # dropped before optimizer.step(): the garbage never reached the weights
     bad = [json.loads(line) for line in (out / "guardian" / "bad_samples.jsonl").read_text().splitlines()]
     first = (GARBAGE_FROM - 1) * BATCH
     assert [row["index"] for row in bad] == list(range(first, first + GARBAGE_STEPS * BATCH))
@@ -251,11 +273,10 @@ def test_sft_lora_under_guardian_run_skips_the_garbage_and_keeps_good_checkpoint
         assert adapter_is_finite(out / "guardian" / "good" / name)
     assert adapter_is_finite(out)  # the final adapter LLaMA-Factory saves after train()
     # LLaMA-Factory's evaluation after training (do_eval) is recorded, after the end, and never acted on
-    end = next(i for i, e in enumerate(written) if e["kind"] == "end")
-    after = [e for e in written[end + 1:] if e["kind"] == "metrics"]
-    assert [(e["step"], e["phase"], e.get("after_train")) for e in after] == [(STEPS, "eval", True)]
-    assert after[0]["values"]["eval_loss"] == pytest.approx(final_eval_loss(out))
-    assert not [e for e in written[end + 1:] if e["kind"] in ("decision", "action")]
+    after = [e for e in after_end(written) if isinstance(e, MetricsEvent)]
+    assert [(e.step, e.phase, e.after_train) for e in after] == [(STEPS, "eval", True)]
+    assert after[0].values["eval_loss"] == pytest.approx(final_eval_loss(out))
+    assert not [e for e in after_end(written) if isinstance(e, (DecisionEvent, ActionEvent))]
     # no worse than the same run unguarded
     assert followed.train.returncode == 0, followed.train.stdout[-3000:]
     assert final_eval_loss(out) <= final_eval_loss(followed.out) * 1.01
@@ -272,15 +293,14 @@ def test_dpo_lora_under_guardian_run(assets: Assets, tmp_path: Path) -> None:
     written = events(out)
     assert train_steps(written) == list(range(1, STEPS + 1))
     # a garbage `chosen` against a good `rejected`: the preference loss jumps, and those updates are skipped
-    decided = [(e["step"], e["rule"]) for e in written if e["kind"] == "decision"]
-    assert {step for step, _ in decided} == set(GARBAGE) and ("loss_spike" in {rule for _, rule in decided}), decided
-    assert [e["step"] for e in written if e["kind"] == "action" and e.get("skipped_update")] == GARBAGE
+    decisions = decided(written)
+    assert {step for step, _ in decisions} == set(GARBAGE) and ("loss_spike" in {rule for _, rule in decisions}), \
+        decisions
+    assert skipped_steps(written) == GARBAGE
     good = sorted(p.name for p in (out / "guardian" / "good").iterdir())
     assert good == ["checkpoint-10", "checkpoint-20"]
     assert all(adapter_is_finite(out / "guardian" / "good" / name) for name in good) and adapter_is_finite(out)
-    end = next(i for i, e in enumerate(written) if e["kind"] == "end")
-    assert [(e["phase"], e.get("after_train")) for e in written[end + 1:] if e["kind"] == "metrics"] == [
-        ("eval", True)]
+    assert [(e.phase, e.after_train) for e in after_end(written) if isinstance(e, MetricsEvent)] == [("eval", True)]
     reference = unguarded(tmp_path, config(assets, plain, "dpo"))
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert final_eval_loss(out) <= final_eval_loss(plain) * 1.01 + 1e-3
@@ -296,9 +316,9 @@ def test_a_killed_run_restarts_from_its_last_good_checkpoint_and_finishes(assets
     assert f"was killed by SIGKILL; restart 1 of 3 in 0 s, resuming from {good}" in said, said[-4000:]
     assert f"guardian: resuming from {good}" in said
     written = events(out)
-    assert [e["step"] for e in written if e["kind"] == "start"] == [0, 20]  # the second attempt began at 20
+    assert [e.step for e in written if isinstance(e, StartEvent)] == [0, 20]  # the second attempt began at 20
     assert train_steps(written)[-(STEPS - 20):] == list(range(21, STEPS + 1))
-    assert [e["step"] for e in written if e["kind"] == "action" and e.get("skipped_update")] == GARBAGE
+    assert skipped_steps(written) == GARBAGE
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
     assert adapter_is_finite(out)
 
@@ -313,12 +333,12 @@ def test_weights_corrupted_mid_run_are_rolled_back_to_the_good_checkpoint(assets
     said = result.stdout + result.stderr
     assert result.returncode == 0, said[-4000:]
     written = events(out)
-    rules = [(e["step"], e["rule"]) for e in written if e["kind"] == "decision"]
+    rules = decided(written)
     assert (16, "weights_damaged") in rules, rules
-    rollbacks = [e for e in written if e["kind"] == "action" and "rollback_to_step" in e]
-    assert [e["rollback_to_step"] for e in rollbacks] == [10], said[-3000:]
+    rollbacks = [e for e in written if isinstance(e, ActionEvent) and e.rollback_to_step is not None]
+    assert [e.rollback_to_step for e in rollbacks] == [10], said[-3000:]
     assert train_steps(written) == list(range(1, STEPS + 1))
-    losses = [e["values"]["loss"] for e in written if e["kind"] == "metrics" and e["phase"] == "train"]
+    losses = [e.values["loss"] for e in train_metrics(written)]
     assert all(math.isfinite(x) for x in losses[16:])  # from the step after the rollback on
     assert adapter_is_finite(out) and math.isfinite(final_eval_loss(out))
 
@@ -341,10 +361,9 @@ def test_attach_follows_a_live_llamafactory_log(followed: Followed) -> None:
     assert followed.attach.returncode == 0, said[-4000:]
     assert f"attach: following {followed.out / 'trainer_log.jsonl'} with 15 rules" in said
     written = events(followed.out)
-    assert {e.get("source") for e in written} == {"attach"}
+    assert {e.source for e in written} == {"attach"}
     assert train_steps(written) == list(range(1, STEPS + 1))
-    assert [(e["step"], e["rule"]) for e in written if e["kind"] == "decision"] == [
-        (step, "loss_spike") for step in GARBAGE]
+    assert decided(written) == [(step, "loss_spike") for step in GARBAGE]
     for step in (10, 20):
         assert (followed.out / f"checkpoint-{step}" / "guardian_good.json").is_file()
     assert not (followed.out / "checkpoint-30" / "guardian_good.json").exists()

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from trainkit import CorruptWeight, Recorder, all_finite, events, rules
+from trainkit import CorruptWeight, Recorder, all_finite, rules, run_events
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
+from guardian.events import ActionEvent
 from guardian.callbacks.snapshots import trainable_parameters
 from guardian.testing.tinyrun import TextDataset, TinyRun, build_model, make_texts
 
@@ -70,8 +71,8 @@ def test_corrupted_weights_are_rolled_back_once_and_the_run_ends_finite(tmp_path
     guardian = GuardianCallback()
     trainer = train(tmp_path / "g", [CorruptWeight(30, math.inf), guardian])
     assert all_finite(trainer.model)
-    rollbacks = [i for i in guardian.interventions if "rollback_to_step" in i]
-    assert len(rollbacks) == 1 and rollbacks[0]["rollback_to_step"] == 25
+    rollbacks = [i for i in guardian.interventions if i.rollback_to_step is not None]
+    assert len(rollbacks) == 1 and rollbacks[0].rollback_to_step == 25
     damaged = next(d for d in guardian.decisions if d.rule == "weights_damaged")
     assert damaged.step == 31 and damaged.incident == 1
     unguarded = train(tmp_path / "u", [CorruptWeight(30, math.inf)])
@@ -104,7 +105,7 @@ def test_a_rollback_keeps_the_schedule_where_the_step_count_is(tmp_path: Path) -
     guardian = GuardianCallback(rules(NAN_ROLLS_BACK))
     train(tmp_path, [FaultInjector([Fault("nan", 40)]), guardian, recorder], max_steps=60, warmup_steps=10)
     train(tmp_path / "clean", [clean], max_steps=60, warmup_steps=10)
-    assert [i["rollback_to_step"] for i in guardian.interventions if "rollback_to_step" in i] == [25]
+    assert [i.rollback_to_step for i in guardian.interventions if i.rollback_to_step is not None] == [25]
     # After rolling back to step 25 at step 40, step 41 gets step 41's rate, not step 26's.
     for step in (41, 50, 60):
         assert recorder.rates[step] == pytest.approx(clean.rates[step]), step
@@ -118,8 +119,8 @@ def test_a_stop_leaves_the_last_good_weights_and_skips_the_update(tmp_path: Path
     # The newest good state before the onset (step 33, margin 5) is the snapshot of step 25.
     for name, param in trainable_parameters(trainer.model).items():
         assert torch.equal(param.detach(), recorder.params_at_end[25][name]), name
-    (stop,) = [i for i in guardian.interventions if i.get("stopped")]
-    assert stop["skipped_update"] and "the weights of step 25" in stop["restored"]
+    (stop,) = [i for i in guardian.interventions if i.stopped]
+    assert stop.skipped_update and stop.restored is not None and "the weights of step 25" in stop.restored
 
 
 def test_evaluate_after_train_never_changes_the_model(tmp_path: Path) -> None:
@@ -139,7 +140,7 @@ rules:
     trainer.evaluate(eval_dataset=TextDataset(make_texts(8, seed=99)))  # a different, worse set, same step
     for name, param in trainable_parameters(trainer.model).items():
         assert torch.equal(param.detach(), before[name]), name
-    assert not [e for e in events(tmp_path) if e["kind"] == "action" and e["step"] == 40]
+    assert not [e for e in run_events(tmp_path) if isinstance(e, ActionEvent) and e.step == 40]
 
 
 def _fp16_trainer(tmp_path: Path, callbacks: list[Any], *, max_grad_norm: float) -> Trainer:

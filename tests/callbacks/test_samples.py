@@ -29,7 +29,9 @@ from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.callbacks.samples import BadSampleFile, IndexQueue, SampleTracker, record_order, stop_recording
 from guardian.commands.report import load_run, render_markdown
 from guardian.rulefile.reader import load_rules
+from guardian.events import EndEvent, LrChange
 from guardian.logs.badsample import BadSample, bad_samples_path, fingerprint, read_bad_samples
+from guardian.logs.eventlog import read_events
 from guardian.testing.tinyrun import ALPHABET, BOS, CharTokenizer, TextDataset, TinyRun, make_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -88,7 +90,7 @@ def records(out: Path) -> list[BadSample]:
 
 
 def skips(guardian: GuardianCallback) -> list[int]:
-    return [r["step"] for r in guardian.interventions if r.get("skipped_update")]
+    return [r.step for r in guardian.interventions if r.skipped_update]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def test_the_skipped_steps_name_exactly_their_samples(bad_run: dict[str, Any]) -
     guardian, dataset = bad_run["guardian"], bad_run["dataset"]
     assert guardian.counts["skipped_updates"] > 0 and skips(guardian) == [25, 33]
     # step 30's jump is put back on its schedule, not skipped: a learning-rate jump says nothing about the data
-    assert [r["step"] for r in guardian.interventions if r.get("lr_restored")] == [30]
+    assert [r.step for r in guardian.interventions if isinstance(r.lr_restored, LrChange)] == [30]
     named = records(bad_run["out"])
     assert sorted(s.index for s in named) == sorted(bad_run["garbage"])  # type: ignore[type-var]
     assert [s.step for s in named] == [25] * 8 + [33] * 8
@@ -183,8 +185,8 @@ def test_a_restart_in_the_same_folder_masks_them(bad_run: dict[str, Any], tmp_pa
     assert f"16 samples known bad from an earlier run will be masked ({bad_samples_path(out)})" in caplog.text
     assert guardian.counts["masked_samples"] == 16
     assert guardian.counts["skipped_updates"] == 0 and not guardian.decisions  # the spikes do not come back
-    end = [json.loads(line) for line in (out / "guardian" / "events.jsonl").read_text().splitlines()][-1]
-    assert end["kind"] == "end" and end["masked_samples"] == 16
+    end = list(read_events(out / "guardian" / "events.jsonl"))[-1]
+    assert isinstance(end, EndEvent) and end.masked_samples == 16
     assert recorder.batches == bad_run["batches"]  # masked, not dropped: the same batches in the same order
     assert len(records(out)) == 16  # nothing new was written
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from trainkit import Recorder, events
+from trainkit import Recorder, start_event, train_metrics
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from repopaths import REPO_ROOT
 
@@ -35,10 +35,6 @@ def observed_steps(guardian: GuardianCallback) -> list[int]:
 
     guardian.engine.observe = counting  # type: ignore[method-assign]
     return steps
-
-
-def train_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    return [e for e in events(output_dir) if e["kind"] == "metrics" and e.get("phase") == "train"]
 
 
 class RawNorm(TrainerCallback):
@@ -71,10 +67,9 @@ def test_a_garbage_stretch_is_skipped_step_by_step_before_each_update(tmp_path: 
                for k in recorder.params_at_end[45])  # and training goes on after the stretch
     assert seen == list(range(1, 51))  # each step fed to the engine once, never again at log time
     metrics = train_metrics(tmp_path)
-    assert [e["step"] for e in metrics] == list(range(1, 51))
-    assert all(isinstance(e["values"]["loss"], float) for e in metrics)
-    [start] = [e for e in events(tmp_path) if e["kind"] == "start"]
-    assert start["pre_update"] is True
+    assert [e.step for e in metrics] == list(range(1, 51))
+    assert all(isinstance(e.values["loss"], float) for e in metrics)
+    assert start_event(tmp_path).pre_update is True
 
 
 def test_the_gradient_norm_is_the_one_before_clipping_and_each_step_is_written_once(tmp_path: Path) -> None:
@@ -86,14 +81,14 @@ def test_the_gradient_norm_is_the_one_before_clipping_and_each_step_is_written_o
     trainer.train()
     logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
     metrics = train_metrics(tmp_path)
-    assert [e["step"] for e in metrics] == list(range(1, 9)) == sorted(logged) == seen
+    assert [e.step for e in metrics] == list(range(1, 9)) == sorted(logged) == seen
     for event in metrics:
-        assert logged[event["step"]]["grad_norm"] > 0.06
-        assert event["values"]["grad_norm"] == pytest.approx(logged[event["step"]]["grad_norm"], rel=1e-5)
-        assert event["values"]["loss"] == pytest.approx(logged[event["step"]]["loss"], rel=1e-4)
-    [start] = [e for e in events(tmp_path) if e["kind"] == "start"]
+        assert logged[event.step]["grad_norm"] > 0.06
+        assert event.values["grad_norm"] == pytest.approx(logged[event.step]["grad_norm"], rel=1e-5)
+        assert event.values["loss"] == pytest.approx(logged[event.step]["loss"], rel=1e-4)
+    start = start_event(tmp_path)
     expected = "_get_grad_norm" if hasattr(trainer, "_get_grad_norm") else "accelerator.clip_grad_norm_"
-    assert start["pre_update"] is True and start["grad_norm_from"] == expected
+    assert start.pre_update is True and start.grad_norm_from == expected
 
 
 def test_without_clipping_the_norm_and_loss_are_still_read_every_step(tmp_path: Path) -> None:
@@ -105,10 +100,10 @@ def test_without_clipping_the_norm_and_loss_are_still_read_every_step(tmp_path: 
         [raw, guardian])
     trainer.train()
     metrics = train_metrics(tmp_path)
-    assert [e["step"] for e in metrics] == list(range(1, 7)) == seen
+    assert [e.step for e in metrics] == list(range(1, 7)) == seen
     for event in metrics:
-        assert isinstance(event["values"]["loss"], float)
-        assert event["values"]["grad_norm"] == pytest.approx(raw.norms[event["step"]], rel=1e-5)
+        assert isinstance(event.values["loss"], float)
+        assert event.values["grad_norm"] == pytest.approx(raw.norms[event.step], rel=1e-5)
     assert guardian._probe is not None and guardian._probe.reading.pre_update
 
 
@@ -141,9 +136,9 @@ def test_a_custom_loop_without_a_trainer_is_told_loudly_and_judged_once_per_logg
         guardian.on_log(args, state, control, logs={"loss": float(loss.detach()), "learning_rate": 1e-3}, model=model)
     guardian.on_train_end(args, state, control)
     assert seen == list(range(1, 7))
-    assert [e["step"] for e in train_metrics(tmp_path)] == list(range(1, 7))
-    [start] = [e for e in events(tmp_path) if e["kind"] == "start"]
-    assert start["pre_update"] is False and "no transformers.Trainer" in start["pre_update_why"]
+    assert [e.step for e in train_metrics(tmp_path)] == list(range(1, 7))
+    start = start_event(tmp_path)
+    assert start.pre_update is False and "no transformers.Trainer" in (start.pre_update_why or "")
     assert guardian.errors == 0
 
 

@@ -73,7 +73,7 @@ def test_a_healthy_dpo_run_is_quiet_and_a_swap_is_skipped_before_its_update(tmp_
     steps = fired(swapped)
     assert set(steps) == set(SWAPPED), steps  # every swapped step, nothing else
     assert all({"reward_accuracy_collapse", "reward_margin_flip"} <= steps[s] for s in SWAPPED)
-    skipped = {i["step"] for i in swapped.interventions if i.get("skipped_update")}
+    skipped = {i.step for i in swapped.interventions if i.skipped_update}
     assert skipped == set(SWAPPED)
     assert swapped.counts["skipped_updates"] == 3 and swapped.errors == 0
 

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from guardian.callbacks import GuardianCallback
+from guardian import events
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.testing.tinyrun import TinyRun
@@ -89,7 +90,7 @@ def main() -> None:
             "global_step": trainer.state.global_step,
             "steps": record.steps,
             "decisions": [[d.step, d.rule] for d in guardian.decisions],
-            "interventions": guardian.interventions,
+            "interventions": [events.to_builtins(i) for i in guardian.interventions],
         }, f)
     # Every rank has written its record before any rank exits: at interpreter shutdown a gloo worker thread
     # can still be releasing one of Trainer's finished all_gathers; it then needs the GIL, is stopped by the
