@@ -13,6 +13,8 @@ from guardian.detectors.base import Finding, JSONValue
 def finite_value(values: Mapping[str, float], metric: str) -> float | None:
     """The metric's value as a float when it is present and finite, else None."""
     value = values.get(metric)
+    if type(value) is float:  # the usual case, first
+        return value if value - value == 0.0 else None  # NaN and infinities give NaN
     if value is None or isinstance(value, bool):
         return None
     value = float(value)

@@ -28,6 +28,7 @@ TRAIN_KEYS = frozenset({"loss", "grad_norm"})
 # batch with the current weights, and the best such loss among the good states it can roll back to.
 PROBE_KEYS = frozenset({"probe_loss", "probe_loss_ref"})
 MEMORIES_KEPT = 8  # the baselines remembered for rewinding (more than the snapshots a run usually keeps)
+MAX_KEY_SETS = 64  # sets of metric keys whose watching rules are remembered
 
 
 class RuleStatus(str, Enum):
@@ -133,6 +134,7 @@ class Engine:
         self.clipped = clipped
         self.last_step: int | None = None
         self._rules = [_RuleRuntime(rule, rule.build_detector()) for rule in ruleset.rules]
+        self._by_keys: dict[tuple[str, ...], list[_RuleRuntime]] = {}
         self.policy = IncidentPolicy(ruleset.policy)
         self._memories: dict[int, dict[str, Any]] = {}  # step -> baselines, for `rewind`
 
@@ -166,11 +168,22 @@ class Engine:
             return decisions  # neither a train step nor an evaluation (e.g. the daemon's staleness check)
         return self.policy.review(step, decisions, metrics)
 
+    def _watching(self, metrics: Mapping[str, float]) -> list[_RuleRuntime]:
+        """The rules that watch any of these metrics, in rule order; remembered per set of keys (a sender sends
+        the same few keys at every step)."""
+        keys = tuple(metrics)
+        rules = self._by_keys.get(keys)
+        if rules is None:
+            rules = [rt for rt in self._rules if not rt.watches.isdisjoint(keys)]
+            if len(self._by_keys) < MAX_KEY_SETS:
+                self._by_keys[keys] = rules
+        return rules
+
     def _run_rules(self, step: int, metrics: Mapping[str, float],
                    only_new: Mapping[str, float] | None = None) -> list[tuple[_RuleRuntime, Finding]]:
         found = []
-        for runtime in self._rules:
-            if runtime.watches.isdisjoint(metrics) or (only_new is not None and not runtime.watches.isdisjoint(only_new)):
+        for runtime in self._watching(metrics):
+            if only_new is not None and not runtime.watches.isdisjoint(only_new):
                 continue
             finding = runtime.detector.update(step, metrics)  # a detector reads only the metrics it watches
             if finding is None:
@@ -207,6 +220,7 @@ class Engine:
                 fresh.append(rule.name)
             runtimes.append(kept)
         self.ruleset, self._rules = ruleset, runtimes
+        self._by_keys = {}
         self.policy.settings = ruleset.policy
         return fresh
 
