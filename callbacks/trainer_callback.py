@@ -45,7 +45,7 @@ from guardian.callbacks.runfiles import (SupervisorFile, restart_number, resumed
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.callbacks.trl_metrics import StoredMetrics
 from guardian.callbacks.verdicts import VerdictArbiter
-from guardian.commands.attach import default_run_id
+from guardian.transport.runid import default_run_id
 from guardian.commands.doctor import method_of_trainer, preflight
 from guardian import events
 from guardian.engine.actions import IMMEDIATE, ActionKind, merge

@@ -63,7 +63,6 @@ What can be done from outside the training process, and what cannot:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import signal
@@ -85,6 +84,7 @@ from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
 from guardian.errors import ConfigError
+from guardian.transport.runid import default_run_id
 from guardian.events import ActionOutcome, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.logs.tail import JsonlTail
 from guardian.logs.training import (TRAIN, Assembler, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
@@ -95,14 +95,6 @@ JSONL = "trainer_log.jsonl"
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).
 _WARMUPS_COUNT_OBSERVATIONS = {"robust_zscore": "warmup_steps", "threshold": "relative_to_first_steps"}
 MIN_WARMUP_LINES = 5  # however sparse the log, a median and its spread need a few values
-
-
-def default_run_id(output_dir: str | os.PathLike[str], run_name: str | None = None) -> str:
-    """A run's id at the daemon, stable across resumes: its name (else its output folder's) and a hash of the
-    folder's full path. The callback, attach and push all use this one."""
-    path = os.path.abspath(output_dir)
-    digest = hashlib.sha1(f"{socket.gethostname()}:{path}".encode()).hexdigest()[:8]
-    return f"{run_name or os.path.basename(path.rstrip('/')) or 'run'}-{digest}"
 
 
 def parse_signal(text: str) -> signal.Signals:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardian.commands.attach import default_run_id
+from guardian.transport.runid import default_run_id
 from guardian.errors import ConfigError, GuardianError
 from guardian import events
 from guardian.events import Report, RunInfo, StartEvent
