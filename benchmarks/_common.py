@@ -36,7 +36,7 @@ def _cpu_model() -> str:
 def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
-    except Exception:  # noqa: BLE001 - only describing the environment
+    except Exception:
         return None
     return getattr(mod, "__version__", None)
 

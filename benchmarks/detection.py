@@ -822,7 +822,7 @@ def _versions() -> dict[str, str | None]:
     for mod in ("lightning", "torchmetrics", "transformers", "torch", "numpy"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - describing the environment only
+        except Exception:
             out[mod] = None
     return out
 

@@ -74,7 +74,7 @@ def _use_the_checkout_in_place() -> None:
     import importlib.util
 
     try:
-        import guardian.callbacks  # noqa: F401
+        import guardian.callbacks
         return
     except ImportError:
         pass
@@ -93,9 +93,8 @@ def _use_the_checkout_in_place() -> None:
 
 _use_the_checkout_in_place()
 import overhead  # noqa: E402  (benchmarks/overhead.py: step markers, Run, collect, guardian_for)
-from _common import RESULTS_DIR, machine_info, summary, table, write_json  # noqa: E402
-
 import torch  # noqa: E402
+from _common import RESULTS_DIR, machine_info, summary, table, write_json  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from guardian import events  # noqa: E402
@@ -513,7 +512,7 @@ def run_check(name: str, fn: Callable[[], Result], budget_s: float) -> Result:
         result = Result(name, "skip", {}, str(exc))
     except CheckFailed as exc:
         result = Result(name, "fail", exc.figures, str(exc), error=traceback.format_exc(limit=3))
-    except (Exception, OverBudget) as exc:  # noqa: BLE001 - recorded; the other checks go on
+    except (Exception, OverBudget) as exc:
         result = Result(name, "fail", {}, f"{type(exc).__name__}: {exc}", error=traceback.format_exc())
     result.check = name
     result.seconds = round(time.perf_counter() - started, 1)

@@ -54,11 +54,20 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS_DIR, CpuMonitor, _from_repo, busy_warning, describe_machine, load_average,  # noqa: E402
-                     machine_info, summary, table, write_json)
-
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+import torch
+from _common import (
+    RESULTS_DIR,
+    CpuMonitor,
+    _from_repo,
+    busy_warning,
+    describe_machine,
+    load_average,
+    machine_info,
+    summary,
+    table,
+    write_json,
+)
+from transformers import TrainerCallback
 
 VARIANTS = {
     "none": "no Guardian callback",
@@ -220,7 +229,7 @@ def _train(run: Run, profiler: cProfile.Profile | None = None) -> None:
         finally:
             if profiler is not None:
                 profiler.disable()
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller, from the main thread
+    except BaseException as exc:
         run.error = exc
         if run.turns is not None:
             run.turns.baton.start.abort()  # the others must not wait for this one at the start line
@@ -296,7 +305,7 @@ def _worker(variant: str, conn: Any, baton: Baton, args: argparse.Namespace, gua
                 run = build_run(variant, out, args, guardian_kwargs, baton=baton)
                 _train(run)
                 conn.send(("ok", collect(run, args)))
-        except BaseException:  # noqa: BLE001 - reported to the parent
+        except BaseException:
             baton.start.abort()
             baton.finish(list(VARIANTS).index(variant))
             conn.send(("error", traceback.format_exc()))

@@ -46,10 +46,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS_DIR, CpuMonitor, _from_repo, busy_warning, describe_machine, load_average,  # noqa: E402
-                     machine_info, summary, table, write_json)
-
-import torch  # noqa: E402
+import torch
+from _common import (
+    RESULTS_DIR,
+    CpuMonitor,
+    _from_repo,
+    busy_warning,
+    describe_machine,
+    load_average,
+    machine_info,
+    summary,
+    table,
+    write_json,
+)
 
 # size name -> (target trainable parameters, hidden size, layers). Rank follows from the target.
 SIZES: dict[str, tuple[int, int, int]] = {

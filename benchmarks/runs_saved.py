@@ -58,8 +58,7 @@ from typing import Any
 from guardian.events import ActionEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, describe_machine, machine_info, table, write_json  # noqa: E402
-
+from _common import RESULTS_DIR, describe_machine, machine_info, table, write_json
 
 KINDS = ["poison", "lr_blowup", "nan", "overfit", "poison+lr_blowup+nan", "overfit+poison", "lr_blowup+nan"]
 ALL_VARIANTS = ["unguarded", "stop-only", "stop+best", "guardian"]

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, _from_repo, describe_machine, machine_info, table, write_json  # noqa: E402
+import torch
+from _common import RESULTS_DIR, _from_repo, describe_machine, machine_info, table, write_json
+from torch.utils.data import BatchSampler, RandomSampler
 
-import torch  # noqa: E402
-from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
-
-from guardian.callbacks.samples import IndexQueue, SampleTracker, _recording_class  # noqa: E402
-from guardian.logs.badsample import fingerprint  # noqa: E402
-from guardian.testing.tinyrun import CharTokenizer  # noqa: E402
+from guardian.callbacks.samples import IndexQueue, SampleTracker, _recording_class
+from guardian.logs.badsample import fingerprint
+from guardian.testing.tinyrun import CharTokenizer
 
 
 def per_call_us(fn: Any, repeats: int) -> list[float]:

@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, describe_machine, machine_info, table, write_json  # noqa: E402
+from _common import RESULTS_DIR, describe_machine, machine_info, table, write_json
 
-from guardian.commands.replay import replay_observations  # noqa: E402
-from guardian.engine.actions import ActionKind, Restore, stop_restore  # noqa: E402
-from guardian.rulefile.reader import load_rules  # noqa: E402
-from guardian.logs.training import read_log  # noqa: E402
+from guardian.commands.replay import replay_observations
+from guardian.engine.actions import ActionKind, Restore, stop_restore
+from guardian.logs.training import read_log
+from guardian.rulefile.reader import load_rules
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-logs"
 REGRET_LIMIT = 0.05

@@ -21,8 +21,8 @@ from typing import Any
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.engine.actions import Plan, Restore
-from guardian.logs.atomic import write_atomic
 from guardian.events import ActionOutcome, LrChange
+from guardian.logs.atomic import write_atomic
 
 log = logging.getLogger("guardian")
 PROBE_TOLERANCE = 1.5  # a good state's reference loss may be this many times the best one's

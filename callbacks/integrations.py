@@ -174,7 +174,7 @@ def _quietly(method: F) -> F:
     def safe(self: IntegrationBridge, *args: Any, **kwargs: Any) -> None:
         try:
             method(self, *args, **kwargs)
-        except Exception:  # noqa: BLE001 - reporting must never break training
+        except Exception:
             self.writers = []
             log.exception("Guardian: writing to the Trainer's reporting integrations failed; they get no more "
                           "of Guardian's decisions this run (guardian/events.jsonl has them all)")
@@ -249,7 +249,7 @@ class IntegrationBridge:
                 continue
             try:
                 writer.write(report)
-            except Exception as exc:  # noqa: BLE001 - a reporting backend must never break training
+            except Exception as exc:
                 self._failed.add(writer.name)
                 log.warning("Guardian: could not write to %s (%s: %s); its decisions stay in "
                             "guardian/events.jsonl, and %s gets no more of them this run",

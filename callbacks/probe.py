@@ -184,7 +184,7 @@ class StepProbe:
     def _see(self, inputs: Any) -> None:
         try:
             self.on_inputs(inputs)  # type: ignore[misc]
-        except Exception:  # noqa: BLE001 - Guardian must never break the step
+        except Exception:
             self.on_inputs = None
             log.exception("Guardian: the per-batch hook failed; it is off for the rest of this run")
 

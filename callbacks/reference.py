@@ -62,7 +62,7 @@ class ReferenceBatch:
             if reduce is not None:
                 value = reduce(value)
             return float(value.item())
-        except Exception:  # noqa: BLE001 - a model this cannot run on gets no reference, and training goes on
+        except Exception:
             log.warning("Guardian: the reference batch cannot be run through this model; rollbacks will not "
                         "be checked against it", exc_info=True)
             self.inputs = None

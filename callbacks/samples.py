@@ -306,7 +306,7 @@ class SampleTracker:
         and mask its known-bad rows. Never raises; after a failure the indices of this run are null."""
         try:
             self._see(inputs)
-        except Exception:  # noqa: BLE001 - Guardian must never break the step
+        except Exception:
             self.queue.distrust("Guardian failed while recording a batch")
             self._say_once("see", "Guardian: recording a batch's samples failed; training continues",
                            exc_info=True)
@@ -317,7 +317,7 @@ class SampleTracker:
         Under DDP every rank must call it at the same step (skips are: every rank decides alike)."""
         try:
             samples = self._describe(step, tuple(rules), incident)
-        except Exception:  # noqa: BLE001 - a failure here must not stop this rank from joining the gather
+        except Exception:
             log.exception("Guardian: could not describe the samples of step %d", step)
             samples = []
         samples = _gather(samples, self.world_size)
@@ -407,7 +407,7 @@ class SampleTracker:
                 return index, False
             mask = item.get("attention_mask")
             item_ids, item_mask = _as_list(ids), _as_list(mask) if mask is not None else None
-        except Exception:  # noqa: BLE001 - an item that cannot be read back cannot confirm the index
+        except Exception:
             return index, False
         same_shape = item_mask is not None and len(item_mask) == len(item_ids)
         if self._tokens(item_ids, item_mask if same_shape else None) == tokens:
@@ -422,7 +422,7 @@ class SampleTracker:
                 text = self.tokenizer.decode(tokens[:EXCERPT_CHARS], skip_special_tokens=True)
             except TypeError:
                 text = self.tokenizer.decode(tokens[:EXCERPT_CHARS])
-        except Exception:  # noqa: BLE001 - an excerpt is a courtesy; the record stands without it
+        except Exception:
             self._say_once("decode", "Guardian: the tokenizer could not decode a sample; excerpts are null",
                            exc_info=True)
             return None

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import TrainerCallback
 
+from guardian import events
 from guardian.callbacks import checkpoints, snapshots
 from guardian.callbacks.actuator import Actuator
 from guardian.callbacks.distributed import RankSync
@@ -40,25 +41,31 @@ from guardian.callbacks.lr import current_lr, scale_lr, scheduled_lrs
 from guardian.callbacks.probe import StepProbe, find_trainer
 from guardian.callbacks.reference import ReferenceBatch
 from guardian.callbacks.run_metrics import serve_run_metrics
-from guardian.callbacks.runfiles import (SupervisorFile, restart_number, resumed_from, run_dirs_of, save_state,
-                                         saved_engine_state, saved_state_for_resume)
+from guardian.callbacks.runfiles import (
+    SupervisorFile,
+    restart_number,
+    resumed_from,
+    run_dirs_of,
+    save_state,
+    saved_engine_state,
+    saved_state_for_resume,
+)
 from guardian.callbacks.samples import NOT_ABOUT_THE_DATA, SampleTracker
 from guardian.callbacks.trl_metrics import StoredMetrics
 from guardian.callbacks.verdicts import VerdictArbiter
-from guardian.transport.runid import default_run_id
 from guardian.commands.doctor import method_of_trainer, preflight
-from guardian import events
 from guardian.engine.actions import IMMEDIATE, ActionKind, merge
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import METHOD_RULES, load_rules, shipped_rules_for
 from guardian.errors import ConfigError
 from guardian.events import ActionEvent, AnyEvent, CheckpointEvent, EndEvent, MetricsEvent, StartEvent, SystemEvent
-from guardian.runview import RunTracker
 from guardian.gpu import GpuReader
 from guardian.logs.badsample import bad_samples_path
 from guardian.logs.eventlog import EventLog
+from guardian.rulefile.reader import METHOD_RULES, load_rules, shipped_rules_for
+from guardian.runview import RunTracker
 from guardian.transport.client import DaemonLink
+from guardian.transport.runid import default_run_id
 from guardian.transport.token import TOKEN_ENV, default_state_dir, find_token, token_path
 
 log = logging.getLogger("guardian")
@@ -74,7 +81,7 @@ def _never_raises(hook: F) -> F:
             return hook(self, *args, **kwargs)
         except ConfigError:
             raise  # strict pre-flight: the user asked for a refusal to start
-        except Exception:  # noqa: BLE001 - Guardian must never kill the run it protects
+        except Exception:
             self.errors += 1
             log.exception("Guardian failed in %s; training continues without this step's checks", hook.__name__)
             return None

@@ -16,10 +16,9 @@ from rich.markup import escape
 
 from guardian import __version__
 from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import default_rules_path, load_rules
 from guardian.errors import ConfigError, GuardianError, RuleFileError
+from guardian.rulefile.reader import default_rules_path, load_rules
 from guardian.transport.client import DaemonError
-
 
 EXIT_CODES = """\
 exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, or with
@@ -598,8 +597,15 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from guardian.commands.report import (bad_sample_lines, bad_samples_json, default_out_dir, disk_json, load_run, verdict,
-                                 write_report)
+    from guardian.commands.report import (
+        bad_sample_lines,
+        bad_samples_json,
+        default_out_dir,
+        disk_json,
+        load_run,
+        verdict,
+        write_report,
+    )
 
     record = load_run(args.target, run_id=args.run, state_dir=args.state_dir, ruleset=load_rules(args.rules))
     png, md = write_report(record, args.out or default_out_dir(record.name))
@@ -616,7 +622,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from guardian.commands.doctor import adapter_beside, check_config, finetuning_type, read_adapter, read_config, render_advice
+    from guardian.commands.doctor import (
+        adapter_beside,
+        check_config,
+        finetuning_type,
+        read_adapter,
+        read_config,
+        render_advice,
+    )
 
     config = read_config(args.config)
     adapter_path = args.adapter or adapter_beside(args.config)

@@ -19,7 +19,6 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-
 VERSION: Final = 1
 MAX_SEQ: Final = 2**53 - 1  # seq and step: exact in every JSON reader
 MAX_INT: Final = 2**63 - 1  # any other integer: fits SQLite's and Prometheus' 64 bits

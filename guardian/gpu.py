@@ -23,7 +23,7 @@ class GpuReader:
             import pynvml
 
             pynvml.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - no driver, no library, no GPU: all mean "no GPU facts"
+        except Exception as exc:
             log.debug("NVML unavailable (%s); no GPU metrics", exc)
             return
         self._nvml = pynvml
@@ -34,7 +34,7 @@ class GpuReader:
             else:
                 count = pynvml.nvmlDeviceGetCount()
                 self._handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("Guardian: NVML could not open the GPUs (%s); no GPU metrics", exc)
             self._handles = []
 
@@ -58,7 +58,7 @@ class GpuReader:
         for name, read in readers.items():
             try:
                 value = read()
-            except Exception:  # noqa: BLE001 - a fact this GPU does not report
+            except Exception:
                 continue
             if name == "memory":
                 facts["memory_used_bytes"] = float(value.used)

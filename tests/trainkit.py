@@ -13,9 +13,9 @@ from transformers import TrainerCallback
 
 from guardian.callbacks.snapshots import trainable_parameters
 from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import parse_rules
 from guardian.events import AnyEvent, MetricsEvent, StartEvent
 from guardian.logs.eventlog import read_events
+from guardian.rulefile.reader import parse_rules
 
 
 @dataclass

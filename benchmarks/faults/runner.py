@@ -27,14 +27,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
-
 import data
 import injectors
+import torch
 from model import build_model
 from peers import SpikeStopCallback
 from scenarios import NO_INJECTION, Scenario
+from transformers import TrainerCallback
 
 from guardian import events
 
@@ -351,7 +350,7 @@ def run_unit(scenario: Scenario, seed: int, variant: str, rules: str | None = No
         error = None
         try:
             trainer.train()
-        except Exception as exc:  # noqa: BLE001 - a crashed run is an outcome, recorded as such
+        except Exception as exc:
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         final = test_loss(trainer.model)
         state = trainer.state

@@ -93,7 +93,7 @@ def _run_job(item: tuple[tuple[str, str, int], scen.Scenario, int, str]) -> tupl
     try:
         record = asdict(runner.run_unit(s, seed, variant, rules=_WORKER.get("rules"),
                                         guardian_kwargs=_WORKER.get("guardian_kwargs")))
-    except Exception as exc:  # noqa: BLE001 - one broken run must not lose the others
+    except Exception as exc:
         import traceback
 
         record = {"scenario_id": s.id, "family": s.family, "seed": seed, "variant": variant,

@@ -84,12 +84,22 @@ from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
 from guardian.engine.rules import RuleSet
 from guardian.errors import ConfigError
-from guardian.transport.runid import default_run_id
 from guardian.events import ActionOutcome, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.logs.tail import JsonlTail
-from guardian.logs.training import (TRAIN, Assembler, Observation, Record, assemble, jsonl_ends_run, jsonl_records,
-                                      observation_order, read_trainer_state, trainer_state_ends_run)
+from guardian.logs.training import (
+    TRAIN,
+    Assembler,
+    Observation,
+    Record,
+    assemble,
+    jsonl_ends_run,
+    jsonl_records,
+    observation_order,
+    read_trainer_state,
+    trainer_state_ends_run,
+)
 from guardian.transport.client import DaemonLink
+from guardian.transport.runid import default_run_id
 
 JSONL = "trainer_log.jsonl"
 # The warm-ups that count observations, by detector (the other warm-ups compare a step number).

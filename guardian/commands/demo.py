@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msgspec import UNSET
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from guardian.events import ActionEvent, LrChange
-from msgspec import UNSET
 
 RESCUE_TOLERANCE = 0.05  # the guarded run must end within 5 % of the clean run's eval loss
 

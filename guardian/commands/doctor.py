@@ -24,8 +24,8 @@ from typing import Any
 
 from guardian.engine.actions import ActionKind
 from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import load_rules
 from guardian.errors import ConfigError
+from guardian.rulefile.reader import load_rules
 
 log = logging.getLogger("guardian")
 
@@ -566,7 +566,7 @@ def preflight(args: Any, model: Any, rules: RuleSet | None, *, strict: bool = Fa
 def _device_type(args: Any) -> str | None:
     try:
         return str(args.device.type)
-    except Exception:  # noqa: BLE001 - a device we cannot read is one we do not check
+    except Exception:
         return None
 
 

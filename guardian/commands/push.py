@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardian.transport.runid import default_run_id
-from guardian.errors import ConfigError, GuardianError
 from guardian import events
+from guardian.errors import ConfigError, GuardianError
 from guardian.events import Report, RunInfo, StartEvent
 from guardian.logs.eventlog import read_events
 from guardian.transport.client import DaemonLink, request
+from guardian.transport.runid import default_run_id
 from guardian.transport.token import find_token, load_or_create_run_key
 
 EVENTS = Path("guardian") / "events.jsonl"

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from guardian.errors import Problem, RuleFileError
-from guardian.rulefile.yamlfile import Located, load_yaml
 from guardian.events import ActionKind
+from guardian.rulefile.yamlfile import Located, load_yaml
 
 ACTIONS = tuple(kind.value for kind in (ActionKind.STOP, ActionKind.ROLLBACK, ActionKind.REDUCE_LR,
                                          ActionKind.SKIP_UPDATE))  # as the daemon's CONTROL_ACTIONS

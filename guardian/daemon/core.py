@@ -28,9 +28,8 @@ from guardian.daemon.alertmap import AlertAction, firing_alerts
 from guardian.daemon.store import ReportWrite, Store
 from guardian.engine.engine import Engine
 from guardian.engine.rules import RuleSet
-from guardian.events import (ActionEvent, ActionKind, Command, DecisionEvent, EndEvent, Kind, MetricsEvent, Reply,
-                             StartEvent)
 from guardian.errors import RuleFileError
+from guardian.events import ActionEvent, ActionKind, Command, DecisionEvent, EndEvent, Kind, MetricsEvent, Reply, StartEvent
 from guardian.rulefile.reload import RuleLibrary
 from guardian.runview import KeyBudget, Peaks, RunTracker, RunView
 from guardian.transport import wire

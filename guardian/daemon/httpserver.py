@@ -215,7 +215,7 @@ class HTTPServer:
         self._started = threading.Event()
         self._finished = threading.Event()
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:  # noqa: ARG002 - socketserver's signature
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
         try:
             asyncio.run(self._serve())
         finally:
@@ -467,7 +467,7 @@ class HTTPServer:
                 if now < give_up or now >= next_yield:
                     await asyncio.sleep(0)
                     next_yield = now + slice_seconds
-        except Exception as exc:  # noqa: BLE001 - a failed rendering must not take the server down
+        except Exception as exc:
             log.exception("error producing a reply")
             return error_reply(500, f"internal error: {exc}", close=False)
         reply.body, reply.pieces = b"".join(body), None
@@ -516,7 +516,7 @@ class HTTPServer:
 def _call(handle: Handler, request: Request) -> Reply:
     try:
         return handle(request)
-    except Exception as exc:  # noqa: BLE001 - one bad request must not take the server down
+    except Exception as exc:
         log.exception("error handling %s %r", request.method, request.target)
         return error_reply(500, f"internal error: {exc}", close=False)
 

@@ -104,7 +104,7 @@ class Routes:
             if isinstance(exc, SeqGap):
                 error.expected_seq = exc.expected_seq
             return json_reply(error, exc.status)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
+        except Exception as exc:
             log.exception("error handling %s %s", method, request.target)
             return json_reply(ErrorReply(error=f"internal error: {exc}"), 500)
 

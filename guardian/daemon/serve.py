@@ -135,7 +135,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path,
                 if time.monotonic() - last_maintained > maintain_seconds:
                     core.maintain(retain_days)
                     last_maintained = time.monotonic()
-            except Exception:  # noqa: BLE001 - the ticker must outlive one bad pass
+            except Exception:
                 log.exception("stall check or store maintenance failed")
 
     threading.Thread(target=ticker, daemon=True, name="guardian-ticker").start()

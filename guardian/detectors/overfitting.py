@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from guardian.detectors.base import Finding, JSONValue
-from guardian.detectors.stats import MAD_SCALE, median
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
+from guardian.detectors.stats import MAD_SCALE, median
 
 TRAIN_EMA_ALPHA = 0.1
 NOISE_EVALS = 20  # evaluations the noise of the eval metric is estimated from

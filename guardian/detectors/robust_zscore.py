@@ -11,8 +11,8 @@ from itertools import islice
 from typing import ClassVar, Literal
 
 from guardian.detectors.base import Finding, JSONValue
-from guardian.detectors.stats import MAD_SCALE
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
+from guardian.detectors.stats import MAD_SCALE
 
 DIRECTIONS = ("up", "down", "both")
 NOISE_ESTIMATES = ("mad", "diff_mad")

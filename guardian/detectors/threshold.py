@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from guardian.detectors.base import Finding, JSONValue
-from guardian.detectors.stats import median
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
+from guardian.detectors.stats import median
 
 
 @dataclass

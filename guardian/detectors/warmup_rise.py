@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from guardian.detectors.base import Finding, JSONValue
-from guardian.detectors.stats import MAD_SCALE, median
 from guardian.detectors.non_finite import check_finite, check_metric, check_positive_int, finite_value
+from guardian.detectors.stats import MAD_SCALE, median
 
 MIN_LR_FACTOR = 0.01
 MAX_DIFFS = 10_000  # loss changes kept to estimate the noise (a warm-up longer than this uses its first part)

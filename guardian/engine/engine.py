@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from guardian.detectors.base import Detector, Finding
 import msgspec
 
 from guardian import events
+from guardian.detectors.base import Detector, Finding
 from guardian.engine.actions import ActionKind, ActionSpec
 from guardian.engine.policy import IncidentPolicy
 from guardian.engine.rules import Rule, RuleSet
-from guardian.events import Severity
-from guardian.events import ActionRequest, DecisionEvent
+from guardian.events import ActionRequest, DecisionEvent, Severity
 
 STATE_VERSION = 2
 TRAIN_KEYS = frozenset({"loss", "grad_norm"})

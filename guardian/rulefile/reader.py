@@ -17,12 +17,12 @@ from typing import Any
 
 from guardian.detectors import DETECTORS
 from guardian.detectors.base import Detector
-from guardian.events import Severity
 from guardian.engine.actions import ActionKind, ActionSpec, check_action_params
 from guardian.engine.metricnames import closest, is_known
 from guardian.engine.policy import PolicySettings
 from guardian.engine.rules import Escalation, Rule, RuleSet
 from guardian.errors import Problem, RuleFileError
+from guardian.events import Severity
 from guardian.rulefile.yamlfile import Located, clip, load_yaml, shown
 
 SCHEMA_VERSION = 1
@@ -518,7 +518,7 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return value in args, value, "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         if value is None and type(None) in args:
             return True, None, "null"
         inner = next(a for a in args if a is not type(None))

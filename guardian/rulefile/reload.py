@@ -24,8 +24,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import load_rules, parse_rules, read_rule_bytes, rule_text
 from guardian.errors import Problem, RuleFileError
+from guardian.rulefile.reader import load_rules, parse_rules, read_rule_bytes, rule_text
 
 log = logging.getLogger("guardian.reload")
 

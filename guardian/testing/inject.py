@@ -64,8 +64,8 @@ def install() -> None:
 def patch(trainer_class: type) -> None:
     if getattr(trainer_class, "_guardian_patched", False):
         return
-    original_init: Any = getattr(trainer_class, "__init__")
-    original_train: Any = getattr(trainer_class, "train")
+    original_init: Any = getattr(trainer_class, "__init__")  # noqa: B009 - mypy refuses the attribute on a bare type
+    original_train: Any = getattr(trainer_class, "train")  # noqa: B009
 
     @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

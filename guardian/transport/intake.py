@@ -19,8 +19,17 @@ import msgspec
 
 from guardian import events
 from guardian.events import AnyEvent, DecisionEvent, EndEvent, Int64, MetricsEvent, SystemEvent
-from guardian.transport.wire import (MAX_BODY_BYTES, MAX_DEPTH, MAX_EVENTS_PER_REPORT, MAX_INT, MAX_META_BYTES,
-                                     MAX_NAME_CHARS, MAX_RUN_ID_CHARS, VERSION, WireError)
+from guardian.transport.wire import (
+    MAX_BODY_BYTES,
+    MAX_DEPTH,
+    MAX_EVENTS_PER_REPORT,
+    MAX_INT,
+    MAX_META_BYTES,
+    MAX_NAME_CHARS,
+    MAX_RUN_ID_CHARS,
+    VERSION,
+    WireError,
+)
 
 # Value keys already found valid: a report's keys are checked with one subset test (the same few keys come in
 # every report); bounded, so keys made up to fill it are still checked, one by one.

@@ -39,9 +39,16 @@ from typing import Any, Final
 import msgspec
 
 from guardian.errors import GuardianError
-
-from guardian.events import MAX_EVENTS_PER_REPORT, MAX_GPUS_PER_EVENT, MAX_INT, MAX_NAME_CHARS, MAX_RUN_ID_CHARS
-from guardian.events import MAX_SEQ, MAX_VALUES_PER_EVENT, VERSION
+from guardian.events import (
+    MAX_EVENTS_PER_REPORT,
+    MAX_GPUS_PER_EVENT,
+    MAX_INT,
+    MAX_NAME_CHARS,
+    MAX_RUN_ID_CHARS,
+    MAX_SEQ,
+    MAX_VALUES_PER_EVENT,
+    VERSION,
+)
 
 __all__ = ["MAX_BODY_BYTES", "MAX_DEPTH", "MAX_EVENTS_PER_REPORT", "MAX_GPUS_PER_EVENT", "MAX_INT", "MAX_META_BYTES",
            "MAX_NAME_CHARS", "MAX_RUN_ID_CHARS", "MAX_SEQ", "MAX_VALUES_PER_EVENT", "VERSION", "WireError", "dumps",

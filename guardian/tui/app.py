@@ -90,7 +90,7 @@ class Poller:
         while not self._stop.is_set():
             try:
                 snapshot = self.source.snapshot()
-            except Exception as exc:  # noqa: BLE001 - show it and keep polling
+            except Exception as exc:
                 snapshot = Snapshot(self.latest.runs, self.source.where, error=f"{type(exc).__name__}: {exc}")
             self.latest, self.version = snapshot, self.version + 1
             self.wake.wait(self.refresh_seconds)

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from guardian.engine.engine import Decision, Engine, decision_from_dict, decision_from_event
-from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import load_rules
-from guardian.errors import GuardianError, RuleFileError
-from guardian.runview import RunTracker
 import msgspec
 
 from guardian import events
+from guardian.engine.engine import Decision, Engine, decision_from_dict, decision_from_event
+from guardian.engine.rules import RuleSet
+from guardian.errors import GuardianError, RuleFileError
 from guardian.events import ActionEvent, AnyEvent, DecisionEvent, MetricsEvent, StartEvent
 from guardian.logs.eventlog import decode_line
+from guardian.rulefile.reader import load_rules
+from guardian.runview import RunTracker
 from guardian.transport.client import DaemonError, request
 from guardian.transport.eventpages import pages
 

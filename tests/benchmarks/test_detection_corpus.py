@@ -11,8 +11,8 @@ import pytest
 from repopaths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import detection as det  # noqa: E402
-import detection_corpus as dc  # noqa: E402
+import detection as det
+import detection_corpus as dc
 
 SHORT = {"min_steps": 1000, "max_steps": 1200}
 

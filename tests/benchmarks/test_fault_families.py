@@ -13,8 +13,8 @@ import pytest
 from repopaths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "faults"))
-import runner  # noqa: E402
-from scenarios import Scenario  # noqa: E402
+import runner
+from scenarios import Scenario
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("one_thread")]  # one torch thread (tests/conftest.py)

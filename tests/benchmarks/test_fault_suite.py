@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import TrainerCallback
 from repopaths import REPO_ROOT
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "faults"))
-import data  # noqa: E402
-import injectors  # noqa: E402
-import outcomes  # noqa: E402
-import peers  # noqa: E402
-import runner  # noqa: E402
-import scenarios as scen  # noqa: E402
+import data
+import injectors
+import outcomes
+import peers
+import runner
+import scenarios as scen
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("one_thread")]  # one torch thread (tests/conftest.py)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from trainkit import rules, run_events
 from repopaths import SCRIPTS_DIR
+from trainkit import rules, run_events
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import PrinterCallback, Trainer, TrainingArguments
 from repopaths import REPO_ROOT
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector

@@ -14,8 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
-from guardian.events import ActionEvent
 from guardian.callbacks.snapshots import trainable_parameters
+from guardian.events import ActionEvent
 from guardian.testing.tinyrun import TextDataset, TinyRun, build_model, make_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

@@ -28,10 +28,10 @@ from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.callbacks.samples import BadSampleFile, IndexQueue, SampleTracker, record_order, stop_recording
 from guardian.commands.report import load_run, render_markdown
-from guardian.rulefile.reader import load_rules
 from guardian.events import EndEvent, LrChange
 from guardian.logs.badsample import BadSample, bad_samples_path, fingerprint, read_bad_samples
 from guardian.logs.eventlog import read_events
+from guardian.rulefile.reader import load_rules
 from guardian.testing.tinyrun import ALPHABET, BOS, CharTokenizer, TextDataset, TinyRun, make_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

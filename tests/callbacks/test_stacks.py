@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from repopaths import REPO_ROOT
 from trainkit import Recorder, start_event, train_metrics
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from repopaths import REPO_ROOT
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector

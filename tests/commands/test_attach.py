@@ -21,11 +21,19 @@ from realpaths import REAL_LOGS, needs_fixtures
 from guardian.commands.attach import Follower, StopPolicy, for_log_interval, log_interval
 from guardian.commands.eventsink import EventSink
 from guardian.commands.replay import replay
-from guardian.rulefile.reader import load_rules, parse_rules
-from guardian.events import (ActionEvent, AnyEvent, CheckpointEvent, DecisionEvent, EndEvent, MetricsEvent, StartEvent,
-                             from_builtins)
+from guardian.events import (
+    ActionEvent,
+    AnyEvent,
+    CheckpointEvent,
+    DecisionEvent,
+    EndEvent,
+    MetricsEvent,
+    StartEvent,
+    from_builtins,
+)
 from guardian.logs.eventlog import read_events
 from guardian.logs.training import Observation, read_log
+from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.transport.client import request
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]

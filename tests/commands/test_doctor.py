@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from guardian.commands.doctor import Advice, Level, check_config, finetuning_type, method_of_trainer, preflight, read_config
-from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.errors import ConfigError
+from guardian.rulefile.reader import load_rules, parse_rules
 
 GUARDIAN = [sys.executable, "-m", "guardian.cli"]
 

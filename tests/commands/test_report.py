@@ -16,10 +16,10 @@ from realpaths import REAL_LOGS, needs_fixtures
 from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
 from guardian.daemon.core import Guardian
 from guardian.daemon.store import Store
-from guardian.rulefile.reader import load_rules
 from guardian.errors import LogFormatError
 from guardian.events import DecisionEvent
 from guardian.logs.eventlog import read_events
+from guardian.rulefile.reader import load_rules
 from guardian.rulefile.reload import RuleLibrary
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

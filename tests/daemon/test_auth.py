@@ -17,15 +17,14 @@ import pytest
 from daemonkit import DaemonProcess, in_process_daemon, report_intake
 from transformers import TrainerCallback
 
-from guardian.events import from_builtins
 from guardian.daemon.core import Guardian
-from guardian.transport.token import load_or_create_token
 from guardian.daemon.store import Store
 from guardian.errors import ConfigError
+from guardian.events import from_builtins
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
 from guardian.transport.client import DaemonError, DaemonLink, request
-from guardian.transport.token import RUN_KEY_HEADER, find_token
+from guardian.transport.token import RUN_KEY_HEADER, find_token, load_or_create_token
 
 KEY = "k" * 40
 OTHER_KEY = "o" * 40

@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 from daemonkit import DaemonProcess, free_port, in_process_daemon, intake_of, report_intake, wait_for
 
-from guardian.events import from_builtins
 from guardian.daemon.core import Guardian
 from guardian.daemon.routes import is_loopback as _is_loopback
 from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
+from guardian.events import from_builtins
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
 from guardian.transport.client import DaemonError, headers_for, request
 from guardian.transport.token import find_token
-
 
 # every report of these tests carries this run key (the first report of a run binds the run to it)
 RUN_KEY = "test-run-key-0123456789abcdefghijklmnop"

@@ -12,11 +12,11 @@ import pytest
 from daemonkit import DaemonProcess, free_port
 from trainkit import AtStep, Recorder, all_finite, events
 
-from guardian.events import MetricsEvent
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.commands.push import push
 from guardian.daemon.store import Store
+from guardian.events import MetricsEvent
 from guardian.testing.tinyrun import TinyRun
 from guardian.transport.client import request
 

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from guardian.daemon.core import Guardian
-from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.httpserver import HTTPServer, Reply, Request
+from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 from daemonkit import intake_of
 
-from guardian.events import MetricsEvent
 from guardian.daemon.core import Guardian
+from guardian.daemon.httpserver import Request
 from guardian.daemon.routes import Routes as _Routes
 from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
-from guardian.daemon.httpserver import Request
 from guardian.daemon.store import Store
-from guardian.runview import KeyBudget, RunTracker
+from guardian.events import MetricsEvent
 from guardian.rulefile.reload import RuleLibrary
+from guardian.runview import KeyBudget, RunTracker
 
 
 class Served:

@@ -9,9 +9,9 @@ import pytest
 
 from guardian.engine.actions import ActionKind, ActionSpec
 from guardian.engine.rules import RuleSet
+from guardian.errors import GuardianError, Problem, RuleFileError
 from guardian.events import Severity
 from guardian.rulefile.reader import default_rules_path, load_rules, parse_rules
-from guardian.errors import GuardianError, Problem, RuleFileError
 
 SOURCE = "rules.yaml"
 

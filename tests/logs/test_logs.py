@@ -9,12 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
+from realpaths import NO_FIXTURES, REAL_LOGS, needs_fixtures
 
 from guardian.errors import LogFormatError
 from guardian.logs.training import LogReport, Observation, read_log, read_log_with_report
-
-
-from realpaths import NO_FIXTURES, REAL_LOGS, needs_fixtures
 
 
 def _sources() -> dict[str, dict[str, str]]:

@@ -8,8 +8,8 @@ import json
 import math
 import shutil
 import subprocess
-import urllib.parse
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +21,8 @@ from daemonkit import DaemonProcess, free_port, wait_for
 from guardian.daemon.core import Guardian
 from guardian.daemon.serve import load_or_create_token, make_server, metrics_endpoint
 from guardian.daemon.store import Store
-from guardian.runview import Peaks
 from guardian.rulefile.reload import RuleLibrary
+from guardian.runview import Peaks
 from guardian.transport.client import request
 
 RUN_KEY = "peaks-run-key-0123456789abcdefghijklmnop"

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from daemonkit import DaemonProcess, free_port
 from dashboardkit import annotation_queries, load_dashboard, panel_queries
-from trainkit import AtStep, CorruptWeight
 from repopaths import REPO_ROOT
+from trainkit import AtStep, CorruptWeight
 
 from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector

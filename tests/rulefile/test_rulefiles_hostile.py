@@ -23,8 +23,8 @@ from daemonkit import DaemonProcess, wait_for
 from guardian.daemon.core import Guardian
 from guardian.daemon.store import Store
 from guardian.engine.rules import RuleSet
-from guardian.rulefile.reader import MAX_FILE_BYTES, MAX_PROBLEMS, load_rules, parse_rules
 from guardian.errors import RuleFileError
+from guardian.rulefile.reader import MAX_FILE_BYTES, MAX_PROBLEMS, load_rules, parse_rules
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport import wire
 from guardian.transport.client import request

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from guardian.callbacks import GuardianCallback
 from guardian import events
+from guardian.callbacks import GuardianCallback
 from guardian.callbacks.faults import Fault, FaultInjector
 from guardian.rulefile.reader import load_rules, parse_rules
 from guardian.testing.tinyrun import TinyRun

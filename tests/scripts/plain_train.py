@@ -16,8 +16,15 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (LlamaConfig, LlamaForCausalLM, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer,
-                          TrainerCallback, TrainingArguments)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 out = sys.argv[1]
 max_steps = int(os.environ.get("MAX_STEPS", "40"))

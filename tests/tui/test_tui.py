@@ -21,16 +21,24 @@ from typing import Any
 import msgspec
 import pytest
 from daemonkit import DaemonProcess
-from rich.console import Console, RenderableType
 from repopaths import REPO_ROOT
+from rich.console import Console, RenderableType
 
 from guardian.events import ActionEvent, AnyEvent, DecisionEvent, EndEvent, MetricsEvent, Severity, StartEvent
 from guardian.transport.client import DaemonError, request
 from guardian.tui import widgets
 from guardian.tui.app import TopApp
 from guardian.tui.keys import KeyReader, parse_keys
-from guardian.tui.source import (DaemonSource, DecisionLine, DirSource, EventTail, GpuMemory, ReadOnlySourceError,
-                                 RunSnapshot, Snapshot)
+from guardian.tui.source import (
+    DaemonSource,
+    DecisionLine,
+    DirSource,
+    EventTail,
+    GpuMemory,
+    ReadOnlySourceError,
+    RunSnapshot,
+    Snapshot,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -806,7 +814,7 @@ class AtStep:
         from transformers import TrainerCallback
 
         class _Callback(TrainerCallback):  # type: ignore[misc]
-            def on_step_end(inner, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: N805
+            def on_step_end(inner, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 if state.global_step in actions:
                     actions[state.global_step]()
 

@@ -10,11 +10,28 @@ import re
 from pathlib import Path
 
 from guardian.commands.report.markdown import (
-    BAD_SAMPLE_LINES_MAX, BAD_SAMPLE_ROWS_MAX, MD_NAME, PATHOLOGIES, PNG_NAME, TIMELINE_ROWS_MAX, bad_sample_lines,
-    bad_samples_json, disk_json, pathology_keys, render_markdown,
+    BAD_SAMPLE_LINES_MAX,
+    BAD_SAMPLE_ROWS_MAX,
+    MD_NAME,
+    PATHOLOGIES,
+    PNG_NAME,
+    TIMELINE_ROWS_MAX,
+    bad_sample_lines,
+    bad_samples_json,
+    disk_json,
+    pathology_keys,
+    render_markdown,
 )
 from guardian.commands.report.record import (
-    EMBEDDED, REPLAYED, STORED, RunRecord, Series, guardian_events_file, load_embedded, load_replayed, load_run,
+    EMBEDDED,
+    REPLAYED,
+    STORED,
+    RunRecord,
+    Series,
+    guardian_events_file,
+    load_embedded,
+    load_replayed,
+    load_run,
     load_stored,
 )
 from guardian.commands.report.summary import Interventions, interventions, operator_actions, verdict

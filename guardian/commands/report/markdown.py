@@ -9,8 +9,18 @@ from typing import Any
 
 from guardian.commands.report.record import STORED, RunRecord
 from guardian.commands.report.summary import (
-    by_rule, count_each, final_and_best, finite_points, interventions, left_in_place, non_finite_steps,
-    operator_actions, operator_cut, operator_did, plural, verdict,
+    by_rule,
+    count_each,
+    final_and_best,
+    finite_points,
+    interventions,
+    left_in_place,
+    non_finite_steps,
+    operator_actions,
+    operator_cut,
+    operator_did,
+    plural,
+    verdict,
 )
 from guardian.engine.actions import ActionKind, Restore, stop_restore
 from guardian.engine.engine import Decision

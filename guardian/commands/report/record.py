@@ -26,8 +26,16 @@ from guardian.daemon.store import stored_run
 from guardian.engine.engine import Decision, decision_from_dict, decision_from_event
 from guardian.engine.rules import RuleSet
 from guardian.errors import LogFormatError
-from guardian.events import (ActionEvent, AnyEvent, CheckpointEvent, DecisionEvent, EndEvent, MetricsEvent,
-                             LrChange, StartEvent)
+from guardian.events import (
+    ActionEvent,
+    AnyEvent,
+    CheckpointEvent,
+    DecisionEvent,
+    EndEvent,
+    LrChange,
+    MetricsEvent,
+    StartEvent,
+)
 from guardian.logs.badsample import BAD_SAMPLES_FILE, BadSample, read_bad_samples
 from guardian.logs.eventlog import decode_line, read_events
 from guardian.logs.ondisk import DiskState, read_disk
