@@ -14,6 +14,7 @@ from PIL import Image
 from realpaths import REAL_LOGS, needs_fixtures
 
 from guardian.commands.report import EMBEDDED, RunRecord, load_run, render_markdown, verdict, write_report
+from guardian.commands.report.record import load_replayed
 from guardian.daemon.core import Guardian
 from guardian.daemon.store import Store
 from guardian.errors import LogFormatError
@@ -431,3 +432,15 @@ def test_a_stop_on_a_nan_step_is_a_stop_not_divergence(tmp_path: Path) -> None:
                               f"evaluation, eval loss {record.eval['eval_loss'].values[-1]:.4g})"
     text = render_markdown(record)
     assert "| updates skipped | 0 |" in text and "| stops | step 12 |" in text
+
+
+def test_a_replayed_verdict_says_its_counts_after_the_first_change_are_counterfactual(tmp_path: Path) -> None:
+    """A replay judges the log as it ran unguarded: after a first skip, the NaNs that follow would not have
+    happened, and the verdict must not present its count as what Guardian would have done."""
+    state = {"log_history": [{"step": s, "loss": (2.0 - 0.01 * s) if s < 40 else float("nan"), "grad_norm": 1.0}
+                             for s in range(1, 61)]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))  # NaN as Trainer writes it
+    record = load_replayed(tmp_path / "trainer_state.json", load_rules())
+    line = verdict(record)
+    assert line.startswith("replayed: the rules would have")
+    assert "from step 40 on, a guarded run would have gone differently" in line

@@ -64,8 +64,9 @@ def render_markdown(record: RunRecord, *, image: str = PNG_NAME) -> str:
 def _source_line(record: RunRecord) -> str:
     if record.replayed:
         return (f"Source: `{record.source}`, rules `{record.rules}`. **Replayed: what the rules would have done.** "
-                "No action was taken in this run; after a stop the run would have ended, so later decisions are "
-                "hypothetical.")
+                "No action was taken in this run, and the rules judged the log as it ran unguarded: after the first "
+                "skip, rollback or learning-rate change a guarded run would have gone differently, and after a stop "
+                "it would have ended, so what follows the first of them is counted, not what would have happened.")
     if record.mode == STORED:
         return f"Source: the daemon's store, `{record.source}` (decisions: the run's and the daemon's)."
     return f"Source: Guardian's event log, `{record.source}`."

@@ -47,6 +47,12 @@ def interventions(record: RunRecord) -> Interventions:
                          [a.step for a in acts if isinstance(a.lr_restored, LrChange)])
 
 
+def first_change(acts: Interventions) -> int | None:
+    """The first step at which an intervention would have changed the run (a skip, rollback, cut or restore)."""
+    steps = [*acts.skipped, *(a.step for a in acts.rollbacks), *acts.lr_cuts, *acts.lr_restores]
+    return min(steps, default=None)
+
+
 def is_lr_cut(action: ActionEvent) -> bool:
     """The action cut the learning rate (a factor below 1)."""
     return action.lr_factor is not None and action.lr_factor < 1.0
@@ -138,6 +144,11 @@ def verdict(record: RunRecord) -> str:
         if acts.stops:
             would = (would + ", and " if would else "") + f"stopped this run at step {acts.stops[0]}"
         text = f"replayed: the rules would have {would or 'raised ' + plural(len(record.decisions), 'alert')} ({fired})"
+        first = first_change(acts)
+        changes = len(acts.skipped) + len(acts.rollbacks) + len(acts.lr_cuts) + len(acts.lr_restores)
+        if first is not None and changes > 1:
+            text += (f"; counted on this log as it ran unguarded: from step {first} on, a guarded run would have "
+                     "gone differently")
         improved = improved_after_stop(record)
         if improved is not None:
             text += f", but the run improved later ({improved[0]} {improved[2]:.4g} at step {improved[1]})"
