@@ -2,8 +2,9 @@
 
 Run from the repository root: ``.venv/bin/python benchmarks/detection.py`` (defaults: ``--seed 0 --runs 4
 --persistent-runs 8 --healthy-runs 50``, streams of 1,000 to 5,000 steps: 138 streams, about 0.4 M steps;
-about 2 minutes with ``--jobs 2`` on an idle 2-core machine: Lightning's SpikeDetection costs ~0.3 ms a step, Guardian's twelve rules ~12 µs). Writes
-``benchmarks/results/detection.json`` (``--out``) and ``detection.md`` next to it, and prints the tables.
+about 2 minutes with ``--jobs 2`` on an idle 2-core machine: Lightning's SpikeDetection costs ~0.3 ms a step,
+Guardian's twelve rules ~12 µs). Writes ``benchmarks/results/detection.json`` (``--out``) and ``detection.md``
+next to it, and prints the tables.
 
 The streams come from ``detection_corpus.py`` (synthetic, labelled, deterministic by seed; see its docstring)
 plus the real logs of ``../shared/fixtures/real-logs`` (scored separately: their labels are weak, per file).
@@ -777,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus_streams = [dc.make_stream(args.seed, i, k, args.min_steps, args.max_steps)
                       for i, k in enumerate(plan) if k == dc.HEALTHY]
     corpus = {
-        "streams": len(plan), "persistent_runs": plan.count("overfitting"), "steps": sum(r["meta"]["n_steps"] for r in results if r["source"] == "synthetic"),
+        "streams": len(plan), "persistent_runs": plan.count("overfitting"),
+        "steps": sum(r["meta"]["n_steps"] for r in results if r["source"] == "synthetic"),
         "anomalies": {t: sum(1 for r in results for a in r["meta"]["anomalies"] if a[0] == t) for t in dc.TYPES},
         "calibration": _strip_rows(dc.calibration(corpus_streams, real)),
     }

@@ -33,7 +33,7 @@ still run; the exit code is 0 only when none failed (a check that cannot apply h
   on cuda (gloo on the CPU): rollback to the snapshot on the rank, checksum of the weights back to it, LR x0.5.
 
     python benchmarks/gpu_check.py [--quick] [--device cuda|cpu] [--checks overhead,ddp] [--out PATH]
-"""
+"""  # noqa: E501 - the device command above must stay one line (tests/benchmarks/test_gpu_check.py)
 
 from __future__ import annotations
 
@@ -165,7 +165,8 @@ def make_trainer(out: str, device: str, precision: str, callbacks: list[Any], *,
                  ddp_backend: str | None = None) -> Trainer:
     """A real Trainer on `device` in `precision` (fp32, bf16 or fp16), logging every step, no eval or saving.
 
-    fp16 on the CPU: accelerate makes no GradScaler there, so it gets torch's CPU one (as tests/callbacks/test_recovery.py)."""
+    fp16 on the CPU: accelerate makes no GradScaler there, so it gets torch's CPU one (as
+    tests/callbacks/test_recovery.py)."""
     args = TrainingArguments(
         output_dir=out, max_steps=max_steps, seed=0, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, logging_steps=1, lr_scheduler_type="cosine", warmup_steps=5,
@@ -495,7 +496,8 @@ def ddp_worker(out: str, device: str) -> None:
             "global_step": trainer.state.global_step, "steps": record.steps,
             "model_wrapper": type(trainer.model_wrapped).__name__,
             "device": str(next(trainer.model.parameters()).device),  # type: ignore[union-attr]
-            "decisions": [[d.step, d.rule] for d in guardian.decisions], "interventions": [events.to_builtins(i) for i in guardian.interventions],
+            "decisions": [[d.step, d.rule] for d in guardian.decisions],
+            "interventions": [events.to_builtins(i) for i in guardian.interventions],
         }, f)
     dist.barrier()
     dist.destroy_process_group()

@@ -274,7 +274,7 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     snap = None
     for _ in range(reps):
         params = list(snapshots.trainable_parameters(model).values())
-        t, ok = timed_call(lambda: snapshots.all_finite(params))
+        t, ok = timed_call(lambda params=params: snapshots.all_finite(params))
         if not ok:
             raise BenchmarkError("weights are not finite")
         finite_s.append(t)
@@ -295,7 +295,7 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     # Checkpoint files, written as Trainer writes them.
     folder = workdir / f"{size}" / "checkpoint-1"
     save_s = []
-    for i in range(reps):
+    for _rep in range(reps):
         shutil.rmtree(folder, ignore_errors=True)
         t, _ = timed_call(lambda: save_checkpoint(folder, model, optimizer, scheduler))
         save_s.append(t)
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             rows_time.append([size, label, *fmt_ms(st)])
         for k, v in r["rollback"].items():
             rows_parts.append([size, k, f"{v['parts_total_s'] * 1e3:.1f}",
-                               "; ".join(f"{p} {t * 1e3:.1f}" for p, t in sorted(v["parts_s"].items(), key=lambda x: -x[1]))])
+                               "; ".join(f"{p} {t * 1e3:.1f}"
+                                         for p, t in sorted(v["parts_s"].items(), key=lambda x: -x[1]))])
     text = ["", "models",
             table(["size", "trainable", "hidden x layers, rank", "frozen", "snapshot weights", "snapshot total",
                    "checkpoint files"], rows_model),
@@ -469,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     info["load_average_at_end"] = load_average()
     print(f"\ntotal runtime {total:.1f} s; load average at end {info['load_average_at_end']}")
-    data = {"benchmark": "rollback", "machine": info, "settings": {**vars(args), "out": _from_repo(args.out), "sizes": sizes},
+    data = {"benchmark": "rollback", "machine": info,
+            "settings": {**vars(args), "out": _from_repo(args.out), "sizes": sizes},
             "results": results, "table": "\n".join(text), "total_runtime_s": total}
     print(f"wrote {write_json(args.out, data)}")
     return 0

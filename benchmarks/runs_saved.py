@@ -316,7 +316,8 @@ def main() -> None:
         headers.append("Guardian actions")
     rows = []
     for r in records:
-        row = [r["config"]["name"], r["description"], f"{r['reference']:.4f}" + (" (best)" if r["config"]["kind"].startswith("overfit") else "")]
+        row = [r["config"]["name"], r["description"],
+               f"{r['reference']:.4f}" + (" (best)" if r["config"]["kind"].startswith("overfit") else "")]
         row += [fmt(r["runs"][v]["final_eval_loss"], r["reference"], args.tolerance) for v in variants]
         if "guardian" in variants:
             row.append(str(r["runs"]["guardian"]["guardian_actions"]))

@@ -255,7 +255,7 @@ def worker(port: int, run_ids: list[str], rate: float | None, threads: int, star
     end = start + duration
     rng = random.Random(hash(tuple(run_ids)) & 0xFFFF)
     runs = []
-    for k, rid in enumerate(run_ids):
+    for _k, rid in enumerate(run_ids):
         phase = rng.random() / rate if rate else 0.0
         t0 = start + phase - (prefill / rate if rate else 0.0)
         runs.append(SimRun(rid, t0, rate, seed=hash(rid) & 0xFFFFFFF, decisions_since=decisions_since,
@@ -661,9 +661,9 @@ def fmt_ms(p: dict[str, Any]) -> str:
 def phase_row(r: dict[str, Any]) -> list[str]:
     rate = r["rate_steps_per_s_per_run"]
     offered = "max" if rate == "max" else f"{r['offered_events_per_s']:.0f}"
-    return [r.get("daemon", "stock").split(" ")[0], f"{r['runs']}", f"{rate}", offered, f"{r['events_per_s']}", f"{r['reports_per_s']}",
-            f"{r['events_per_report']}", fmt_ms(r["post_to_reply_ms"]), fmt_ms(r.get("daemon_report_ms", {})),
-            fmt_ms(r["emit_to_ack_ms"]),
+    return [r.get("daemon", "stock").split(" ")[0], f"{r['runs']}", f"{rate}", offered, f"{r['events_per_s']}",
+            f"{r['reports_per_s']}", f"{r['events_per_report']}", fmt_ms(r["post_to_reply_ms"]),
+            fmt_ms(r.get("daemon_report_ms", {})), fmt_ms(r["emit_to_ack_ms"]),
             f"{r['emit_to_ack_over_500ms_share']:.1%}" if r["emit_to_ack_over_500ms_share"] is not None else "—",
             f"{r['lag_steps_at_end']['max']}", f"{r['daemon_cpu_cores']}", f"{r['cpu'].get('self_cores')}",
             f"{r['cpu'].get('other_cores')}", f"{sum(r['errors'].values())}", f"{r['listen_overflows']}",
@@ -967,7 +967,8 @@ def markdown(data: dict[str, Any]) -> str:
               "verdict a training step waits for). In daemon: the phase's reports (warm-up included) as the "
               "daemon's own guardian_report_duration_seconds histogram saw them (body read to reply: parse, rules, "
               "store; interpolated within its buckets, 0.5 ms to 5 s), i.e. without waiting in the event loop, "
-              "the network and the load generator's own scheduling. emit->ack: from the moment the step's event was due to that "
+              "the network and the load generator's own scheduling. emit->ack: from the moment the step's event "
+              "was due to that "
               "reply (adds waiting in the simulated run's sender when it is behind). Cores: average CPU cores used "
               "by the daemon, by this benchmark's processes (daemon + load generator) and by everything else on "
               "the machine, over the phase.", ""]

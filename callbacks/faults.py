@@ -26,7 +26,8 @@ class Fault:
         return self.start_step <= step < self.start_step + self.steps
 
     def __str__(self) -> str:
-        span = f"step {self.start_step}" if self.steps == 1 else f"steps {self.start_step}-{self.start_step + self.steps - 1}"
+        span = (f"step {self.start_step}" if self.steps == 1
+                else f"steps {self.start_step}-{self.start_step + self.steps - 1}")
         extra = f" x{self.factor:g}" if self.kind == "lr_blowup" else ""
         return f"{self.kind}{extra} at {span}"
 

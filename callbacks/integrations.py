@@ -5,12 +5,12 @@ its subclass `DagsHubCallback`) own a writer or run object; Guardian writes thro
 decision or action is about, and opens no client of its own:
 
 - scalars: `guardian/skipped_updates`, `guardian/rollbacks`, `guardian/lr_cuts`, `guardian/lr_restores`,
-  `guardian/stops` (running counts) and `guardian/lr_scale` at each action; `guardian/incident` 1 at each firing within an incident and 0 at
-  the step it closes;
+  `guardian/stops` (running counts) and `guardian/lr_scale` at each action; `guardian/incident` 1 at each firing
+  within an incident and 0 at the step it closes;
 - one text line per action ("Guardian skipped step 812 (loss_spike): loss 9.6 at step 812 is ...") and per
-  alert-only decision: TensorBoard `add_text("guardian/events")`, W&B a `run.alert` per incident Guardian acted in (and per stop) and the line in
-  the run summary (`guardian/last_event`), MLflow the `guardian.last_event` tag and the lines in the artifact
-  `guardian/events.txt`.
+  alert-only decision: TensorBoard `add_text("guardian/events")`, W&B a `run.alert` per incident Guardian acted in
+  (and per stop) and the line in the run summary (`guardian/last_event`), MLflow the `guardian.last_event` tag and
+  the lines in the artifact `guardian/events.txt`.
 
 Nothing goes through `trainer.log()`: the Trainer's log history, its loss averaging and Guardian's own `on_log`
 stay as they are, and the step is the decision's (the pre-optimizer hook runs before `global_step` moves on).

@@ -23,7 +23,8 @@ from guardian.transport.client import DaemonError
 EXIT_CODES = """\
 exit codes: 0 done; 1 the command worked and found a problem (`rules check`: a rule file is invalid, or with
 --strict has a warning, `doctor`: an error, or with --strict any warning, `demo`: the guarded run was not
-rescued, `run`: the training command failed before its first step, or the restart budget ran out); 2 a usage or input error, an unreachable daemon or a
+rescued, `run`: the training command failed before its first step, or the restart budget ran out); 2 a usage \
+or input error, an unreachable daemon or a
 refused request (the message says what to fix); 130 interrupted.
 Commands that print tables take --json: the same facts as one JSON document on stdout (errors stay on stderr)."""
 
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_demo_steps, default=400,
                       help=f"optimizer steps per run (default 400, at least {DEMO_MIN_STEPS})")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the model, data and faults (default 0)")
-    demo.add_argument("--out", type=Path, default=Path("guardian-demo"), help="where the runs write (default ./guardian-demo)")
+    demo.add_argument("--out", type=Path, default=Path("guardian-demo"),
+                      help="where the runs write (default ./guardian-demo)")
     demo.set_defaults(func=_demo)
 
     rules_parser = sub.add_parser("rules", help="check or list rule files")
@@ -125,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backoff", type=float, default=5.0, help="seconds before the first restart; doubles (default 5)")
     run.add_argument("--lr-factor", type=float, help="multiply the learning rate by this at each restart, e.g. 0.5")
     run.add_argument("--rules", type=Path, help="rule file for the injected callback (default: the shipped rules)")
-    run.add_argument("--url", default=os.environ.get("GUARDIAN_URL"), type=_url, help="report to this daemon (default $GUARDIAN_URL)")
+    run.add_argument("--url", default=os.environ.get("GUARDIAN_URL"), type=_url,
+                     help="report to this daemon (default $GUARDIAN_URL)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python train.py")
     run.set_defaults(func=_run)
 

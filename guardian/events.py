@@ -437,7 +437,8 @@ _PROTOCOL = (
     "only the seq after the last one stored (a gap is answered 409 with expected_seq).")
 
 
-if __name__ == "__main__":  # regenerate the committed schema: python -m guardian.events > guardian/schema/wire-v1.schema.json
+if __name__ == "__main__":
+    # regenerate the committed schema: python -m guardian.events > guardian/schema/wire-v1.schema.json
     import json
     import sys
 

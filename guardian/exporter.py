@@ -82,7 +82,8 @@ class GuardianCollector(Collector):
     def _run_metrics(self, views: list[RunView]) -> Iterator[Metric]:
         yield from _value_gauges(RUN_GAUGES, views, lambda view: view.latest)
         yield from _value_gauges(PEAK_GAUGES, views, lambda view: view.peaks)
-        info = GaugeMetricFamily("guardian_run_info", "A run Guardian watches (always 1).", labels=["run_id", "rules", "host"])
+        info = GaugeMetricFamily("guardian_run_info", "A run Guardian watches (always 1).",
+                                 labels=["run_id", "rules", "host"])
         seen = GaugeMetricFamily("guardian_last_report_timestamp_seconds", "Unix time of the run's last report.",
                                  labels=["run_id"])
         stalled = GaugeMetricFamily("guardian_run_stalled", "1 while the run has stopped reporting.", labels=["run_id"])

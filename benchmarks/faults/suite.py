@@ -60,7 +60,8 @@ def job_key(s: scen.Scenario, seed: int, variant: str) -> tuple[str, str, int]:
     return (variant, s.id, seed)
 
 
-def plan_jobs(selected: list[scen.Scenario], seeds: list[int], variants: list[str]) -> dict[tuple[str, str, int], tuple[scen.Scenario, int, str]]:
+def plan_jobs(selected: list[scen.Scenario], seeds: list[int],
+              variants: list[str]) -> dict[tuple[str, str, int], tuple[scen.Scenario, int, str]]:
     jobs: dict[tuple[str, str, int], tuple[scen.Scenario, int, str]] = {}
     for s in selected:
         for seed in seeds:

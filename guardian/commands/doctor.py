@@ -209,7 +209,8 @@ def check_config(config: Mapping[str, Any], *, rules: RuleSet | None, world_size
     for check in (rate, _warmup(cfg), _clipping(cfg), _precision(cfg, device),
                   _evaluation(cfg, ruleset), _rollback_source(cfg, ruleset, snapshots_enabled),
                   _rotation(cfg, ruleset, snapshots_enabled), _nan_filter(cfg), _batch(cfg, world_size),
-                  _lora(cfg, kind, peft), _lora_init(peft), _weight_decay(cfg), _epochs(cfg, dataset_size), _scheduler(cfg, ruleset)):
+                  _lora(cfg, kind, peft), _lora_init(peft), _weight_decay(cfg), _epochs(cfg, dataset_size),
+                  _scheduler(cfg, ruleset)):
         found.extend(check)
     return sorted(found, key=lambda a: _ORDER[a.severity])
 

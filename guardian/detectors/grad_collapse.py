@@ -119,7 +119,8 @@ class GradCollapseDetector:
         self._track.append((step, grad))
         if self._onset is not None or len(self._track) < self.window_steps:
             return
-        if len(self._warmup_grads) >= self.window_steps and median(g for _, g in self._track) * 2 < median(self._warmup_grads):
+        if (len(self._warmup_grads) >= self.window_steps
+                and median(g for _, g in self._track) * 2 < median(self._warmup_grads)):
             self._onset = self._track[0][0]
 
     def _judge(self, step: int) -> Finding | None:

@@ -124,8 +124,9 @@ class WarmupRiseDetector:
         return MAD_SCALE * median(abs(d - center) for d in self._diffs) / 2 ** 0.5
 
     def state_dict(self) -> dict[str, JSONValue]:
-        return {"recent": list(self._recent), "diffs": list(self._diffs), "last_loss": self._last_loss, "min": self._min, "min_step": self._min_step,
-                "lr_at_min": self._lr_at_min, "last_lr": self._last_lr, "rises": self._rises, "done": self._done}
+        return {"recent": list(self._recent), "diffs": list(self._diffs), "last_loss": self._last_loss, "min": self._min,
+                "min_step": self._min_step, "lr_at_min": self._lr_at_min, "last_lr": self._last_lr, "rises": self._rises,
+                "done": self._done}
 
     def load_state_dict(self, state: Mapping[str, JSONValue]) -> None:
         self._recent = deque((float(x) for x in state["recent"]), maxlen=self.smooth_steps)  # type: ignore[union-attr]

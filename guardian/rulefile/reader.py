@@ -219,7 +219,8 @@ class _RuleFileReader:
             self.problem(1, None, f"'version' is missing; add 'version: {SCHEMA_VERSION}' at the top of the file")
         elif not _is_int(version) or version != SCHEMA_VERSION:
             self.problem(data.line_of("version"), None,
-                         f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), got {shown(version)}")
+                         f"'version' must be {SCHEMA_VERSION} (the rule-file format this Guardian reads), "
+                         f"got {shown(version)}")
         policy = self.read_policy(data.get("policy", Located()), data.line_of("policy"))
         rules_data = data.get("rules")
         if not isinstance(rules_data, list) or not rules_data:
@@ -423,7 +424,8 @@ class _RuleFileReader:
             params = params if params is not None else {}
         valid = ", ".join(kind.value for kind in ActionKind)
         if not isinstance(value, str):
-            self.problem(line, rule, f"an action is a name ({valid}) or a one-key mapping like {{reduce_lr: {{factor: 0.5}}}}")
+            self.problem(line, rule,
+                         f"an action is a name ({valid}) or a one-key mapping like {{reduce_lr: {{factor: 0.5}}}}")
             return None
         try:
             kind = ActionKind(value)
@@ -444,12 +446,14 @@ class _RuleFileReader:
     def read_escalation(self, item: Located, rule: str | None) -> tuple[Escalation, ...]:
         value = item.get("escalation", [])
         if not isinstance(value, list):
-            self.problem(item.line_of("escalation"), rule, "'escalation' must be a list of {after_firings, within_steps, actions}")
+            self.problem(item.line_of("escalation"), rule,
+                         "'escalation' must be a list of {after_firings, within_steps, actions}")
             return ()
         steps = []
         for entry in value:
             if not isinstance(entry, Located):
-                self.problem(item.line_of("escalation"), rule, f"each escalation entry must be a mapping, got {shown(entry)}")
+                self.problem(item.line_of("escalation"), rule,
+                             f"each escalation entry must be a mapping, got {shown(entry)}")
                 continue
             self.unknown_keys(entry, self.ESCALATION_KEYS, rule, "an escalation entry")
             after = self.read_count(entry, "after_firings", rule, default=2, minimum=2)

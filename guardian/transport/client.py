@@ -108,7 +108,7 @@ def daemon_url(url: str) -> str:
         raise ValueError(f"the daemon URL {url!r} must look like http://HOST:PORT: write http://{rest} (the daemon "
                          "speaks plain HTTP)")
     try:
-        parsed.port
+        parsed.port  # noqa: B018 - read for its check: urllib raises ValueError for a port that is not a number
     except ValueError:
         raise ValueError(f"the daemon URL {url!r} has a port that is not a number: write http://HOST:PORT, e.g. "
                          "http://127.0.0.1:8765") from None

@@ -208,7 +208,8 @@ class RateRecorder(TrainerCallback):
         self.rates[state.global_step + 1] = (optimizer.param_groups[0]["lr"], lr_scheduler.get_last_lr()[0])
 
 
-def train(s: scen.Scenario, *, inject: bool = True, seed: int = 0, tmp: Path) -> tuple[Any, Any, MicroRecorder, RateRecorder]:
+def train(s: scen.Scenario, *, inject: bool = True, seed: int = 0,
+          tmp: Path) -> tuple[Any, Any, MicroRecorder, RateRecorder]:
     trainer, _ = runner.build_trainer(s, seed, "unguarded", str(tmp))
     injector = runner.make_injector(s, seed) if inject else None
     if injector is not None:

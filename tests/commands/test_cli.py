@@ -47,7 +47,8 @@ def test_rules_check_lists_every_problem_with_file_and_line(tmp_path: Path) -> N
     result = guardian("rules", "check", str(good), str(bad))
     assert result.returncode == 1
     assert f"{good}: 1 rules OK" in result.stdout
-    assert f"{bad}:5: rule 'spike': detector 'robust_zscore' has no parameter 'z_treshold'; did you mean 'z_threshold'?" in result.stdout
+    assert (f"{bad}:5: rule 'spike': detector 'robust_zscore' has no parameter 'z_treshold'; "
+            "did you mean 'z_threshold'?") in result.stdout
     assert f"{bad}:6: rule 'spike': unknown action 'skip'" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
 

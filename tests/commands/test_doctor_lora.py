@@ -113,7 +113,8 @@ def test_rslora_alpha_is_not_judged_by_its_ratio_to_r_and_prompt_tuning_is_not_l
 def test_a_broken_adapter_config_is_named(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "training_args.json").write_text(json.dumps(ARGS))
     (tmp_path / "adapter_config.json").write_text(text)
-    result = subprocess.run([*GUARDIAN, "doctor", str(tmp_path / "training_args.json")], capture_output=True, text=True, env=WIDE)
+    result = subprocess.run([*GUARDIAN, "doctor", str(tmp_path / "training_args.json")], capture_output=True, text=True,
+                            env=WIDE)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

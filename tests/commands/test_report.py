@@ -138,7 +138,8 @@ def test_a_replayed_nan_log_shows_the_update_that_would_have_been_skipped(tmp_pa
 def test_a_daemon_stored_run_is_reported_from_the_store(tmp_path: Path) -> None:
     store = Store(tmp_path / "state" / "guardian.db")
     core = Guardian(store, RuleLibrary(None))
-    events = [{"seq": i, "kind": "metrics", "step": i, "phase": "train", "values": {"loss": 2.0 - 0.001 * i, "grad_norm": 1.0}}
+    events = [{"seq": i, "kind": "metrics", "step": i, "phase": "train",
+               "values": {"loss": 2.0 - 0.001 * i, "grad_norm": 1.0}}
               for i in range(1, 40)]
     events.append({"seq": 40, "kind": "metrics", "step": 40, "phase": "train", "values": {"loss": "inf", "grad_norm": 1.0}})
     core.report(report_intake("stored-run", "default", {}, events))

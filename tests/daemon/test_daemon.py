@@ -60,9 +60,11 @@ def raw_post(url: str, body: bytes, path: str = "/v1/report") -> tuple[int, dict
     [
         (b"{not json", 400, "body is not valid JSON"),
         (b"[1, 2]", 400, "body must be a JSON object"),
-        (b'{"v": 2, "run": {"id": "x"}, "events": []}', 409, "unsupported protocol version 2; this guardian speaks version 1"),
+        (b'{"v": 2, "run": {"id": "x"}, "events": []}',
+         409, "unsupported protocol version 2; this guardian speaks version 1"),
         (b'{"v": 1, "events": []}', 400, "'run' must be an object with a non-empty string 'id'"),
-        (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 0, "kind": "metrics"}]}', 400, "events[0].seq must be an integer >= 1"),
+        (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 0, "kind": "metrics"}]}',
+         400, "events[0].seq must be an integer >= 1"),
         (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 1, "kind": "weird"}]}', 400, "events[0].kind must be one of"),
         (b'{"v": 1, "run": {"id": "x"}, "events": [{"seq": 1, "kind": "metrics", "step": 1, "values": {"loss": "high"}}]}',
          400, "events[0].values.loss must be a number"),

@@ -172,7 +172,8 @@ def test_a_lone_surrogate_is_refused_and_metrics_still_answer(served: Served, wh
 
 @pytest.mark.parametrize(("event", "says"), [
     ({"seq": 1, "kind": "metrics", "step": 1, "values": {"a\nb": 1.0}}, "events[0].values key must not hold control"),
-    ({"seq": 1, "kind": "metrics", "step": 1, "values": {"k" * 129: 1.0}}, "events[0].values key: Expected `str` of length <= 128"),
+    ({"seq": 1, "kind": "metrics", "step": 1, "values": {"k" * 129: 1.0}},
+     "events[0].values key: Expected `str` of length <= 128"),
     ({"seq": 1, "kind": "system", "step": 1, "rank": {"x": 1}, "gpus": []}, "events[0].rank: Expected `int | str`"),
     ({"seq": 1, "kind": "system", "step": 1, "rank": 0, "gpus": [{"gpu": "g\x00"}]}, "gpus[].gpu must not hold"),
     ({"seq": 1, "kind": "system", "step": 1, "rank": 0, "gpus": "all"}, "events[0].gpus: Expected `array`"),

@@ -182,14 +182,14 @@ STATUS_RULE = """\
     actions: [skip_update]
     cooldown_steps: 2
 """
-W, O, F, C = RuleStatus.WARMING_UP, RuleStatus.OK, RuleStatus.FIRING, RuleStatus.COOLING_DOWN
+W, OK, F, C = RuleStatus.WARMING_UP, RuleStatus.OK, RuleStatus.FIRING, RuleStatus.COOLING_DOWN
 
 
 @pytest.mark.parametrize(
     ("observed", "statuses"),
     [
-        ("...H...H", [W, W, O, F, C, C, O, F]),
-        ("HH.H.H..", [W, W, O, F, C, C, O, O]),   # a firing suppressed in the cooldown stays cooling_down
+        ("...H...H", [W, W, OK, F, C, C, OK, F]),
+        ("HH.H.H..", [W, W, OK, F, C, C, OK, OK]),   # a firing suppressed in the cooldown stays cooling_down
         ("..HHHH", [W, W, F, C, C, F]),
     ],
 )

@@ -52,7 +52,8 @@ def test_the_template_rule_is_valid() -> None:
 
 # --- one mistake, one problem: (text, line, rule, what the message says) -------------------------------------
 
-NUMBER_KINDS = "grad_collapse, jump, non_finite, overfitting, plateau, ratio, reversal, robust_zscore, threshold, warmup_rise"
+NUMBER_KINDS = ("grad_collapse, jump, non_finite, overfitting, plateau, ratio, reversal, robust_zscore, threshold, "
+                "warmup_rise")
 ZSCORE = "detector: {kind: robust_zscore, %s}"
 ESCALATE = ("escalation:", "  - after_firings: 3", "    within_steps: 20", "    actions: [stop]")
 
@@ -343,7 +344,8 @@ rules:
     rules = parse_rules(text, SOURCE)
     assert (rules.rollback_budget, rules.source) == (2, SOURCE)
     rule = rules.by_name("loss_spike")
-    assert (rule.detector, dict(rule.params)) == ("robust_zscore", {"window_steps": 50, "z_threshold": 8.0, "metric": "loss"})
+    assert (rule.detector, dict(rule.params)) == (
+        "robust_zscore", {"window_steps": 50, "z_threshold": 8.0, "metric": "loss"})
     assert (rule.severity, rule.cooldown_steps, rule.watches) == (Severity.CRITICAL, 5, ("loss",))
     assert rule.actions == (ActionSpec(ActionKind.SKIP_UPDATE),)
     (step,) = rule.escalation

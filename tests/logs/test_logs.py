@@ -406,20 +406,23 @@ def test_log_history_that_is_not_a_list(tmp_path: Path) -> None:
 
 def test_jsonl_where_no_line_is_a_record(tmp_path: Path) -> None:
     _write(tmp_path / "trainer_log.jsonl", ["", "garbage", '{"loss": 1.0}'])
-    with pytest.raises(LogFormatError, match=rf"trainer_log\.jsonl:2: no line is a JSON object with 'current_steps'.*; {EXPECTED}"):
+    with pytest.raises(LogFormatError,
+                       match=rf"trainer_log\.jsonl:2: no line is a JSON object with 'current_steps'.*; {EXPECTED}"):
         read_log(tmp_path / "trainer_log.jsonl")
 
 
 def test_truncated_trainer_state_says_where_the_json_breaks(tmp_path: Path) -> None:
     text = json.dumps({"log_history": [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}]}, indent=2)
     (tmp_path / "trainer_state.json").write_text(text[:60], encoding="utf-8")
-    with pytest.raises(LogFormatError, match=r"trainer_state\.json:1: .*whole file is not valid JSON \(.* at line \d+ column \d+\)"):
+    with pytest.raises(LogFormatError,
+                       match=r"trainer_state\.json:1: .*whole file is not valid JSON \(.* at line \d+ column \d+\)"):
         read_log(tmp_path / "trainer_state.json")
 
 
 def test_directory_without_a_log(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-10").mkdir()
-    with pytest.raises(LogFormatError, match=r"no trainer_log\.jsonl, trainer_state\.json or checkpoint-\*/trainer_state\.json"):
+    with pytest.raises(LogFormatError,
+                       match=r"no trainer_log\.jsonl, trainer_state\.json or checkpoint-\*/trainer_state\.json"):
         read_log(tmp_path)
 
 

@@ -21,7 +21,8 @@ from guardian.testing.tinyrun import TinyRun
 from guardian.transport.client import request
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-needs_alertmanager = pytest.mark.skipif(ALERTMANAGER is None, reason="Alertmanager is not installed (apt-get install prometheus-alertmanager)")
+needs_alertmanager = pytest.mark.skipif(
+    ALERTMANAGER is None, reason="Alertmanager is not installed (apt-get install prometheus-alertmanager)")
 
 MAPPING = """version: 1
 mappings:

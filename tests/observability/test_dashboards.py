@@ -41,9 +41,9 @@ GPU = ("run_id", "rank", "gpu")
 METRICS: dict[str, tuple[str, ...]] = {
     **{name: RUN for name in (
         "guardian_train_loss", "guardian_eval_loss", "guardian_grad_norm", "guardian_learning_rate",
-        "guardian_train_loss_max", "guardian_grad_norm_max", "guardian_lr_scale", "guardian_global_step", "guardian_epoch", "guardian_tokens_per_second",
-        "guardian_samples_per_second", "guardian_last_report_timestamp_seconds", "guardian_run_stalled",
-        "guardian_run_ended", "guardian_rollbacks_total", "guardian_skipped_updates_total")},
+        "guardian_train_loss_max", "guardian_grad_norm_max", "guardian_lr_scale", "guardian_global_step", "guardian_epoch",
+        "guardian_tokens_per_second", "guardian_samples_per_second", "guardian_last_report_timestamp_seconds",
+        "guardian_run_stalled", "guardian_run_ended", "guardian_rollbacks_total", "guardian_skipped_updates_total")},
     "guardian_run_info": ("run_id", "rules", "host"),
     "guardian_rule_firing": ("run_id", "rule"),
     "guardian_rule_state": ("run_id", "rule", "state"),
@@ -362,7 +362,8 @@ def test_contract_parsing_catches_typos() -> None:
         "guardian_actions_total"}
     assert metric_names("guardian_gpu_memory_used_bytes / guardian_gpu_memory_total_bytes > 0.95 or vector(1e9)") == {
         "guardian_gpu_memory_used_bytes", "guardian_gpu_memory_total_bytes"}
-    assert contract_problems("t", "guardian_grad_norms") == ["t: unknown metric 'guardian_grad_norms' in 'guardian_grad_norms'"]
+    assert contract_problems("t", "guardian_grad_norms") == [
+        "t: unknown metric 'guardian_grad_norms' in 'guardian_grad_norms'"]
     assert contract_problems("t", 'guardian_grad_norm{runid="a"}') == [
         "t: label 'runid' is not on ['guardian_grad_norm'] in 'guardian_grad_norm{runid=\"a\"}'"]
     assert contract_problems("t", "max by (run_id, rule) (guardian_rule_firing)") == []

@@ -108,7 +108,8 @@ def test_merge_keys_are_refused() -> None:
          "are at most 2^53"),
         (rule_file().replace("metric: loss", "metric: !!bool loss"), "hostile.yaml:4: rule 'spike': cannot read this "
                                                                     "value as bool ('loss')"),
-        (rule_file() + "stamp: !!timestamp 2026-13-40\n", "hostile.yaml:7: cannot read this value as timestamp (month must be"),
+        (rule_file() + "stamp: !!timestamp 2026-13-40\n",
+         "hostile.yaml:7: cannot read this value as timestamp (month must be"),
     ],
     ids=["nesting_20000_deep", "int_of_5000_digits", "int_of_2^76", "lone_surrogate", "bool_of_text", "impossible_date"],
 )

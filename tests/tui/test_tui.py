@@ -126,7 +126,7 @@ def test_runs_table_with_room_for_every_column() -> None:
 ────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
    llama-lora-3f2a9c1d  firing    1520/3000  2.45   █▇▅▄▃×▂▂▁▁  2.687      0.0002 ×0.5  1.42   ▆▄×▃▁█  loss_spike  0 ████░ 61/80G  12.3k  2          2 s ago
                                                                                                                    1 █████ 75/80G
-▶  qwen-full            finished  400/400    0.5748 █▅▃▁▁       —          —            —              —           —               —      0          —"""
+▶  qwen-full            finished  400/400    0.5748 █▅▃▁▁       —          —            —              —           —               —      0          —"""  # noqa: E501 - the table as rendered at width 160
 
 
 def test_narrow_layout_keeps_id_status_step_and_loss() -> None:
@@ -575,7 +575,8 @@ def test_daemon_source_fetches_a_runs_events_only_when_it_changed_and_survives_a
     fake.events["r1"] = {"decisions": [decision], "events": [
         {"seq": 1, "kind": "metrics", "step": 1, "phase": "train", "values": {"loss": 3.0}, "lr_scale": 1.0},
         {"seq": 2, "kind": "metrics", "step": 2, "phase": "train", "values": {"loss": "nan"}},
-        {"seq": 3, "kind": "system", "rank": 0, "gpus": [{"gpu": 0, "memory_used_bytes": GIB, "memory_total_bytes": 8 * GIB}]},
+        {"seq": 3, "kind": "system", "rank": 0,
+         "gpus": [{"gpu": 0, "memory_used_bytes": GIB, "memory_total_bytes": 8 * GIB}]},
     ]}
     source = DaemonSource(URL, fetch=fake)
     [run] = source.snapshot().runs

@@ -419,7 +419,8 @@ def _legend_handles(record: RunRecord, flags: set[str]) -> list[Any]:
     if "zero_grad" in flags:
         handles.append(Line2D([], [], color="#8c564b", marker="v", ls="none", label="grad norm 0 (below the axis)"))
     if "lr_scale" in flags:
-        handles.append(Line2D([], [], color="#2ca02c", ls="--", label="LR scale set by Guardian or the operator (right axis)"))
+        handles.append(Line2D([], [], color="#2ca02c", ls="--",
+                              label="LR scale set by Guardian or the operator (right axis)"))
     return handles
 
 

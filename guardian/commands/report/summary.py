@@ -212,7 +212,8 @@ def _weights_clause(record: RunRecord) -> str:
         return ""
     resume = disk.resume_from()
     where = f"resume from {resume.path}" if resume is not None else \
-        "no checked checkpoint on disk has finite weights" if disk.unchecked() else "no checkpoint on disk has finite weights"
+        "no checked checkpoint on disk has finite weights" if disk.unchecked() else \
+        "no checkpoint on disk has finite weights"
     return f"; the final weights ({latest.folder.name}) are NaN/inf: {where}"
 
 
