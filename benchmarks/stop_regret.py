@@ -28,7 +28,7 @@ from _common import RESULTS_DIR, describe_machine, machine_info, table, write_js
 
 from guardian.commands.replay import replay_observations
 from guardian.engine.actions import ActionKind, Restore, stop_restore
-from guardian.logs.training import read_log
+from guardian.logs.training import EVAL, read_log
 from guardian.rulefile.reader import load_rules
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-logs"
@@ -52,7 +52,7 @@ def judge(path: Path, rules_path: str | None) -> LogResult:
     observations = read_log(path)
     decisions = replay_observations(observations, load_rules(rules_path))
     evals = [(o.step, o.metrics["eval_loss"]) for o in observations
-             if o.kind == "eval" and math.isfinite(o.metrics.get("eval_loss", math.nan))]
+             if o.phase == EVAL and math.isfinite(o.metrics.get("eval_loss", math.nan))]
     acting = [d for d in decisions if any(a.kind is not ActionKind.ALERT for a in d.actions)]
     result = LogResult(path.name, len(evals), len(acting), sorted({d.rule for d in acting}))
     stop = next((d for d in decisions if any(a.kind is ActionKind.STOP for a in d.actions)), None)
