@@ -55,6 +55,7 @@ STATE_SAVE_SECONDS = 60.0
 IDLE_RUN_SECONDS = 24 * 3600.0
 ENDED_RUN_SECONDS = 5 * 60.0
 NEW_RUNS_PER_MINUTE = 2000
+ALERTS_REMEMBERED = 10_000  # (alert, mapping) pairs already acted on; the oldest are forgotten first
 
 
 def _first_save_due() -> float:
@@ -106,7 +107,8 @@ class Guardian:
         self.store = store
         self.library = library
         self.alert_actions = alert_actions or []
-        self._alerts_handled: set[tuple[str, str, int]] = set()
+        # insertion-ordered, bounded: an Alertmanager resending ever-new alerts cannot grow the daemon
+        self._alerts_handled: dict[tuple[str, str, int], None] = {}
         # written from the event loop and the pool threads: change them through `count`
         self.counters = {"events_ingested": 0, "events_duplicate": 0, "reports": 0, "reports_rejected": 0}
         self._counters_lock = threading.Lock()
@@ -429,7 +431,9 @@ class Guardian:
             for index, mapping in enumerate(self.alert_actions):
                 if not mapping.matches(labels) or (*key, index) in self._alerts_handled:
                     continue
-                self._alerts_handled.add((*key, index))
+                self._alerts_handled[(*key, index)] = None
+                if len(self._alerts_handled) > ALERTS_REMEMBERED:
+                    del self._alerts_handled[next(iter(self._alerts_handled))]
                 targets = live if mapping.runs == "all" else [labels["run_id"]] if labels.get("run_id") in live else []
                 for run_id in targets:
                     command = self.control(run_id, mapping.action, mapping.params,

@@ -172,8 +172,9 @@ def _params(params: Any) -> str:
     return f"({', '.join(f'{k}={v}' for k, v in params.items())})" if isinstance(params, dict) and params else ""
 
 
-class RunRecord:
-    """One run built up from its events; bounded history and decision log."""
+class LiveRun:
+    """A run as `guardian top` follows it, built up from its events (bounded history and decision log): the
+    live counterpart of the report's `RunRecord`, which reads a finished record whole."""
 
     def __init__(self, run_id: str, *, decisions_from_events: bool = True, history_points: int = HISTORY_POINTS,
                  decisions_kept: int = DECISIONS_KEPT) -> None:
@@ -324,7 +325,7 @@ class DaemonSource:
         self.where = url
         self.waiting = f"no runs have reported to {url} yet — start one with GUARDIAN_URL={url} python train.py"
         self.read_only: str | None = None
-        self._records: dict[str, RunRecord] = {}
+        self._records: dict[str, LiveRun] = {}
         self._seen: dict[str, tuple[Any, ...]] = {}  # run -> what /v1/runs said when its events were fetched
         self._next_fetch: dict[str, float] = {}  # run -> clock time before which its events are not fetched
         self._last: tuple[RunSnapshot, ...] = ()
@@ -347,7 +348,7 @@ class DaemonSource:
 
     def _run(self, row: Mapping[str, Any]) -> RunSnapshot:
         run_id = str(row["id"])
-        record = self._records.setdefault(run_id, RunRecord(run_id, decisions_from_events=False))
+        record = self._records.setdefault(run_id, LiveRun(run_id, decisions_from_events=False))
         changed = (row.get("last_seen"), row.get("last_step"), row.get("decisions"), row.get("status"))
         if self._seen.get(run_id) != changed and self.clock() >= self._next_fetch.get(run_id, 0.0):
             if self._fetch_events(record):
@@ -359,7 +360,7 @@ class DaemonSource:
                                max_steps=max_steps, seconds_since_report=row.get("seconds_since_report"),
                                started=float(first_seen) if isinstance(first_seen, (int, float)) else None)
 
-    def _fetch_events(self, record: RunRecord) -> bool:
+    def _fetch_events(self, record: LiveRun) -> bool:
         """Read the run's new events; True when it is caught up (False: more pages wait for the next poll)."""
         started = self.clock()
         data: dict[str, Any] = {}
@@ -445,7 +446,7 @@ class DirSource:
         self.read_only: str | None = "read-only (--dir): actions need the daemon"
         self.clock = clock
         self._tail = EventTail(self.path)
-        self._record: RunRecord | None = None
+        self._record: LiveRun | None = None
         self._engine: Engine | None = None
 
     def snapshot(self) -> Snapshot:
@@ -461,7 +462,7 @@ class DirSource:
 
     def _apply(self, event: AnyEvent) -> None:
         if self._record is None:
-            self._record = RunRecord(self.run_id)
+            self._record = LiveRun(self.run_id)
         if not self._record.apply(event):
             return
         match event:

@@ -111,3 +111,27 @@ def test_alertmanager_alert_stops_a_real_run(tmp_path: Path) -> None:
         alertmanager.terminate()
         alertmanager.wait(timeout=10)
         daemon.stop()
+
+
+def test_alerts_already_acted_on_are_remembered_within_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Alertmanager resending ever-new alerts cannot grow the daemon's memory of handled alerts; a resent
+    alert it still remembers is not acted on twice."""
+    from guardian.daemon import core as daemon_core
+    from guardian.daemon.alertmap import AlertAction
+    from guardian.daemon.core import Guardian
+    from guardian.daemon.store import Store
+    from guardian.rulefile.reload import RuleLibrary
+
+    monkeypatch.setattr(daemon_core, "ALERTS_REMEMBERED", 50)
+    core = Guardian(Store(tmp_path / "guardian.db"), RuleLibrary(None),
+                    alert_actions=[AlertAction(match={"alertname": "GuardianStalled"}, action="stop")])
+
+    def alert(n: int) -> dict[str, Any]:
+        return {"status": "firing", "labels": {"alertname": "GuardianStalled", "run_id": "gone"},
+                "fingerprint": f"f{n}", "startsAt": "2026-12-06T00:00:00Z"}
+
+    for n in range(200):
+        core.alerts({"version": "4", "alerts": [alert(n)]})
+    assert len(core._alerts_handled) == 50
+    assert ("f199", "2026-12-06T00:00:00Z", 0) in core._alerts_handled
+    assert ("f0", "2026-12-06T00:00:00Z", 0) not in core._alerts_handled

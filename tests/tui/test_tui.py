@@ -246,10 +246,10 @@ def test_wide_terminals_get_long_sparklines_with_their_scale_and_more_columns() 
 
 
 def test_an_ended_run_says_how_it_ended() -> None:
-    from guardian.tui.source import RunRecord
+    from guardian.tui.source import LiveRun
 
     def ended(*run_events: AnyEvent) -> RunSnapshot:
-        record = RunRecord("r")
+        record = LiveRun("r")
         for seq, event in enumerate([StartEvent(max_steps=50), *run_events], start=1):
             record.apply(msgspec.structs.replace(event, seq=seq, time=1000.0 + seq, step=5))
         return record.snapshot({})
@@ -617,9 +617,9 @@ def test_daemon_source_when_no_daemon_listens() -> None:
 
 
 def test_history_stays_bounded_however_long_the_run() -> None:
-    from guardian.tui.source import HISTORY_POINTS, RunRecord
+    from guardian.tui.source import HISTORY_POINTS, LiveRun
 
-    record = RunRecord("long", decisions_kept=10)
+    record = LiveRun("long", decisions_kept=10)
     for step in range(1, 5001):
         record.apply(MetricsEvent(seq=step, step=step, phase="train", values={"loss": 1.0 / step, "grad_norm": 1.0}))
     for step in range(50):
