@@ -14,7 +14,7 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.markup import escape
 
-from guardian import __version__
+from guardian import __version__, events
 from guardian.engine.rules import RuleSet
 from guardian.errors import ConfigError, GuardianError, RuleFileError
 from guardian.rulefile.reader import default_rules_path, load_rules
@@ -228,9 +228,8 @@ def _json_arg(parser: argparse.ArgumentParser) -> None:
 
 def _print_json(data: object) -> None:
     """Strict JSON on stdout: non-finite floats as the strings "nan", "inf", "-inf" (as on the wire)."""
-    from guardian.transport.wire import encode_value
 
-    sys.stdout.write(json.dumps(encode_value(data), indent=2, allow_nan=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(events.to_builtins(data, other=str), indent=2, allow_nan=False) + "\n")
 
 
 def _default_state_dir() -> Path:
@@ -333,7 +332,6 @@ def _decision_lines(decisions: list[dict[str, Any]]) -> list[str]:
 def _event_lines(page: list[dict[str, Any]]) -> list[str]:
     """`guardian events`: what the run did, from the events of the daemon's JSON page (decisions are listed
     apart): an action as what it did, any other event as its fields."""
-    from guardian import events
     from guardian.events import ActionEvent, DecisionEvent
 
     lines = []

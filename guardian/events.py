@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -360,10 +360,10 @@ class ErrorReply(Struct, kw_only=True):  # not omit_defaults: "v" is written in 
 # ---- the codec ------------------------------------------------------------------------------------------
 
 def _plain(value: Any) -> Any:
-    """For the encoder: a numpy or torch scalar as the Python number it holds."""
+    """For the encoder: a numpy or torch scalar as the Python number it holds; anything else is refused."""
     if hasattr(value, "item"):
         return value.item()
-    raise NotImplementedError(f"cannot encode a {type(value).__name__} in an event")
+    raise TypeError(f"cannot encode a {type(value).__name__} in an event; give numbers, strings, lists or dicts")
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_plain)
@@ -383,9 +383,12 @@ def decode(data: bytes | str) -> AnyEvent:
     return _decoder.decode(data)
 
 
-def to_builtins(value: Struct) -> Any:
-    """The JSON-shaped Python value of a struct (non-finite floats as their strings), for a JSON reply."""
-    return _spell_nonfinite(msgspec.to_builtins(value, enc_hook=_plain))
+def to_builtins(value: Any, *, other: Callable[[Any], Any] | None = None) -> Any:
+    """The JSON-shaped Python value of a struct, or of any JSON-shaped value holding structs, with non-finite
+    floats as their strings: for a JSON body that is not one event. `other` turns any other object into
+    something JSON holds (the CLI's `--json` output passes `str`); without it such an object is a TypeError."""
+    hook = _plain if other is None else (lambda v: v.item() if hasattr(v, "item") else other(v))
+    return _spell_nonfinite(msgspec.to_builtins(value, enc_hook=hook))
 
 
 def numbered(event: AnyEvent, seq: int, time: float) -> AnyEvent:

@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from guardian import events
 from guardian.daemon.core import Guardian
 from guardian.daemon.serve import load_or_create_token, make_server
 from guardian.daemon.store import Store
 from guardian.rulefile.reload import RuleLibrary
 from guardian.transport.client import DaemonError, request
 from guardian.transport.intake import ReportIntake, parse_report
-from guardian.transport.wire import encode_value
 
 
 def report_intake(run_id: str, rules: str = "default", meta: dict[str, Any] | None = None,
@@ -33,7 +33,7 @@ def report_intake(run_id: str, rules: str = "default", meta: dict[str, Any] | No
 
 def intake_of(body: dict[str, Any]) -> ReportIntake:
     """A JSON-shaped report body through the daemon's intake."""
-    return parse_report(json.dumps(encode_value(body)).encode())
+    return parse_report(json.dumps(events.to_builtins(body)).encode())
 
 
 def free_port() -> int:

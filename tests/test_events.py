@@ -120,3 +120,15 @@ def test_lines_written_by_the_previous_version_still_read() -> None:
     ]
     kinds = [type(ev.decode(line)) for line in old]
     assert kinds == [ev.StartEvent, ev.MetricsEvent, ev.DecisionEvent, ev.ActionEvent, ev.EndEvent]
+
+
+def test_an_object_json_cannot_hold_is_refused_by_name_and_the_cli_can_spell_it() -> None:
+    from pathlib import Path
+
+    event = ev.CheckpointEvent(step=1, path="x")
+    bad = ev.DecisionEvent(step=1, rule="r", severity=ev.Severity.INFO, actions=[], metric="loss", value=1.0,
+                           threshold=None, onset_step=1, message="m", evidence={"where": Path("/tmp")}, incident=None)
+    with pytest.raises(TypeError, match="cannot encode a PosixPath in an event"):
+        ev.encode(bad)
+    assert ev.to_builtins({"file": Path("/tmp/x"), "events": [event], "loss": math.nan}, other=str) == \
+        {"file": "/tmp/x", "events": [{"kind": "checkpoint", "step": 1, "path": "x"}], "loss": "nan"}

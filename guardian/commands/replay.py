@@ -7,12 +7,10 @@ directory (see `guardian.logs.training`), Guardian's own `events.jsonl`, or a ru
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from guardian import events
 from guardian.daemon.store import stored_run
 from guardian.engine.actions import ActionKind
 from guardian.engine.engine import Decision, Engine
@@ -109,7 +107,7 @@ def replay_stored(state_dir: Path, run_id: str, ruleset: RuleSet) -> ReplayResul
     """Replay a run the daemon stored in `state_dir/guardian.db` (the daemon need not be running)."""
     with stored_run(state_dir, run_id) as store:
         stored = store.events(run_id, (Kind.METRICS,))
-    observations = _observations(_decoded(stored))
+    observations = _observations(stored)
     db = state_dir / "guardian.db"
     report = LogReport(GUARDIAN_STORE, str(db), 0, 0, 0)
     return _result(f"{db}#{run_id}", report, observations, ruleset)
@@ -127,11 +125,6 @@ def _guardian_events_file(path: Path) -> Path | None:
             first = f.readline()
         return path if decode_line(first) is not None else None
     return None
-
-
-def _decoded(stored: Iterable[AnyEvent | Mapping[str, Any]]) -> list[AnyEvent]:
-    """The store's events as events (a store that answers with JSON-shaped dicts has them decoded here)."""
-    return [events.from_builtins(e) if isinstance(e, Mapping) else e for e in stored]
 
 
 def _observations(run_events: Iterable[AnyEvent | None]) -> list[Observation]:

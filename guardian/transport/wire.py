@@ -33,11 +33,11 @@ characters. A metrics event sent without `phase` is a training step.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Final
 
 import msgspec
 
+from guardian import events
 from guardian.errors import GuardianError
 from guardian.events import (
     MAX_EVENTS_PER_REPORT,
@@ -51,8 +51,7 @@ from guardian.events import (
 )
 
 __all__ = ["MAX_BODY_BYTES", "MAX_DEPTH", "MAX_EVENTS_PER_REPORT", "MAX_GPUS_PER_EVENT", "MAX_INT", "MAX_META_BYTES",
-           "MAX_NAME_CHARS", "MAX_RUN_ID_CHARS", "MAX_SEQ", "MAX_VALUES_PER_EVENT", "VERSION", "WireError", "dumps",
-           "encode_value", "metric_values"]
+           "MAX_NAME_CHARS", "MAX_RUN_ID_CHARS", "MAX_SEQ", "MAX_VALUES_PER_EVENT", "VERSION", "WireError", "dumps"]
 
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 MAX_DEPTH: Final = 32  # nesting of objects and lists in a message
@@ -70,29 +69,4 @@ class WireError(GuardianError, ValueError):
 def dumps(message: dict[str, Any]) -> bytes:
     """A JSON body that is not an event message (a listing, health, a control request): `"v": 1` added,
     non-finite floats as "nan", "inf", "-inf"."""
-    return msgspec.json.encode(encode_value({"v": VERSION, **message}))
-
-
-def encode_value(value: Any) -> Any:
-    """A JSON-shaped value with non-finite floats as their strings (for JSON that holds no event struct)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): encode_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_value(v) for v in value]
-    return value
-
-
-def metric_values(event: dict[str, Any]) -> dict[str, float]:
-    """Transitional, for readers still on dict events (the TUI's source, replay): the numeric values of a
-    metrics event, NaN and inf restored. Typed readers use MetricsEvent.values."""
-    out = {}
-    for key, value in event.get("values", {}).items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, float) or (isinstance(value, int) and -MAX_INT - 1 <= value <= MAX_INT):
-            out[key] = float(value)
-        elif isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
-            out[key] = float(value)
-    return out
+    return msgspec.json.encode(events.to_builtins({"v": VERSION, **message}))

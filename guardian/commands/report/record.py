@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from guardian import events
 from guardian.daemon.store import stored_run
-from guardian.engine.engine import Decision, decision_from_dict, decision_from_event
+from guardian.engine.engine import Decision, decision_from_event
 from guardian.engine.rules import RuleSet
 from guardian.errors import LogFormatError
 from guardian.events import (
@@ -145,27 +142,13 @@ def _add_bad_samples(record: RunRecord, path: Path) -> None:
 
 
 def load_stored(state_dir: Path, run_id: str) -> RunRecord:
-    """A run stored by the daemon in `state_dir/guardian.db` (the daemon need not be running). The store's
-    events and decisions may come as events or as their JSON-shaped dicts: a dict is decoded here."""
+    """A run stored by the daemon in `state_dir/guardian.db` (the daemon need not be running)."""
     with stored_run(state_dir, run_id) as store:
-        stored, daemon_decisions = store.events(run_id, limit=10**9), store.decisions(run_id, limit=10**9)
-    run_events = [events.from_builtins(e) if isinstance(e, Mapping) else e for e in stored]
-    decisions, unreadable = _stored_decisions(daemon_decisions)
-    return _from_events(run_id, STORED, f"{state_dir / 'guardian.db'}#{run_id}", run_events, decisions, unreadable)
-
-
-def _stored_decisions(stored: Iterable[DecisionEvent | Mapping[str, Any]]) -> tuple[list[Decision], int]:
-    """The daemon's decisions (events, or `Decision.to_dict()` dicts), and how many could not be read."""
-    decisions, unreadable = [], 0
-    for item in stored:
-        if isinstance(item, DecisionEvent):
-            decisions.append(decision_from_event(item))
-            continue
-        try:
-            decisions.append(decision_from_dict(item))
-        except (KeyError, ValueError, TypeError, msgspec.ValidationError):
-            unreadable += 1
-    return decisions, unreadable
+        stored = store.events(run_id, limit=10**9)
+        rows = store.decision_rows(run_id, limit=10**9)
+        decisions = store.decisions(run_id, limit=10**9)  # rows that no longer decode are left out
+    return _from_events(run_id, STORED, f"{state_dir / 'guardian.db'}#{run_id}", stored,
+                        [decision_from_event(d) for d in decisions], len(rows) - len(decisions))
 
 
 def load_replayed(path: Path, ruleset: RuleSet) -> RunRecord:
